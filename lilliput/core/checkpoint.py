@@ -262,3 +262,14 @@ class LoadConfig:
 
     def load(self):
         return load_model(self.model, self.device, self.dtype)
+
+
+def to_transformers(model: GPT):
+    """The same weights as a Hugging Face `LlamaForCausalLM` (reference logits, peer benchmarks)."""
+    import transformers
+
+    fields = {k: v for k, v in model.config.to_hf().items() if k not in ("architectures", "model_type")}
+    param = next(model.parameters())
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
+    hf.load_state_dict({k: v.float() for k, v in to_hf_state_dict(model).items()})
+    return hf.to(device=param.device, dtype=param.dtype).eval()

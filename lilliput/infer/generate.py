@@ -8,6 +8,7 @@ the padding and RoPE positions count from each row's first real token.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -15,6 +16,8 @@ from typing import Callable, Sequence
 import torch
 
 from lilliput.core.model import GPT, KVCache
+from lilliput.infer import gemv
+from lilliput.infer.fastpath import accelerate_
 from lilliput.infer.sampling import apply_repetition_penalty, sample_next
 
 
@@ -67,6 +70,13 @@ def prefill(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
 def decode_step(model: GPT, tokens: torch.Tensor, cache: KVCache, slot: int) -> torch.Tensor:
     """One new token per row (B,) at cache slot `slot`; logits (B, V)."""
     return model(tokens[:, None], cache, start=slot)[:, -1]
+
+
+def _decode_threads(device: torch.device):
+    """On CPU with the kernel, torch runs single-threaded while decoding: the kernel's threads own the cores."""
+    if device.type == "cpu" and gemv.available():
+        return gemv.decode_threads()
+    return contextlib.nullcontext()
 
 
 class _StopScanner:
@@ -124,37 +134,40 @@ def generate(model: GPT, tokenizer, prompts: str | Sequence[str] | Sequence[Sequ
     texts, sent = [""] * B, [0] * B
     done, reasons = [False] * B, ["length"] * B
 
+    if device.type == "cpu":
+        accelerate_(model)
     t0 = time.perf_counter()
     logits = prefill(model, idx, cache) if cfg.max_new_tokens else None
     t_first = time.perf_counter()
-    for step in range(cfg.max_new_tokens):
-        if penalty:
-            logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
-        nxt = sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, gen)  # (B,)
-        if step == 0:
-            t_first = time.perf_counter()
-        for b, tok in enumerate(nxt.tolist()):
-            if done[b]:
-                continue
-            if tok in eos:
-                done[b], reasons[b] = True, "stop"
-                continue
-            out[b].append(tok)
-            if scanner.stops or on_text:
-                texts[b] = tokenizer.decode(out[b])
-                cut = scanner.cut(texts[b])
-                if cut is not None:
-                    texts[b], done[b], reasons[b] = texts[b][:cut], True, "stop"
-                if on_text:
-                    ready = len(texts[b]) if done[b] else scanner.safe_len(texts[b].rstrip("\ufffd"))
-                    if ready > sent[b]:
-                        on_text(b, texts[b][sent[b]:ready])
-                        sent[b] = ready
-        if all(done) or step == cfg.max_new_tokens - 1:
-            break
-        if penalty:
-            history = torch.cat([history, nxt[:, None]], dim=1)
-        logits = decode_step(model, nxt, cache, T + step)
+    with _decode_threads(device):
+        for step in range(cfg.max_new_tokens):
+            if penalty:
+                logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
+            nxt = sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, gen)  # (B,)
+            if step == 0:
+                t_first = time.perf_counter()
+            for b, tok in enumerate(nxt.tolist()):
+                if done[b]:
+                    continue
+                if tok in eos:
+                    done[b], reasons[b] = True, "stop"
+                    continue
+                out[b].append(tok)
+                if scanner.stops or on_text:
+                    texts[b] = tokenizer.decode(out[b])
+                    cut = scanner.cut(texts[b])
+                    if cut is not None:
+                        texts[b], done[b], reasons[b] = texts[b][:cut], True, "stop"
+                    if on_text:
+                        ready = len(texts[b]) if done[b] else scanner.safe_len(texts[b].rstrip("\ufffd"))
+                        if ready > sent[b]:
+                            on_text(b, texts[b][sent[b]:ready])
+                            sent[b] = ready
+            if all(done) or step == cfg.max_new_tokens - 1:
+                break
+            if penalty:
+                history = torch.cat([history, nxt[:, None]], dim=1)
+            logits = decode_step(model, nxt, cache, T + step)
     t_end = time.perf_counter()
 
     results = []

@@ -1,0 +1,172 @@
+"""Zero-shot multiple-choice and LAMBADA evaluation by log-likelihood (lm-evaluation-harness style).
+
+Each choice becomes a (context, continuation) request. Tokenization follows the harness's
+`_encode_pair`: trailing spaces of the context move to the front of the continuation, then
+`whole = encode(context + continuation)`, `ctx = encode(context)` and the continuation tokens
+are `whole[len(ctx):]` (BOS only where `tokenizer.add_bos` says so; an empty context is
+replaced by one BOS, or EOS, token). The model reads `(ctx + cont)[:-1]`, truncated on the
+left to its `max_seq_len`, and a request's score is the sum of log-probabilities of its
+continuation tokens; `is_greedy` says whether argmax decoding reproduces them all.
+
+Metrics: `acc` = argmax of the summed log-prob; `acc_norm` = argmax of summed log-prob divided
+by the length in characters of the choice text (harness `acc_norm`; for WinoGrande's partial
+scoring the continuation is the same for every choice, so `acc_norm == acc`). LAMBADA: `acc` =
+fraction of last words reproduced greedily, `ppl` = exp(-mean over passages of the last word's
+summed log-prob) (harness `lambada_openai` perplexity: per word, not per token).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from lilliput.eval import task_sets
+from lilliput.eval.task_sets import Item, lambada_passages
+
+__all__ = ["TASKS", "Task", "TaskConfig", "evaluate_tasks", "lambada_passages", "loglikelihoods"]
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    tasks: tuple[str, ...] = ("hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande",
+                              "boolq", "openbookqa", "sciq", "lambada")
+    """Task names, keys of `TASKS`."""
+    limit: int | None = None
+    """Score only the first N items of each task (deterministic); None scores all."""
+    batch_size: int = 8
+    """Sequences (one per choice) per forward pass."""
+
+
+def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids), split at the context boundary (harness convention)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    if not context:
+        prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        return [prefix], tokenizer.encode(continuation, bos=False)
+    whole = tokenizer.encode(context + continuation, bos=None)
+    ctx = tokenizer.encode(context, bos=None)
+    return ctx, whole[len(ctx):]
+
+
+def loglikelihoods(
+    model: torch.nn.Module,
+    tokenizer,
+    requests: list[tuple[str, str]],
+    batch_size: int = 8,
+    progress: tqdm | None = None,
+) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context), is_greedy) for each (context, continuation)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    max_len = model.config.max_seq_len
+    device = next(model.parameters()).device
+    seqs = []  # (input ids, continuation ids)
+    for context, continuation in requests:
+        ctx, cont = _encode_pair(tokenizer, context, continuation)
+        if not cont:
+            raise ValueError(f"continuation {continuation!r} encodes to no tokens after {context[-40:]!r}")
+        tokens = (ctx + cont)[-(max_len + 1):]  # left-truncate to the context length
+        seqs.append((tokens[:-1], cont[-(len(tokens) - 1):]))  # a cut continuation keeps its tail
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))  # longest first: less padding
+    out: list[tuple[float, bool] | None] = [None] * len(seqs)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            T = len(seqs[chunk[0]][0])
+            idx = torch.zeros(len(chunk), T, dtype=torch.long)  # right-padded: causal, harmless
+            for b, i in enumerate(chunk):
+                idx[b, : len(seqs[i][0])] = torch.tensor(seqs[i][0])
+            logits = model(idx.to(device))  # (B, T, V)
+            for b, i in enumerate(chunk):
+                inp, cont = seqs[i]
+                n = len(inp)
+                logp = torch.log_softmax(logits[b, n - len(cont) : n].float(), dim=-1)  # (C, V)
+                target = torch.tensor(cont, device=logp.device)
+                score = logp.gather(1, target[:, None]).sum().item()
+                greedy = bool((logp.argmax(-1) == target).all())
+                out[i] = (score, greedy)
+            if progress is not None:
+                progress.update(len(chunk))
+    return out  # type: ignore[return-value]
+
+
+def multiple_choice_metrics(items: list[Item], results: list[tuple[float, bool]]) -> dict:
+    """acc and acc_norm from per-request results laid out item by item, choice by choice."""
+    correct = correct_norm = 0
+    k = 0
+    for item in items:
+        scores = [score for score, _ in results[k : k + len(item.choices)]]
+        k += len(item.choices)
+        if item.continuation is None:
+            lengths = [len(choice) for choice in item.choices]
+        else:
+            lengths = [len(item.continuation)] * len(item.choices)
+        normed = [s / max(n, 1) for s, n in zip(scores, lengths)]
+        correct += max(range(len(scores)), key=scores.__getitem__) == item.gold
+        correct_norm += max(range(len(normed)), key=normed.__getitem__) == item.gold
+    n = len(items)
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n}
+
+
+def last_word_metrics(items: list[Item], results: list[tuple[float, bool]]) -> dict:
+    """LAMBADA: greedy last-word accuracy and per-word perplexity of the target."""
+    n = len(items)
+    return {
+        "acc": sum(greedy for _, greedy in results) / n,
+        "ppl": math.exp(-sum(score for score, _ in results) / n),
+        "n": n,
+    }
+
+
+@dataclass(frozen=True)
+class Task:
+    """An evaluation set: how to load its items and how to turn their scores into metrics."""
+
+    load: Callable[[int | None], list[Item]]
+    """limit -> the first `limit` items (None: all)."""
+    metrics: Callable[[list[Item], list[tuple[float, bool]]], dict] = multiple_choice_metrics
+    """(items, per-request (log-prob, is_greedy)) -> {"acc": ..., ..., "n": ...}."""
+
+
+TASKS: dict[str, Task] = {
+    "hellaswag": Task(task_sets.hellaswag),
+    "piqa": Task(task_sets.piqa),
+    "arc_easy": Task(task_sets.arc_easy),
+    "arc_challenge": Task(task_sets.arc_challenge),
+    "winogrande": Task(task_sets.winogrande),
+    "boolq": Task(task_sets.boolq),
+    "openbookqa": Task(task_sets.openbookqa),
+    "sciq": Task(task_sets.sciq),
+    "lambada": Task(task_sets.lambada, last_word_metrics),
+}
+
+
+def evaluate_tasks(model: torch.nn.Module, tokenizer, cfg: TaskConfig) -> dict[str, dict]:
+    """Score `model` zero-shot on each task of `cfg`: {task: {"acc", "acc_norm" | "ppl", "n"}}."""
+    unknown = [name for name in cfg.tasks if name not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}: choose from {sorted(TASKS)}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ValueError(f"limit must be >= 1 (or None for all items), got {cfg.limit}")
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        for name in cfg.tasks:
+            task = TASKS[name]
+            items = task.load(cfg.limit)
+            requests = [pair for item in items for pair in item.requests()]
+            with tqdm(total=len(requests), desc=name, unit="req", file=sys.stderr,
+                      disable=not sys.stderr.isatty()) as bar:
+                scores = loglikelihoods(model, tokenizer, requests, cfg.batch_size, bar)
+            results[name] = task.metrics(items, scores)
+    finally:
+        model.train(was_training)
+    return results

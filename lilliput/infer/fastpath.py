@@ -1,0 +1,31 @@
+"""The decode fast path: nn.Linear layers that send few-row inputs to the C GEMV kernel.
+
+`accelerate_(model)` swaps the class of every plain `nn.Linear` to `GemvLinear` in place: the
+parameters, state dict and `isinstance(m, nn.Linear)` stay exactly as they were, so training,
+saving and quantization see an ordinary model. Inputs with more than `gemv.MAX_ROWS` rows
+(prefill, evaluation batches) still go to torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from lilliput.infer import gemv
+
+
+class GemvLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None and x.shape[-1] and x.numel() // x.shape[-1] <= gemv.MAX_ROWS:
+            return gemv.linear(x, self.weight)
+        return super().forward(x)
+
+
+def accelerate_(model: nn.Module) -> nn.Module:
+    """Route batch-1..8 products of `model`'s bias-free linears to the kernel (in place)."""
+    if not gemv.available():
+        return model
+    for m in model.modules():
+        if type(m) is nn.Linear and m.bias is None:
+            m.__class__ = GemvLinear
+    return model

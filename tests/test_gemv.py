@@ -1,0 +1,296 @@
+"""Parity of the C GEMV kernel with torch, its fallbacks, and its build cache."""
+
+import multiprocessing
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lilliput.infer import gemv
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_cache(tmp_path_factory):
+    """Builds the kernel once into a private cache so tests never touch ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    cache = tmp_path_factory.mktemp("lilliput_cache")
+    mp.setenv("LILLIPUT_CACHE", str(cache))
+    mp.delenv("LILLIPUT_NO_KERNEL", raising=False)
+    gemv.load.cache_clear()
+    yield cache
+    mp.undo()
+    gemv.load.cache_clear()
+
+
+@pytest.fixture
+def fresh_load():
+    """Forgets the loaded kernel before and after a test that changes how it loads."""
+    gemv.load.cache_clear()
+    yield
+    gemv.load.cache_clear()
+
+
+def _require_kernel():
+    if not gemv.available():
+        pytest.skip(f"kernel unavailable: {gemv.unavailable_reason()}")
+
+
+SHAPES = [(37, 61), (16, 16), (130, 200), (960, 576)]  # (N, K), odd ones not multiples of 16
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("b", [1, 3])
+def test_fp32_matches_torch(n, k, b):
+    _require_kernel()
+    g = torch.Generator().manual_seed(n * k + b)
+    x, w = torch.randn(b, k, generator=g), torch.randn(n, k, generator=g)
+    y = gemv.linear(x, w)
+    assert y.shape == (b, n) and y.dtype == torch.float32
+    ref = F.linear(x.double(), w.double())
+    # fp32 rounding over K terms of size ~1: well inside 1e-4 relative to the row scale
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * k**0.5)
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-4 * k**0.5)
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("b", [1, 3])
+def test_bf16_weights_fp32_x_match_fp32_math(n, k, b):
+    _require_kernel()
+    g = torch.Generator().manual_seed(7 + n + k + b)
+    x, w = torch.randn(b, k, generator=g), torch.randn(n, k, generator=g).bfloat16()
+    y = gemv.linear(x, w)
+    assert y.dtype == torch.float32
+    # bf16 -> fp32 is exact, so this is the fp32 GEMV of the same numbers
+    torch.testing.assert_close(y, F.linear(x, w.float()), rtol=1e-5, atol=1e-4 * k**0.5)
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("b", [1, 3])
+def test_bf16_x_and_weights_match_torch_bf16(n, k, b):
+    _require_kernel()
+    g = torch.Generator().manual_seed(11 + n + k + b)
+    x = torch.randn(b, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    y = gemv.linear(x, w)
+    assert y.dtype == torch.bfloat16
+    exact = F.linear(x.double(), w.double())
+    # fp32 accumulation then one rounding to bf16: within one bf16 ulp (2**-8 relative)
+    torch.testing.assert_close(y.double(), exact, rtol=2**-7, atol=1e-3 * k**0.5)
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1.6e-2, atol=2e-2 * k**0.5)
+
+
+def test_one_dim_x_and_leading_dims():
+    _require_kernel()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(61, 37, generator=g)
+    x1 = torch.randn(37, generator=g)
+    y1 = gemv.linear(x1, w)
+    assert y1.shape == (61,)
+    torch.testing.assert_close(y1, F.linear(x1, w))
+    x3 = torch.randn(2, 1, 37, generator=g)  # (B, T, K) as a model passes it
+    y3 = gemv.linear(x3, w)
+    assert y3.shape == (2, 1, 61)
+    torch.testing.assert_close(y3, F.linear(x3, w))
+
+
+def test_non_contiguous_x_is_copied():
+    _require_kernel()
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 24, generator=g)
+    x = torch.randn(24, 3, generator=g).t()  # (3, 24), strided
+    torch.testing.assert_close(gemv.linear(x, w), F.linear(x, w))
+
+
+def test_out_argument_is_filled_and_returned():
+    _require_kernel()
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(3, 61, generator=g), torch.randn(37, 61, generator=g)
+    out = torch.full((3, 37), float("nan"))
+    y = gemv.linear(x, w, out=out)
+    assert y is out
+    torch.testing.assert_close(out, F.linear(x, w))
+
+
+def test_out_with_wrong_shape_raises_with_fix():
+    _require_kernel()
+    x, w = torch.randn(2, 8), torch.randn(5, 8)
+    with pytest.raises(ValueError, match=r"\(2, 5\)"):
+        gemv.linear(x, w, out=torch.empty(2, 6))
+
+
+def test_feature_mismatch_raises():
+    _require_kernel()
+    with pytest.raises(ValueError, match="features"):
+        gemv.linear(torch.randn(1, 7), torch.randn(5, 8))
+
+
+def test_empty_output_rows():
+    _require_kernel()
+    y = gemv.linear(torch.randn(2, 8), torch.randn(0, 8))
+    assert y.shape == (2, 0)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["nine_rows", "fp16", "transposed_w", "autograd"],
+)
+def test_unsupported_inputs_fall_back_to_torch(case):
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 24, generator=g), torch.randn(16, 24, generator=g)
+    if case == "nine_rows":
+        x = torch.randn(9, 24, generator=g)
+    elif case == "fp16":
+        x, w = x.half(), w.half()
+    elif case == "transposed_w":
+        w = torch.randn(24, 16, generator=g).t()
+    elif case == "autograd":
+        w.requires_grad_(True)
+    y = gemv.linear(x, w)
+    torch.testing.assert_close(y, F.linear(x, w))
+    if case == "autograd":
+        y.sum().backward()
+        torch.testing.assert_close(w.grad, x.sum(0).expand(16, 24))
+
+
+def test_env_var_forces_fallback_with_same_result(monkeypatch, fresh_load):
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(3, 61, generator=g), torch.randn(37, 61, generator=g)
+    fast = gemv.linear(x, w)
+    monkeypatch.setenv("LILLIPUT_NO_KERNEL", "1")
+    gemv.load.cache_clear()
+    assert not gemv.available()
+    assert "LILLIPUT_NO_KERNEL" in gemv.unavailable_reason()
+    slow = gemv.linear(x, w)
+    torch.testing.assert_close(slow, fast, rtol=1e-5, atol=1e-4)
+    out = torch.empty(3, 37)
+    assert gemv.linear(x, w, out=out) is out
+    torch.testing.assert_close(out, slow)
+    # mixed dtypes in the fallback accumulate in fp32 too
+    torch.testing.assert_close(gemv.linear(x, w.bfloat16()), F.linear(x, w.bfloat16().float()))
+
+
+def test_no_compiler_warns_once_and_falls_back(monkeypatch, fresh_load):
+    monkeypatch.setattr(gemv, "find_compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="no C compiler"):
+        assert not gemv.available()
+    assert "no C compiler" in gemv.unavailable_reason()
+    x, w = torch.randn(2, 8), torch.randn(5, 8)
+    torch.testing.assert_close(gemv.linear(x, w), F.linear(x, w))
+
+
+def test_compile_error_warns_and_falls_back(monkeypatch, tmp_path, fresh_load):
+    bad = tmp_path / "gemv.c"
+    bad.write_text("this is not C;\n")
+    monkeypatch.setattr(gemv, "SOURCE", bad)
+    with pytest.warns(RuntimeWarning, match="failed"):
+        assert not gemv.available()
+    assert not list(gemv.cache_dir().glob("*.tmp"))  # no half-written files left behind
+
+
+def test_second_load_uses_cache_without_compiling(monkeypatch, kernel_cache, fresh_load):
+    first = gemv.load()
+    if isinstance(first, str):
+        pytest.skip(first)
+    assert first.path.parent == kernel_cache / "kernels"
+    assert first.path.is_file()
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("rebuilt although the cache holds the kernel")
+
+    monkeypatch.setattr(gemv, "build", no_build)
+    gemv.load.cache_clear()
+    second = gemv.load()
+    assert not isinstance(second, str)
+    assert second.path == first.path and not second.built and second.build_s == 0.0
+
+
+def test_source_change_changes_cache_key(monkeypatch, tmp_path):
+    compiler = gemv.find_compiler()
+    if compiler is None:
+        pytest.skip("no C compiler")
+    other = tmp_path / "gemv.c"
+    other.write_text(gemv.SOURCE.read_text() + "\n/* changed */\n")
+    before = gemv.build_key(compiler)
+    monkeypatch.setattr(gemv, "SOURCE", other)
+    assert gemv.build_key(compiler) != before
+
+
+def test_threads_setting_round_trips_and_keeps_results():
+    _require_kernel()
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(2, 576, generator=g), torch.randn(960, 576, generator=g)
+    before = gemv.get_threads()
+    try:
+        gemv.set_threads(1)
+        assert gemv.get_threads() == 1
+        one = gemv.linear(x, w)
+        gemv.set_threads(2)
+        assert gemv.get_threads() == 2
+        two = gemv.linear(x, w)
+    finally:
+        gemv.set_threads(before)
+    torch.testing.assert_close(one, two, rtol=0, atol=0)  # same rows, same order per row
+
+
+def test_concurrent_callers_get_their_own_results():
+    _require_kernel()
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(960, 576, generator=g)
+    xs = [torch.randn(1, 576, generator=g) for _ in range(4)]
+    refs = [F.linear(x, w) for x in xs]
+    errors = []
+
+    def run(i):
+        for _ in range(50):
+            y = gemv.linear(xs[i], w)
+            if not torch.allclose(y, refs[i], rtol=1e-5, atol=1e-3):
+                errors.append(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def _child_gemv(conn, x, w):
+    conn.send(gemv.linear(x, w).tolist())  # plain lists: torch's tensor pickling needs sockets
+    conn.close()
+
+
+def test_pool_works_in_forked_child():
+    _require_kernel()
+    g = torch.Generator().manual_seed(8)
+    x, w = torch.randn(1, 576, generator=g), torch.randn(960, 576, generator=g)
+    gemv.linear(x, w)  # parent starts its workers before forking
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_child_gemv, args=(child, x, w))
+    p.start()
+    assert parent.poll(30), "forked child hung in the kernel"
+    y = torch.tensor(parent.recv())
+    p.join(10)
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("lanes", [4, 16])
+def test_other_vector_widths_match_torch(lanes, tmp_path):
+    """The 16-lane (AVX-512) and 4-lane (portable) builds, forced on this CPU."""
+    compiler = gemv.find_compiler()
+    if compiler is None:
+        pytest.skip("no C compiler")
+    path = tmp_path / f"gemv{lanes}.so"
+    gemv.build(compiler, path, extra_flags=(f"-DGEMV_LANES={lanes}", "-Wno-psabi"))
+    kernel = gemv._open(path, built=True, build_s=0.0)
+    assert kernel.lanes == lanes
+    g = torch.Generator().manual_seed(lanes)
+    for n, k, b in [(37, 61, 1), (130, 200, 3), (67, 576, 8)]:
+        x, w = torch.randn(b, k, generator=g), torch.randn(n, k, generator=g)
+        for wt in (w, w.bfloat16()):
+            y = torch.empty(b, n)
+            a = (gemv.ctypes.c_int64 * 6)(x.data_ptr(), wt.data_ptr(), y.data_ptr(),
+                                          0 | gemv._DTYPE_CODE[wt.dtype] << 4 | b << 16, n, k)
+            assert kernel.fn(a) == 0
+            torch.testing.assert_close(y, F.linear(x, wt.float()), rtol=1e-5, atol=1e-4 * k**0.5)
