@@ -182,7 +182,7 @@ def test_no_compiler_warns_once_and_falls_back(monkeypatch, fresh_load):
 def test_compile_error_warns_and_falls_back(monkeypatch, tmp_path, fresh_load):
     bad = tmp_path / "gemv.c"
     bad.write_text("this is not C;\n")
-    monkeypatch.setattr(gemv, "SOURCE", bad)
+    monkeypatch.setattr(gemv, "SOURCES", (bad,))
     with pytest.warns(RuntimeWarning, match="failed"):
         assert not gemv.available()
     assert not list(gemv.cache_dir().glob("*.tmp"))  # no half-written files left behind
@@ -212,7 +212,7 @@ def test_source_change_changes_cache_key(monkeypatch, tmp_path):
     other = tmp_path / "gemv.c"
     other.write_text(gemv.SOURCE.read_text() + "\n/* changed */\n")
     before = gemv.build_key(compiler)
-    monkeypatch.setattr(gemv, "SOURCE", other)
+    monkeypatch.setattr(gemv, "SOURCES", (other, *gemv.SOURCES[1:]))
     assert gemv.build_key(compiler) != before
 
 

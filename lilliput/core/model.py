@@ -77,14 +77,19 @@ class Rotary(nn.Module):
             self._cos, self._sin = emb.cos(), emb.sin()
         return self._cos, self._sin
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x (B, nh, T, hs), pos (T,) or (B, T) integer positions."""
-        cos, sin = self.tables(int(pos.max()) + 1, x.device)
-        cos, sin = cos[pos].to(x.dtype), sin[pos].to(x.dtype)  # (T, hs) or (B, T, hs)
+    def forward(self, pos: torch.Tensor, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at integer positions pos (T,) or (B, T), all < n: (T, hs) or (B, 1, T, hs)."""
+        cos, sin = self.tables(n, pos.device)
+        cos, sin = cos[pos].to(dtype), sin[pos].to(dtype)
         if cos.dim() == 3:
-            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs): broadcast over heads
+        return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, hs) rotated in the rotate-half convention."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 @MIXERS.register("attention")
@@ -95,21 +100,20 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.hd, bias=False)
         self.wo = nn.Linear(config.n_heads * config.hd, config.dim, bias=False)
 
-    def forward(self, x, rotary: Rotary, pos, cache: KVCache | None, layer: int, start: int, mask):
+    def forward(self, x, rope, cache: KVCache | None, layer: int, start: int, mask):
         B, T, _ = x.shape
-        q_out, kv_out = self.n_heads * self.hd, self.n_kv_heads * self.hd
-        q, k, v = self.wqkv(x).split([q_out, kv_out, kv_out], dim=-1)
-        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_heads, self.hd).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_heads, self.hd).transpose(1, 2)
-        q, k = rotary(q, pos), rotary(k, pos)
+        nh, nkv, hs = self.n_heads, self.n_kv_heads, self.hd
+        qkv = self.wqkv(x).view(B, T, nh + 2 * nkv, hs).transpose(1, 2)  # (B, nh+2nkv, T, hs)
+        qk = apply_rotary(qkv[:, :nh + nkv], *rope)  # rotate q and k in one go
+        q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]  # (B, nh|nkv|nkv, T, hs)
         if cache is not None:
             cache.k[layer][:, :, start:start + T] = k
             cache.v[layer][:, :, start:start + T] = v
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]  # (B, nkv, S, hs)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # the fused decode path keeps an fp32 cache
         causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        y = y.transpose(1, 2).reshape(B, T, q_out)  # (B, T, nh*hs)
+        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh*hs)
         return self.wo(y)
 
 
@@ -134,8 +138,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn = FFNS[config.ffn](config)
 
-    def forward(self, x, rotary, pos, cache, layer, start, mask):
-        x = x + self.mixer(self.attn_norm(x), rotary, pos, cache, layer, start, mask)
+    def forward(self, x, rope, cache, layer, start, mask):
+        x = x + self.mixer(self.attn_norm(x), rope, cache, layer, start, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -186,8 +190,9 @@ class GPT(nn.Module):
             if cache.pad is not None:
                 pos = (pos[None, :] - cache.pad[:, None]).clamp_(min=0)  # (B, T)
         x = self.tok_emb(idx)  # (B, T, C)
+        rope = self.rotary(pos, start + T, x.dtype)
         for i, block in enumerate(self.layers):
-            x = block(x, self.rotary, pos, cache, i, start, mask)
+            x = block(x, rope, cache, i, start, mask)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()  # (B, T, V)

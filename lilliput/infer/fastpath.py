@@ -1,4 +1,4 @@
-"""The decode fast path: nn.Linear layers that send few-row inputs to the C GEMV kernel.
+"""The decode fast path: layers that send few-row inputs to the C kernels (GEMV, RMSNorm).
 
 `accelerate_(model)` swaps the class of every plain `nn.Linear` to `GemvLinear` in place: the
 parameters, state dict and `isinstance(m, nn.Linear)` stay exactly as they were, so training,
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from lilliput.core.model import RMSNorm
 from lilliput.infer import gemv
 
 
@@ -21,11 +22,22 @@ class GemvLinear(nn.Linear):
         return super().forward(x)
 
 
+class KernelRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // x.shape[-1] <= gemv.MAX_ROWS:
+            y = gemv.rmsnorm(x, self.weight, self.eps)  # None: not fp32 / needs autograd
+            if y is not None:
+                return y
+        return super().forward(x)
+
+
 def accelerate_(model: nn.Module) -> nn.Module:
-    """Route batch-1..8 products of `model`'s bias-free linears to the kernel (in place)."""
+    """Route few-row products and norms of `model` to the C kernels (in place)."""
     if not gemv.available():
         return model
     for m in model.modules():
         if type(m) is nn.Linear and m.bias is None:
             m.__class__ = GemvLinear
+        elif type(m) is RMSNorm:
+            m.__class__ = KernelRMSNorm
     return model

@@ -43,10 +43,12 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
+SOURCES = (SOURCE, SOURCE.with_name("llama_step.c"))
+"""Compiled together into one library: the GEMV kernel and the fused decode step built on it."""
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
 MAX_ROWS = 8
 """Most rows of x the kernel takes per call; more go to torch (compute bound by then)."""
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 # (x dtype, w dtype) -> gemv_packed dtype bits (x | w << 4 | y << 8); y has x's dtype
@@ -106,7 +108,7 @@ def build_key(compiler: str) -> str:
     except (OSError, subprocess.SubprocessError):
         version = []
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
+    for part in (*(src.read_bytes() for src in SOURCES), " ".join(FLAGS).encode(), compiler.encode(),
                  "".join(version).encode(), _cpu_signature().encode()):
         h.update(part)
         h.update(b"\0")
@@ -126,7 +128,7 @@ def build(compiler: str, dest: Path, extra_flags: tuple[str, ...] = ()) -> float
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
-            [compiler, *FLAGS, *extra_flags, "-o", tmp, str(SOURCE)],
+            [compiler, *FLAGS, *extra_flags, "-o", tmp, *map(str, SOURCES), "-lm"],
             capture_output=True, text=True, timeout=300,
         )
         if proc.returncode != 0:
@@ -149,6 +151,9 @@ def _open(path: Path, built: bool, build_s: float) -> Kernel:
     fn.restype = ctypes.c_int
     lib.gemv_set_threads.argtypes = (ctypes.c_int,)
     lib.gemv_set_spin_us.argtypes = (ctypes.c_long,)
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.rmsnorm_f32.argtypes = (p, p, p, i64, i64, ctypes.c_double)
+    lib.llama_step.restype = ctypes.c_int
     return Kernel(path=path, lanes=lib.gemv_lanes(), built=built, build_s=build_s, fn=fn, lib=lib)
 
 
@@ -162,8 +167,9 @@ def load() -> Kernel | str:
         return "disabled by LILLIPUT_NO_KERNEL"
     with _LOCK:
         try:
-            if not SOURCE.is_file():
-                raise RuntimeError(f"source {SOURCE} is missing")
+            missing = [str(src) for src in SOURCES if not src.is_file()]
+            if missing:
+                raise RuntimeError(f"kernel source {missing[0]} is missing")
             compiler = find_compiler()
             if compiler is None:
                 raise RuntimeError("no C compiler found (set CC or install gcc)")
@@ -277,3 +283,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) ->
     if kernel.fn(a) != 0:
         raise RuntimeError(f"gemv kernel rejected x {tuple(shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}")
     return out
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """fp32 RMSNorm over the last dim in C; None where the kernel does not apply (caller uses torch)."""
+    kernel = load()
+    if kernel.__class__ is not Kernel or x.dtype != torch.float32 or w.dtype != torch.float32 \
+            or not (x.is_cpu and x.is_contiguous()) or torch.is_grad_enabled():
+        return None
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    kernel.lib.rmsnorm_f32(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps)
+    return out
+

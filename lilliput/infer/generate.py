@@ -18,6 +18,7 @@ import torch
 from lilliput.core.model import GPT, KVCache
 from lilliput.infer import gemv
 from lilliput.infer.fastpath import accelerate_
+from lilliput.infer.fused import FusedStep
 from lilliput.infer.sampling import apply_repetition_penalty, sample_next
 
 
@@ -123,7 +124,12 @@ def generate(model: GPT, tokenizer, prompts: str | Sequence[str] | Sequence[Sequ
     pads = torch.tensor([T - len(p) for p in ids])
     idx = torch.tensor([[pad_id] * (T - len(p)) + p for p in ids], device=device)  # (B, T) left-padded
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.config, B, total, device, dtype, pad=pads if pads.any() else None)
+    # one unpadded sequence on CPU: decode with the fused C step (built per call: weights may change)
+    fused = FusedStep.for_model(model) if B == 1 and device.type == "cpu" and cfg.max_new_tokens > 1 else None
+    cache = KVCache(model.config, B, total, device, torch.float32 if fused else dtype,
+                    pad=pads if pads.any() else None)
+    if fused:
+        fused.bind(cache, total)
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     eos = set() if cfg.ignore_eos else set(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id} - {None})
     penalty = cfg.repetition_penalty not in (None, 1.0)
@@ -167,7 +173,7 @@ def generate(model: GPT, tokenizer, prompts: str | Sequence[str] | Sequence[Sequ
                 break
             if penalty:
                 history = torch.cat([history, nxt[:, None]], dim=1)
-            logits = decode_step(model, nxt, cache, T + step)
+            logits = fused(int(nxt[0]), T + step) if fused else decode_step(model, nxt, cache, T + step)
     t_end = time.perf_counter()
 
     results = []
