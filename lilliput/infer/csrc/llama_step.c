@@ -7,15 +7,19 @@
  *
  * Arguments come packed in one int64 array (pointers and sizes; eps as the bits of a double):
  *   a[0..6]   n_layers, dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab
- *   a[7..9]   pos (cache slot of this token), L (cache length), weight dtype (0 fp32, 1 bf16)
+ *   a[7..8]   pos (cache slot of this token), L (cache length); a[9] unused
  *   a[10]     eps (double bits)
  *   a[11..16] x (dim fp32, the token's embedding; overwritten), logits out (vocab fp32),
  *             cos, sin (head_dim fp32 each, for this position), scratch (fp32, see below),
  *             final norm weight
- *   a[17]     output layer weight (vocab, dim)
- *   a[18 + 8 * l ..] per layer: attn_norm, wqkv, wo, ffn_norm, w_gate_up, w_down,
- *             k cache (n_kv, L, head_dim), v cache (same)
+ *   a[17..24] the output layer's linear descriptor
+ *   a[25 + 36 * l ..] per layer: attn_norm, ffn_norm, k cache (n_kv, L, head_dim), v cache,
+ *             then the descriptors of wqkv, wo, w_gate_up, w_down (8 int64 each)
  * scratch holds dim + (n_heads + 2 n_kv) hd + n_heads hd + 2 ffn + L floats.
+ *
+ * A linear descriptor is int64[8] = {kind, weight, scale, zero, N, K, group, extra}: kind 0 is
+ * an fp32 and 1 a bf16 (N, K) weight, run by gemv(); kinds >= 2 are quantized formats, run by
+ * qlinear_run() where a quantized-kernel source provides it (a weak symbol until then).
  */
 #include <math.h>
 #include <stdint.h>
@@ -26,6 +30,15 @@ int gemv(const void *x, int xdt, const void *w, int wdt, void *y, int ydt, int64
 int rmsnorm_f32(const float *x, const float *w, float *out, int64_t rows, int64_t dim, double eps);
 
 #define PTR(i) ((void *)(intptr_t)a[i])
+#define DESC_LEN 8
+#define LAYER_LEN (4 + 4 * DESC_LEN)
+
+int qlinear_run(const int64_t *desc, const float *x, float *y) __attribute__((weak));
+
+static int linear_run(const int64_t *d, const float *x, float *y) {
+    if (d[0] == 0 || d[0] == 1) return gemv(x, 0, (const void *)(intptr_t)d[1], (int)d[0], y, 0, 1, d[4], d[5]);
+    return qlinear_run ? qlinear_run(d, x, y) : -3;
+}
 
 static void rope(float *x, const float *cos, const float *sin, int64_t heads, int64_t hd) {
     const int64_t h2 = hd / 2;
@@ -66,7 +79,6 @@ static void attend(const float *q, const float *kc, const float *vc, float *out,
 int llama_step(const int64_t *a) {
     const int64_t n_layers = a[0], dim = a[1], nh = a[2], nkv = a[3], hd = a[4], ffn = a[5],
                   vocab = a[6], pos = a[7], L = a[8];
-    const int wdt = (int)a[9];
     double eps;
     memcpy(&eps, &a[10], sizeof eps);
     if (pos < 0 || pos >= L || nh % nkv || hd % 2) return -1;
@@ -79,14 +91,14 @@ int llama_step(const int64_t *a) {
     float *sc = gu + 2 * ffn;                 /* L */
     const int64_t nqkv = (nh + 2 * nkv) * hd;
     for (int64_t l = 0; l < n_layers; l++) {
-        const int64_t *p = a + 18 + 8 * l;
-        const float *attn_norm = (const float *)(intptr_t)p[0], *ffn_norm = (const float *)(intptr_t)p[3];
-        const void *wqkv = (const void *)(intptr_t)p[1], *wo = (const void *)(intptr_t)p[2];
-        const void *wgu = (const void *)(intptr_t)p[4], *wdown = (const void *)(intptr_t)p[5];
-        float *kc = (float *)(intptr_t)p[6], *vc = (float *)(intptr_t)p[7];
+        const int64_t *p = a + 25 + LAYER_LEN * l;
+        const float *attn_norm = (const float *)(intptr_t)p[0], *ffn_norm = (const float *)(intptr_t)p[1];
+        float *kc = (float *)(intptr_t)p[2], *vc = (float *)(intptr_t)p[3];
+        const int64_t *wqkv = p + 4, *wo = wqkv + DESC_LEN, *wgu = wo + DESC_LEN, *wdown = wgu + DESC_LEN;
+        int rc;
 
         rmsnorm_f32(x, attn_norm, h, 1, dim, eps);
-        if (gemv(h, 0, wqkv, wdt, qkv, 0, 1, nqkv, dim)) return -2;
+        if ((rc = linear_run(wqkv, h, qkv))) return rc;
         rope(qkv, cos, sin, nh + nkv, hd); /* q and k heads */
         const float *k = qkv + nh * hd, *v = k + nkv * hd;
         for (int64_t j = 0; j < nkv; j++) {
@@ -94,19 +106,18 @@ int llama_step(const int64_t *a) {
             memcpy(vc + (j * L + pos) * hd, v + j * hd, sizeof(float) * hd);
         }
         attend(qkv, kc, vc, att, sc, nh, nkv, pos + 1, L, hd);
-        if (gemv(att, 0, wo, wdt, h, 0, 1, dim, nh * hd)) return -2;
+        if ((rc = linear_run(wo, att, h))) return rc;
         for (int64_t i = 0; i < dim; i++) x[i] += h[i];
 
         rmsnorm_f32(x, ffn_norm, h, 1, dim, eps);
-        if (gemv(h, 0, wgu, wdt, gu, 0, 1, 2 * ffn, dim)) return -2;
+        if ((rc = linear_run(wgu, h, gu))) return rc;
         for (int64_t i = 0; i < ffn; i++) {
             const float g = gu[i];
             gu[i] = g / (1.0f + expf(-g)) * gu[ffn + i];
         }
-        if (gemv(gu, 0, wdown, wdt, h, 0, 1, dim, ffn)) return -2;
+        if ((rc = linear_run(wdown, gu, h))) return rc;
         for (int64_t i = 0; i < dim; i++) x[i] += h[i];
     }
     rmsnorm_f32(x, PTR(16), h, 1, dim, eps);
-    if (gemv(h, 0, PTR(17), wdt, logits, 0, 1, vocab, dim)) return -2;
-    return 0;
+    return linear_run(a + 17, h, logits);
 }
