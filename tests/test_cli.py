@@ -83,3 +83,22 @@ def test_eval_tasks_json_on_real_model(capsys):
     assert main(["eval", "tasks", "--tasks", "piqa,arc_easy", "--limit", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"piqa", "arc_easy"} and out["piqa"]["n"] == 4
+
+
+def test_chat_reads_messages_from_stdin(tiny_ckpt, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n\nsecond message\n"))
+    assert main(["chat", "--model", tiny_ckpt, "--max-new-tokens", "4", "--no-stream"]) == 0
+    assert capsys.readouterr().out.count("\n") >= 2  # one reply per non-empty message
+
+
+def test_data_fetch_reports_sources(tmp_path, monkeypatch, capsys):
+    from lilliput.data import corpus
+
+    def fake_fetch(cfg):
+        return corpus.Manifest(sources=(), documents=())
+
+    monkeypatch.setattr(corpus, "fetch", fake_fetch)
+    assert main(["data", "fetch", "--cache-dir", str(tmp_path)]) == 0
+    assert "manifest.json" in capsys.readouterr().out

@@ -92,3 +92,11 @@ def test_filters():
     assert torch.isinf(top_k_filter(logits, 2)).tolist() == [[False, False, True, True]]
     # probabilities ~ [.64, .24, .09, .03]: p=0.8 keeps the first two
     assert torch.isinf(top_p_filter(logits, 0.8)).tolist() == [[False, False, True, True]]
+
+
+@pytest.mark.gpu
+def test_cuda_generation_matches_cpu(tiny_model, byte_tokenizer):
+    cfg = GenerationConfig(max_new_tokens=10)
+    cpu = generate(tiny_model, byte_tokenizer, ["gpu check", "b"], cfg)
+    gpu = generate(tiny_model.to("cuda"), byte_tokenizer, ["gpu check", "b"], cfg)
+    assert [g.tokens for g in gpu] == [g.tokens for g in cpu]

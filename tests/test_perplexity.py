@@ -156,3 +156,19 @@ def test_max_tokens_truncates():
 def test_bad_input_raises(cfg, text, match):
     with pytest.raises(ValueError, match=match):
         perplexity(Bigram(), ByteTokenizer(), text, cfg)
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_matches_transformers(smollm):
+    """The embedded model's perplexity equals transformers' on the same weights (within 0.5%)."""
+    from lilliput.core.checkpoint import to_transformers
+    from lilliput.eval.tasks import lambada_passages
+
+    model, tok = smollm
+    text = "\n\n".join(lambada_passages(12))
+    ours = perplexity(model, tok, text, PerplexityConfig(window=256))
+    ids = torch.tensor(tok.encode(text))
+    with torch.inference_mode():
+        theirs, n = guide_ppl(to_transformers(model), ids, max_length=256, stride=256, count_fix=True)
+    assert n == ours["tokens"]
+    assert abs(ours["perplexity"] / theirs - 1) < 0.005
