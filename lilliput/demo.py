@@ -26,11 +26,11 @@ PROMPTS = ("The three primary colours are", "Once upon a time, in a small villag
 class DemoConfig:
     out: str = "runs/demo"
     """Folder for report.md and run.json."""
-    passages: int = 200
+    passages: int = 100
     """LAMBADA passages used as held-out perplexity text."""
     tasks: tuple[str, ...] = ("piqa", "arc_easy", "hellaswag", "lambada")
     """Tasks to score."""
-    limit: int = 100
+    limit: int = 50
     """Items per task."""
     max_new_tokens: int = 64
     """Tokens generated per demo prompt."""

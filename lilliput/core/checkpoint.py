@@ -179,9 +179,14 @@ def load_folder(folder: Path | str, device=None, dtype=None):
     else:
         config = ModelConfig.from_hf(cfg, name=folder.name)
         sd = from_hf_state_dict(sd, config)
-    sd = {k: v.float() for k, v in sd.items()}
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # packed codes stay ints
     try:
-        model = GPT.from_state_dict(config, sd)
+        if cfg.get("quantization"):  # rebuild the quantized layers config.json lists, then load
+            from lilliput.compress.quantize import build_quantized
+
+            model = build_quantized(config, sd, cfg["quantization"])
+        else:
+            model = GPT.from_state_dict(config, sd)
     except (RuntimeError, KeyError) as e:
         raise ValueError(f"{folder}: weights do not match config.json ({str(e).splitlines()[0]})") from None
     return _place(model, device, dtype), load_tokenizer(folder)
@@ -198,7 +203,11 @@ def save_checkpoint(model: GPT, tokenizer, out: Path | str, record: dict[str, An
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # the same tensor as tok_emb.weight
     save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    write_json(tmp / "config.json", {"format": FORMAT, "model": model.config.to_dict()})
+    from lilliput.compress.quantize import quantization_section
+
+    quant = quantization_section(model)  # None for a float model
+    write_json(tmp / "config.json", {"format": FORMAT, "model": model.config.to_dict(),
+                                     **({"quantization": quant} if quant else {})})
     tokenizer.save(tmp)
     write_json(tmp / "run.json", record or run_record("save_checkpoint"))
     if out.exists():

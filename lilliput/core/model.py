@@ -179,9 +179,9 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights count once
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, start: int = 0,
-                last_only: bool = False) -> torch.Tensor:
-        """idx (B, T) token ids at cache slots [start, start+T) -> logits (B, T, V) (T=1 if last_only)."""
+    def features(self, idx: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """Final-normed hidden states (B, T, C): `lm_head` of them are the logits. Scoring a few
+        positions of long sequences (evaluation) then costs a few rows of the output layer."""
         B, T = idx.shape
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         mask = None
@@ -193,6 +193,12 @@ class GPT(nn.Module):
         rope = self.rotary(pos, start + T, x.dtype)
         for i, block in enumerate(self.layers):
             x = block(x, rope, cache, i, start, mask)
+        return self.norm(x)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+                last_only: bool = False) -> torch.Tensor:
+        """idx (B, T) token ids at cache slots [start, start+T) -> logits (B, T, V) (T=1 if last_only)."""
+        x = self.features(idx, cache, start)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()  # (B, T, V)
+        return self.lm_head(x).float()  # (B, T, V)

@@ -11,6 +11,7 @@ import textwrap
 import types
 import typing
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 
@@ -47,20 +48,27 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         if f.name in skip or not f.init:
             continue
         tp, many = _base_type(hints[f.name])
+        if tp not in (int, float, str, bool, Path):
+            continue  # nested configs (e.g. calibration) keep their defaults on the command line
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f"{docs.get(f.name, '')} (default: {default})"
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        help_ = docs.get(f.name, "") + (" (required)" if required else f" (default: {default})")
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif many:
             parser.add_argument(flag, dest=f.name, default=None, metavar="A,B", help=help_,
                                 type=lambda s, t=tp: tuple(t(x) for x in s.split(",") if x))
         else:
-            parser.add_argument(flag, dest=f.name, type=tp, default=None, help=help_)
+            parser.add_argument(flag, dest=f.name, type=tp, default=None, help=help_, required=required)
 
 
-def config_from_args(cls: type, ns: argparse.Namespace, **overrides: Any):
-    """Build `cls` from the flags the user gave; fields not given keep the dataclass default."""
+def config_from_args(cls: type, ns: argparse.Namespace, base: Any = None, **overrides: Any):
+    """Build `cls` from the flags the user gave; fields not given keep the dataclass default (or
+    `base`'s value, when a base instance is passed)."""
     given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
              if getattr(ns, f.name, None) is not None}
+    if base is not None:
+        return dataclasses.replace(base, **{**given, **overrides})
     return cls(**{**given, **overrides})

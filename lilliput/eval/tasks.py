@@ -83,11 +83,15 @@ def loglikelihoods(
             idx = torch.zeros(len(chunk), T, dtype=torch.long)  # right-padded: causal, harmless
             for b, i in enumerate(chunk):
                 idx[b, : len(seqs[i][0])] = torch.tensor(seqs[i][0])
-            logits = model(idx.to(device))  # (B, T, V)
+            # models with `features` (lilliput's GPT) pay the output layer only where scored
+            feats = model.features(idx.to(device)) if hasattr(model, "features") else model(idx.to(device))
             for b, i in enumerate(chunk):
                 inp, cont = seqs[i]
                 n = len(inp)
-                logp = torch.log_softmax(logits[b, n - len(cont) : n].float(), dim=-1)  # (C, V)
+                scored = feats[b, n - len(cont) : n]
+                if hasattr(model, "features"):
+                    scored = model.lm_head(scored)
+                logp = torch.log_softmax(scored.float(), dim=-1)  # (C, V)
                 target = torch.tensor(cont, device=logp.device)
                 score = logp.gather(1, target[:, None]).sum().item()
                 greedy = bool((logp.argmax(-1) == target).all())

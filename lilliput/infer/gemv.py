@@ -43,8 +43,9 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
-SOURCES = (SOURCE, SOURCE.with_name("llama_step.c"))
-"""Compiled together into one library: the GEMV kernel and the fused decode step built on it."""
+SOURCES = (SOURCE, SOURCE.with_name("llama_step.c"), SOURCE.with_name("qgemv.c"))
+"""Compiled together into one library: the GEMV kernel, the fused decode step built on it and the
+quantized kernels (qgemv.c, run by the step and by lilliput.compress.qlinear)."""
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
 MAX_ROWS = 8
 """Most rows of x the kernel takes per call; more go to torch (compute bound by then)."""

@@ -371,27 +371,12 @@ int gemv_get_threads(void) {
 void gemv_set_spin_us(long us) { P.spin_ns = (us < 0 ? 0 : us) * 1000L; }
 
 /*
- * y (B, N) = x (B, K) @ W (N, K)^T with dtype codes 0 = fp32, 1 = bf16. Returns 0, or -1
- * for arguments it does not handle (the Python side checks them first).
+ * Rows [0, N) of y by `fn` on the pool (or on the caller's thread for small W or a busy pool).
+ * Also the entry for the other kernels compiled into this library (csrc/qgemv.c), which pass
+ * their own row function and context through `x` and `w`; row_bytes = weight bytes per row.
  */
-int gemv(const void *x, int xdt, const void *w, int wdt, void *y, int ydt, int64_t B,
-         int64_t N, int64_t K) {
-    if (B < 1 || B > MAX_B || N < 0 || K < 0 || (unsigned)xdt > 1 || (unsigned)wdt > 1 ||
-        (unsigned)ydt > 1)
-        return -1;
-    if (N == 0) return 0;
-
-    const float *xf = (const float *)x;
-    float *xbuf = NULL;
-    if (xdt == DT_BF16 || wdt == DT_BF16) { /* widen / split once; every row of W reuses it */
-        xbuf = (float *)malloc((size_t)(B * K > 0 ? B * K : 1) * sizeof(float));
-        if (!xbuf) return -1;
-        split_x(x, xdt, wdt, xbuf, B, K);
-        xf = xbuf;
-    }
-
-    rows_fn fn = ROWS[wdt][B - 1];
-    int64_t row_bytes = K * (wdt == DT_F32 ? 4 : 2);
+int gemv_pool_run(rows_fn fn, const float *xf, const void *w, void *y, int ydt, int64_t N,
+                  int64_t K, int64_t row_bytes) {
     int threads = gemv_get_threads();
     if (threads > 1 && N * row_bytes >= 2 * MIN_BYTES_PER_THREAD &&
         pthread_mutex_trylock(&P.call_lock) == 0) {
@@ -420,6 +405,31 @@ int gemv(const void *x, int xdt, const void *w, int wdt, void *y, int ydt, int64
     } else {
         fn(xf, w, y, ydt, N, K, 0, N);
     }
+    return 0;
+}
+
+/*
+ * y (B, N) = x (B, K) @ W (N, K)^T with dtype codes 0 = fp32, 1 = bf16. Returns 0, or -1
+ * for arguments it does not handle (the Python side checks them first).
+ */
+int gemv(const void *x, int xdt, const void *w, int wdt, void *y, int ydt, int64_t B,
+         int64_t N, int64_t K) {
+    if (B < 1 || B > MAX_B || N < 0 || K < 0 || (unsigned)xdt > 1 || (unsigned)wdt > 1 ||
+        (unsigned)ydt > 1)
+        return -1;
+    if (N == 0) return 0;
+
+    const float *xf = (const float *)x;
+    float *xbuf = NULL;
+    if (xdt == DT_BF16 || wdt == DT_BF16) { /* widen / split once; every row of W reuses it */
+        xbuf = (float *)malloc((size_t)(B * K > 0 ? B * K : 1) * sizeof(float));
+        if (!xbuf) return -1;
+        split_x(x, xdt, wdt, xbuf, B, K);
+        xf = xbuf;
+    }
+
+    rows_fn fn = ROWS[wdt][B - 1];
+    gemv_pool_run(fn, xf, w, y, ydt, N, K, K * (wdt == DT_F32 ? 4 : 2));
     free(xbuf);
     return 0;
 }

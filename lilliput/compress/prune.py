@@ -1,0 +1,343 @@
+"""Pruning: `prune_(model, cfg)` zeroes weights in place; `structured_prune` (structured.py) shrinks.
+
+Unstructured and N:M methods, one config each, looked up by config type in `PRUNERS`:
+
+- `MagnitudeConfig`: the smallest |W| of each linear layer (no data).
+- `WandaConfig`: |W| * ||X_j||_2 per output row (Sun et al. 2023).
+- `SparseGPTConfig`: OBS reconstruction with the inverse Hessian (Frantar & Alistarh 2023).
+
+Every `nn.Linear` inside the transformer blocks is pruned; the token embedding and the output
+layer (tied to it in SmolLM2) are left dense, as both papers do. The fused q|k|v and gate|up
+matrices are one linear layer each (rows concatenated): per-output-row methods apply unchanged.
+Wanda and SparseGPT run block by block as the papers do: hooks capture each linear layer's
+inputs over the calibration batches, the block is pruned, and its *pruned* outputs become the
+next block's inputs.
+
+`PruneJob` + `run_prune` are the library side of `lilliput prune`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from lilliput.compress.calibration import CalibrationConfig, calibration_batches
+from lilliput.compress.sparsegpt import magnitude_mask, sparsegpt_prune, wanda_mask
+from lilliput.core.model import GPT
+from lilliput.core.registry import Registry
+
+PRUNERS: Registry[Callable] = Registry("pruning method")
+
+
+def _check_sparsity(sparsity: float, n_m: tuple[int, int] | None) -> None:
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1) (the fraction of weights zeroed), got {sparsity}")
+    if n_m is not None:
+        if len(n_m) != 2 or not all(isinstance(v, int) for v in n_m) or not 0 < n_m[0] < n_m[1]:
+            raise ValueError(f"n_m must be (n, m) with 0 < n < m, e.g. (2, 4) for 2:4, got {n_m}")
+
+
+@dataclass(frozen=True)
+class MagnitudeConfig:
+    """Magnitude pruning: the round(sparsity * numel) smallest |W| of each linear layer."""
+
+    sparsity: float = 0.5
+    """Fraction of each linear layer's weights set to zero, in [0, 1); unused when n_m is set."""
+    n_m: tuple[int, int] | None = None
+    """Semi-structured N:M: keep n of every m consecutive input weights ((2, 4) is 2:4); None is unstructured."""
+
+    def __post_init__(self):
+        _check_sparsity(self.sparsity, self.n_m)
+
+
+@dataclass(frozen=True)
+class WandaConfig:
+    """Wanda: prune the lowest |W_ij| * ||X_j||_2 within each output row."""
+
+    sparsity: float = 0.5
+    """Fraction of each output row's weights set to zero, in [0, 1); unused when n_m is set."""
+    n_m: tuple[int, int] | None = None
+    """Semi-structured N:M: keep n of every m consecutive input weights ((2, 4) is 2:4); None is unstructured."""
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(samples=32, seq_len=512))
+    """Calibration windows (the papers use 128 x 2048 tokens; 32 x 512 suffices for a 135M model)."""
+    batch_size: int = 8
+    """Calibration sequences per forward pass."""
+
+    def __post_init__(self):
+        _check_sparsity(self.sparsity, self.n_m)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class SparseGPTConfig:
+    """SparseGPT: prune with OBS weight reconstruction from the inputs' Hessian."""
+
+    sparsity: float = 0.5
+    """Fraction of each linear layer's weights set to zero, in [0, 1); unused when n_m is set."""
+    n_m: tuple[int, int] | None = None
+    """Semi-structured N:M: keep n of every m consecutive input weights ((2, 4) is 2:4); None is unstructured."""
+    blocksize: int = 128
+    """Columns per block: the adaptive mask is chosen per block (the paper's Bs = 128)."""
+    damp: float = 0.01
+    """Dampening added to the Hessian diagonal, as a fraction of its mean (the paper's 1%)."""
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(samples=32, seq_len=512))
+    """Calibration windows (the paper uses 128 x 2048 tokens; 32 x 512 suffices for a 135M model)."""
+    batch_size: int = 8
+    """Calibration sequences per forward pass."""
+
+    def __post_init__(self):
+        _check_sparsity(self.sparsity, self.n_m)
+        if self.blocksize < 1:
+            raise ValueError(f"blocksize must be >= 1, got {self.blocksize}")
+        if self.damp <= 0:
+            raise ValueError(f"damp must be > 0 (it keeps the Hessian invertible), got {self.damp}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def block_linears(model: GPT) -> dict[str, nn.Linear]:
+    """The linear layers pruning touches: every nn.Linear inside the blocks (not embedding/lm_head)."""
+    return {f"layers.{i}.{name}": m for i, block in enumerate(model.layers)
+            for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def sparsity_of(model: GPT) -> dict[str, float]:
+    """Fraction of zero weights of each linear layer in the blocks."""
+    return {name: (m.weight == 0).float().mean().item() for name, m in block_linears(model).items()}
+
+
+def _batches(model: GPT, cfg, tokenizer, batches: torch.Tensor | None) -> torch.Tensor:
+    if batches is None:
+        if tokenizer is None:
+            raise ValueError(f"{type(cfg).__name__} needs calibration data: pass tokenizer= (or batches=)")
+        batches = calibration_batches(tokenizer, cfg.calibration)
+    if batches.dim() != 2:
+        raise ValueError(f"calibration batches must be (samples, seq_len) token ids, got shape {tuple(batches.shape)}")
+    if batches.shape[1] > model.config.max_seq_len:
+        raise ValueError(f"calibration seq_len {batches.shape[1]} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    return batches.to(next(model.parameters()).device)
+
+
+class _InputStats:
+    """Accumulates what a pruner needs from a linear layer's inputs x (..., cols)."""
+
+    def __init__(self, cols: int, hessian: bool, device):
+        self.n = 0
+        self.sumsq = torch.zeros(cols, dtype=torch.float64, device=device)  # sum_t x_tj^2
+        self.xtx = torch.zeros(cols, cols, dtype=torch.float32, device=device) if hessian else None
+
+    def __call__(self, module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, cols)
+        self.n += x.shape[0]
+        self.sumsq += x.pow(2).sum(0).double()
+        if self.xtx is not None:
+            self.xtx.addmm_(x.T, x)
+
+    def norm(self) -> torch.Tensor:
+        return self.sumsq.sqrt().float()  # (cols,) ||X_j||_2
+
+    def hessian(self) -> torch.Tensor:
+        return self.xtx / max(self.n, 1)  # (cols, cols)
+
+
+@torch.no_grad()
+def _blockwise(model: GPT, batches: torch.Tensor, batch_size: int, hessian: bool,
+               prune_layer: Callable[[nn.Linear, _InputStats], None]) -> None:
+    """Prune block by block: capture the linear inputs of block i, prune it, feed its outputs on."""
+    N, T = batches.shape
+    device = batches.device
+    xs = [model.tok_emb(batches[j:j + batch_size]) for j in range(0, N, batch_size)]  # (b, T, C) each
+    rope = model.rotary(torch.arange(T, device=device), T, xs[0].dtype)
+    for i, block in enumerate(model.layers):
+        linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+        stats = [_InputStats(m.in_features, hessian, device) for m in linears]
+        hooks = [m.register_forward_pre_hook(s) for m, s in zip(linears, stats)]
+        try:
+            for x in xs:
+                block(x, rope, None, i, 0, None)
+        finally:
+            for h in hooks:
+                h.remove()
+        for m, s in zip(linears, stats):
+            prune_layer(m, s)
+        xs = [block(x, rope, None, i, 0, None) for x in xs]  # pruned outputs feed the next block
+
+
+@PRUNERS.register(MagnitudeConfig)
+@torch.no_grad()
+def _magnitude(model: GPT, cfg: MagnitudeConfig, tokenizer=None, batches=None) -> GPT:
+    for m in block_linears(model).values():
+        m.weight.masked_fill_(magnitude_mask(m.weight, cfg.sparsity, cfg.n_m), 0.0)
+    return model
+
+
+@PRUNERS.register(WandaConfig)
+def _wanda(model: GPT, cfg: WandaConfig, tokenizer=None, batches=None) -> GPT:
+    def prune_layer(m: nn.Linear, s: _InputStats):
+        m.weight.masked_fill_(wanda_mask(m.weight, s.norm(), cfg.sparsity, cfg.n_m), 0.0)
+
+    _blockwise(model, _batches(model, cfg, tokenizer, batches), cfg.batch_size, False, prune_layer)
+    return model
+
+
+@PRUNERS.register(SparseGPTConfig)
+def _sparsegpt(model: GPT, cfg: SparseGPTConfig, tokenizer=None, batches=None) -> GPT:
+    def prune_layer(m: nn.Linear, s: _InputStats):
+        m.weight.copy_(sparsegpt_prune(m.weight, s.hessian(), cfg.sparsity, cfg.n_m, cfg.blocksize, cfg.damp))
+
+    _blockwise(model, _batches(model, cfg, tokenizer, batches), cfg.batch_size, True, prune_layer)
+    return model
+
+
+def prune_(model: GPT, cfg, tokenizer=None, batches: torch.Tensor | None = None) -> GPT:
+    """Zero weights of `model` in place by the method of `cfg` (a config registered in PRUNERS).
+
+    Wanda and SparseGPT need calibration text: pass `tokenizer` (windows come from
+    `calibration_batches(tokenizer, cfg.calibration)`) or `batches` (samples, seq_len) token ids.
+    The embedding and the (tied) output layer are never pruned. Returns `model`.
+    """
+    if not isinstance(model, GPT):
+        raise ValueError(f"prune_ expects a lilliput GPT, got {type(model).__name__}")
+    from lilliput.compress.structured import StructuredConfig
+
+    if isinstance(cfg, StructuredConfig):
+        raise ValueError("structured pruning returns a new, smaller model: call structured_prune(model, cfg)")
+    was_training = model.training
+    model.eval()
+    try:
+        return PRUNERS[type(cfg)](model, cfg, tokenizer=tokenizer, batches=batches)
+    finally:
+        model.train(was_training)
+
+
+# --- the CLI's entry point ---------------------------------------------------------------------
+
+UNSTRUCTURED = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig}
+STRUCTURED = ("heads", "channels", "layers")
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    """`lilliput prune`: load a model, prune it, measure held-out perplexity, save a checkpoint."""
+
+    model: str | None = None
+    """A .gguf file, a model folder or a hub id; the embedded SmolLM2-135M-Instruct when omitted."""
+    method: str = "wanda"
+    """magnitude, wanda or sparsegpt (zeroes weights) or heads, channels, layers (a smaller dense model)."""
+    sparsity: float = 0.5
+    """Fraction removed, in [0, 1): of each linear layer's weights (unstructured), of the query heads,
+    the MLP channels or the layers (structured)."""
+    n_m: str | None = None
+    """Semi-structured pattern such as '2:4' (unstructured methods only; overrides sparsity)."""
+    out: str = "pruned"
+    """Output checkpoint folder."""
+    samples: int = 32
+    """Calibration sequences."""
+    seq_len: int = 512
+    """Tokens per calibration sequence."""
+    seed: int = 0
+    """Seed choosing the calibration windows."""
+    eval_tokens: int = 16384
+    """Held-out (LAMBADA) tokens scored for perplexity before and after."""
+    device: str | None = None
+    """cpu, cuda or cuda:N; CUDA when available when omitted."""
+
+    def __post_init__(self):
+        if self.method not in UNSTRUCTURED and self.method not in STRUCTURED:
+            raise ValueError(f"unknown method {self.method!r}; choose one of "
+                             f"{', '.join([*UNSTRUCTURED, *STRUCTURED])}")
+        if not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.n_m is not None:
+            if self.method not in UNSTRUCTURED:
+                raise ValueError(f"n_m applies to magnitude, wanda and sparsegpt, not to {self.method}")
+            parse_n_m(self.n_m)
+        if self.samples < 1 or self.seq_len < 2 or self.eval_tokens < 2:
+            raise ValueError("samples must be >= 1, seq_len >= 2 and eval_tokens >= 2")
+
+
+def parse_n_m(text: str) -> tuple[int, int]:
+    """'2:4' -> (2, 4)."""
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"n_m must look like '2:4' (keep n of every m), got {text!r}") from None
+    if not 0 < n < m:
+        raise ValueError(f"n_m needs 0 < n < m, got {text!r}")
+    return n, m
+
+
+def job_config(job: PruneJob, config):
+    """The pruning config a job asks for, given the model's ModelConfig."""
+    from lilliput.compress.structured import StructuredConfig
+
+    calib = CalibrationConfig(samples=job.samples, seq_len=job.seq_len, seed=job.seed)
+    if job.method in UNSTRUCTURED:
+        cls = UNSTRUCTURED[job.method]
+        n_m = parse_n_m(job.n_m) if job.n_m else None
+        if cls is MagnitudeConfig:
+            return cls(sparsity=job.sparsity, n_m=n_m)
+        return cls(sparsity=job.sparsity, n_m=n_m, calibration=calib)
+    keep = 1.0 - job.sparsity
+    if job.method == "heads":
+        g = config.n_heads // config.n_kv_heads
+        if g > 1:  # drop query heads within every group: the KV cache stays as it is
+            return StructuredConfig(n_heads=config.n_kv_heads * max(1, round(g * keep)), calibration=calib)
+        return StructuredConfig(n_heads=max(1, round(config.n_heads * keep)),
+                                n_kv_heads=max(1, round(config.n_kv_heads * keep)), calibration=calib)
+    if job.method == "channels":
+        return StructuredConfig(ffn_dim=max(32, 32 * round(config.ffn_dim * keep / 32)), calibration=calib)
+    return StructuredConfig(n_layers=max(1, round(config.n_layers * keep)), calibration=calib)
+
+
+def heldout_perplexity(model: GPT, tokenizer, tokens: int, window: int = 512) -> float:
+    """Perplexity on LAMBADA passages (no source shared with the calibration corpus)."""
+    from lilliput.eval.perplexity import PerplexityConfig, perplexity
+    from lilliput.eval.task_sets import lambada_passages
+
+    text = "\n\n".join(lambada_passages(max(50, tokens // 60)))
+    window = min(window, model.config.max_seq_len)
+    return perplexity(model, tokenizer, text, PerplexityConfig(window=window, max_tokens=tokens))["perplexity"]
+
+
+def run_prune(job: PruneJob) -> Path:
+    """Load, prune, measure perplexity before/after, save a checkpoint with run.json; its path."""
+    from lilliput.compress.structured import structured_prune
+    from lilliput.core.checkpoint import load_model, save_checkpoint
+    from lilliput.core.record import run_record
+
+    model, tok = load_model(job.model, device=job.device)
+    cfg = job_config(job, model.config)
+    params_before = model.num_params()
+    linear_before = sum(m.weight.numel() for m in block_linears(model).values())
+    ppl_before = heldout_perplexity(model, tok, job.eval_tokens)
+    t0 = time.perf_counter()
+    if job.method in UNSTRUCTURED:
+        pruned = prune_(model, cfg, tokenizer=tok)
+        nonzero = sum(int((m.weight != 0).sum()) for m in block_linears(pruned).values())
+    else:
+        pruned = structured_prune(model, cfg, tokenizer=tok)
+        nonzero = sum(m.weight.numel() for m in block_linears(pruned).values())
+    seconds = time.perf_counter() - t0
+    ppl_after = heldout_perplexity(pruned, tok, job.eval_tokens)
+    record = run_record(
+        "lilliput prune", job=asdict(job), config=_jsonable(cfg), model_config=pruned.config.to_dict(),
+        prune_seconds=round(seconds, 2),
+        params={"total_before": params_before, "total_after": pruned.num_params(),
+                "block_linear_before": linear_before, "block_linear_nonzero_after": nonzero,
+                "note": "total counts the tied embedding once; block_linear = every nn.Linear in the blocks "
+                        "(embedding and lm_head are never pruned)"},
+        perplexity={"before": ppl_before, "after": ppl_after, "ratio": ppl_after / ppl_before,
+                    "text": "LAMBADA passages", "tokens": job.eval_tokens},
+    )
+    return save_checkpoint(pruned, tok, job.out, record)
+
+
+def _jsonable(cfg) -> dict:
+    return {"method": type(cfg).__name__, **asdict(cfg)}

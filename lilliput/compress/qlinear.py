@@ -1,0 +1,211 @@
+"""Quantized linear layers: int8 per output channel (symmetric) and int4 per group (asymmetric).
+
+Both keep packed integer codes as buffers (what the checkpoint stores) and run three ways:
+- one to eight rows of x on CPU (decode): the C kernels of `csrc/qgemv.c`, through the same
+  library and thread pool as the fp32 GEMV; the fused decode step calls them directly through
+  `kernel_desc()`;
+- anything else (prefill, evaluation batches, autograd, other devices, no C compiler):
+  dequantize to x's dtype and `F.linear`, the same numbers up to float rounding.
+
+int4 layout (shared with the kernel): each block of 32 columns of a row is 16 bytes, byte j
+holding column j in its low nibble and column j + 16 in its high nibble. Scales are fp16 (int4) or
+fp32 (int8), kept as their int16 / int32 bits so that `model.to(dtype)` leaves them alone;
+zeros are uint8 in [0, 15].
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lilliput.infer import gemv
+
+KIND_INT8, KIND_INT4 = 2, 3
+GROUP_SIZES = (128, 64, 32)
+"""int4 group sizes the kernels run, largest first."""
+VARIANTS = {"auto": 0, "widen": 1, "dot": 2}
+"""Kernel paths: auto (the measured fastest: dot), widen (int -> fp32, FMA), dot (int8 x, integer dot)."""
+BLOCK = 32  # columns per int4 packing block
+
+
+# --- codes <-> weights (pure functions) -----------------------------------------------------------
+
+def int8_scale(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-row scale of w (N, K): (N, 1), amax / 127 (never 0)."""
+    return (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-10)
+
+
+def int4_params(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max grid of w (N, K) per group of columns: scale (fp16-exact), zero, each (N, K/group)."""
+    g = w.float().reshape(w.shape[0], -1, group)  # (N, ng, group)
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-6).half().float()  # the kernel reads fp16 scales
+    zero = (-lo / scale).round().clamp(0, 15)
+    return scale, zero
+
+
+def expand(params: torch.Tensor, group: int) -> torch.Tensor:
+    """Per-group (N, ng) -> per-column (N, ng * group)."""
+    return params.repeat_interleave(group, dim=1)
+
+
+def quantize_int4(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Codes in [0, 15] for w (N, K') with per-column scale and zero (N, K') or (N, 1)."""
+    return (w / scale + zero).round().clamp(0, 15)
+
+
+def quantize_int8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Codes in [-127, 127] for w (N, K') with per-row scale (N, 1)."""
+    return (w / scale).round().clamp(-127, 127)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes (N, K) in [0, 15], K % 32 == 0 -> uint8 (N, K/2) in the kernel's block order."""
+    n, k = q.shape
+    b = q.to(torch.uint8).reshape(n, k // BLOCK, BLOCK)
+    return (b[..., :16] | (b[..., 16:] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K/2) -> codes (N, K) uint8, the inverse of pack_int4."""
+    n, h = p.shape
+    b = p.reshape(n, h // 16, 16)
+    return torch.cat((b & 15, b >> 4), dim=-1).reshape(n, 2 * h)
+
+
+# --- modules ---------------------------------------------------------------------------------------
+
+class QuantLinear(nn.Module):
+    """Common part of the quantized layers: kernel dispatch and the torch fallback."""
+
+    kind = -1
+    bits = 0
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.kernel_variant = "auto"  # not saved: a runtime choice (bench/quantize.py compares them)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _pointers(self) -> tuple[int, int, int, int]:
+        raise NotImplementedError
+
+    def kernel_desc(self) -> list[int] | None:
+        """int64[8] {kind, weight, scale, zero, N, K, group, variant} for the C kernels; None off CPU."""
+        weight, scale, zero, group = self._pointers()
+        if self.qweight.device.type != "cpu":
+            return None
+        return [self.kind, weight, scale, zero, self.out_features, self.in_features, group,
+                VARIANTS[self.kernel_variant]]
+
+    def spec(self) -> dict:
+        """What config.json records for this layer (enough to rebuild it empty)."""
+        return {"bits": self.bits, "in_features": self.in_features, "out_features": self.out_features}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features if self.in_features else 0
+        if 0 < rows <= gemv.MAX_ROWS and x.is_cpu and not (torch.is_grad_enabled() and x.requires_grad):
+            y = self._kernel(x, rows)
+            if y is not None:
+                return y
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def _kernel(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+        kernel = gemv.load()
+        desc = self.kernel_desc()
+        if not isinstance(kernel, gemv.Kernel) or desc is None:
+            return None
+        xf = x.reshape(rows, self.in_features).to(torch.float32).contiguous()
+        y = torch.empty(rows, self.out_features)
+        fn = kernel.lib.qlinear_run_rows
+        fn.restype = ctypes.c_int
+        rc = fn((ctypes.c_int64 * 8)(*desc), ctypes.c_void_p(xf.data_ptr()), ctypes.c_void_p(y.data_ptr()),
+                ctypes.c_int64(rows))
+        if rc != 0:
+            raise RuntimeError(f"qlinear_run rejected {type(self).__name__} {desc[4:7]} (code {rc})")
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+class Int8Linear(QuantLinear):
+    """W (N, K) = qweight (int8, [-127, 127]) * scale (N,) fp32 (kept as int32 bits)."""
+
+    kind, bits = KIND_INT8, 8
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32).view(torch.int32))
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor) -> "Int8Linear":
+        """Codes (N, K) in [-127, 127] and per-row scale (N,) or (N, 1)."""
+        m = cls(q.shape[1], q.shape[0])
+        m.qweight.copy_(q.to(torch.int8))
+        m.scale.copy_(scale.reshape(-1).float().view(torch.int32))
+        return m
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.qweight.float() * self.scale.view(torch.float32)[:, None]).to(dtype)
+
+    def _pointers(self):
+        return self.qweight.data_ptr(), self.scale.data_ptr(), 0, 0
+
+
+class Int4Linear(QuantLinear):
+    """W (N, K) = (codes - zero) * scale per group of `group_size` columns; codes packed 2 a byte."""
+
+    kind, bits = KIND_INT4, 4
+
+    def __init__(self, in_features: int, out_features: int, group_size: int):
+        super().__init__(in_features, out_features)
+        if group_size not in GROUP_SIZES or in_features % group_size:
+            raise ValueError(f"int4 group_size must be one of {GROUP_SIZES} and divide in_features="
+                             f"{in_features}, got {group_size}")
+        self.group_size = group_size
+        ng = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scale", torch.zeros(out_features, ng, dtype=torch.int16))  # fp16 bits
+        self.register_buffer("zero", torch.zeros(out_features, ng, dtype=torch.uint8))
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> "Int4Linear":
+        """Codes (N, K) in [0, 15]; scale and zero (N, K/group_size)."""
+        m = cls(q.shape[1], q.shape[0], group_size)
+        m.qweight.copy_(pack_int4(q))
+        m.scale.copy_(scale.half().view(torch.int16))
+        m.zero.copy_(zero.to(torch.uint8))
+        return m
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = unpack_int4(self.qweight).float()  # (N, K)
+        s = expand(self.scale.view(torch.float16).float(), self.group_size)
+        z = expand(self.zero.float(), self.group_size)
+        return ((q - z) * s).to(dtype)
+
+    def _pointers(self):
+        return self.qweight.data_ptr(), self.scale.data_ptr(), self.zero.data_ptr(), self.group_size
+
+    def spec(self) -> dict:
+        return {**super().spec(), "group_size": self.group_size}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+def from_spec(spec: dict) -> QuantLinear:
+    """An empty layer of the shape config.json recorded (its buffers are then loaded)."""
+    bits = spec.get("bits")
+    if bits == 8:
+        return Int8Linear(spec["in_features"], spec["out_features"])
+    if bits == 4:
+        return Int4Linear(spec["in_features"], spec["out_features"], spec["group_size"])
+    raise ValueError(f"quantized layer with bits={bits!r} is not supported (4 or 8): the checkpoint's "
+                     f"config.json is damaged or from a newer lilliput")

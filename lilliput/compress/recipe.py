@@ -1,0 +1,254 @@
+"""Recipes: TOML files that chain shrink stages (prune -> distill -> quantize) and measure each.
+
+    name = "demo"
+    [eval]
+    passages = 100          # held-out LAMBADA passages for perplexity
+    tasks = ["piqa"]        # zero-shot tasks, `limit` items each
+    limit = 50
+    [[stages]]
+    kind = "prune"          # a key of STAGES
+    method = "layers"       # magnitude | wanda | sparsegpt | heads | channels | layers
+    sparsity = 0.2
+    [[stages]]
+    kind = "distill"        # heals the current model from the original (the teacher)
+    max_minutes = 5
+    [[stages]]
+    kind = "quantize"
+    method = "rtn"          # rtn | gptq | awq
+    bits = 8
+
+Every stage's table (less `kind`) becomes the fields of that stage's config dataclass; an unknown
+field is an error naming the known ones. After the input model and after every stage the job
+records held-out perplexity, task accuracy, size in bytes, parameters and decode speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lilliput.core.registry import Registry
+
+STAGES: Registry[Callable] = Registry("recipe stage")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    passages: int = 100
+    """Held-out LAMBADA passages scored for perplexity after every stage."""
+    window: int = 512
+    """Perplexity window."""
+    tasks: tuple[str, ...] = ("piqa",)
+    """Zero-shot tasks scored after every stage."""
+    limit: int = 50
+    """Items per task."""
+    decode_tokens: int = 64
+    """Tokens generated (greedy, batch 1) to time decoding."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    stages: tuple[dict[str, Any], ...]
+    eval: EvalSpec = EvalSpec()
+    description: str = ""
+
+
+def build_config(cls: type, table: dict[str, Any], what: str):
+    """A config dataclass from a TOML table: nested dataclasses and tuples converted, unknown keys refused."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ValueError(f"{what}: unknown field(s) {unknown}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for key, value in table.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            value = build_config(tp, value, f"{what}.{key}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kw[key] = value
+    try:
+        return cls(**kw)
+    except TypeError as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path} is not valid TOML ({e})") from None
+    stages = data.pop("stages", None)
+    if not stages:
+        raise ValueError(f"{path} has no [[stages]]")
+    for i, st in enumerate(stages):
+        if st.get("kind") not in STAGES:
+            raise ValueError(f"{path}: stage {i + 1} has kind {st.get('kind')!r}; known: {', '.join(map(str, STAGES.keys()))}")
+    spec = build_config(EvalSpec, data.pop("eval", {}), f"{path} [eval]")
+    name = data.pop("name", path.stem)
+    description = data.pop("description", "")
+    if data:
+        raise ValueError(f"{path}: unknown top-level keys {sorted(data)}; known: name, description, eval, stages")
+    return Recipe(name=name, stages=tuple(stages), eval=spec, description=description)
+
+
+# --- stages: (model, tokenizer, teacher, table) -> model ----------------------------------------
+
+@STAGES.register("prune")
+def _prune(model, tok, teacher, table):
+    from lilliput.compress.prune import UNSTRUCTURED, PruneJob, job_config, prune_
+    from lilliput.compress.structured import structured_prune
+
+    job = build_config(PruneJob, table, "prune stage")
+    cfg = job_config(job, model.config)
+    if job.method in UNSTRUCTURED:
+        return prune_(model, cfg, tokenizer=tok)
+    return structured_prune(model, cfg, tokenizer=tok)
+
+
+@STAGES.register("distill")
+def _distill(model, tok, teacher, table):
+    from lilliput.train.distill import DistillConfig, distill
+
+    cfg = build_config(DistillConfig, table, "distill stage")
+    return distill(teacher, model, tok, cfg)
+
+
+@STAGES.register("quantize")
+def _quantize(model, tok, teacher, table):
+    from lilliput.compress.quantize import METHODS, quantize_
+
+    table = dict(table)
+    method = table.pop("method", "rtn")
+    if method not in METHODS:
+        raise ValueError(f"quantize stage: unknown method {method!r}; known: {', '.join(METHODS)}")
+    return quantize_(model, build_config(METHODS[method], table, f"quantize stage ({method})"), tokenizer=tok)
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer, shared tensors (tied embeddings) counted once."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.data_ptr(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def measure(model, tok, spec: EvalSpec) -> dict[str, Any]:
+    from lilliput.eval.perplexity import PerplexityConfig, perplexity
+    from lilliput.eval.tasks import TaskConfig, evaluate_tasks, lambada_passages
+    from lilliput.infer.generate import GenerationConfig, generate
+
+    model.eval()
+    text = "\n\n".join(lambada_passages(spec.passages))
+    ppl = perplexity(model, tok, text, PerplexityConfig(window=min(spec.window, model.config.max_seq_len)))
+    tasks = evaluate_tasks(model, tok, TaskConfig(tasks=spec.tasks, limit=spec.limit)) if spec.tasks else {}
+    cfg = GenerationConfig(max_new_tokens=spec.decode_tokens, ignore_eos=True)
+    prompt = tok.encode(text[:400])[:32]
+    generate(model, tok, [prompt], cfg)  # warm-up
+    speeds = [generate(model, tok, [prompt], cfg)[0].timings["decode_tok_s"] for _ in range(3)]
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return {"perplexity": round(ppl["perplexity"], 4), "tasks": {k: round(v["acc"], 4) for k, v in tasks.items()},
+            "bytes": model_bytes(model), "parameters": params, "decode_tok_s": round(statistics.median(speeds), 2)}
+
+
+# --- the job ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShrinkJob:
+    model: str | None = None
+    """The model to shrink: a .gguf file, a model folder or a hub id; the embedded SmolLM2 when omitted."""
+    recipe: str = "demo"
+    """A recipe TOML file, or the name of one shipped in lilliput/recipes (demo)."""
+    out: str = "runs/shrink"
+    """Output folder: the shrunk model (loads with --model), its model card and run.json."""
+
+
+def resolve_recipe(name: str) -> Path:
+    path = Path(name)
+    if path.suffix == ".toml" or path.exists():
+        return path
+    shipped = Path(__file__).resolve().parent.parent / "recipes" / f"{name}.toml"
+    if not shipped.is_file():
+        known = sorted(p.stem for p in shipped.parent.glob("*.toml"))
+        raise FileNotFoundError(f"recipe {name!r} not found: give a .toml path or one of {', '.join(known)}")
+    return shipped
+
+
+def run_shrink(job: ShrinkJob, log: Callable[[str], None] = print) -> Path:
+    """Run every stage of the recipe on the model, measuring after each; save the result."""
+    import copy
+
+    from lilliput.core.checkpoint import load_model, save_checkpoint
+    from lilliput.core.record import run_record
+
+    recipe = load_recipe(resolve_recipe(job.recipe))  # a bad recipe fails before any work
+    t_start = time.perf_counter()
+    model, tok = load_model(job.model, device="cpu")
+    teacher = copy.deepcopy(model).eval()
+    rows = [{"stage": "input", "seconds": 0.0, **measure(model, tok, recipe.eval)}]
+    log(_row_line(rows[-1]))
+    for i, table in enumerate(recipe.stages):
+        table = dict(table)
+        kind = table.pop("kind")
+        label = f"{i + 1}. {kind}" + (f" {table['method']}" if "method" in table else "")
+        t0 = time.perf_counter()
+        model = STAGES[kind](model, tok, teacher, table)
+        seconds = time.perf_counter() - t0
+        rows.append({"stage": label, "seconds": round(seconds, 1), "settings": table, **measure(model, tok, recipe.eval)})
+        log(_row_line(rows[-1]))
+    record = run_record("lilliput shrink", job=dataclasses.asdict(job), recipe=dataclasses.asdict(recipe),
+                        stages=rows, seconds=round(time.perf_counter() - t_start, 1))
+    out = save_checkpoint(model, tok, job.out, record)
+    (out / "README.md").write_text(model_card(recipe, rows, job))
+    return out
+
+
+def _row_line(r: dict) -> str:
+    tasks = " ".join(f"{k} {v:.3f}" for k, v in r["tasks"].items())
+    return (f"{r['stage']:<22} ppl {r['perplexity']:8.3f}  {tasks}  {r['bytes'] / 2**20:7.1f} MiB  "
+            f"{r['decode_tok_s']:6.1f} tok/s  ({r['seconds']:.0f} s)")
+
+
+def stage_table(rows: list[dict]) -> str:
+    tasks = sorted({t for r in rows for t in r["tasks"]})
+    head = "| stage | perplexity | " + " | ".join(f"{t} acc" for t in tasks) + " | size (MiB) | parameters | decode tok/s | seconds |"
+    sep = "|" + "---|" * (6 + len(tasks))
+    lines = [head, sep]
+    base = rows[0]
+    for r in rows:
+        acc = " | ".join(f"{r['tasks'].get(t, float('nan')):.3f}" for t in tasks)
+        lines.append(f"| {r['stage']} | {r['perplexity']:.3f} ({r['perplexity'] / base['perplexity']:.2f}x) | {acc} | "
+                     f"{r['bytes'] / 2**20:.1f} ({r['bytes'] / base['bytes']:.2f}x) | {r['parameters'] / 1e6:.1f}M | "
+                     f"{r['decode_tok_s']:.1f} ({r['decode_tok_s'] / base['decode_tok_s']:.2f}x) | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def model_card(recipe: Recipe, rows: list[dict], job: ShrinkJob) -> str:
+    first, last = rows[0], rows[-1]
+    return (f"# {recipe.name}: shrunk with lilliput\n\n{recipe.description}\n\n"
+            f"Source model: {job.model or 'embedded SmolLM2-135M-Instruct (Q4_1 GGUF)'}; recipe: `{job.recipe}`.\n\n"
+            f"## Every stage, measured\n\n{stage_table(rows)}\n\n"
+            f"Perplexity: {recipe.eval.passages} held-out LAMBADA passages (window {recipe.eval.window}); tasks: "
+            f"zero-shot, first {recipe.eval.limit} items; decode: greedy, batch 1, {recipe.eval.decode_tokens} tokens, "
+            f"median of 3, on the machine in run.json.\n\n"
+            f"## Price and gain\n\nSize {first['bytes'] / 2**20:.1f} -> {last['bytes'] / 2**20:.1f} MiB, decode "
+            f"{first['decode_tok_s']:.1f} -> {last['decode_tok_s']:.1f} tok/s, perplexity {first['perplexity']:.2f} -> "
+            f"{last['perplexity']:.2f}.\n\nLoad it with `lilliput generate PROMPT --model <this folder>`.\n")

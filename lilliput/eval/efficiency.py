@@ -1,0 +1,214 @@
+"""Efficiency measurements: memory, size on disk, energy, timing statistics and latency runs.
+
+Memory is read from `/proc/self/status` (VmRSS = resident now, VmHWM = resident peak); the peak
+is reset by writing "5" to `/proc/self/clear_refs`, so a bench worker can measure the peak of
+generation alone. Energy comes from RAPL (`/sys/class/powercap/intel-rapl*/energy_uj`) where it
+is readable; otherwise it is estimated from this process's CPU time times an assumed power per
+core, which is CodeCarbon's CPU-load model (power = TDP x load, so energy = TDP / cores x CPU
+seconds; https://mlco2.github.io/codecarbon/methodology.html). The assumption is part of every
+figure it produces.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from lilliput.infer.generate import GenerationConfig, generate
+
+# AMD EPYC 7763 (Zen 3, the family of the development machine): 280 W TDP over 64 cores
+DEFAULT_WATTS_PER_CORE = 280.0 / 64
+WATTS_SOURCE = ("CodeCarbon CPU-load model (energy = TDP/cores x CPU seconds), "
+                "TDP of an AMD EPYC 7763: 280 W / 64 cores = 4.375 W per busy core; "
+                "https://mlco2.github.io/codecarbon/methodology.html, "
+                "https://www.amd.com/en/products/processors/server/epyc/7003-series/amd-epyc-7763.html")
+
+
+# --- memory and size ------------------------------------------------------------------------------
+
+def proc_status(path: str = "/proc/self/status") -> dict[str, int]:
+    """The kB fields of /proc/self/status in bytes ({"VmRSS": ..., "VmHWM": ...}); {} off Linux."""
+    out = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                parts = value.split()
+                if len(parts) == 2 and parts[1] == "kB":
+                    out[key] = int(parts[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (0 where /proc is absent)."""
+    return proc_status().get("VmRSS", 0)
+
+
+def peak_rss_bytes() -> int:
+    """Resident peak since start or since the last `reset_peak_rss()` (ru_maxrss off Linux)."""
+    return proc_status().get("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def size_on_disk(path: Path | str) -> int:
+    """Bytes of a model file, or of every file under a model folder."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist: pass a model file or folder")
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """{"median", "p90", "min", "max", "n"} of repeated measurements (p90 by linear interpolation)."""
+    if not values:
+        raise ValueError("no measurements to summarize")
+    xs = sorted(values)
+    pos = 0.9 * (len(xs) - 1)
+    lo = math.floor(pos)
+    p90 = xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
+    return {"median": statistics.median(xs), "p90": p90, "min": xs[0], "max": xs[-1], "n": len(xs)}
+
+
+# --- energy -------------------------------------------------------------------------------------
+
+def rapl_zones() -> list[Path]:
+    """Readable top-level RAPL package zones (intel-rapl:N; sub-zones are parts of them)."""
+    zones = []
+    for p in sorted(glob.glob("/sys/class/powercap/intel-rapl*/energy_uj")):
+        zone = Path(p).parent
+        if zone.name.count(":") != 1:
+            continue
+        try:
+            int(Path(p).read_text())
+        except (OSError, ValueError):
+            continue
+        zones.append(zone)
+    return zones
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return r.ru_utime + r.ru_stime
+
+
+@dataclass(frozen=True)
+class EnergyMeter:
+    """Measures the energy of a block of code: `with meter.measure() as m: ...; m.joules`."""
+
+    watts_per_core: float = DEFAULT_WATTS_PER_CORE
+    """Power of one busy core, used when RAPL is not readable."""
+
+    def method(self) -> dict:
+        if rapl_zones():
+            return {"method": "rapl", "zones": [str(z) for z in rapl_zones()],
+                    "note": "package energy of the whole socket (other processes included)"}
+        return {"method": "cpu_time_estimate", "watts_per_core": self.watts_per_core, "source": WATTS_SOURCE,
+                "note": "RAPL (/sys/class/powercap) not readable here; CPU seconds of this process x "
+                        "watts_per_core (idle, memory and uncore power are not counted)"}
+
+    def measure(self) -> "_Measurement":
+        return _Measurement(self, rapl_zones())
+
+
+class _Measurement:
+    def __init__(self, meter: EnergyMeter, zones: list[Path]):
+        self.meter, self.zones = meter, zones
+        self.joules = 0.0
+        self.cpu_seconds = 0.0
+        self.seconds = 0.0
+
+    def _read(self) -> list[int]:
+        return [int((z / "energy_uj").read_text()) for z in self.zones]
+
+    def __enter__(self):
+        self._e0 = self._read() if self.zones else []
+        self._c0, self._t0 = _cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._t0
+        self.cpu_seconds = _cpu_seconds() - self._c0
+        if self.zones:
+            total = 0
+            for z, a, b in zip(self.zones, self._e0, self._read()):
+                if b < a:  # the counter wrapped
+                    b += int((z / "max_energy_range_uj").read_text())
+                total += b - a
+            self.joules = total / 1e6
+        else:
+            self.joules = self.cpu_seconds * self.meter.watts_per_core
+        return False
+
+
+# --- latency runs ------------------------------------------------------------------------------------
+
+def repeat(fn: Callable[[], float | None], warmup: int, repeats: int) -> list[float]:
+    """Run fn warmup + repeats times; the wall times (or fn's own figure when it returns one)."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        got = fn()
+        out.append(time.perf_counter() - t if got is None else got)
+    return out
+
+
+def time_to_first_token(model, tokenizer, prompt: list[int], warmup: int, repeats: int) -> list[float]:
+    """Seconds from a prompt of token ids to its first generated token (wall time of a 1-token generate)."""
+    cfg = GenerationConfig(max_new_tokens=1, ignore_eos=True)
+
+    def run() -> None:
+        generate(model, tokenizer, [prompt], cfg)
+
+    return repeat(run, warmup, repeats)
+
+
+def inter_token_latencies(model, tokenizer, prompt: list[int], new_tokens: int) -> list[float]:
+    """Gaps between streamed text chunks at batch 1 (what a streaming client sees), in seconds.
+    A token whose text is held back (an incomplete UTF-8 character) merges with the next gap."""
+    stamps: list[float] = []
+    generate(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True),
+             on_text=lambda row, text: stamps.append(time.perf_counter()))
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def throughput(model, tokenizer, prompt: list[int], batch: int, new_tokens: int, warmup: int, repeats: int,
+               meter: EnergyMeter) -> dict:
+    """Generated tokens/s of `batch` copies of a prompt (end to end, prefill included) and energy per token."""
+    cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    prompts = [prompt] * batch
+    for _ in range(warmup):
+        generate(model, tokenizer, prompts, cfg)
+    rates, decode_rates, joules = [], [], []
+    for _ in range(repeats):
+        with meter.measure() as m:
+            gens = generate(model, tokenizer, prompts, cfg)
+        n = sum(len(g.tokens) for g in gens)
+        rates.append(n / m.seconds)
+        decode_rates.append(sum(g.timings["decode_tok_s"] for g in gens))
+        joules.append(m.joules / n)
+    return {"batch": batch, "tokens_per_s": spread(rates), "decode_tokens_per_s": spread(decode_rates),
+            "joules_per_token": spread(joules)}

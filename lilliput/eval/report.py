@@ -1,0 +1,312 @@
+"""The report a user reads to choose a model: one self-contained HTML page, a markdown table, PNGs.
+
+`make_report(ReportConfig(runs=(...), out=...))` reads bench records (`bench.json`, from
+`lilliput bench`), run records of shrink stages (`run.json` beside a checkpoint) and peer
+comparisons (`bench/results/*.json` with `rows`, e.g. vs_llamacpp.json), and writes
+`report.html` (inline CSS, plots as base64 PNG, nothing fetched from the network), `report.md`
+and the plots `quality_vs_speed.png` and `quality_vs_size.png` with their Pareto fronts.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+MB = 1e6
+NUMERIC = re.compile(r"^[-+\d.,e\[\] ()]*$")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    runs: tuple[str, ...] = ()
+    """bench.json / run.json / peer JSON files, or folders holding bench.json or run.json."""
+    out: str = "report"
+    """Output folder for report.html, report.md and the PNGs."""
+    title: str = "lilliput report"
+    """Title of the page."""
+
+
+# --- pure parts ------------------------------------------------------------------------------------
+
+def pareto_front(points: Sequence[tuple[float, float]], maximize_x: bool, maximize_y: bool) -> list[int]:
+    """Indices of the points no other point beats on both axes (ties kept), sorted by x."""
+    sx, sy = (1 if maximize_x else -1), (1 if maximize_y else -1)
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(sx * a >= sx * x and sy * b >= sy * y and (a, b) != (x, y) for a, b in points)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def _get(d: Any, *keys, default=None):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return d
+
+
+def model_row(m: dict) -> dict[str, Any]:
+    """The flat figures of one bench model record (None where not measured)."""
+    tp = m.get("throughput") or {}
+    return {
+        "model": m.get("label") or str(m.get("spec")),
+        "engine": m.get("engine", "lilliput"),
+        "perplexity": _get(m, "perplexity", "perplexity"),
+        "task_acc": m.get("task_accuracy_mean"),
+        "size_mb": m["size_on_disk_bytes"] / MB if m.get("size_on_disk_bytes") else None,
+        "rss_load_mb": _get(m, "memory", "rss_at_load_bytes", default=0) / MB or None,
+        "peak_mb": _get(m, "memory", "peak_generation_bytes", default=0) / MB or None,
+        "ttft_ms": {n: s["median"] * 1e3 for n, s in (m.get("ttft_s") or {}).items()},
+        "itl_ms": _get(m, "inter_token_latency_s", "median", default=0) * 1e3 or None,
+        "itl_p90_ms": _get(m, "inter_token_latency_s", "p90", default=0) * 1e3 or None,
+        "tok_s": {b: r["tokens_per_s"] for b, r in tp.items()},
+        "j_per_token": _get(tp, "1", "joules_per_token", "median"),
+        "skipped": m.get("skipped"),
+        "notes": m.get("notes") or [],
+    }
+
+
+def load_runs(runs: Sequence[str]) -> dict[str, list]:
+    """{"bench": [records], "stages": [(name, record)], "peers": [(name, record)]} from paths."""
+    if not runs:
+        raise ValueError("no runs given: pass bench output folders or JSON files (e.g. bench/bench.json)")
+    found: dict[str, list] = {"bench": [], "stages": [], "peers": []}
+    for run in runs:
+        path = Path(run)
+        if path.is_dir():
+            files = [p for p in (path / "bench.json", path / "run.json") if p.is_file()]
+            if not files:
+                raise FileNotFoundError(f"{path} holds no bench.json or run.json: pass a `lilliput bench --out` "
+                                        f"folder or a checkpoint folder")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise FileNotFoundError(f"run {run!r} does not exist: pass a bench.json, a run.json or their folder")
+        for f in files:
+            try:
+                record = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f} is not valid JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{f} is not a lilliput record (a JSON object)")
+            name = f.parent.name if f.name in ("run.json", "bench.json") else f.stem
+            if "models" in record:
+                found["bench"].append(record)
+            elif "rows" in record:
+                found["peers"].append((name, record))
+            else:
+                found["stages"].append((name, record))
+    return found
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, dict) and {"median", "min", "max"} <= set(v):
+        return f"{_fmt(v['median'])} [{_fmt(v['min'])}-{_fmt(v['max'])}]"
+    return str(v)
+
+
+def model_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the every-model table (same content in HTML and markdown)."""
+    lengths = sorted({n for r in rows for n in r["ttft_ms"]}, key=int)
+    batches = sorted({b for r in rows for b in r["tok_s"]}, key=int)
+    head = (["model", "engine", "perplexity", "task acc", "size MB", "RSS load MB", "peak MB"]
+            + [f"TTFT {n} ms" for n in lengths] + ["ITL ms (p90)"]
+            + [f"tok/s b{b} [min-max]" for b in batches] + ["J/token b1"])
+    cells = []
+    for r in rows:
+        if r["skipped"]:
+            cells.append([r["model"], r["engine"], "skipped: " + r["skipped"]] + [""] * (len(head) - 3))
+            continue
+        itl = f"{_fmt(r['itl_ms'])} ({_fmt(r['itl_p90_ms'])})" if r["itl_ms"] else "-"
+        cells.append([r["model"], r["engine"], _fmt(r["perplexity"], 4), _fmt(r["task_acc"]), _fmt(r["size_mb"]),
+                      _fmt(r["rss_load_mb"]), _fmt(r["peak_mb"])]
+                     + [_fmt(r["ttft_ms"].get(n)) for n in lengths] + [itl]
+                     + [_fmt(r["tok_s"].get(b)) for b in batches] + [_fmt(r["j_per_token"])])
+    return head, cells
+
+
+def _scalars(d: dict, prefix: str = "", depth: int = 2) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            out[prefix + k] = v
+        elif isinstance(v, dict) and depth > 1:
+            out.update(_scalars(v, f"{prefix}{k}.", depth - 1))
+    return out
+
+
+def stage_table(stages: list[tuple[str, dict]]) -> tuple[list[str], list[list[str]]]:
+    head = ["stage", "command", "metrics"]
+    cells = []
+    for name, rec in stages:
+        metrics = _scalars(rec.get("metrics") or {k: v for k, v in rec.items()
+                                                   if k not in ("machine", "command", "created", "git_sha", "lilliput")})
+        cells.append([name, str(rec.get("command", "-")), ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())])
+    return head, cells
+
+
+def peer_tables(peers: list[tuple[str, dict]]) -> list[tuple[str, list[str], list[list[str]], dict]]:
+    """(name, header, cells, headline ratios) of each peer comparison's `rows`."""
+    out = []
+    for name, rec in peers:
+        rows = rec["rows"]
+        head = list(dict.fromkeys(k for r in rows for k in r))
+        cells = [[_fmt(r.get(k)) for k in head] for r in rows]
+        ratios = {k: v for k, v in rec.items() if "_vs_" in k or k.startswith("limit")}
+        out.append((name, head, cells, ratios))
+    return out
+
+
+# --- rendering --------------------------------------------------------------------------------------
+
+def plot_front(rows: list[dict], x_key: str, x_label: str, maximize_x: bool, path: Path) -> Path | None:
+    """Perplexity against x with the Pareto front drawn; None when fewer than one point has both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(r[x_key], r["perplexity"], r["model"]) for r in rows
+           if r.get(x_key) is not None and r.get("perplexity") is not None]
+    if not pts:
+        return None
+    front = pareto_front([(x, y) for x, y, _ in pts], maximize_x=maximize_x, maximize_y=False)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="#8aa1b4", zorder=2, label="model")
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "-o", color="#d1495b", zorder=3,
+            label="Pareto front")
+    for x, y, label in pts:
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    xs = [p[0] for p in pts]
+    if min(xs) > 0 and max(xs) / min(xs) > 20:  # a wide range: equal ratios get equal room
+        ax.set_xscale("log")
+    ax.set_xlabel(x_label + (" (higher is better)" if maximize_x else " (lower is better)"))
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def markdown_table(head: list[str], cells: list[list[str]]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def html_table(head: list[str], cells: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    cell = lambda c: f"<td>{html.escape(c)}</td>" if NUMERIC.match(c) else f'<td class="t">{html.escape(c)}</td>'  # noqa: E731
+    trs = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in cells)
+    return f'<div class="scroll"><table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table></div>'
+
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2733;background:#f6f7f9}
+main{max-width:1180px;margin:0 auto;padding:24px 28px}
+h1{font-size:24px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #dde2e8;padding-bottom:4px}
+.meta{color:#5b6b7b;font-size:12px}
+.plots{display:flex;flex-wrap:wrap;gap:16px}
+.plots figure{margin:0;background:#fff;border:1px solid #dde2e8;border-radius:6px;padding:8px}
+.plots img{width:520px;max-width:100%;display:block}
+.scroll{overflow-x:auto;background:#fff;border:1px solid #dde2e8;border-radius:6px}
+table{border-collapse:collapse;font-size:12.5px;width:100%}
+th,td{padding:5px 9px;border-bottom:1px solid #edf0f3;text-align:right;white-space:nowrap}
+th{background:#eef2f6;position:sticky;top:0} td:first-child,th:first-child,td:nth-child(2){text-align:left}
+tbody tr:hover{background:#f3f8fd} td.t{text-align:left}
+.note{background:#fff8e6;border:1px solid #f1dca7;border-radius:6px;padding:8px 12px;font-size:12.5px}
+.kpi{display:inline-block;background:#fff;border:1px solid #dde2e8;border-radius:6px;padding:6px 12px;margin:0 8px 8px 0}
+.kpi b{font-size:18px;display:block}
+"""
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def make_report(cfg: ReportConfig) -> Path:
+    """Write report.html, report.md and the Pareto PNGs into `cfg.out`; returns report.html."""
+    found = load_runs(cfg.runs)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [model_row(m) for rec in found["bench"] for m in rec["models"]]
+    for r in rows:
+        r["tok_s_b1"] = _get(r["tok_s"], "1", "median")
+    plots = [p for p in (plot_front(rows, "tok_s_b1", "tokens/s at batch 1", True, out / "quality_vs_speed.png"),
+                         plot_front(rows, "size_mb", "size on disk (MB)", False, out / "quality_vs_size.png")) if p]
+    mhead, mcells = model_table(rows)
+    shead, scells = stage_table(found["stages"])
+    peers = peer_tables(found["peers"])
+    energy = {json.dumps(m.get("energy_method"), sort_keys=True): m.get("energy_method")
+              for rec in found["bench"] for m in rec["models"] if m.get("energy_method")}
+    notes = [f"{r['model']}: {n}" for r in rows for n in r["notes"]]
+    machines = {json.dumps(rec.get("machine"), sort_keys=True): rec for rec in found["bench"] + [p for _, p in found["peers"]]}
+
+    # markdown
+    md = [f"# {cfg.title}", ""]
+    if rows:
+        md += ["## Models", "", markdown_table(mhead, mcells), ""]
+    if scells:
+        md += ["## Stages", "", markdown_table(shead, scells), ""]
+    for name, head, cells, ratios in peers:
+        md += [f"## Peer: {name}", "", ", ".join(f"{k} = {_fmt(v)}" for k, v in ratios.items()), "",
+               markdown_table(head, cells), ""]
+    for e in energy.values():
+        md += [f"Energy: {e.get('method')}" + (f", {e.get('watts_per_core')} W per busy core ({e.get('source')})"
+                                                if e.get("watts_per_core") else "") + f". {e.get('note', '')}", ""]
+    md += [f"- {n}" for n in notes]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+
+    # html
+    body = [f"<h1>{html.escape(cfg.title)}</h1>"]
+    for rec in machines.values():
+        m = rec.get("machine")
+        if not m:
+            continue
+        body.append(f'<div class="meta">{html.escape(str(m.get("cpu", "?")))}, {m.get("cores", "?")} cores, '
+                    f'torch {html.escape(str(m.get("torch", "?")))} | created {html.escape(str(rec.get("created", "?")))}'
+                    f' | git {html.escape(str(rec.get("git_sha") or "?")[:10])} | <code>{html.escape(str(rec.get("command")))}</code></div>')
+    if plots:
+        body.append("<h2>Quality against speed and size</h2><div class='plots'>"
+                    + "".join(f"<figure>{_img(p)}</figure>" for p in plots) + "</div>")
+    if rows:
+        body.append("<h2>Every model</h2>" + html_table(mhead, mcells))
+        body.append('<p class="meta">Timings: median of repeats [min-max]; TTFT = time to first token; ITL = '
+                    "gap between streamed tokens at batch 1 (median, p90); tok/s end to end, prefill included.</p>")
+    if scells:
+        body.append("<h2>Stages</h2>" + html_table(shead, scells))
+    for name, head, cells, ratios in peers:
+        kpis = "".join(f'<span class="kpi"><b>{html.escape(_fmt(v))}</b>{html.escape(k)}</span>' for k, v in ratios.items())
+        body.append(f"<h2>Peer: {html.escape(name)}</h2><div>{kpis}</div>" + html_table(head, cells))
+    if energy:
+        body.append("<h2>Energy</h2>")
+    for e in energy.values():
+        text = f"Energy method: {e.get('method')}. {str(e.get('note', '')).rstrip('.')}."
+        if e.get("watts_per_core"):
+            text += f" Assumed {e['watts_per_core']} W per busy core: {e.get('source')}."
+        body.append(f'<p class="note">{html.escape(text)}</p>')
+    if notes:
+        body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(cfg.title)}</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
+            f'<body><main>{"".join(body)}</main></body></html>\n')
+    path = out / "report.html"
+    path.write_text(page)
+    return path

@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from lilliput.compress.recipe import EvalSpec, ShrinkJob, build_config, load_recipe, model_bytes, run_shrink
+from lilliput.core.checkpoint import load_model, save_checkpoint
+
+TINY_RECIPE = """
+name = "tiny"
+[eval]
+passages = 3
+window = 64
+tasks = []
+limit = 1
+decode_tokens = 4
+[[stages]]
+kind = "prune"
+method = "magnitude"
+sparsity = 0.5
+[[stages]]
+kind = "quantize"
+method = "rtn"
+bits = 8
+"""
+
+
+def test_recipe_parses_and_rejects_unknown_fields(tmp_path):
+    good = tmp_path / "r.toml"
+    good.write_text(TINY_RECIPE)
+    r = load_recipe(good)
+    assert r.name == "tiny" and len(r.stages) == 2 and r.eval.window == 64 and r.eval.tasks == ()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY_RECIPE.replace("[[stages]]\nkind = \"prune\"", "[[stages]]\nkind = \"frobnicate\"", 1))
+    with pytest.raises(ValueError, match="frobnicate"):
+        load_recipe(bad)
+    with pytest.raises(ValueError, match="unknown field"):
+        build_config(EvalSpec, {"passages": 1, "bogus": 2}, "eval")
+    (tmp_path / "broken.toml").write_text("name = ")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_recipe(tmp_path / "broken.toml")
+
+
+def test_model_bytes_counts_tied_weights_once(tiny_model):
+    expected = sum(p.numel() * 4 for p in tiny_model.parameters())  # parameters() yields the tied one once
+    assert model_bytes(tiny_model) == expected
+
+
+def test_shrink_runs_every_stage_and_writes_a_loadable_model(tiny_model, byte_tokenizer, tmp_path):
+    src = save_checkpoint(tiny_model, byte_tokenizer, tmp_path / "src")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(TINY_RECIPE)
+    out = run_shrink(ShrinkJob(model=str(src), recipe=str(recipe), out=str(tmp_path / "out")), log=lambda s: None)
+    run = json.loads((out / "run.json").read_text())
+    assert [r["stage"] for r in run["stages"]] == ["input", "1. prune magnitude", "2. quantize rtn"]
+    assert run["stages"][-1]["bytes"] < run["stages"][0]["bytes"]
+    assert "| stage |" in (out / "README.md").read_text()
+    model, _ = load_model(str(out))
+    assert model_bytes(model) == run["stages"][-1]["bytes"]

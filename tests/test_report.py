@@ -1,0 +1,103 @@
+import base64
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from lilliput.eval.report import ReportConfig, make_report, markdown_table, pareto_front
+
+
+def spread(median, lo=None, hi=None):
+    return {"median": median, "p90": hi or median, "min": lo or median, "max": hi or median, "n": 3}
+
+
+def bench_model(label, ppl, size, tok_s, acc=0.5):
+    return {"label": label, "spec": label, "engine": "lilliput", "size_on_disk_bytes": size,
+            "perplexity": {"perplexity": ppl}, "task_accuracy_mean": acc,
+            "memory": {"rss_at_load_bytes": 3 * size, "peak_generation_bytes": 4 * size},
+            "ttft_s": {"64": spread(0.05), "512": spread(0.4)}, "inter_token_latency_s": spread(0.02, 0.01, 0.03),
+            "throughput": {"1": {"tokens_per_s": spread(tok_s, tok_s - 1, tok_s + 1),
+                                 "joules_per_token": spread(0.1)},
+                           "4": {"tokens_per_s": spread(3 * tok_s), "joules_per_token": spread(0.05)}},
+            "energy_method": {"method": "cpu_time_estimate", "watts_per_core": 4.375, "source": "test", "note": "n"},
+            "notes": ["prompt length 2048 skipped"]}
+
+
+@pytest.fixture
+def runs(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    models = [bench_model("fp32", 20.0, 540_000_000, 40.0), bench_model("int8", 20.3, 140_000_000, 70.0),
+              bench_model("int4", 22.0, 90_000_000, 60.0), bench_model("bad", 30.0, 200_000_000, 30.0)]
+    models.append({"label": "llama.cpp x", "engine": "llama.cpp", "skipped": "llama-cpp-python is not installed"})
+    (bench / "bench.json").write_text(json.dumps({"command": "bench", "created": "now", "machine": {"cpu": "T", "cores": 2},
+                                                  "models": models}))
+    stage = tmp_path / "quantized"
+    stage.mkdir()
+    (stage / "run.json").write_text(json.dumps({"command": "quantize", "metrics": {"ppl_before": 20.0, "ppl_after": 20.3}}))
+    peer = tmp_path / "vs_llamacpp.json"
+    peer.write_text(json.dumps({"int8_vs_q8_0": 0.9, "rows": [{"engine": "llama.cpp", "model": "Q8_0", "decode_tok_s": 80.0}]}))
+    return [str(bench), str(stage), str(peer)]
+
+
+def test_pareto_front_hand_made_points():
+    pts = [(1.0, 10.0), (2.0, 12.0), (3.0, 9.0), (0.5, 9.5), (3.0, 11.0)]
+    # maximize x (speed), minimize y (perplexity): (3, 9) beats (2, 12), (1, 10) and (3, 11)
+    assert pareto_front(pts, maximize_x=True, maximize_y=False) == [2]
+    # minimize both (size, perplexity): (0.5, 9.5) and (3, 9)
+    assert pareto_front(pts, maximize_x=False, maximize_y=False) == [3, 2]
+    # ties are kept, order by x
+    assert pareto_front([(1.0, 1.0), (1.0, 1.0), (0.0, 2.0)], maximize_x=False, maximize_y=False) == [2, 0, 1]
+
+
+def test_markdown_table_escapes_pipes():
+    assert markdown_table(["a", "b"], [["x|y", "1"]]) == "| a | b |\n|---|---|\n| x\\|y | 1 |"
+
+
+def test_report_renders_html_with_images_and_markdown(runs, tmp_path):
+    page = make_report(ReportConfig(runs=tuple(runs), out=str(tmp_path / "report")))
+    text = page.read_text()
+    assert text.count('src="data:image/png;base64,') == 2
+    png = base64.b64decode(text.split('src="data:image/png;base64,')[1].split('"')[0])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "http://" not in text and "https://" not in text.replace("https://mlco2", "")  # nothing to fetch
+    for png_name in ("quality_vs_speed.png", "quality_vs_size.png"):
+        assert (tmp_path / "report" / png_name).stat().st_size > 5000
+    md = (tmp_path / "report" / "report.md").read_text()
+    lines = [l for l in md.splitlines() if l.startswith("| int8 ")]
+    assert len(lines) == 1 and "| 20.3 |" in lines[0] and "70 [69-71]" in lines[0]
+    assert "skipped: llama-cpp-python is not installed" in md
+    assert "ppl_after=20.3" in md and "int8_vs_q8_0 = 0.9" in md
+    assert "| TTFT 512 ms |" in md.splitlines()[4]
+
+
+def test_bad_runs_raise_one_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_report(ReportConfig(runs=(str(tmp_path / "nope"),), out=str(tmp_path / "r")))
+    with pytest.raises(FileNotFoundError, match="no bench.json or run.json"):
+        make_report(ReportConfig(runs=(str(tmp_path),), out=str(tmp_path / "r")))
+    with pytest.raises(ValueError, match="no runs given"):
+        make_report(ReportConfig(runs=(), out=str(tmp_path / "r")))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        make_report(ReportConfig(runs=(str(bad),), out=str(tmp_path / "r")))
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser") or (
+        "/usr/bin/chromium" if shutil.os.path.exists("/usr/bin/chromium") else None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed")
+def test_report_in_headless_chromium(runs, tmp_path):
+    page = make_report(ReportConfig(runs=tuple(runs), out=str(tmp_path / "report")))
+    shot = tmp_path / "shot.png"
+    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,900",
+                    page.resolve().as_uri()], capture_output=True, timeout=60)
+    assert shot.is_file()
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a blank page compresses to ~ 5 kB
