@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
-import math
 import sys
 import time
 from pathlib import Path

@@ -18,20 +18,10 @@ import torch
 from lilliput.core.checkpoint import load_model, to_transformers
 from lilliput.core.record import machine, run_record, write_json
 from lilliput.data.corpus import sample_documents
+from lilliput.eval.efficiency import read_bandwidth_gb_s
 from lilliput.infer.generate import GenerationConfig, generate
 
 OUT = Path(__file__).parent / "results" / "generate_speed.json"
-
-
-def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
-    """Plain memory-read bandwidth: summing a buffer far larger than the caches."""
-    x = torch.ones(int(gib * 2**30) // 4)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t)
-    return x.numel() * 4 / min(times) / 1e9
 
 
 def bytes_per_token(model, prompt_len: int, new: int) -> int:
@@ -92,7 +82,6 @@ def main(argv=None) -> int:
         result[f"bytes_per_token_{name}"] = bytes_per_token(ours, len(prompt), args.new)
         print(f"{name}: lilliput {result[f'lilliput_{name}_tok_s']} tok/s, transformers "
               f"{result[f'transformers_{name}_tok_s']} tok/s, ratio {result[f'ratio_{name}']}", file=sys.stderr)
-        del hf
     model = model.float()
     same = tokens["lilliput_fp32"] == tokens["transformers_fp32"]
     result["greedy_tokens_identical"] = same

@@ -29,6 +29,7 @@ import torch
 
 from lilliput.core.checkpoint import embedded_model_path, load_model
 from lilliput.core.record import machine, run_record, write_json
+from lilliput.eval.efficiency import read_bandwidth_gb_s
 from lilliput.eval.tasks import lambada_passages
 from lilliput.infer import gemv
 from lilliput.infer.generate import GenerationConfig, generate
@@ -71,17 +72,6 @@ def requantize(llama_cpp, src: Path, kind: str, threads: int) -> Path:
         raise RuntimeError(f"llama_model_quantize to {kind} failed (code {rc})")
     os.replace(tmp, dest)
     return dest
-
-
-def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
-    """Plain memory-read bandwidth: summing a buffer far larger than the caches (best of `repeats`)."""
-    x = torch.ones(int(gib * 2**30) // 4)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t)
-    return x.numel() * 4 / min(times) / 1e9
 
 
 def linear_bytes(model) -> int:

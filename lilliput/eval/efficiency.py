@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import glob
 import math
-import os
 import resource
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
+import torch
 
 from lilliput.infer.generate import GenerationConfig, generate
 
@@ -212,3 +213,14 @@ def throughput(model, tokenizer, prompt: list[int], batch: int, new_tokens: int,
         joules.append(m.joules / n)
     return {"batch": batch, "tokens_per_s": spread(rates), "decode_tokens_per_s": spread(decode_rates),
             "joules_per_token": spread(joules)}
+
+
+def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
+    """Plain memory-read bandwidth: summing a buffer far larger than the caches (best of `repeats`)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / min(times) / 1e9
