@@ -165,6 +165,8 @@ def measure(model, tok, spec: EvalSpec) -> dict[str, Any]:
     generate(model, tok, [prompt], cfg)  # warm-up
     speeds = [generate(model, tok, [prompt], cfg)[0].timings["decode_tok_s"] for _ in range(3)]
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    params += sum(m.in_features * m.out_features for m in model.modules()  # packed weights are buffers
+                  if hasattr(m, "kernel_desc") and not isinstance(m, torch.nn.Linear))
     return {"perplexity": round(ppl["perplexity"], 4), "tasks": {k: round(v["acc"], 4) for k, v in tasks.items()},
             "bytes": model_bytes(model), "parameters": params, "decode_tok_s": round(statistics.median(speeds), 2)}
 
