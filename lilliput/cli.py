@@ -125,7 +125,6 @@ def cmd_eval_tasks(ns) -> int:
     from lilliput.eval.tasks import TaskConfig, evaluate_tasks
 
     cfg = config_from_args(TaskConfig, ns)
-    cfg.validate() if hasattr(cfg, "validate") else None
     model, tok = _load(ns)
     result = evaluate_tasks(model, tok, cfg)
     if ns.json:
