@@ -23,6 +23,15 @@ def byte_tokenizer():
     return ByteTokenizer()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: a second OpenMP thread only adds contention on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """The embedded SmolLM2-135M-Instruct (float32, CPU), loaded once per session."""

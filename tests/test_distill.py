@@ -16,13 +16,7 @@ from lilliput.train.logit_cache import CachedBatches, LogitCache, build_logit_ca
 from lilliput.train.losses import forward_kl
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: a second OpenMP thread only adds contention on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 DOCS = [Document(id="t/a", source="t", title="a", text="the cat sat on the mat. " * 40),

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from lilliput.compress.recipe import EvalSpec, ShrinkJob, build_config, load_recipe, model_bytes, run_shrink
+from lilliput.compress.quantize import model_bytes
+from lilliput.compress.recipe import EvalSpec, ShrinkJob, build_config, load_recipe, run_shrink
 from lilliput.core.checkpoint import load_model, save_checkpoint
 
 TINY_RECIPE = """

@@ -12,13 +12,7 @@ from lilliput.core.model import GPT
 from lilliput.train.loop import LanguageModeling, Trainer, TrainConfig, WindowBatches
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: a second OpenMP thread only adds contention on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stream(n=4000, seed=0):

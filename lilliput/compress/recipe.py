@@ -140,18 +140,8 @@ def _quantize(model, tok, teacher, table):
 
 # --- measuring ----------------------------------------------------------------------------------
 
-def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer, shared tensors (tied embeddings) counted once."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        key = (t.data_ptr(), t.numel())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
-
-
 def measure(model, tok, spec: EvalSpec) -> dict[str, Any]:
+    from lilliput.compress.quantize import model_bytes
     from lilliput.eval.perplexity import PerplexityConfig, perplexity
     from lilliput.eval.tasks import TaskConfig, evaluate_tasks, lambada_passages
     from lilliput.infer.generate import GenerationConfig, generate
