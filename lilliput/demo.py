@@ -16,6 +16,7 @@ from lilliput.infer.generate import GenerationConfig, chat, generate
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 QUESTION = "What is the capital of France?"
+PEER = Path(__file__).resolve().parents[1] / "bench" / "results" / "vs_llamacpp.json"
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class DemoConfig:
     """Recipe to run: a .toml file or a shipped name (demo, prune-heal-int8)."""
     max_new_tokens: int = 48
     """Tokens generated per sample."""
+    bench: bool = True
+    """Benchmark the original and the shrunk model side by side (`lilliput bench`, light settings) for the report."""
 
 
 def _samples(model, tok, n: int, label: str) -> None:
@@ -49,8 +52,20 @@ def run_demo(cfg: DemoConfig, load: LoadConfig = LoadConfig()) -> Path:
     shrunk = run_shrink(ShrinkJob(model=load.model, recipe=cfg.recipe, out=str(out / "model")))
     model, tok = load_model(str(shrunk))
     _samples(model, tok, cfg.max_new_tokens, "shrunk")
+    del model
     rows = json.loads((shrunk / "run.json").read_text())["stages"]
-    report = make_report(ReportConfig(runs=(str(shrunk / "run.json"),), out=str(out / "report"),
+    runs = [str(shrunk / "run.json")]
+    if cfg.bench:
+        from lilliput.eval.bench import BenchConfig, run_bench
+
+        print("\nbenchmarking the original and the shrunk model (each in its own process):")
+        run_bench(BenchConfig(models=(load.model, str(shrunk)), out=str(out / "bench"), passages=50, ppl_window=512,
+                              tasks=("piqa",), task_limit=50, prompt_lengths=(64, 512), batch_sizes=(1, 4),
+                              new_tokens=32, repeats=2))
+        runs.insert(0, str(out / "bench"))
+    if PEER.is_file():  # a source checkout: the committed llama.cpp comparison joins the page
+        runs.append(str(PEER))
+    report = make_report(ReportConfig(runs=tuple(runs), out=str(out / "report"),
                                       title="lilliput demo: SmolLM2-135M-Instruct, shrunk"))
     print(f"\n{stage_table(rows)}\n")
     print(f"model:  {shrunk.resolve()}  (try: lilliput generate 'Hello' --model {shrunk})")

