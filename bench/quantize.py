@@ -164,7 +164,6 @@ def smollm2_part(args, groups, calibrated, text, ccfg, log) -> dict:
     from lilliput.compress.calibration import calibration_batches
     from lilliput.compress.quantize import model_bytes
     from lilliput.core.checkpoint import load_model
-    from lilliput.eval.tasks import lambada_passages
 
     model, tok = load_model(None, device="cpu")
     calib = calibration_batches(tok, ccfg)
@@ -182,7 +181,18 @@ def smollm2_part(args, groups, calibrated, text, ccfg, log) -> dict:
         models[name] = m
         log(f"smollm2 {name} ppl {p:.3f} ({p / base:.4f}x)")
 
-    # decode speed: every row in the same interleaved rounds, plus both kernel paths of qgemv.c
+    if args.no_speed:
+        return {"rows": rows}
+    return {"rows": rows, **speed_rows(models, rows, tok, groups, args, log)}
+
+
+def speed_rows(models: dict, rows: dict, tok, groups, args, log) -> dict:
+    """Decode tok/s of every model in the same interleaved rounds, plus both kernel paths of
+    qgemv.c, written into `rows`; a row with no model of its own (GPTQ/AWQ in `--part speed`)
+    takes the timing of the RTN model of its format: same bits, groups and kernel, so the same
+    bytes and work per token."""
+    from lilliput.eval.tasks import lambada_passages
+
     prompt = lambada_passages(1)[0][:200]
     timed = {k: (m, "auto") for k, m in models.items()}
     for variant in ("widen", "dot"):
@@ -193,10 +203,33 @@ def smollm2_part(args, groups, calibrated, text, ccfg, log) -> dict:
     variants = {}
     for name, r in runs.items():
         med = statistics.median(r)
-        target = rows.get(name) if name in rows else variants.setdefault(name, {})
+        target = rows.setdefault(name, {}) if "[" not in name else variants.setdefault(name, {})
         target.update(tok_s=med, tok_s_runs=r, speedup_vs_fp32=med / fp32_tok_s)
         log(f"decode {name}: {med:.1f} tok/s ({med / fp32_tok_s:.2f}x)")
-    return {"rows": rows, "kernel_variants": variants, "fp32_tok_s": fp32_tok_s}
+    for name, row in rows.items():
+        rtn = name.rsplit("_", 1)[0] + "_rtn"
+        if "tok_s" not in row and rtn in runs:
+            row.update({k: rows[rtn][k] for k in ("tok_s", "tok_s_runs", "speedup_vs_fp32")}, tok_s_from=rtn)
+    return {"kernel_variants": variants, "fp32_tok_s": fp32_tok_s}
+
+
+def speed_part(args, groups, prev: dict, log) -> dict:
+    """Re-time decode for a smollm2 section measured before (`--part speed`, on a quiet machine)."""
+    import copy
+
+    from lilliput.compress.quantize import RTNConfig, quantize_
+    from lilliput.core.checkpoint import load_model
+
+    model, tok = load_model(None, device="cpu")
+    models = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16),
+              "int8": quantize_(copy.deepcopy(model), RTNConfig(bits=8))}
+    for g in groups:
+        models[f"int4_g{g}_rtn"] = quantize_(copy.deepcopy(model), RTNConfig(bits=4, group_size=g))
+    rows = copy.deepcopy(prev["rows"])
+    for row in rows.values():
+        for k in ("tok_s", "tok_s_runs", "speedup_vs_fp32", "tok_s_from"):
+            row.pop(k, None)
+    return {**prev, "rows": rows, **speed_rows(models, rows, tok, groups, args, log)}
 
 
 def summary(sm: dict, st: dict | None, g: int) -> dict:
@@ -229,8 +262,10 @@ def main(argv=None) -> int:
     ap.add_argument("--train-minutes", type=float, default=10.0)
     ap.add_argument("--resume", action="store_true", help="continue training the existing student")
     ap.add_argument("--student", default=str(STUDENT), help="a float32 lilliput checkpoint (trained if missing)")
-    ap.add_argument("--part", choices=("all", "smollm2", "student", "merge"), default="all",
-                    help="run one part (it updates its section of --out), or merge --from's sections into --out")
+    ap.add_argument("--part", choices=("all", "smollm2", "student", "speed", "merge"), default="all",
+                    help="run one part (it updates its section of --out; speed re-times the smollm2 section's "
+                         "decode), or merge --from's sections into --out")
+    ap.add_argument("--no-speed", action="store_true", help="smollm2 part without decode timing (add it with --part speed)")
     ap.add_argument("--from", dest="merge_from", help="with --part merge: a JSON written by another part")
     ap.add_argument("--passages", type=int, default=60, help="LAMBADA passages of held-out text")
     ap.add_argument("--window", type=int, default=1024)
@@ -274,7 +309,10 @@ def main(argv=None) -> int:
         parts["student"] = {**student_part(args, groups, calibrated, text, ccfg, log), "settings": settings}
     if args.part in ("all", "smollm2"):
         parts["smollm2"] = {**smollm2_part(args, groups, calibrated, text, ccfg, log), "settings": settings}
-    fields = summary(parts["smollm2"], parts["student"], groups[-1]) if parts["smollm2"] else {}
+    if args.part == "speed":
+        parts["smollm2"] = speed_part(args, groups, parts["smollm2"], log)
+    timed = parts["smollm2"] and "fp32_tok_s" in parts["smollm2"]
+    fields = summary(parts["smollm2"], parts["student"], groups[-1]) if timed else {}
     record = run_record("bench/quantize.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                         **fields, smollm2=parts["smollm2"], student=parts["student"],
                         seconds=round(time.perf_counter() - t_start, 1))
@@ -283,7 +321,7 @@ def main(argv=None) -> int:
         for k in ("smollm2", "student"):
             if record.get(k) is None and latest.get(k):
                 record[k] = latest[k]
-        if record.get("smollm2"):
+        if record.get("smollm2") and "fp32_tok_s" in record["smollm2"]:
             record.update(summary(record["smollm2"], record.get("student"), groups[-1]))
     write_json(out, record)
     log(f"wrote {out}")

@@ -138,7 +138,7 @@ def _kept(full: torch.Tensor, part: torch.Tensor) -> list[int]:
 
 def test_removing_heads_equals_zeroing_them(gqa_model, batches):
     c = gqa_model.config
-    pruned = structured_prune(gqa_model, StructuredConfig(n_heads=3), batches=batches)  # 1 of 2 per group
+    pruned = structured_prune(gqa_model, StructuredConfig(n_heads=3, refit=False), batches=batches)  # 1 of 2 per group
     assert (pruned.config.n_heads, pruned.config.n_kv_heads, pruned.config.head_dim) == (3, 3, 8)
     masked = _copy(gqa_model)
     for i in range(c.n_layers):
@@ -150,7 +150,7 @@ def test_removing_heads_equals_zeroing_them(gqa_model, batches):
 
 
 def test_removing_kv_groups_equals_zeroing_them(gqa_model, batches):
-    pruned = structured_prune(gqa_model, StructuredConfig(n_kv_heads=2), batches=batches)
+    pruned = structured_prune(gqa_model, StructuredConfig(n_kv_heads=2, refit=False), batches=batches)
     assert (pruned.config.n_heads, pruned.config.n_kv_heads) == (4, 2)
     c, masked = gqa_model.config, _copy(gqa_model)
     for i in range(c.n_layers):
@@ -162,7 +162,7 @@ def test_removing_kv_groups_equals_zeroing_them(gqa_model, batches):
 
 
 def test_removing_channels_and_layers_equals_masking(gqa_model, batches):
-    pruned = structured_prune(gqa_model, StructuredConfig(ffn_dim=40, n_layers=2), batches=batches)
+    pruned = structured_prune(gqa_model, StructuredConfig(ffn_dim=40, n_layers=2, refit=False), batches=batches)
     assert (pruned.config.ffn_dim, pruned.config.n_layers) == (40, 2)
     masked = _copy(gqa_model)
     kept_layers = [next(i for i in range(3) if torch.equal(gqa_model.layers[i].attn_norm.weight, blk.attn_norm.weight)
@@ -177,7 +177,7 @@ def test_removing_channels_and_layers_equals_masking(gqa_model, batches):
 
 
 def test_removing_width_equals_zeroing_channels(gqa_model, batches):
-    pruned = structured_prune(gqa_model, StructuredConfig(dim=40), batches=batches)
+    pruned = structured_prune(gqa_model, StructuredConfig(dim=40, refit=False), batches=batches)
     assert pruned.config.dim == 40 and pruned.config.head_dim == 8
     masked = _copy(gqa_model)
     emb = gqa_model.tok_emb.weight
@@ -192,7 +192,7 @@ def test_removing_width_equals_zeroing_channels(gqa_model, batches):
 
 def test_refit_reduces_error(gqa_model, batches):
     ref = gqa_model(batches)
-    plain = structured_prune(gqa_model, StructuredConfig(ffn_dim=24, n_heads=3), batches=batches)
+    plain = structured_prune(gqa_model, StructuredConfig(ffn_dim=24, n_heads=3, refit=False), batches=batches)
     refit = structured_prune(gqa_model, StructuredConfig(ffn_dim=24, n_heads=3, refit=True), batches=batches)
     err = lambda m: (m(batches) - ref).pow(2).mean().item()  # noqa: E731
     assert err(refit) < err(plain)

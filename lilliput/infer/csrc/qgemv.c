@@ -199,6 +199,16 @@ static void int4_widen_rows(const float *unused, const void *ctx, void *yv, int 
     }
 }
 
+#if QG_AVX2
+/* one block of 32 int4 codes times 32 int8 x values: 8 int32 partial sums as fp32 */
+static inline __m256 dot32(const uint8_t *wb, __m256i xv) {
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(unpack32(wb), xv), _mm256_set1_epi16(1)));
+}
+#endif
+
+/* Rows n0..n1 of the int4 product. Per group: the blocks' integer dot products scaled by x's
+ * block scale, then the group's weight scale once, minus zero * (sum of x over the group).
+ * AVX2 takes two rows at a time so each block of x is loaded once for both. */
 static void int4_dot_rows(const float *unused, const void *ctx, void *yv, int ydt, int64_t N,
                           int64_t K, int64_t n0, int64_t n1) {
     (void)unused, (void)ydt, (void)N;
@@ -209,36 +219,33 @@ static void int4_dot_rows(const float *unused, const void *ctx, void *yv, int yd
     const int8_t *xq = c->xq;
     const float *xd = c->xd, *xs = c->xs;
     float *y = yv;
-    for (int64_t n = n0; n < n1; n++) {
+    int64_t n = n0;
+#if QG_AVX2
+    for (; n + 2 <= n1; n += 2) {
+        const uint8_t *w0 = w + n * (K / 2), *w1 = w0 + K / 2;
+        float corr0 = 0.0f, corr1 = 0.0f;
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+        for (int64_t j = 0; j < ng; j++) {
+            const float sc0 = half_to_float(scale[n * ng + j]), sc1 = half_to_float(scale[(n + 1) * ng + j]);
+            corr0 += sc0 * (float)zero[n * ng + j] * xs[j];
+            corr1 += sc1 * (float)zero[(n + 1) * ng + j] * xs[j];
+            __m256 g0 = _mm256_setzero_ps(), g1 = g0;
+            for (int64_t b = j * bpg; b < (j + 1) * bpg; b++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QB));
+                const __m256 xb = _mm256_broadcast_ss(xd + b);
+                g0 = _mm256_fmadd_ps(dot32(w0 + b * QB / 2, xv), xb, g0);
+                g1 = _mm256_fmadd_ps(dot32(w1 + b * QB / 2, xv), xb, g1);
+            }
+            acc0 = _mm256_fmadd_ps(g0, _mm256_set1_ps(sc0), acc0);
+            acc1 = _mm256_fmadd_ps(g1, _mm256_set1_ps(sc1), acc1);
+        }
+        y[n] = hsum8(acc0) - corr0;
+        y[n + 1] = hsum8(acc1) - corr1;
+    }
+#endif
+    for (; n < n1; n++) {
         const uint8_t *wr = w + n * (K / 2);
         float corr = 0.0f, s = 0.0f;
-#if QG_AVX2
-        /* per group: blocks' integer dot products scaled by x's block scale, then the group's
-         * weight scale once; two accumulators hide the FMA latency */
-        const __m256i ones = _mm256_set1_epi16(1);
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t j = 0; j < ng; j++) {
-            const float sc = half_to_float(scale[n * ng + j]);
-            corr += sc * (float)zero[n * ng + j] * xs[j];
-            __m256 g0 = _mm256_setzero_ps(), g1 = g0;
-            int64_t b = j * bpg;
-            for (; b + 2 <= (j + 1) * bpg; b += 2) {
-                __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(unpack32(wr + b * QB / 2),
-                                               _mm256_loadu_si256((const __m256i *)(xq + b * QB))), ones);
-                __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(unpack32(wr + b * QB / 2 + QB / 2),
-                                               _mm256_loadu_si256((const __m256i *)(xq + b * QB + QB))), ones);
-                g0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(xd + b), g0);
-                g1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(xd + b + 1), g1);
-            }
-            if (b < (j + 1) * bpg) { /* group 32: one block */
-                __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(unpack32(wr + b * QB / 2),
-                                               _mm256_loadu_si256((const __m256i *)(xq + b * QB))), ones);
-                g0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(xd + b), g0);
-            }
-            acc = _mm256_fmadd_ps(_mm256_add_ps(g0, g1), _mm256_set1_ps(sc), acc);
-        }
-        s = hsum8(acc);
-#else
         for (int64_t j = 0; j < ng; j++) {
             const float sc = half_to_float(scale[n * ng + j]);
             corr += sc * (float)zero[n * ng + j] * xs[j];
@@ -251,7 +258,6 @@ static void int4_dot_rows(const float *unused, const void *ctx, void *yv, int yd
                 s += (float)dot * sc * xd[b];
             }
         }
-#endif
         y[n] = s - corr;
     }
 }
