@@ -101,3 +101,16 @@ def test_report_in_headless_chromium(runs, tmp_path):
     assert shot.is_file()
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a blank page compresses to ~ 5 kB
+
+
+def test_shrink_run_renders_one_row_per_stage():
+    from lilliput.eval.report import stage_table
+
+    stages = [{"stage": "input", "perplexity": 40.0, "tasks": {"piqa": 0.7}, "bytes": 2**21, "parameters": 2e6,
+               "decode_tok_s": 10.0},
+              {"stage": "1. quantize rtn", "perplexity": 41.0, "tasks": {"piqa": 0.68}, "bytes": 2**20,
+               "parameters": 2e6, "decode_tok_s": 25.0}]
+    head, cells = stage_table([("model", {"recipe": {"name": "int8"}, "stages": stages})])
+    assert head[:3] == ["run", "stage", "perplexity"] and len(cells) == 2
+    assert cells[1][:2] == ["int8", "1. quantize rtn"]
+    assert "(2.50x)" in cells[1][-1] and "(0.50x)" in cells[1][head.index("size MiB")]

@@ -149,12 +149,35 @@ def _scalars(d: dict, prefix: str = "", depth: int = 2) -> dict[str, Any]:
 
 
 def stage_table(stages: list[tuple[str, dict]]) -> tuple[list[str], list[list[str]]]:
+    """One row per stage of a `lilliput shrink` run.json (its "stages" list), else one row per record."""
+    if stages and all(isinstance(rec.get("stages"), list) for _, rec in stages):
+        return shrink_stage_table(stages)
     head = ["stage", "command", "metrics"]
     cells = []
     for name, rec in stages:
         metrics = _scalars(rec.get("metrics") or {k: v for k, v in rec.items()
                                                    if k not in ("machine", "command", "created", "git_sha", "lilliput")})
         cells.append([name, str(rec.get("command", "-")), ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())])
+    return head, cells
+
+
+def shrink_stage_table(runs: list[tuple[str, dict]]) -> tuple[list[str], list[list[str]]]:
+    """Stages of shrink runs: perplexity, task accuracy, size, parameters and decode speed, each
+    with its ratio to the run's input."""
+    tasks = sorted({t for _, rec in runs for st in rec["stages"] for t in st.get("tasks", {})})
+    head = ["run", "stage", "perplexity", *(f"{t} acc" for t in tasks), "size MiB", "parameters", "decode tok/s"]
+    cells = []
+    for name, rec in runs:
+        recipe = rec.get("recipe")
+        name = recipe.get("name", name) if isinstance(recipe, dict) else name
+        base = rec["stages"][0]
+        for st in rec["stages"]:
+            def rel(key: str, scale: float = 1.0) -> str:
+                v, b0 = st.get(key), base.get(key)
+                return "-" if v is None else f"{v / scale:,.1f}" + (f" ({v / b0:.2f}x)" if b0 else "")
+            cells.append([name, str(st.get("stage")), rel("perplexity"),
+                          *(_fmt(st.get("tasks", {}).get(t)) for t in tasks), rel("bytes", 2**20),
+                          f"{st['parameters'] / 1e6:.1f}M" if st.get("parameters") else "-", rel("decode_tok_s")])
     return head, cells
 
 
