@@ -57,7 +57,8 @@ def heal(student, teacher, stream: torch.Tensor, tokens: int, minutes: float, se
     t0, seen, losses = time.perf_counter(), 0, []
     for step in range(steps):
         # short warm-up, then cosine to 10% over the token budget or the wall-clock cap, whichever ends first
-        done = min(1.0, max(step / steps, (time.perf_counter() - t0) / (60 * minutes)))
+        elapsed = (time.perf_counter() - t0) / (60 * minutes) if minutes > 0 else 0.0
+        done = min(1.0, max(step / steps, elapsed))
         scale = min(1.0, (step + 1) / warmup) * max(0.1, 0.5 * (1 + math.cos(math.pi * done)))
         for group in opt.param_groups:
             group["lr"] = lr * scale
@@ -107,8 +108,10 @@ def parse_shape(text: str) -> dict[str, int]:
 
 
 def speed_fields(teacher, student, tok, docs, repeats: int) -> dict:
-    """Decode speed of the dense and the pruned model on this machine's CPU (float32, batch 1)."""
-    teacher, student = teacher.to("cpu", torch.float32), student.to("cpu", torch.float32)
+    """Decode speed of the dense and the pruned model on this machine's CPU (float32, batch 1); models
+    on another device are copied, so the caller's stay where they are."""
+    on_cpu = lambda m: m if m.lm_head.weight.device.type == "cpu" else copy.deepcopy(m).to("cpu")  # noqa: E731
+    teacher, student = on_cpu(teacher), on_cpu(student)
     speed = decode_speed({"dense": teacher, "pruned": student}, tok, tok.encode(docs[0].text)[:64], repeats)
     return {"decode_tok_s": {"dense": round(speed["dense"], 2), "pruned": round(speed["pruned"], 2),
                              "dense_runs": [round(v, 2) for v in speed["dense_all"]],
@@ -161,7 +164,7 @@ def speed_into(args, path: Path) -> None:
     the same shape pruned here (weights do not change decode time), dense vs pruned, same run."""
     record = json.loads(path.read_text())
     sh = record["structured_healed"]
-    teacher, tok = load_model(None, device=args.device)
+    teacher, tok = load_model(None, device="cpu")
     docs = default_documents()
     calib = random_windows(token_stream(tok, docs[:3]), args.calib_samples, args.calib_len, seed=0)
     student = structured_prune(teacher, StructuredConfig(**sh["shape"], refit=False), batches=calib)
