@@ -37,8 +37,9 @@ from lilliput.core.config import preset
 from lilliput.core.model import GPT
 from lilliput.core.record import machine, run_record, write_json
 from lilliput.data.corpus import Document
+from lilliput.eval.perplexity import heldout_perplexity
 from lilliput.train.data import default_documents, random_windows, token_stream
-from lilliput.train.distill import DistillConfig, Distillation, held_out_perplexity, init_embedding_from_teacher_
+from lilliput.train.distill import DistillConfig, Distillation, init_embedding_from_teacher_
 from lilliput.train.logit_cache import CachedBatches, build_logit_cache
 from lilliput.train.loop import Trainer
 
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                               meta={"teacher": "SmolLM2-135M-Instruct"})
     cache_s = time.perf_counter() - t0
 
-    ppl_teacher = held_out_perplexity(teacher, tok, args.eval_passages, 256, text=heldout)
-    ppl_init = held_out_perplexity(student0, tok, args.eval_passages, 256, text=heldout)
+    ppl_teacher = heldout_perplexity(teacher, tok, passages=args.eval_passages, window=256, text=heldout)
+    ppl_init = heldout_perplexity(student0, tok, passages=args.eval_passages, window=256, text=heldout)
     rows, best = [], None
     for name in ("ce", "fkl", "rkl", "jsd", "tvd"):
         cfg = DistillConfig(loss=name if name != "ce" else "fkl", alpha=0.0 if name == "ce" else 1.0,
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(Distillation(student, teacher, cfg), CachedBatches(cache, B, seed=0), cfg.train_config())
         summary = trainer.fit()
         (work / name / "trainer_state.pt").unlink(missing_ok=True)  # 240 MB of optimizer state: not needed
-        ppl = held_out_perplexity(student.eval(), tok, args.eval_passages, 256, text=heldout)
+        ppl = heldout_perplexity(student.eval(), tok, passages=args.eval_passages, window=256, text=heldout)
         row = {"run": name, "loss": name, "alpha": cfg.alpha, "heldout_ppl": round(ppl, 3),
                "steps": summary["steps"], "tokens": summary["tokens"], "train_seconds": summary["seconds"],
                "tokens_per_second": summary["tokens_per_second"],

@@ -31,11 +31,12 @@ import torch.nn.functional as F
 
 from lilliput.compress.calibration import CalibrationConfig
 from lilliput.compress.prune import (
-    MagnitudeConfig, SparseGPTConfig, WandaConfig, block_linears, heldout_perplexity, prune_,
+    MagnitudeConfig, SparseGPTConfig, WandaConfig, block_linears, prune_,
 )
 from lilliput.compress.structured import StructuredConfig, param_count, structured_prune
 from lilliput.core.checkpoint import load_model, save_checkpoint
 from lilliput.core.record import machine, run_record, write_json
+from lilliput.eval.perplexity import heldout_perplexity
 from lilliput.infer.generate import GenerationConfig, generate
 from lilliput.train.data import default_documents, random_windows, split_stream, token_stream
 
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
     stream = token_stream(tok, docs)  # tokenized once: calibration_batches is random_windows of this stream
     calib = random_windows(stream, args.calib_samples, args.calib_len, seed=0)
     heldout = Path(args.heldout).read_text() if args.heldout else None
-    ppl = lambda m: heldout_perplexity(m, tok, args.eval_tokens, text=heldout)  # noqa: E731
+    ppl = lambda m: heldout_perplexity(m, tok, tokens=args.eval_tokens, text=heldout)  # noqa: E731
     base = ppl(teacher)
     print(f"dense ppl {base:.2f}", flush=True)
     result = {"model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantized to fp32)",

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lilliput.eval.perplexity import PerplexityConfig, _windows, perplexity
+from lilliput.eval.perplexity import PerplexityConfig, _windows, heldout_perplexity, perplexity
 
 TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good "
@@ -140,6 +140,18 @@ def test_batching_and_bigram_closed_form():
 def test_max_tokens_truncates():
     got = perplexity(Bigram(), ByteTokenizer(), TEXT, PerplexityConfig(window=16, max_tokens=40))
     assert (got["tokens"], got["windows"]) == (40 - 3, 3)
+
+
+def test_heldout_perplexity_defaults_to_lambada_and_takes_text():
+    from lilliput.eval.task_sets import lambada_passages
+
+    model, tok = Bigram(), ByteTokenizer()
+    passages = "\n\n".join(lambada_passages(3))
+    want = perplexity(model, tok, passages, PerplexityConfig(window=64, max_tokens=300))["perplexity"]
+    assert heldout_perplexity(model, tok, passages=3, tokens=300, window=512) == pytest.approx(want, rel=1e-6)
+    own = heldout_perplexity(model, tok, text=TEXT, window=32)  # window clipped to max_seq_len 64 anyway
+    assert own == pytest.approx(perplexity(model, tok, TEXT, PerplexityConfig(window=32))["perplexity"], rel=1e-6)
+    assert own != pytest.approx(want, rel=1e-3)
 
 
 @pytest.mark.parametrize(

@@ -251,7 +251,7 @@ def test_run_prune_writes_record(tmp_path, monkeypatch, gqa_model, byte_tokenize
     from lilliput.core import checkpoint
 
     monkeypatch.setattr(checkpoint, "load_model", lambda spec, device=None, dtype=None: (_copy(gqa_model), byte_tokenizer))
-    monkeypatch.setattr(prune_mod, "heldout_perplexity", lambda m, t, n: 2.0 + m.config.ffn_dim)
+    monkeypatch.setattr(prune_mod, "heldout_perplexity", lambda m, t, **kw: 2.0 + m.config.ffn_dim)
     monkeypatch.setattr(prune_mod, "calibration_batches", lambda tok, cfg: torch.randint(0, 256, (4, 16)))
     monkeypatch.setattr("lilliput.compress.structured.calibration_batches", lambda tok, cfg: torch.randint(0, 256, (4, 16)))
     for method in ("wanda", "channels"):

