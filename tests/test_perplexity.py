@@ -149,7 +149,7 @@ def test_heldout_perplexity_defaults_to_lambada_and_takes_text():
     passages = "\n\n".join(lambada_passages(3))
     want = perplexity(model, tok, passages, PerplexityConfig(window=64, max_tokens=300))["perplexity"]
     assert heldout_perplexity(model, tok, passages=3, tokens=300, window=512) == pytest.approx(want, rel=1e-6)
-    own = heldout_perplexity(model, tok, text=TEXT, window=32)  # window clipped to max_seq_len 64 anyway
+    own = heldout_perplexity(model, tok, text=TEXT, window=32)  # given text, every token of it
     assert own == pytest.approx(perplexity(model, tok, TEXT, PerplexityConfig(window=32))["perplexity"], rel=1e-6)
     assert own != pytest.approx(want, rel=1e-3)
 

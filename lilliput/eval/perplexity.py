@@ -134,7 +134,6 @@ def perplexity(model: torch.nn.Module, tokenizer, text: str, cfg: PerplexityConf
     }
 
 
-
 def heldout_perplexity(model, tokenizer, *, passages: int | None = None, tokens: int | None = None,
                        window: int = 512, text: str | None = None, batch_size: int = 8) -> float:
     """Perplexity on LAMBADA passages, lilliput's held-out text (no source shared with the training
