@@ -25,6 +25,16 @@ def git_sha() -> str | None:
     return out.stdout.strip() or None
 
 
+def git_dirty() -> bool | None:
+    """True when the working tree of lilliput's checkout has uncommitted changes (None outside git)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(lilliput.__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -39,7 +49,7 @@ def machine() -> dict[str, Any]:
 
 def run_record(command: str, **fields: Any) -> dict[str, Any]:
     """A record of what produced an artifact: command, lilliput version, git SHA, machine, time."""
-    return {"command": command, "lilliput": lilliput.__version__, "git_sha": git_sha(),
+    return {"command": command, "lilliput": lilliput.__version__, "git_sha": git_sha(), "git_dirty": git_dirty(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), **fields}
 
 

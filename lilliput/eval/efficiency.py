@@ -177,6 +177,20 @@ def repeat(fn: Callable[[], float | None], warmup: int, repeats: int) -> list[fl
     return out
 
 
+def interleave(runs: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> dict[str, dict]:
+    """Measure several things fairly on a machine whose speed drifts: each run once per round, round
+    after round (warm-up rounds discarded). Each run returns its own figure (e.g. tokens/s);
+    the result is `spread` of each run's figures plus the raw values."""
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    values: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            values[name].append(float(fn()))
+    return {name: {**spread(v), "values": v} for name, v in values.items()}
+
+
 def time_to_first_token(model, tokenizer, prompt: list[int], warmup: int, repeats: int) -> list[float]:
     """Seconds from a prompt of token ids to its first generated token (wall time of a 1-token generate)."""
     cfg = GenerationConfig(max_new_tokens=1, ignore_eos=True)
