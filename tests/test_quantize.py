@@ -170,25 +170,20 @@ def test_save_load_generate(tiny_model, byte_tokenizer, tmp_path, cfg):
 @needs_kernel
 @pytest.mark.parametrize("bits", [8, 4])
 def test_fused_step_runs_quantized_layers(tiny_model, bits):
-    from lilliput.core.model import KVCache
-
     q = quantize_(tiny_model, RTNConfig(bits=bits, group_size=32))
     for m in q.modules():
         if isinstance(m, ql.QuantLinear):
             m.kernel_variant = "widen"  # exact: compare against the torch modules tightly
     step = FusedStep.for_model(q)
     assert step is not None
-    c = q.config
     prompt = torch.tensor([[5, 17, 42, 99]])
-    cache_f = KVCache(c, 1, 16, "cpu", torch.float32)
-    cache_t = KVCache(c, 1, 16, "cpu", torch.float32)
+    state_f, state_t = q.new_state(1, 16), q.new_state(1, 16)
     with torch.no_grad():
-        q(prompt, cache_f)
-        q(prompt, cache_t)
-        step.bind(cache_f, 16)
-        for pos, tok in enumerate([7, 8, 9], start=4):
-            fused = step(tok, pos).clone()
-            ref = q(torch.tensor([[tok]]), cache_t, start=pos)[:, -1]
+        q(prompt, state_f)
+        q(prompt, state_t)
+        for tok in [7, 8, 9]:
+            fused = step(state_f, [tok], [0]).clone()
+            ref = q(torch.tensor([[tok]]), state_t)[:, -1]
             torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
 
 

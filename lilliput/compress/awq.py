@@ -68,11 +68,11 @@ def _awq(model, cfg: AWQConfig, calibration: torch.Tensor) -> None:
         m.weight.data = m.weight.data * s  # a fresh tensor: a tied embedding keeps its values
         fold(s)
 
-    def per_block(i: int, block: nn.Module, x: torch.Tensor, rope) -> None:
+    def per_block(i: int, block: nn.Module, x: torch.Tensor) -> None:
         p = f"layers.{i}."
         local = {n[len(p):]: m for n, m in targets.items() if n.startswith(p)}
         feats = {n: _subsample(v, cfg.max_tokens, i) for n, v in
-                 _capture(local, lambda: run_block(block, x, rope, i)).items()}
+                 _capture(local, lambda: run_block(block, x)).items()}
         if "mixer.wqkv" in feats and hasattr(block, "attn_norm"):
             scale_(p + "mixer.wqkv", feats["mixer.wqkv"], lambda s: block.attn_norm.weight.data.div_(s))
         if "ffn.w_gate_up" in feats and hasattr(block, "ffn_norm"):

@@ -151,23 +151,21 @@ class _InputStats:
 def _blockwise(model: GPT, batches: torch.Tensor, batch_size: int, hessian: bool,
                prune_layer: Callable[[nn.Linear, _InputStats], None]) -> None:
     """Prune block by block: capture the linear inputs of block i, prune it, feed its outputs on."""
-    N, T = batches.shape
-    device = batches.device
+    N, device = batches.shape[0], batches.device
     xs = [model.tok_emb(batches[j:j + batch_size]) for j in range(0, N, batch_size)]  # (b, T, C) each
-    rope = model.rotary(torch.arange(T, device=device), T, xs[0].dtype)
     for i, block in enumerate(model.layers):
         linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
         stats = [_InputStats(m.in_features, hessian, device) for m in linears]
         hooks = [m.register_forward_pre_hook(s) for m, s in zip(linears, stats)]
         try:
             for x in xs:
-                block(x, rope, None, i, 0, None)
+                block(x)
         finally:
             for h in hooks:
                 h.remove()
         for m, s in zip(linears, stats):
             prune_layer(m, s)
-        xs = [block(x, rope, None, i, 0, None) for x in xs]  # pruned outputs feed the next block
+        xs = [block(x) for x in xs]  # pruned outputs feed the next block
 
 
 @PRUNERS.register(MagnitudeConfig)

@@ -35,6 +35,9 @@ class ModelConfig:
     """Share the token embedding with the output layer."""
     mixer: str = "attention"
     """Sequence mixer of each block (a key of lilliput.core.model.MIXERS)."""
+    layer_mixers: tuple[str, ...] = ()
+    """Per-layer mixers as a pattern repeated over the layers (e.g. ("mamba", "mamba", "mamba",
+    "attention") for attention every 4th layer); empty means every layer uses `mixer`."""
     ffn: str = "swiglu"
     """Feed-forward of each block (a key of lilliput.core.model.FFNS)."""
     name: str = "custom"
@@ -48,8 +51,14 @@ class ModelConfig:
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         if self.head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must divide dim ({self.dim}) unless head_dim is set")
+        if isinstance(self.layer_mixers, list):
+            object.__setattr__(self, "layer_mixers", tuple(self.layer_mixers))
         if self.hd % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.hd}")
+
+    def mixer_at(self, layer: int) -> str:
+        """The sequence mixer of layer `layer`."""
+        return self.layer_mixers[layer % len(self.layer_mixers)] if self.layer_mixers else self.mixer
 
     @property
     def hd(self) -> int:
@@ -68,11 +77,13 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown model config fields {unknown}; known: {sorted(known)}")
+        if "layer_mixers" in d:  # JSON gives a list
+            d = {**d, "layer_mixers": tuple(d["layer_mixers"])}
         return cls(**d)
 
     def to_hf(self) -> dict[str, Any]:
         """The equivalent Hugging Face LlamaConfig fields (for export and parity tests)."""
-        if self.mixer != "attention" or self.ffn != "swiglu":
+        if self.mixer != "attention" or self.ffn != "swiglu" or set(self.layer_mixers) - {"attention"}:
             raise ValueError(f"only attention+swiglu models map to Llama, not {self.mixer}+{self.ffn}")
         return {
             "architectures": ["LlamaForCausalLM"],
