@@ -172,3 +172,20 @@ def test_fused_batch_matches_torch_path(tiny_model, byte_tokenizer, bits, one_th
     monkeypatch.setattr(FusedStep, "for_model", classmethod(lambda cls, m: None))
     slow = [s.output for s in Engine(model, byte_tokenizer, EngineConfig(max_batch=4)).generate(PROMPTS[:4], cfg)]
     assert fast == slow
+
+
+def test_prefix_cache_reuses_a_shared_prompt_prefix(tiny_model, byte_tokenizer, one_thread):
+    system = "You are a terse assistant. Answer in one word. "
+    cfg = GenerationConfig(max_new_tokens=5, ignore_eos=True)
+    engine = Engine(tiny_model, byte_tokenizer, EngineConfig(max_batch=2))
+    first = engine.generate([system + "Q: sky?"], cfg)[0]
+    assert first.cached_tokens == 0
+    again = engine.add(system + "Q: grass?", cfg)  # the freed row still holds the system prompt
+    running = engine.add(system + "Q: sea?", cfg)  # copies the prefix from the running row
+    engine.run()
+    assert again.cached_tokens == len(system) + 3 and running.cached_tokens >= len(system)
+    for s in (first, again, running):
+        assert s.output == naive_greedy(tiny_model, s.prompt, 5)
+    off = Engine(tiny_model, byte_tokenizer, EngineConfig(max_batch=2, prefix_cache=False))
+    off.generate([system + "x"], cfg)
+    assert off.generate([system + "y"], cfg)[0].cached_tokens == 0

@@ -35,6 +35,12 @@ class EngineConfig:
     """Tokens per row (prompt + output); None means the model's context. Memory grows on demand."""
     prefill_chunk: int = 256
     """Most prompt tokens prefilled per step, bounding how long a long prompt stalls the others."""
+    prefix_cache: bool = True
+    """Reuse cached state for a prompt's prefix (a shared system prompt or few-shot preamble): a new
+    request takes the free row that still holds its longest prefix, or copies the prefix from a
+    running row, and prefills only the rest."""
+    min_prefix: int = 8
+    """Shortest shared prefix worth a row copy (rows that already hold one reuse any length)."""
 
     def __post_init__(self):
         if self.max_batch < 1:
@@ -52,6 +58,7 @@ class Engine:
         self.runner = ModelRunner(model, cfg.max_batch, min(self.max_len, 256))
         self.scheduler = Scheduler(cfg.max_batch, cfg.prefill_chunk)
         self.eos = set(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id} - {None})
+        self.row_tokens: list[list[int]] = [[] for _ in range(cfg.max_batch)]  # what each free row's state holds
 
     @property
     def state(self):
@@ -88,9 +95,8 @@ class Engine:
         """Decode one token for every running sequence, prefill one chunk, admit and retire.
         Returns the sequences that finished in this step."""
         sched, runner = self.scheduler, self.runner
-        finished = sched.retire()  # aborted since the last step
-        for seq in sched.admit():
-            runner.state.free(seq.row)
+        finished = self._retire()  # aborted since the last step
+        sched.admit(self._place)
         decode, chunks = sched.schedule()
         if decode:
             logits = runner.decode([s.tokens[-1] for s in decode], [s.row for s in decode])
@@ -105,7 +111,46 @@ class Engine:
             if last:
                 seq.status = Status.RUNNING
                 self._sample_all([seq], out[None])
-        return finished + sched.retire()
+        return finished + self._retire()
+
+    def _retire(self) -> list[Sequence]:
+        done = self.scheduler.retire()
+        for s in done:  # a freed row keeps its state: the next prompt that starts the same reuses it
+            self.row_tokens[s.row] = s.tokens[:min(s.computed, self.state.lengths[s.row])]
+        return done
+
+    def _place(self, seq: Sequence, free: list[int]) -> int:
+        """The row for a new sequence, and how much of its prompt is already there (prefix cache)."""
+        limit = len(seq.prompt) - 1  # at least one prompt token runs, to give the first logits
+
+        def shared(tokens: list[int]) -> int:
+            n = 0
+            for a, b in zip(tokens, seq.prompt[:limit]):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        best, best_n = min(free, key=lambda r: len(self.row_tokens[r])), 0  # default: the emptiest row
+        if self.cfg.prefix_cache:
+            for r in free:
+                if (n := shared(self.row_tokens[r])) > best_n:
+                    best, best_n = r, n
+            donor, donor_n = None, best_n
+            for other in self.scheduler.running:
+                if other.row is not None and (n := shared(other.tokens[:other.computed])) > max(donor_n, self.cfg.min_prefix - 1):
+                    donor, donor_n = other, n
+            if donor is not None:  # copy the prefix from a running row into the emptiest free row
+                best = min(free, key=lambda r: len(self.row_tokens[r]))
+                self.state.copy(donor.row, best)
+                best_n = donor_n
+        if best_n:
+            self.state.truncate(best, best_n)
+        else:
+            self.state.free(best)
+        seq.computed = seq.cached_tokens = best_n
+        self.row_tokens[best] = []
+        return best
 
     def run(self) -> None:
         """Step until every queued request has finished."""

@@ -1,6 +1,7 @@
 """Which sequences run in each engine step: continuous batching over a fixed pool of rows.
 
-Sequences wait in arrival order; one is admitted as soon as a row is free. Each step decodes one
+Sequences wait in arrival order; one is admitted as soon as a row is free (which row is the
+engine's choice: the one already holding the longest prefix of its prompt). Each step decodes one
 token for every sequence past its prompt, and prefills at most `prefill_chunk` prompt tokens
 (oldest first), so a long prompt delays the running sequences by a bounded time per step.
 """
@@ -8,6 +9,7 @@ token for every sequence past its prompt, and prefills at most `prefill_chunk` p
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 from lilliput.infer.sequence import Sequence, Status
 
@@ -27,12 +29,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def admit(self) -> list[Sequence]:
-        """Give free rows to waiting sequences; returns those admitted (their rows must be reset)."""
+    def admit(self, place: Callable[[Sequence, list[int]], int] | None = None) -> list[Sequence]:
+        """Give free rows to waiting sequences, in arrival order. `place(seq, free_rows)` picks the
+        row (and may set seq.computed to prompt tokens it already holds); default: any free row."""
         admitted = []
         while self.waiting and self.free_rows:
             seq = self.waiting.popleft()
-            seq.row, seq.status, seq.computed = self.free_rows.pop(), Status.PREFILL, 0
+            seq.status, seq.computed = Status.PREFILL, 0
+            seq.row = place(seq, self.free_rows) if place else self.free_rows[-1]
+            self.free_rows.remove(seq.row)
             self.running.append(seq)
             admitted.append(seq)
         return admitted

@@ -106,6 +106,8 @@ class Sequence:
     row: int | None = None
     computed: int = 0
     """Tokens of this sequence already in its row of the decode state."""
+    cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache (not prefilled again)."""
     output: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # "stop" (eos or stop string), "length" or "abort"
