@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -289,13 +290,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    """The first line of an exception's message (torch and safetensors write several)."""
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip()
+    lines = text.splitlines()
+    if not lines:
+        return type(e).__name__
+    return lines[0] + (" (LILLIPUT_DEBUG=1 shows the rest)" if len(lines) > 1 else "")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Expected failures (bad input, missing files, out of memory) are one line on stderr and exit
+    status 2; other exceptions are bugs and keep their traceback. LILLIPUT_DEBUG=1 re-raises all."""
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
-    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"lilliput: error: {msg}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:  # FileNotFoundError is an OSError
+        if os.environ.get("LILLIPUT_DEBUG") == "1":
+            raise
+        print(f"lilliput: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

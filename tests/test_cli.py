@@ -50,6 +50,35 @@ def test_bad_input_is_one_line_and_exit_2(argv, match, capsys, tiny_ckpt):
     assert match in one_line_error(capsys)
 
 
+def fail_loading_with(monkeypatch, error):
+    def load_model(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("lilliput.core.checkpoint.load_model", load_model)
+
+
+def test_runtime_error_is_one_line_and_exit_2(monkeypatch, capsys):
+    monkeypatch.delenv("LILLIPUT_DEBUG", raising=False)
+    fail_loading_with(monkeypatch, RuntimeError("CUDA out of memory. Tried to allocate 2 GiB\nDetails: ..."))
+    assert main(["info"]) == 2
+    assert one_line_error(capsys) == (
+        "lilliput: error: CUDA out of memory. Tried to allocate 2 GiB (LILLIPUT_DEBUG=1 shows the rest)")
+
+
+def test_lilliput_debug_shows_the_traceback(monkeypatch):
+    monkeypatch.setenv("LILLIPUT_DEBUG", "1")
+    fail_loading_with(monkeypatch, RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["info"])
+
+
+def test_programming_errors_keep_their_traceback(monkeypatch):
+    monkeypatch.delenv("LILLIPUT_DEBUG", raising=False)
+    fail_loading_with(monkeypatch, TypeError("a bug, not bad input"))
+    with pytest.raises(TypeError):
+        main(["info"])
+
+
 def test_empty_text_file(tiny_ckpt, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
