@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -65,10 +68,31 @@ def _stream(ns):
     return lambda row, delta: (sys.stdout.write(delta), sys.stdout.flush())
 
 
-def cmd_generate(ns) -> int:
-    from lilliput.infer.generate import GenerationConfig, chat, generate
+# one Python escape: \\ \n \t \r ..., octal, \xhh, \uhhhh, \Uhhhhhhhh, \N{name}; others stay as typed
+_ESCAPE = re.compile(r"\\(?:[\\'\"abfnrtv]|[0-7]{1,3}|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|N\{[^}]+\})")
+
+
+def _unescape(text: str) -> str:
+    """Backslash escapes typed in a flag (`--stop "\\n\\n"`) as the characters they name.
+    Each escape is decoded alone: `unicode_escape` over the whole text would read non-ASCII
+    text as Latin-1 bytes and turn "é" into "Ã©"."""
+    try:
+        return _ESCAPE.sub(lambda m: codecs.decode(m[0], "unicode_escape"), text)
+    except UnicodeDecodeError:  # \N{...} naming no character
+        raise ValueError(f"{text!r}: a \\N{{...}} escape names no Unicode character") from None
+
+
+def _generation_config(ns):
+    from lilliput.infer.generate import GenerationConfig
 
     cfg = config_from_args(GenerationConfig, ns)
+    return dataclasses.replace(cfg, stop=tuple(_unescape(s) for s in cfg.stop))
+
+
+def cmd_generate(ns) -> int:
+    from lilliput.infer.generate import chat, generate
+
+    cfg = _generation_config(ns)
     model, tok = _load(ns)
     on_text = _stream(ns)
     if ns.chat:
@@ -84,9 +108,9 @@ def cmd_generate(ns) -> int:
 
 
 def cmd_chat(ns) -> int:
-    from lilliput.infer.generate import GenerationConfig, chat
+    from lilliput.infer.generate import chat
 
-    cfg = config_from_args(GenerationConfig, ns)
+    cfg = _generation_config(ns)
     model, tok = _load(ns)
     messages = [{"role": "system", "content": ns.system}] if ns.system else []
     interactive = sys.stdin.isatty()

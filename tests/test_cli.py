@@ -79,6 +79,32 @@ def test_programming_errors_keep_their_traceback(monkeypatch):
         main(["info"])
 
 
+@pytest.mark.parametrize("typed,meant", [
+    (r"\n\n", "\n\n"),
+    ("é\\t日本", "é\t日本"),  # non-ASCII text survives (unicode_escape alone gives "Ã©")
+    (r"a\\nb", "a\\nb"),  # an escaped backslash stays one literal backslash
+    (r"\x41\u00e9\N{BULLET}", "Aé•"),
+    (r"50\%", r"50\%"),  # not an escape: kept as typed
+])
+def test_stop_flag_reads_backslash_escapes(typed, meant, tiny_ckpt, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    seen = []
+
+    def generate(model, tokenizer, prompts, cfg, on_text):
+        seen.append(cfg.stop)
+        return [SimpleNamespace(text="", tokens=[], timings={"decode_tok_s": 0.0}, finish_reason="stop")]
+
+    monkeypatch.setattr("lilliput.infer.generate.generate", generate)
+    assert main(["generate", "hi", "--model", tiny_ckpt, "--stop", typed, "--no-stream"]) == 0
+    assert seen == [(meant,)]
+
+
+def test_stop_flag_with_unknown_character_name(tiny_ckpt, capsys):
+    assert main(["generate", "hi", "--model", tiny_ckpt, "--stop", r"\N{NO SUCH THING}"]) == 2
+    assert "names no Unicode character" in one_line_error(capsys)
+
+
 def test_empty_text_file(tiny_ckpt, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
