@@ -151,7 +151,7 @@ def cmd_eval_tasks(ns) -> int:
 
     cfg = config_from_args(TaskConfig, ns)
     model, tok = _load(ns)
-    result = evaluate_tasks(model, tok, cfg)
+    result = evaluate_tasks(model, tok, cfg, log=lambda message: print(message, file=sys.stderr, flush=True))
     if ns.json:
         print(json.dumps(result))
     else:

@@ -105,6 +105,18 @@ def test_stop_flag_with_unknown_character_name(tiny_ckpt, capsys):
     assert "names no Unicode character" in one_line_error(capsys)
 
 
+@pytest.mark.parametrize("limit,hint", [([], True), (["--limit", "2"], False)])
+def test_eval_tasks_says_how_much_it_will_score(limit, hint, tiny_ckpt, monkeypatch, capsys):
+    from lilliput.eval.tasks import TASKS, Task
+    from lilliput.eval.task_sets import Item
+
+    monkeypatch.setitem(TASKS, "toy", Task(lambda n: [Item("Q:", ("yes", "no"), 0)] * (n or 3)))
+    assert main(["eval", "tasks", "--tasks", "toy", "--model", tiny_ckpt, "--batch-size", "1", *limit]) == 0
+    err = capsys.readouterr().err
+    assert ("scoring 2 items (4 requests): toy 2" if limit else "scoring 3 items (6 requests): toy 3") in err
+    assert "to go (" in err and ("--limit N scores only" in err) == hint
+
+
 def test_empty_text_file(tiny_ckpt, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")

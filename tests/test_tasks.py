@@ -191,6 +191,24 @@ def test_lambada_metrics_on_uniform_and_rigged_models():
     assert evaluate_tasks(rigged, ByteTokenizer(), TaskConfig(tasks=("lambada",), limit=1))["lambada"]["acc"] == 1.0
 
 
+def test_counts_and_time_estimate_are_logged_before_and_while_scoring(monkeypatch):
+    # perf_counter at: task start, tokenized (100 s, not counted), then batches of 2 requests
+    ticks = iter([0.0, 100.0, 102.0, 103.0, 104.0, 200.0, 300.0, 301.0, 302.0])
+    monkeypatch.setattr("lilliput.eval.tasks.time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    monkeypatch.setitem(TASKS, "toy", Task(lambda limit: [Item("Q:", ("ab", "cd"), 0)] * 3))
+    monkeypatch.setitem(TASKS, "toy2", Task(lambda limit: [Item("Q:", ("ef", "gh"), 1)] * 2))
+    messages = []
+    evaluate_tasks(Bigram(), ByteTokenizer(), TaskConfig(tasks=("toy", "toy2"), batch_size=2), messages.append)
+    # 10 requests of 5 characters ("Q:" + " ab"); the first 3 batches (all of toy): 30 characters
+    # in 4 s, 20 left
+    assert messages == [
+        "scoring 5 items (10 requests): toy 3, toy2 2",
+        "about 3 s to go (133.33 ms per character over the first 3 batches); "
+        "--limit N scores only the first N items of each task",
+        "toy done; 4 s so far, about 3 s to go",
+    ]
+
+
 def test_limit_is_respected():
     got = evaluate_tasks(Bigram(), ByteTokenizer(), TaskConfig(tasks=("piqa", "winogrande"), limit=2))
     assert (got["piqa"]["n"], got["winogrande"]["n"]) == (2, 2)
