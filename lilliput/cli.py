@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import dataclasses
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -64,10 +68,31 @@ def _stream(ns):
     return lambda row, delta: (sys.stdout.write(delta), sys.stdout.flush())
 
 
-def cmd_generate(ns) -> int:
-    from lilliput.infer.generate import GenerationConfig, chat, generate
+# one Python escape: \\ \n \t \r ..., octal, \xhh, \uhhhh, \Uhhhhhhhh, \N{name}; others stay as typed
+_ESCAPE = re.compile(r"\\(?:[\\'\"abfnrtv]|[0-7]{1,3}|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|N\{[^}]+\})")
+
+
+def _unescape(text: str) -> str:
+    """Backslash escapes typed in a flag (`--stop "\\n\\n"`) as the characters they name.
+    Each escape is decoded alone: `unicode_escape` over the whole text would read non-ASCII
+    text as Latin-1 bytes and turn "é" into "Ã©"."""
+    try:
+        return _ESCAPE.sub(lambda m: codecs.decode(m[0], "unicode_escape"), text)
+    except UnicodeDecodeError:  # \N{...} naming no character
+        raise ValueError(f"{text!r}: a \\N{{...}} escape names no Unicode character") from None
+
+
+def _generation_config(ns):
+    from lilliput.infer.generate import GenerationConfig
 
     cfg = config_from_args(GenerationConfig, ns)
+    return dataclasses.replace(cfg, stop=tuple(_unescape(s) for s in cfg.stop))
+
+
+def cmd_generate(ns) -> int:
+    from lilliput.infer.generate import chat, generate
+
+    cfg = _generation_config(ns)
     model, tok = _load(ns)
     on_text = _stream(ns)
     if ns.chat:
@@ -83,9 +108,9 @@ def cmd_generate(ns) -> int:
 
 
 def cmd_chat(ns) -> int:
-    from lilliput.infer.generate import GenerationConfig, chat
+    from lilliput.infer.generate import chat
 
-    cfg = config_from_args(GenerationConfig, ns)
+    cfg = _generation_config(ns)
     model, tok = _load(ns)
     messages = [{"role": "system", "content": ns.system}] if ns.system else []
     interactive = sys.stdin.isatty()
@@ -126,7 +151,7 @@ def cmd_eval_tasks(ns) -> int:
 
     cfg = config_from_args(TaskConfig, ns)
     model, tok = _load(ns)
-    result = evaluate_tasks(model, tok, cfg)
+    result = evaluate_tasks(model, tok, cfg, log=lambda message: print(message, file=sys.stderr, flush=True))
     if ns.json:
         print(json.dumps(result))
     else:
@@ -289,13 +314,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    """The first line of an exception's message (torch and safetensors write several)."""
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip()
+    lines = text.splitlines()
+    if not lines:
+        return type(e).__name__
+    return lines[0] + (" (LILLIPUT_DEBUG=1 shows the rest)" if len(lines) > 1 else "")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Expected failures (bad input, missing files, out of memory) are one line on stderr and exit
+    status 2; other exceptions are bugs and keep their traceback. LILLIPUT_DEBUG=1 re-raises all."""
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
-    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"lilliput: error: {msg}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:  # FileNotFoundError is an OSError
+        if os.environ.get("LILLIPUT_DEBUG") == "1":
+            raise
+        print(f"lilliput: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import time
 from pathlib import Path
 from dataclasses import dataclass
@@ -44,19 +45,40 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# buffers that older transformers versions saved; lilliput recomputes them from the config
+_HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
 def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face Llama names -> lilliput names, fusing q|k|v and gate|up."""
-    sd = {"tok_emb.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    """Hugging Face Llama names -> lilliput names, fusing q|k|v and gate|up.
+
+    A tensor this mapping does not use (a bias, an unknown module) is refused, not dropped."""
+    used = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise ValueError(f"the Hugging Face weights lack {name}: not a complete Llama checkpoint for its config.json")
+        used.add(name)
+        return hf[name]
+
+    sd = {"tok_emb.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
     if not config.tie_embeddings:
-        sd["lm_head.weight"] = hf["lm_head.weight"]
+        sd["lm_head.weight"] = take("lm_head.weight")
+    else:
+        used.add("lm_head.weight")  # a saved copy of the tied embedding: transformers ignores it too
     for i in range(config.n_layers):
         p = f"model.layers.{i}."
-        sd[f"layers.{i}.attn_norm.weight"] = hf[p + "input_layernorm.weight"]
-        sd[f"layers.{i}.ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
-        sd[f"layers.{i}.mixer.wqkv.weight"] = torch.cat([hf[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-        sd[f"layers.{i}.mixer.wo.weight"] = hf[p + "self_attn.o_proj.weight"]
-        sd[f"layers.{i}.ffn.w_gate_up.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
-        sd[f"layers.{i}.ffn.w_down.weight"] = hf[p + "mlp.down_proj.weight"]
+        sd[f"layers.{i}.attn_norm.weight"] = take(p + "input_layernorm.weight")
+        sd[f"layers.{i}.ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
+        sd[f"layers.{i}.mixer.wqkv.weight"] = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        sd[f"layers.{i}.mixer.wo.weight"] = take(p + "self_attn.o_proj.weight")
+        sd[f"layers.{i}.ffn.w_gate_up.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+        sd[f"layers.{i}.ffn.w_down.weight"] = take(p + "mlp.down_proj.weight")
+    unused = [k for k in hf if k not in used and not k.endswith(_HF_IGNORED_SUFFIXES)]
+    if unused:
+        kinds = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", k) for k in unused))  # one entry per layer pattern
+        raise ValueError(f"the Hugging Face weights hold {len(unused)} tensors lilliput cannot use ({', '.join(kinds)}): "
+                         "only bias-free Llama-style attention and MLPs are supported")
     return sd
 
 
