@@ -89,11 +89,41 @@ def _generation_config(ns):
     return dataclasses.replace(cfg, stop=tuple(_unescape(s) for s in cfg.stop))
 
 
+def _generate_searched(ns, cfg, model, tok) -> int:
+    """--speculate and --best-of: one prompt through an engine, printed at the end."""
+    from lilliput.infer.engine import Engine, EngineConfig
+
+    prompt = tok.apply_chat_template([{"role": "user", "content": ns.prompt}]) if ns.chat else ns.prompt
+    bos = False if ns.chat else None
+    engine = Engine(model, tok, EngineConfig(max_batch=max(1, ns.best_of or 1)))
+    if ns.speculate:
+        from lilliput.infer.speculative import SpeculationConfig, SpeculativeDecoder, make_drafter
+
+        dec = SpeculativeDecoder(engine, make_drafter(ns.speculate, engine), SpeculationConfig(k=ns.k))
+        seq = dec.generate(prompt, cfg, bos=bos)
+        note = ", ".join(f"{k} {v}" for k, v in dec.stats.as_dict().items())
+    else:
+        from lilliput.infer.search import choose, sample_n
+
+        seqs = sample_n(engine, prompt, cfg, ns.best_of, bos=bos)
+        seq = choose(seqs, "vote" if ns.vote else "best_of_n", extract=lambda t: " ".join(t.lower().split()) or None)
+        note = f"best of {len(seqs)} by {'majority vote' if ns.vote else 'mean log-probability'}"
+    print(seq.text)
+    print(f"[{len(seq.output)} tokens, finish: {seq.finish_reason}; {note}]", file=sys.stderr)
+    return 0
+
+
 def cmd_generate(ns) -> int:
     from lilliput.infer.generate import chat, generate
 
     cfg = _generation_config(ns)
+    if ns.best_of is not None and ns.best_of < 1:
+        raise ValueError(f"--best-of must be >= 1, got {ns.best_of}")
+    if ns.speculate and ns.best_of:
+        raise ValueError("--speculate and --best-of do not combine yet: pick one")
     model, tok = _load(ns)
+    if ns.speculate or ns.best_of:
+        return _generate_searched(ns, cfg, model, tok)
     on_text = _stream(ns)
     if ns.chat:
         g = chat(model, tok, [{"role": "user", "content": ns.prompt}], cfg, on_text)
@@ -249,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, GenerationConfig)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
+    p.add_argument("--speculate", metavar="lookup|draft:MODEL", default=None,
+                   help="speculative decoding with prompt lookup or a draft model sharing the tokenizer")
+    p.add_argument("--k", type=int, default=4, help="drafted tokens per verification (the start when adaptive)")
+    p.add_argument("--best-of", type=int, default=None, metavar="N",
+                   help="sample N answers sharing one prefill and print the one with the highest mean log-probability")
+    p.add_argument("--vote", action="store_true", help="with --best-of: the most frequent answer instead")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="talk with the model (one message per line on stdin)")

@@ -169,3 +169,18 @@ def test_data_fetch_reports_sources(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(corpus, "fetch", fake_fetch)
     assert main(["data", "fetch", "--cache-dir", str(tmp_path)]) == 0
     assert "manifest.json" in capsys.readouterr().out
+
+
+def test_generate_speculative_and_best_of(tiny_ckpt, capsys):
+    plain = ["generate", "abc abc abc", "--model", tiny_ckpt, "--max-new-tokens", "12", "--ignore-eos", "--no-stream"]
+    assert main(plain) == 0
+    want = capsys.readouterr().out
+    assert main(plain + ["--speculate", "lookup", "--k", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == want and "verifications" in out.err  # greedy speculation: the same text
+    assert main(plain + ["--speculate", f"draft:{tiny_ckpt}"]) == 0
+    assert capsys.readouterr().out == want
+    assert main(plain + ["--best-of", "3", "--vote", "--temperature", "1.0", "--seed", "2"]) == 0
+    assert "best of 3 by majority vote" in capsys.readouterr().err
+    assert main(plain + ["--best-of", "0"]) == 2
+    assert "--best-of must be >= 1" in capsys.readouterr().err

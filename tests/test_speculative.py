@@ -99,3 +99,25 @@ def test_bad_configs_and_busy_engine(tiny_model, byte_tokenizer):
     from lilliput.core.model import GPT
     with pytest.raises(ValueError, match="vocabulary"):
         DraftModel(GPT(preset("tiny").replace(vocab_size=300)), engine)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_speculation_is_token_identical(smollm):
+    """The real model, prompts of several kinds, both drafters: the target's own greedy tokens."""
+    import copy
+
+    from lilliput.compress.quantize import RTNConfig, quantize_
+
+    model, tok = smollm
+    prompts = [tok.apply_chat_template([{"role": "user", "content": "Give me three tips for sleeping well."}]),
+               "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+               "Text: The river Thames flows through London and into the North Sea.\n"
+               "Rewrite the text in the past tense: The river Thames"]
+    cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True)
+    plain = [Engine(model, tok).generate([p], cfg, bos=False)[0].output for p in prompts]
+    engine = Engine(model, tok)
+    draft = quantize_(copy.deepcopy(model), RTNConfig(bits=4, group_size=64))
+    for drafter in (PromptLookup(), DraftModel(draft, engine)):
+        dec = SpeculativeDecoder(engine, drafter, SpeculationConfig(k=4, adaptive=False))
+        assert [dec.generate(p, cfg, bos=False).output for p in prompts] == plain
+        assert dec.stats.accepted > 0

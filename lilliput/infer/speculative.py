@@ -127,6 +127,18 @@ class DraftModel(Drafter):
         self.known.pop(seq.row, None)
 
 
+def make_drafter(spec: str, engine: Engine) -> Drafter:
+    """`lookup`, or `draft:MODEL` (a .gguf file or model folder with the target's tokenizer)."""
+    if spec == "lookup":
+        return PromptLookup()
+    if spec.startswith("draft:") and len(spec) > 6:
+        from lilliput.core.checkpoint import load_model
+
+        model, _ = load_model(spec[6:], device=engine.runner.device)
+        return DraftModel(model, engine)
+    raise ValueError(f"--speculate takes lookup or draft:MODEL, got {spec!r}")
+
+
 @dataclass(frozen=True)
 class SpeculationConfig:
     k: int = 4
