@@ -114,7 +114,8 @@ def quantized_rows(base, calib, groups, calibrated_groups, log) -> dict:
     """{row name: (model, info)}: int8 RTN, int4 RTN per group, GPTQ and AWQ per calibrated group."""
     import copy
 
-    from lilliput.compress.quantize import AWQConfig, GPTQConfig, RTNConfig, quantization_section, quantize_
+    from lilliput.compress.quantize import AWQConfig, GPTQConfig, RTNConfig, quantize_
+    from lilliput.core.checkpoint import quantization_section
 
     plans = {"int8": RTNConfig(bits=8)}
     for g in groups:

@@ -5,7 +5,7 @@ Each method is a frozen config registered on its type in `QUANTIZERS` (torchao's
 bits=8 is symmetric per output channel; bits=4 is asymmetric per group of 32/64/128 columns.
 Where the requested group does not divide a layer's width (SmolLM2's 576 is not a multiple of
 128), that layer uses the largest of 128/64/32 below it that does, and the group actually used
-is recorded per layer (`quantization_section`, config.json); no layer is ever skipped silently.
+is recorded per layer (config.json's quantization.layers); no layer is ever skipped silently.
 
 The output layer is quantized too by default (`lm_head=True`): for SmolLM2 it is a fifth of
 the weights read per decoded token. A tied embedding stays float for the lookup; the output
@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 
 from lilliput.compress.calibration import CalibrationConfig, calibration_batches
-from lilliput.compress.qlinear import (GROUP_SIZES, Int4Linear, Int8Linear, QuantLinear, expand, from_spec,
-                                       int4_params, int8_scale, quantize_int4, quantize_int8)
+from lilliput.compress.qlinear import (GROUP_SIZES, Int4Linear, Int8Linear, QuantLinear, expand, int4_params, int8_scale, quantize_int4, quantize_int8)
+from lilliput.core.layers import set_layer
 from lilliput.core.registry import Registry
 
 QUANTIZERS: Registry[Callable] = Registry("quantization config")
@@ -183,11 +183,6 @@ def target_linears(model: nn.Module, lm_head: bool) -> list[tuple[str, nn.Linear
     return out
 
 
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
 def layer_bits(cfg, name: str) -> int:
     """The bits layer `name` gets under cfg (the output layer may differ)."""
     return cfg.lm_head_bits if name == "lm_head" and cfg.lm_head_bits else cfg.bits
@@ -204,7 +199,7 @@ def grid_for(name: str, w: torch.Tensor, bits: int, group_size: int) -> Grid:
 def _rtn(model: nn.Module, cfg: RTNConfig, calibration: torch.Tensor | None) -> None:
     for name, m in target_linears(model, cfg.lm_head):
         w = m.weight.detach().float()
-        set_module(model, name, grid_for(name, w, layer_bits(cfg, name), cfg.group_size).module(w))
+        set_layer(model, name, grid_for(name, w, layer_bits(cfg, name), cfg.group_size).module(w))
 
 
 # --- the entry point -----------------------------------------------------------------------------------
@@ -236,34 +231,6 @@ def quantize_(model: nn.Module, cfg, tokenizer=None, calibration: torch.Tensor |
 
 def _cfg_dict(cfg) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-# --- checkpoints --------------------------------------------------------------------------------------
-
-def quantization_section(model: nn.Module) -> dict[str, Any] | None:
-    """config.json's "quantization": method, config and every replaced layer (bits, group used); None if float."""
-    layers = {n: m.spec() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if not layers:
-        return None
-    return {**getattr(model, "quantization", {"method": "unknown"}), "layers": layers}
-
-
-def build_quantized(config, state: dict[str, torch.Tensor], section: dict[str, Any]):
-    """A GPT with the quantized layers config.json lists, holding `state` (floats already fp32)."""
-    from lilliput.core.model import GPT
-
-    with torch.device("meta"):
-        model = GPT(config)
-    for name, spec in section.get("layers", {}).items():
-        set_module(model, name, from_spec(spec))
-    state = dict(state)
-    if config.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
-        state.setdefault("lm_head.weight", state["tok_emb.weight"])
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
-        model.lm_head.weight = model.tok_emb.weight
-    model.quantization = {k: v for k, v in section.items() if k != "layers"}
-    return model
 
 
 def model_bytes(model: nn.Module) -> int:
