@@ -34,7 +34,7 @@ from lilliput.compress.calibration import CalibrationConfig
 from lilliput.compress.prune import (
     MagnitudeConfig, SparseGPTConfig, WandaConfig, block_linears, prune_,
 )
-from lilliput.compress.structured import StructuredConfig, param_count, structured_prune
+from lilliput.compress.structured import StructuredConfig, structured_prune
 from lilliput.core.checkpoint import load_model, save_checkpoint
 from lilliput.core.record import machine, run_record, write_json
 from lilliput.eval.perplexity import heldout_perplexity
@@ -129,7 +129,7 @@ def structured_section(args, teacher, tok, stream, calib, ppl, base, docs, resul
     t = time.perf_counter()
     student = structured_prune(teacher, scfg, batches=calib)
     prune_s = time.perf_counter() - t
-    before, after = param_count(teacher), param_count(student)
+    before, after = parameter_breakdown(teacher), parameter_breakdown(student)
     ppl_pruned = ppl(student)
     plain = structured_prune(teacher, StructuredConfig(**shape, refit=False), batches=calib) if args.refit else None
     ppl_plain = ppl(plain) if plain is not None else ppl_pruned

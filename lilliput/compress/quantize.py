@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -225,90 +223,10 @@ def quantize_(model: nn.Module, cfg, tokenizer=None, calibration: torch.Tensor |
     with torch.no_grad():
         handler(model, cfg, calibration)
     model.quantization = {"method": next(k for k, v in METHODS.items() if v is type(cfg)) if type(cfg) in
-                          METHODS.values() else type(cfg).__name__, "config": _cfg_dict(cfg)}
+                          METHODS.values() else type(cfg).__name__, "config": config_dict(cfg)}
     return model.to(dtype)
 
 
-def _cfg_dict(cfg) -> dict[str, Any]:
+def config_dict(cfg) -> dict[str, Any]:
+    """A config dataclass as JSON-ready values (what model.quantization and run.json record)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer as stored (a tied tensor counted once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
-# --- the job the CLI runs ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class QuantizeJob:
-    """`lilliput quantize`: load a model, quantize it, save a checkpoint folder with run.json."""
-
-    model: str | None = None
-    """A .gguf file, a model folder or a hub id; the embedded SmolLM2-135M-Instruct when omitted."""
-    method: str = "rtn"
-    """rtn, gptq or awq."""
-    bits: int = 8
-    """8 (per channel) or 4 (per group)."""
-    group_size: int = 128
-    """Columns per int4 group: 32, 64 or 128 (a layer it does not divide uses the largest that does)."""
-    out: str = "quantized"
-    """Output folder."""
-    samples: int = 32
-    """Calibration windows (GPTQ, AWQ)."""
-    seq_len: int = 512
-    """Tokens per calibration window."""
-    full_corpus: bool = False
-    """Draw calibration windows from the fetched corpus (tokenizing its 26 MB takes minutes on
-    2 cores) instead of the shipped sample texts."""
-    lm_head: bool = True
-    """Quantize the output layer too."""
-    eval_passages: int | None = 100
-    """LAMBADA passages for held-out perplexity before and after (None skips it)."""
-
-    def config(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}: pass one of {', '.join(METHODS)}")
-        kw = dict(bits=self.bits, group_size=self.group_size, lm_head=self.lm_head)
-        if self.method != "rtn":
-            kw["calibration"] = CalibrationConfig(samples=self.samples, seq_len=self.seq_len,
-                                                  full_corpus=self.full_corpus)
-        return METHODS[self.method](**kw)
-
-
-def run_quantize(job: QuantizeJob) -> Path:
-    """Run the job; returns the checkpoint folder (config.json records every quantized layer)."""
-    from lilliput.core.checkpoint import load_model, save_checkpoint
-    from lilliput.core.record import run_record
-
-    cfg = job.config()  # validate before loading anything
-    model, tok = load_model(job.model, device="cpu")
-
-    def ppl() -> float | None:
-        if not job.eval_passages:
-            return None
-        from lilliput.eval.perplexity import PerplexityConfig, perplexity
-        from lilliput.eval.tasks import lambada_passages
-
-        window = min(1024, model.config.max_seq_len)
-        text = "\n\n".join(lambada_passages(job.eval_passages))
-        return perplexity(model, tok, text, PerplexityConfig(window=window))["perplexity"]
-
-    before, size_before = ppl(), model_bytes(model)
-    t0 = time.perf_counter()
-    quantize_(model, cfg, tokenizer=tok)
-    seconds = time.perf_counter() - t0
-    after = ppl()
-    section = quantization_section(model)
-    groups = sorted({s.get("group_size") for s in section["layers"].values() if "group_size" in s})
-    metrics = {"ppl_before": before, "ppl_after": after,
-               "ppl_ratio": after / before if before and after else None,
-               "bytes_before": size_before, "bytes_after": model_bytes(model), "quantize_seconds": seconds,
-               "layers": len(section["layers"]), "group_sizes_used": groups}
-    record = run_record("quantize", job=dataclasses.asdict(job), config=_cfg_dict(cfg), metrics=metrics)
-    return save_checkpoint(model, tok, job.out, record)
