@@ -9,7 +9,7 @@ tok/s after a 64-token prompt, and prompt processing tok/s of a 512-token prompt
 interleaved (model by model, repeat by repeat) and medians reported with min-max. The
 memory-bandwidth limit of each row is bytes read per token / measured read bandwidth.
 Writes bench/results/vs_llamacpp.json with `int8_vs_q8_0` and `int4_vs_q4` (lilliput decode
-tok/s / llama.cpp's).
+tok/s / llama.cpp's). Timing, spreads and bytes per token come from `lilliput.eval.efficiency`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import copy
 import importlib
 import importlib.util
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 
 from lilliput.core.checkpoint import embedded_model_path, load_model
 from lilliput.core.record import machine, run_record, write_json
-from lilliput.eval.efficiency import read_bandwidth_gb_s
+from lilliput.eval.efficiency import interleave, linear_bytes, read_bandwidth_gb_s
 from lilliput.eval.tasks import lambada_passages
 from lilliput.infer import gemv
 from lilliput.infer.generate import GenerationConfig, generate
@@ -72,18 +71,6 @@ def requantize(llama_cpp, src: Path, kind: str, threads: int) -> Path:
         raise RuntimeError(f"llama_model_quantize to {kind} failed (code {rc})")
     os.replace(tmp, dest)
     return dest
-
-
-def linear_bytes(model) -> int:
-    """Bytes of every matrix read per decoded token: parameters and buffers of the linear layers."""
-    seen, total = set(), 0
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear) or hasattr(m, "kernel_desc"):
-            for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
-                if t.data_ptr() not in seen:
-                    seen.add(t.data_ptr())
-                    total += t.numel() * t.element_size()
-    return total
 
 
 class LlamaCppRunner:
@@ -148,10 +135,6 @@ def lilliput_models(threads: int) -> tuple[dict, dict, object]:
     return runners, missing, tok
 
 
-def spread(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -188,31 +171,27 @@ def main(argv=None) -> int:
     def ids(name: str, n: int) -> list[int]:
         return (ids_llama if name.startswith("llama.cpp") else ids_ours)[:n]
 
-    decode = {k: [] for k in runners}
-    pp = {k: [] for k in runners}
-    for name, r in runners.items():  # warm-up
-        r.decode_tok_s(ids(name, args.prompt), 8)
-        r.prompt_tok_s(ids(name, args.pp))
-    for i in range(args.repeats):
-        for name, r in runners.items():
-            decode[name].append(r.decode_tok_s(ids(name, args.prompt), args.new))
-            pp[name].append(r.prompt_tok_s(ids(name, args.pp)))
-        print(f"repeat {i + 1}/{args.repeats}: " + ", ".join(f"{k} {decode[k][-1]:.1f}" for k in runners),
-              file=sys.stderr)
+    runs = {}
+    for name, r in runners.items():  # one round: every runner's decode, then its prompt processing
+        runs[("decode", name)] = lambda r=r, name=name: r.decode_tok_s(ids(name, args.prompt), args.new)
+        runs[("pp", name)] = lambda r=r, name=name: r.prompt_tok_s(ids(name, args.pp))
+    timed = interleave(runs, args.repeats, warmup=1)
+    decode = {name: timed[("decode", name)]["values"] for name in runners}
+    pp = {name: timed[("pp", name)]["values"] for name in runners}
+    med = {name: timed[("decode", name)]["median"] for name in runners}
+    pp_med = {name: timed[("pp", name)]["median"] for name in runners}
 
     bw = read_bandwidth_gb_s()
     rows = []
     for name, r in runners.items():
-        d = statistics.median(decode[name])
+        d = med[name]
         limit = bw * 1e9 / r.bytes_per_token
         rows.append({"engine": name.split()[0], "model": name.split()[1], "bytes_per_token": r.bytes_per_token,
                      "decode_tok_s": round(d, 1), "decode_range": [round(min(decode[name]), 1), round(max(decode[name]), 1)],
-                     "prompt_tok_s": round(statistics.median(pp[name]), 1),
+                     "prompt_tok_s": round(pp_med[name], 1),
                      "prompt_range": [round(min(pp[name]), 1), round(max(pp[name]), 1)],
                      "limit_tok_s": round(limit, 1), "fraction_of_limit": round(d / limit, 3),
                      **({"quantization": r.config} if hasattr(r, "config") else {})})
-    med = {name: statistics.median(v) for name, v in decode.items()}
-
     def ratio(a: str, b: str):
         return round(med[a] / med[b], 3) if a in med and b in med else None
 
@@ -225,8 +204,8 @@ def main(argv=None) -> int:
         "int4_vs_q4": ratio("lilliput int4", "llama.cpp Q4_0"),
         "int4_vs_q4_1": ratio("lilliput int4", "llama.cpp Q4_1"),
         "fp32_vs_q8_0": ratio("lilliput fp32", "llama.cpp Q8_0"),
-        "prompt_int8_vs_q8_0": (round(statistics.median(pp["lilliput int8"]) / statistics.median(pp["llama.cpp Q8_0"]), 3)
-                                if "lilliput int8" in pp and "llama.cpp Q8_0" in pp else None),
+        "prompt_int8_vs_q8_0": (round(pp_med["lilliput int8"] / pp_med["llama.cpp Q8_0"], 3)
+                                if "lilliput int8" in pp_med and "llama.cpp Q8_0" in pp_med else None),
         "missing": missing, "rows": rows,
         "note": "decode: batch 1, greedy, tokens/s after the first token; prompt: one forward of pp_tokens "
                 "(lilliput's figure includes sampling one token). limit = read bandwidth / bytes per token "

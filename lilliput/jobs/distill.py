@@ -14,7 +14,7 @@ from lilliput.core.checkpoint import load_model, save_checkpoint
 from lilliput.core.record import run_record
 from lilliput.eval.bench import model_label
 from lilliput.eval.efficiency import parameter_count
-from lilliput.eval.perplexity import HELDOUT, heldout_perplexity
+from lilliput.eval.perplexity import HELDOUT, HeldoutConfig, heldout_perplexity
 from lilliput.train.distill import DistillConfig, build_student, distill, init_embedding_from_teacher_
 
 
@@ -47,7 +47,8 @@ def run_distill(job: DistillJob) -> Path:
     student, student_tok = build_student(job.student, teacher, seed=cfg.seed)
     if student_tok is None and job.init_embedding:
         init_embedding_from_teacher_(student, teacher)
-    heldout = dataclasses.replace(HELDOUT, passages=job.eval_passages) if job.eval_passages else None
+    window = min(HELDOUT.window, teacher.config.max_seq_len, student.config.max_seq_len)  # one window for both
+    heldout = HeldoutConfig(passages=job.eval_passages, window=window) if job.eval_passages else None
 
     def ppl(model) -> float | None:
         return heldout_perplexity(model, tokenizer, heldout) if heldout else None
