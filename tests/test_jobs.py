@@ -63,3 +63,17 @@ def test_distill_job(tiny_ckpt, tmp_path, capsys, monkeypatch):
                  "--device", "cpu", "--no-progress"]) == 0
     run = json.loads((tmp_path / "d" / "run.json").read_text())
     assert run["label"] == "tiny distilled from tiny" and run["student_params"] > 0
+
+
+def test_model_labels_say_what_a_model_is(tiny_model, byte_tokenizer, tmp_path):
+    from lilliput.compress.quantize import RTNConfig, quantize_
+    from lilliput.eval.bench import EMBEDDED_LABEL, model_label
+
+    assert model_label(None) == EMBEDDED_LABEL == "SmolLM2-135M-Instruct"
+    assert model_label("llamacpp:") == "llama.cpp SmolLM2-135M-Instruct"
+    plain = save_checkpoint(tiny_model, byte_tokenizer, tmp_path / "model")  # a folder named "model", as in the demo
+    assert model_label(str(plain)) == "tiny"  # config.json's model name, not the folder's
+    q = save_checkpoint(quantize_(tiny_model, RTNConfig(bits=8)), byte_tokenizer, tmp_path / "q")
+    assert model_label(str(q)) == "tiny + int8 RTN"  # no label in run.json: config.json's quantization
+    (q / "run.json").write_text(json.dumps({"label": "base + int8 RTN"}))
+    assert model_label(str(q)) == "base + int8 RTN"
