@@ -262,6 +262,7 @@ def plot_front(rows: list[dict], x_key: str, x_label: str, maximize_x: bool, pat
             label="Pareto front")
     for x, y, label in pts:
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.margins(x=0.2, y=0.2)  # room for the labels of the extreme points
     xs = [p[0] for p in pts]
     if min(xs) > 0 and max(xs) / min(xs) > 20:  # a wide range: equal ratios get equal room
         ax.set_xscale("log")
