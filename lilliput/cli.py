@@ -49,8 +49,10 @@ def _read_text(path: str) -> str:
 def cmd_info(ns) -> int:
     model, tok = _load(ns)
     c = model.config
+    from lilliput.eval.efficiency import parameter_count
+
     info = {"model": ns.model or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF)", "config": c.to_dict(),
-            "parameters": model.num_params(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "parameters": parameter_count(model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "device": str(next(model.parameters()).device), "load_seconds": round(model.load_seconds, 3),
             "tokenizer": {"vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                           "chat_template": tok.chat_template is not None}}
@@ -212,21 +214,22 @@ def cmd_demo(ns) -> int:
 
 
 def cmd_quantize(ns) -> int:
-    from lilliput.compress.quantize import QuantizeJob, run_quantize
+    from lilliput.jobs.quantize import QuantizeJob, run_quantize
 
     print(f"saved {run_quantize(config_from_args(QuantizeJob, ns))}")
     return 0
 
 
 def cmd_prune(ns) -> int:
-    from lilliput.compress.prune import PruneJob, run_prune
+    from lilliput.jobs.prune import PruneJob, run_prune
 
     print(f"saved {run_prune(config_from_args(PruneJob, ns))}")
     return 0
 
 
 def cmd_distill(ns) -> int:
-    from lilliput.train.distill import DistillConfig, DistillJob, run_distill
+    from lilliput.jobs.distill import DistillJob, run_distill
+    from lilliput.train.distill import DistillConfig
 
     default = DistillJob.__dataclass_fields__["config"].default  # the job's budget unless flags change it
     job = config_from_args(DistillJob, ns, config=config_from_args(DistillConfig, ns, base=default))
@@ -235,7 +238,7 @@ def cmd_distill(ns) -> int:
 
 
 def cmd_shrink(ns) -> int:
-    from lilliput.compress.recipe import ShrinkJob, run_shrink
+    from lilliput.jobs.shrink import ShrinkJob, run_shrink
 
     print(f"saved {run_shrink(config_from_args(ShrinkJob, ns))}")
     return 0
@@ -314,12 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, FetchConfig)
     p.set_defaults(func=cmd_data_fetch)
 
-    from lilliput.compress.prune import PruneJob
-    from lilliput.compress.quantize import QuantizeJob
-    from lilliput.compress.recipe import ShrinkJob
     from lilliput.eval.bench import BenchConfig
     from lilliput.eval.report import ReportConfig
-    from lilliput.train.distill import DistillConfig, DistillJob
+    from lilliput.jobs.distill import DistillJob
+    from lilliput.jobs.prune import PruneJob
+    from lilliput.jobs.quantize import QuantizeJob
+    from lilliput.jobs.shrink import ShrinkJob
+    from lilliput.train.distill import DistillConfig
 
     p = sub.add_parser("quantize", help="int8/int4 weight quantization (rtn, gptq, awq)")
     add_config_args(p, QuantizeJob)

@@ -8,12 +8,13 @@ import torch.nn.functional as F
 
 from lilliput.compress import qlinear as ql
 from lilliput.compress.gptq import gptq_quantize
-from lilliput.compress.quantize import (AWQConfig, GPTQConfig, Grid, QuantizeJob, RTNConfig, layer_group,
-                                        model_bytes, quantization_section, quantize_)
-from lilliput.core.checkpoint import load_folder, save_checkpoint
+from lilliput.compress.quantize import AWQConfig, GPTQConfig, Grid, RTNConfig, layer_group, quantize_
+from lilliput.core.checkpoint import load_folder, quantization_section, save_checkpoint
+from lilliput.eval.efficiency import model_bytes
 from lilliput.infer import gemv
 from lilliput.infer.fused import FusedStep
 from lilliput.infer.generate import GenerationConfig, generate
+from lilliput.jobs.quantize import QuantizeJob
 
 needs_kernel = pytest.mark.skipif(not gemv.available(), reason="no C compiler")
 

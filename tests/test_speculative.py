@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from lilliput.infer import gemv
 from lilliput.infer.engine import Engine, EngineConfig
 from lilliput.infer.sequence import GenerationConfig
 from lilliput.infer.speculative import DraftModel, PromptLookup, SpeculationConfig, SpeculativeDecoder

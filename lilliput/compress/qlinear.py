@@ -11,6 +11,9 @@ int4 layout (shared with the kernel): each block of 32 columns of a row is 16 by
 holding column j in its low nibble and column j + 16 in its high nibble. Scales are fp16 (int4) or
 fp32 (int8), kept as their int16 / int32 bits so that `model.to(dtype)` leaves them alone;
 zeros are uint8 in [0, 15].
+
+Both register with core as layer kinds `int8` and `int4` (`lilliput.core.layers`): a checkpoint
+records each layer's kind and `spec()`, and core rebuilds it with `from_spec()` before loading.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lilliput.core.layers import register_layer
 from lilliput.infer import gemv
 
 KIND_INT8, KIND_INT4 = 2, 3
@@ -103,6 +107,11 @@ class QuantLinear(nn.Module):
         return [self.kind, weight, scale, zero, self.out_features, self.in_features, group,
                 VARIANTS[self.kernel_variant]]
 
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """(N, K): the float weight these codes stand for (what a parameter count counts)."""
+        return self.out_features, self.in_features
+
     def spec(self) -> dict:
         """What config.json records for this layer (enough to rebuild it empty)."""
         return {"bits": self.bits, "in_features": self.in_features, "out_features": self.out_features}
@@ -134,6 +143,7 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
 
 
+@register_layer("int8")
 class Int8Linear(QuantLinear):
     """W (N, K) = qweight (int8, [-127, 127]) * scale (N,) fp32 (kept as int32 bits)."""
 
@@ -152,6 +162,10 @@ class Int8Linear(QuantLinear):
         m.scale.copy_(scale.reshape(-1).float().view(torch.int32))
         return m
 
+    @classmethod
+    def from_spec(cls, spec: dict) -> "Int8Linear":
+        return cls(spec["in_features"], spec["out_features"])
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.qweight.float() * self.scale.view(torch.float32)[:, None]).to(dtype)
 
@@ -159,6 +173,7 @@ class Int8Linear(QuantLinear):
         return self.qweight.data_ptr(), self.scale.data_ptr(), 0, 0
 
 
+@register_layer("int4")
 class Int4Linear(QuantLinear):
     """W (N, K) = (codes - zero) * scale per group of `group_size` columns; codes packed 2 a byte."""
 
@@ -184,6 +199,10 @@ class Int4Linear(QuantLinear):
         m.zero.copy_(zero.to(torch.uint8))
         return m
 
+    @classmethod
+    def from_spec(cls, spec: dict) -> "Int4Linear":
+        return cls(spec["in_features"], spec["out_features"], spec["group_size"])
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = unpack_int4(self.qweight).float()  # (N, K)
         s = expand(self.scale.view(torch.float16).float(), self.group_size)
@@ -199,13 +218,3 @@ class Int4Linear(QuantLinear):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
 
-
-def from_spec(spec: dict) -> QuantLinear:
-    """An empty layer of the shape config.json recorded (its buffers are then loaded)."""
-    bits = spec.get("bits")
-    if bits == 8:
-        return Int8Linear(spec["in_features"], spec["out_features"])
-    if bits == 4:
-        return Int4Linear(spec["in_features"], spec["out_features"], spec["group_size"])
-    raise ValueError(f"quantized layer with bits={bits!r} is not supported (4 or 8): the checkpoint's "
-                     f"config.json is damaged or from a newer lilliput")
