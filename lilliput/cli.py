@@ -70,7 +70,14 @@ def cmd_generate(ns) -> int:
     cfg = config_from_args(GenerationConfig, ns)
     model, tok = _load(ns)
     on_text = _stream(ns)
-    if ns.chat:
+    if ns.watermark:  # the chat template rendered here, so the watermark can ride on generate()
+        from lilliput.data.watermark import Watermark
+
+        prompt = tok.apply_chat_template([{"role": "user", "content": ns.prompt}], add_generation_prompt=True) \
+            if ns.chat else ns.prompt
+        g = generate(model, tok, [prompt], cfg, on_text, bos=False if ns.chat else None,
+                     processors=[Watermark(ns.watermark)])[0]
+    elif ns.chat:
         g = chat(model, tok, [{"role": "user", "content": ns.prompt}], cfg, on_text)
     else:
         g = generate(model, tok, [ns.prompt], cfg, on_text)[0]
@@ -247,6 +254,37 @@ def _add_ledger_parsers(data) -> None:
     p.set_defaults(func=cmd_data_export)
 
 
+# --- watermark detection: lilliput watermark detect FILE|- --key KEY -----------------------------------
+
+def cmd_watermark_detect(ns) -> int:
+    from lilliput.data.watermark import Detector, WatermarkConfig
+
+    text = sys.stdin.read() if ns.file == "-" else _read_text(ns.file)
+    _, tok = _load(ns)  # the tokenizer only matters, but it comes with its model
+    result = Detector(ns.key, config_from_args(WatermarkConfig, ns)).detect_text(text, tok)
+    if ns.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(f"{result.verdict}: z {result.z:.2f} (threshold {result.z_threshold}, false-positive rate "
+              f"{result.fpr:.1e}), p {result.p_value:.3e}, {result.green}/{result.tokens_scored} green tokens "
+              f"({result.green_fraction:.1%}, {result.tokens - result.tokens_scored} not scored)")
+    return 0
+
+
+def _add_watermark_parser(sub) -> None:
+    from lilliput.data.watermark import WatermarkConfig
+
+    wm = sub.add_parser("watermark", help="detect watermarked text").add_subparsers(
+        dest="what", required=True, parser_class=_Parser, metavar="ACTION")
+    p = wm.add_parser("detect", help="z-score and exact p-value of a text's green tokens")
+    p.add_argument("file", help="text file, or - for stdin")
+    p.add_argument("--key", required=True, help="the secret key the text was generated with")
+    _model_args(p)
+    add_config_args(p, WatermarkConfig, skip=("delta",))
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_watermark_detect)
+
+
 def cmd_demo(ns) -> int:
     from lilliput.demo import DemoConfig, run_demo
 
@@ -324,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, GenerationConfig)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
+    p.add_argument("--watermark", metavar="KEY", help="watermark the output with this secret key "
+                   "(Kirchenbauer et al. 2023; detect with `lilliput watermark detect --key KEY`)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="talk with the model (one message per line on stdin)")
@@ -355,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $LILLIPUT_CACHE/ledger.sqlite or ~/.cache/lilliput/ledger.sqlite)")
     p.set_defaults(func=cmd_data_fetch)
     _add_ledger_parsers(data)
+    _add_watermark_parser(sub)
 
     from lilliput.compress.prune import PruneJob
     from lilliput.compress.quantize import QuantizeJob
