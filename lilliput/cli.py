@@ -285,6 +285,52 @@ def _add_watermark_parser(sub) -> None:
     p.set_defaults(func=cmd_watermark_detect)
 
 
+# --- curation: lilliput curate IN OUT ------------------------------------------------------------------
+
+def cmd_curate(ns) -> int:
+    from lilliput.data.curate import CurateConfig, curate, read_documents, write_documents
+
+    cfg = config_from_args(CurateConfig, ns)
+    docs = read_documents(ns.input)
+    scorer = None
+    if cfg.max_perplexity is not None:  # the reference model lives above data/: build its scorer here
+        from lilliput.eval.perplexity import PerplexityConfig, perplexity
+
+        model, tok = _load(ns)
+        ppl_cfg = PerplexityConfig(window=min(PerplexityConfig.window, model.config.max_seq_len))
+        scorer = lambda text: perplexity(model, tok, text, ppl_cfg)["perplexity"]  # noqa: E731
+    result = curate(docs, cfg, perplexity=scorer)
+    write_documents(ns.output, result.kept)
+    if ns.ledger:
+        from lilliput.data.ledger import Ledger
+
+        with Ledger.open(ns.ledger, create=False) as ledger:
+            ledger.decide(result.ledger_rows(), run=f"curate {ns.input} -> {ns.output}")
+    summary = {"input": ns.input, "output": ns.output, **result.summary()}
+    if ns.json:
+        print(json.dumps(summary))
+    else:
+        print(f"kept {summary['kept']} of {summary['documents']} documents -> {ns.output}")
+        for name, n in summary["removed_by_filter"].items():
+            print(f"  removed by {name}: {n}")
+        for name, n in summary["changed_by_filter"].items():
+            print(f"  changed by {name}: {n}")
+    return 0
+
+
+def _add_curate_parser(sub) -> None:
+    from lilliput.data.curate import CurateConfig
+
+    p = sub.add_parser("curate", help="dedup (exact, MinHash), Gopher and C4 rules, perplexity filter")
+    p.add_argument("input", help="JSON lines {id, text} (e.g. from `lilliput data export`) or a folder of .txt")
+    p.add_argument("output", help="JSON lines of the documents kept")
+    p.add_argument("--ledger", help="record every removal and its reason in this provenance ledger")
+    _model_args(p)
+    add_config_args(p, CurateConfig)
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=cmd_curate)
+
+
 def cmd_demo(ns) -> int:
     from lilliput.demo import DemoConfig, run_demo
 
@@ -396,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_fetch)
     _add_ledger_parsers(data)
     _add_watermark_parser(sub)
+    _add_curate_parser(sub)
 
     from lilliput.compress.prune import PruneJob
     from lilliput.compress.quantize import QuantizeJob
