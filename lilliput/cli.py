@@ -86,7 +86,25 @@ def cmd_generate(ns) -> int:
     print()
     print(f"[{len(g.tokens)} tokens, {g.timings['decode_tok_s']:.1f} tok/s, finish: {g.finish_reason}]",
           file=sys.stderr)
+    if ns.ledger:
+        _record_generation(ns, model, tok, cfg, g)
     return 0
+
+
+def _record_generation(ns, model, tok, cfg, g) -> None:
+    """`generate --ledger`: the output as synthetic text, with the model, settings, seed and watermark key id."""
+    import dataclasses
+
+    from lilliput.data.ledger import Entry, Generator, Ledger, model_fingerprint
+    from lilliput.data.watermark import key_id
+
+    gen = Generator(model=model_fingerprint(model), sampling=dataclasses.asdict(cfg), seed=cfg.seed,
+                    watermark_key_id=key_id(ns.watermark) if ns.watermark else None)
+    with Ledger.open(ns.ledger) as ledger:
+        doc_id = ledger.add(Entry(text=g.text, tokens=len(g.tokens), tokenizer=repr(tok),
+                                  source=f"lilliput generate ({ns.model or 'embedded SmolLM2-135M-Instruct'})",
+                                  origin="synthetic", generator=gen, generation=ns.generation))
+    print(f"[recorded as {doc_id} in {ns.ledger}]", file=sys.stderr)
 
 
 def cmd_chat(ns) -> int:
@@ -410,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
     p.add_argument("--watermark", metavar="KEY", help="watermark the output with this secret key "
                    "(Kirchenbauer et al. 2023; detect with `lilliput watermark detect --key KEY`)")
+    p.add_argument("--ledger", help="record the output in this provenance ledger as synthetic text")
+    p.add_argument("--generation", type=int, default=1, help="with --ledger: the output's generation "
+                   "(n for a model trained on generation n-1 data)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="talk with the model (one message per line on stdin)")

@@ -115,22 +115,27 @@ def test_not_a_ledger_and_newer_schema_are_one_clear_error(tmp_path):
 
 
 _WRITER = textwrap.dedent("""
-    import sys
+    import os, sys, time
     from lilliput.data.ledger import Entry, Ledger
-    path, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    path, name, n, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    while not os.path.exists(go):  # start together
+        time.sleep(0.005)
     led = Ledger.open(path)
     for i in range(n):
         led.add(Entry(text=f"{name} document {i}", source=name))
+        if i % 50 == 0:
+            led.add_many(Entry(text=f"{name} batch {i} #{j}", source=name) for j in range(10))
 """)
 
 
 def test_several_writers_at_once_do_not_corrupt_it(tmp_path):
-    path = tmp_path / "l.sqlite"  # created by the writers themselves, racing
-    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(path), f"w{k}", "40"], cwd=ROOT)
+    path, go = tmp_path / "l.sqlite", tmp_path / "go"  # the ledger is created by the writers themselves, racing
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(path), f"w{k}", "200", str(go)], cwd=ROOT)
              for k in range(4)]
+    go.touch()
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
     with Ledger.open(path) as led:
-        assert len(led) == 160
+        assert len(led) == 4 * (200 + 4 * 10)
         assert led.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert {d["source"] for d in led.documents()} == {"w0", "w1", "w2", "w3"}
 
@@ -207,3 +212,53 @@ def test_cli_add_ls_stats_export(tmp_path, capsys):
     (tmp_path / "junk").write_bytes(b"x" * 5000)
     assert main(["data", "stats", "--ledger", str(tmp_path / "junk")]) == 2
     assert "not a lilliput ledger" in capsys.readouterr().err
+
+
+def test_generate_records_synthetic_text_with_its_generator(tmp_path, tiny_model, byte_tokenizer, capsys):
+    from lilliput.cli import main
+    from lilliput.core.checkpoint import save_checkpoint
+    from lilliput.data.ledger import model_fingerprint
+    from lilliput.data.watermark import key_id
+
+    ckpt = str(save_checkpoint(tiny_model, byte_tokenizer, tmp_path / "tiny"))
+    led = str(tmp_path / "l.sqlite")
+    assert main(["generate", "Once", "--model", ckpt, "--max-new-tokens", "8", "--temperature", "1.0", "--seed", "5",
+                 "--watermark", "k", "--ledger", led, "--generation", "2", "--no-stream"]) == 0
+    text = capsys.readouterr().out[:-1]
+    with Ledger.open(led) as ledger:
+        (doc,) = ledger.documents(text=True)
+    assert doc["origin"] == "synthetic" and doc["generation"] == 2 and doc["tokens"] == 8
+    assert doc["text"].encode("utf-8", "surrogateescape") == text.encode("utf-8", "surrogateescape")
+    assert doc["generator"]["model"] == model_fingerprint(tiny_model)
+    assert doc["generator"]["seed"] == 5 and doc["generator"]["sampling"]["temperature"] == 1.0
+    assert doc["generator"]["watermark_key_id"] == key_id("k")
+
+
+def test_a_trained_model_says_what_it_was_trained_on(tmp_path, one_thread):
+    import torch
+
+    from lilliput.core.config import preset
+    from lilliput.core.model import GPT
+    from lilliput.train.loop import LanguageModeling, Trainer, TrainConfig, WindowBatches
+
+    with Ledger.open(tmp_path / "l.sqlite") as led:
+        _fill(led, humans=3, generations=(2,))
+        sel = led.select(SelectionConfig("human"))
+        stream = torch.tensor([b for _, t in led.texts(sel.ids) for b in t.encode("utf-8")] * 4)
+    torch.manual_seed(0)
+    cfg = TrainConfig(lr=1e-3, warmup_steps=0, max_steps=1, progress=False, out=str(tmp_path / "run"))
+    Trainer(LanguageModeling(GPT(preset("tiny"))), WindowBatches(stream, 2, 8), cfg, record={"data": sel.record()}).fit()
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["data"]["digest"] == sel.digest and run["data"]["query"]["policy"] == "human"
+
+
+def test_data_imports_nothing_above_its_floor():
+    import ast
+
+    for path in (ROOT / "lilliput" / "data").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.startswith(("lilliput.infer", "lilliput.eval", "lilliput.train", "lilliput.compress",
+                                            "lilliput.jobs", "lilliput.serve", "lilliput.cli")), (path.name, name)

@@ -80,6 +80,18 @@ def default_ledger_path() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "lilliput") / "ledger.sqlite"
 
 
+def model_fingerprint(model) -> str:
+    """"sha256:<16 hex>" over a torch model's parameter and buffer names, shapes, dtypes and bytes."""
+    import torch  # here, so that ledger writers need not load torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode("utf-8"))
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()[:16]
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
