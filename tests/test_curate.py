@@ -209,6 +209,23 @@ def test_perplexity_filter_uses_the_scorer_it_is_given():
         curate(docs, cfg)
 
 
+def test_perplexity_filter_with_a_real_model_through_the_cli(tmp_path, tiny_model, byte_tokenizer, capsys):
+    from lilliput.cli import main
+    from lilliput.core.checkpoint import save_checkpoint
+
+    ckpt = str(save_checkpoint(tiny_model, byte_tokenizer, tmp_path / "tiny"))
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n"
+                           for i, t in enumerate(["a", "hello there, a text of some length. " * 3])))
+    only_ppl = ["--no-exact-dedup", "--no-c4", "--no-gopher-quality", "--no-gopher-repetition", "--no-near-dedup"]
+    out = tmp_path / "out.jsonl"
+    assert main(["curate", str(src), str(out), "--model", ckpt, "--max-perplexity", "1e9", "--json", *only_ppl]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["kept"] == 1 and summary["removed_by_filter"] == {"perplexity": 1}  # "a" cannot be scored
+    assert main(["curate", str(src), str(out), "--model", ckpt, "--max-perplexity", "1", "--json", *only_ppl]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["kept"] == 0  # a random model: ppl ~256
+
+
 def test_cli_curate_records_removals_in_the_ledger(tmp_path, capsys):
     from lilliput.cli import main
     from lilliput.data.ledger import Entry, Ledger, SelectionConfig

@@ -150,9 +150,15 @@ def curate(docs: list[CurateDocument], cfg: CurateConfig = CurateConfig(),
         drop("near_dedup", [f"near-duplicate of {alive[dup_of[k][0]].id} (Jaccard {dup_of[k][1]:.2f})"
                             if k in dup_of else None for k in range(len(alive))])
     if cfg.max_perplexity is not None:
-        scores = [perplexity(d.text) for d in alive]
-        drop("perplexity", [f"perplexity {p:.1f} > {cfg.max_perplexity}" if p > cfg.max_perplexity else None
-                            for p in scores])
+        verdicts = []
+        for d in alive:
+            try:
+                p = perplexity(d.text)
+            except ValueError as e:  # e.g. a one-token text: nothing to score
+                verdicts.append(f"cannot be scored: {e}")
+                continue
+            verdicts.append(f"perplexity {p:.1f} > {cfg.max_perplexity}" if p > cfg.max_perplexity else None)
+        drop("perplexity", verdicts)
     return CurateResult(alive, decisions, len(docs))
 
 
