@@ -126,3 +126,20 @@ def test_cli_generate_watermark_then_detect(tmp_path, tiny_model, byte_tokenizer
     assert got["watermarked"] is True and got["z"] > 4 and {"p_value", "tokens_scored"} <= set(got)
     assert main(["watermark", "detect", str(path), "--key", "other", "--model", ckpt, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["watermarked"] is False
+
+
+@pytest.mark.slow
+def test_smollm2_z_on_human_text_and_a_watermarked_generation(smollm, one_thread):
+    from lilliput.data.corpus import sample_documents
+    from lilliput.infer.generate import GenerationConfig, generate
+
+    model, tok = smollm
+    ids = tok.encode("\n\n".join(d.text for d in sample_documents()), bos=False)
+    windows = [ids[i:i + 200] for i in range(0, len(ids) - 200, len(ids) // 6)][:6]
+    zs = np.array([Detector(f"key {k}").detect(w).z for k in range(150) for w in windows])
+    assert abs(zs.mean()) < 0.12 and 0.9 < zs.std() < 1.1
+    g = generate(model, tok, ["The old lighthouse keeper"], GenerationConfig(max_new_tokens=60, temperature=1.0, seed=0,
+                                                                          ignore_eos=True),
+                 processors=[Watermark("k")])[0]
+    assert Detector("k").detect_text(g.text, tok).z > 4  # after decoding and tokenizing again
+    assert not Detector("other").detect_text(g.text, tok).watermarked
