@@ -167,6 +167,7 @@ def test_data_fetch_reports_sources(tmp_path, monkeypatch, capsys):
         return corpus.Manifest(sources=(), documents=())
 
     monkeypatch.setattr(corpus, "fetch", fake_fetch)
+    monkeypatch.setenv("LILLIPUT_CACHE", str(tmp_path))  # the ledger it records into
     assert main(["data", "fetch", "--cache-dir", str(tmp_path)]) == 0
     assert "manifest.json" in capsys.readouterr().out
 

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 from lilliput.core.model import GPT
 from lilliput.infer.engine import Engine, EngineConfig
+from lilliput.infer.sampling import LogitsProcessor
 from lilliput.infer.sequence import GenerationConfig
 
 __all__ = ["GenerationConfig", "Generation", "generate", "chat"]
@@ -30,9 +31,10 @@ class Generation:
 
 def generate(model: GPT, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[int]],
              cfg: GenerationConfig = GenerationConfig(),
-             on_text: Callable[[int, str], None] | None = None, bos: bool | None = None) -> list[Generation]:
+             on_text: Callable[[int, str], None] | None = None, bos: bool | None = None,
+             processors: Sequence[LogitsProcessor] = ()) -> list[Generation]:
     """Generate a continuation for each prompt (text, or token ids). `on_text(row, delta)` streams
-    each prompt's new text as it becomes final."""
+    each prompt's new text as it becomes final; `processors` (e.g. a watermark) apply to every prompt."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
@@ -50,7 +52,7 @@ def generate(model: GPT, tokenizer, prompts: str | Sequence[str] | Sequence[Sequ
     stream = (lambda seq, text: on_text(row_of[seq.id], text)) if on_text else None
     seqs = []
     for i, p in enumerate(ids):
-        seq = engine.add(p, cfg, on_text=stream)
+        seq = engine.add(p, cfg, processors=processors, on_text=stream)
         row_of[seq.id] = i
         seqs.append(seq)
     engine.run()
