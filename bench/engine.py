@@ -36,7 +36,8 @@ from lilliput.infer.engine import Engine, EngineConfig
 from lilliput.infer.sequence import GenerationConfig, Status
 
 OUT = Path(__file__).parent / "results" / "engine.json"
-ISA_NAMES = {0: "scalar C", 1: "AVX2 (maddubs)", 2: "AVX-VNNI (vpdpbusd, 256-bit)", 3: "AVX-512 VNNI (vpdpbusd, 256-bit)"}
+ISA_NAMES = {0: "scalar C", 1: "AVX2 (maddubs)", 2: "AVX-VNNI (vpdpbusd, 256-bit)", 3: "AVX-512 VNNI (vpdpbusd, 256-bit)",
+             4: "AVX-512 VNNI (vpdpbusd, 512-bit)"}
 
 
 def engine_decode_tok_s(model, tok, prompt: list[int], batch: int, new: int) -> float:
