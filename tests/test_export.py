@@ -1,0 +1,121 @@
+"""Exports: GGUF (llama.cpp), Hugging Face folders (transformers), ONNX (ONNX Runtime).
+
+Tiny models with a small byte-level BPE tokenizer (256 bytes, 4 merges, 2 special tokens) for the
+formats' round trips; the embedded SmolLM2-135M for perplexity of real exports (slow)."""
+
+import copy
+import json
+
+import pytest
+import tokenizers
+import torch
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+
+from lilliput.compress.quantize import RTNConfig, quantize_
+from lilliput.core.checkpoint import load_model, read_gguf, save_checkpoint
+from lilliput.core.gguf_file import GGUFFile
+from lilliput.core.model import GPT
+from lilliput.core.tokenizer import Tokenizer
+from lilliput.export import export
+from lilliput.export.gguf import export_gguf
+from lilliput.export.target import ExportCheckError
+from lilliput.export.vocab import bytes_to_unicode
+
+CHAT = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEXT = "the thin cat sat in the 123 huts <|im_end|>"
+
+
+@pytest.fixture
+def bpe():
+    """SmolLM2-style byte-level BPE: digits split one by one, then the GPT-2 regex; ids 0-261."""
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
+    return Tokenizer(backend, bos_id=260, eos_id=261, chat_template=CHAT)
+
+
+@pytest.fixture
+def model(tiny_config, one_thread):
+    torch.manual_seed(0)
+    return GPT(tiny_config.replace(vocab_size=264, name="tiny-bpe")).eval()  # 2 ids past the tokenizer: padded
+
+
+def logits(m, ids):
+    with torch.inference_mode():
+        return m(torch.tensor([ids]))[0]
+
+
+# --- GGUF ---------------------------------------------------------------------------------------------
+
+def test_gguf_f32_round_trip_is_exact(model, bpe, tmp_path):
+    path = export_gguf(model, bpe, tmp_path / "m.gguf", "F32")
+    back, tok = load_model(str(path), device="cpu")
+    ids = bpe.encode(TEXT)
+    torch.testing.assert_close(logits(back, ids), logits(model, ids), rtol=0, atol=1e-6)
+    assert tok.encode(TEXT) == ids and tok.chat_template == CHAT and tok.eos_id == 261
+    meta = GGUFFile(path).metadata
+    assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.pre"] == "smollm"
+    assert meta["llama.context_length"] == model.config.max_seq_len and meta["llama.attention.head_count_kv"] == 2
+    assert meta["tokenizer.ggml.add_bos_token"] is False and meta["tokenizer.ggml.tokens"][-1] == "[PAD263]"
+    assert not list(tmp_path.glob(".*")), "no temporary file left behind"
+
+
+@pytest.mark.parametrize("type,kl", [("F16", 1e-5), ("BF16", 1e-4), ("Q8_0", 1e-4), ("Q4_0", 2e-3), ("Q4_1", 2e-3)])
+def test_gguf_types_read_back_within_tolerance(model, bpe, tmp_path, type, kl):
+    result = export(model, bpe, "gguf", tmp_path / f"m.{type}.gguf", type)
+    f32 = export(model, bpe, "gguf", tmp_path / "m.F32.gguf", "F32")
+    assert result.bytes < 0.6 * f32.bytes and result.check["mean_kl"] < kl
+    assert set(result.written["tensor_types"]) == {"F32", type} | ({"Q8_0"} if type.startswith("Q4") else set())
+
+
+def test_gguf_copies_int4_codes_into_q4_1_and_int8_codes_into_q8_0(model, bpe, tmp_path):
+    q4 = quantize_(copy.deepcopy(model), RTNConfig(bits=4, group_size=64))  # groups of 64: two Q4_1 blocks each
+    q8 = quantize_(copy.deepcopy(model), RTNConfig(bits=8))
+    for q, type in ((q4, "Q4_1"), (q8, "Q8_0")):
+        f = GGUFFile(export_gguf(q, bpe, tmp_path / f"{type}.gguf", type))
+        layer = q.layers[1].ffn.w_down
+        want = layer.dequantize()
+        # Q4_1 stores m = -zero * scale in fp16 and Q8_0 the row scale in fp16: the codes are the same
+        torch.testing.assert_close(f.tensor("blk.1.ffn_down.weight"), want, rtol=2e-3, atol=1e-4)
+        assert "output.weight" in f.tensors  # lilliput's quantized output layer is its own copy: untied
+
+
+def test_gguf_of_structurally_pruned_model_is_the_smaller_llama(model, bpe, tmp_path):
+    from lilliput.compress.structured import StructuredConfig, structured_prune
+
+    batches = torch.randint(0, 256, (4, 16))
+    pruned = structured_prune(model, StructuredConfig(n_heads=2, ffn_dim=32, refit=False), batches=batches)
+    assert pruned.config.hd != pruned.config.dim // pruned.config.n_heads  # head_dim stays 8 with 2 heads of 32
+    path = export_gguf(pruned, bpe, tmp_path / "pruned.gguf", "F32")
+    meta = GGUFFile(path).metadata
+    assert meta["llama.attention.head_count"] == 2 and meta["llama.attention.key_length"] == 8
+    _, config, _ = read_gguf(path)
+    assert (config.n_heads, config.hd, config.ffn_dim) == (2, 8, 32)
+    back, _ = load_model(str(path), device="cpu")
+    ids = bpe.encode(TEXT)
+    torch.testing.assert_close(logits(back, ids), logits(pruned, ids), rtol=0, atol=1e-6)
+
+
+def test_gguf_runs_in_llama_cpp(model, bpe, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from lilliput.export.runtimes import LlamaCppModel
+
+    ids = bpe.encode(TEXT)
+    for type, atol in (("F32", 1e-3), ("Q8_0", 0.05)):
+        runner = LlamaCppModel(export_gguf(model, bpe, tmp_path / f"{type}.gguf", type), threads=1, n_ctx=256)
+        assert runner.tokenize(TEXT) == ids  # llama.cpp's own tokenizer on our vocabulary, merges and specials
+        torch.testing.assert_close(torch.from_numpy(runner.logits(ids)), logits(model, ids), rtol=0, atol=atol)
+
+
+def test_gguf_refuses_a_byte_tokenizer(model, byte_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="byte tokenizer: export it with --format hf"):
+        export(model, byte_tokenizer, "gguf", tmp_path / "m.gguf", "F32")
+    assert not list(tmp_path.iterdir())
