@@ -119,3 +119,57 @@ def test_gguf_refuses_a_byte_tokenizer(model, byte_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="byte tokenizer: export it with --format hf"):
         export(model, byte_tokenizer, "gguf", tmp_path / "m.gguf", "F32")
     assert not list(tmp_path.iterdir())
+
+
+# --- Hugging Face folder --------------------------------------------------------------------------------
+
+def hf_load(path):
+    import transformers
+
+    return (transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32),
+            transformers.AutoTokenizer.from_pretrained(path, local_files_only=True))
+
+
+def test_hf_folder_loads_in_transformers_with_equal_logits_and_chat_prompt(model, bpe, tmp_path):
+    from lilliput.export.hf import export_hf
+
+    path = export_hf(model, bpe, tmp_path / "hf")
+    hf, tok = hf_load(path)
+    ids = bpe.encode(TEXT)
+    with torch.inference_mode():
+        torch.testing.assert_close(hf(torch.tensor([ids])).logits[0], logits(model, ids), rtol=0, atol=1e-4)
+    assert tok(TEXT, add_special_tokens=False)["input_ids"] == ids
+    chat = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == bpe.apply_chat_template(chat)
+    assert json.loads((path / "generation_config.json").read_text())["eos_token_id"] == 261
+    assert (path / "README.md").read_text().startswith("# tiny-bpe")
+
+
+def test_hf_dequantizes_a_quantized_model_and_unties_its_output_layer(model, bpe, tmp_path):
+    from lilliput.export.hf import export_hf
+
+    q = quantize_(copy.deepcopy(model), RTNConfig(bits=4, group_size=32))
+    path = export_hf(q, bpe, tmp_path / "hf")
+    assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is False
+    hf, _ = hf_load(path)
+    ids = bpe.encode(TEXT)
+    with torch.inference_mode():
+        torch.testing.assert_close(hf(torch.tensor([ids])).logits[0], logits(q, ids), rtol=0, atol=1e-4)
+
+
+def test_hf_byte_tokenizer_becomes_a_byte_level_bpe(tiny_model, byte_tokenizer, tmp_path, one_thread):
+    path = export(tiny_model, byte_tokenizer, "hf", tmp_path / "hf").path
+    _, tok = hf_load(path)
+    assert tok("héllo", add_special_tokens=False)["input_ids"] == list("héllo".encode())
+
+
+def test_hf_model_card_carries_the_shrink_record(model, bpe, tmp_path):
+    from lilliput.core.record import run_record
+    from lilliput.jobs.export import ExportJob, run_export
+
+    stages = [{"stage": s, "seconds": 1.0, "perplexity": p, "tasks": {}, "bytes": b, "parameters": 1e6,
+               "decode_tok_s": 50.0} for s, p, b in (("input", 20.0, 4e6), ("1. quantize rtn", 20.4, 1e6))]
+    src = save_checkpoint(model, bpe, tmp_path / "shrunk", run_record("lilliput shrink", stages=stages))
+    result = run_export(ExportJob(model=str(src), format="hf", out=str(tmp_path / "hf")))
+    card = (result.path / "README.md").read_text()
+    assert "| 1. quantize rtn | 20.400 (1.02x)" in card and "vllm serve" in card
