@@ -173,3 +173,50 @@ def test_hf_model_card_carries_the_shrink_record(model, bpe, tmp_path):
     result = run_export(ExportJob(model=str(src), format="hf", out=str(tmp_path / "hf")))
     card = (result.path / "README.md").read_text()
     assert "| 1. quantize rtn | 20.400 (1.02x)" in card and "vllm serve" in card
+
+
+# --- ONNX ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def gqa_model(tiny_config, one_thread):
+    """4 query heads on 1 KV head and an MLP of 96 (three int4 groups of 32: an odd count of zero points)."""
+    torch.manual_seed(1)
+    return GPT(tiny_config.replace(vocab_size=264, n_kv_heads=1, ffn_dim=96)).eval()
+
+
+def test_onnx_float32_graph_equals_lilliput_with_and_without_cache(gqa_model, bpe, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from lilliput.export.onnx import export_onnx
+    from lilliput.export.runtimes import OnnxModel
+
+    runner = OnnxModel(export_onnx(gqa_model, bpe, tmp_path / "onnx", "float32"), threads=1)
+    ids = bpe.encode(TEXT)
+    full, _ = runner.run([ids])
+    torch.testing.assert_close(torch.from_numpy(full[0]), logits(gqa_model, ids), rtol=0, atol=1e-5)
+    _, past = runner.run([ids[:5]])
+    for i in range(5, len(ids)):  # token by token through the cache
+        step, past = runner.run([[ids[i]]], past)
+        torch.testing.assert_close(torch.from_numpy(step[0, 0]), torch.from_numpy(full[0, i]), rtol=0, atol=1e-5)
+    assert past["past_key_values.0.key"].shape == (1, 1, len(ids), 8)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_onnx_matmul_nbits_holds_lilliputs_codes_exactly(gqa_model, bpe, tmp_path, monkeypatch, bits):
+    pytest.importorskip("onnxruntime")
+    import lilliput.export.onnx as lonnx
+    from lilliput.export.runtimes import OnnxModel
+
+    monkeypatch.setattr(lonnx, "ACCURACY_LEVEL", 0)  # fp32 activations: only the weights' mapping is tested
+    q = quantize_(copy.deepcopy(gqa_model), RTNConfig(bits=bits, group_size=32))
+    result = export(q, bpe, "onnx", tmp_path / "onnx", f"int{bits}")
+    assert result.written["matmul_nbits"] == 2 * 4 + 1 and not result.written["requantized"]
+    ids = bpe.encode(TEXT)
+    got = OnnxModel(result.path, threads=1).run([ids])[0][0]
+    torch.testing.assert_close(torch.from_numpy(got), logits(q, ids), rtol=0, atol=1e-5)
+
+
+def test_onnx_int4_of_a_float_model_is_lilliputs_rtn_int4(gqa_model, bpe, tmp_path):
+    pytest.importorskip("onnxruntime")
+    result = export(gqa_model, bpe, "onnx", tmp_path / "onnx", "int4")  # accuracy_level 4: int8 activations
+    assert result.written["requantized"] and result.check["mean_kl"] < 1e-3
+    assert result.bytes < export(gqa_model, bpe, "onnx", tmp_path / "f32", "float32").bytes

@@ -9,4 +9,4 @@ a temporary name, checked against the source model, and only then renamed into p
 """
 
 from lilliput.export.target import FORMATS, ExportResult, export  # noqa: F401
-from lilliput.export import gguf, hf  # noqa: F401,E402  (the built-in formats register themselves)
+from lilliput.export import gguf, hf, onnx  # noqa: F401,E402  (the built-in formats register themselves)
