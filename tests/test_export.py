@@ -220,3 +220,67 @@ def test_onnx_int4_of_a_float_model_is_lilliputs_rtn_int4(gqa_model, bpe, tmp_pa
     result = export(gqa_model, bpe, "onnx", tmp_path / "onnx", "int4")  # accuracy_level 4: int8 activations
     assert result.written["requantized"] and result.check["mean_kl"] < 1e-3
     assert result.bytes < export(gqa_model, bpe, "onnx", tmp_path / "f32", "float32").bytes
+
+
+# --- the command and its errors ---------------------------------------------------------------------------
+
+@pytest.fixture
+def ckpt(model, bpe, tmp_path):
+    return str(save_checkpoint(model, bpe, tmp_path / "ckpt"))
+
+
+def test_cli_exports_and_reports_the_check(ckpt, tmp_path, capsys):
+    from lilliput.cli import main
+
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--model", ckpt, "--format", "gguf", "--type", "q8_0", "--out", str(out)]) == 0
+    assert "exported gguf Q8_0" in capsys.readouterr().out and out.is_file()
+    assert main(["export", "--model", ckpt, "--format", "gguf", "--out", str(out), "--force"]) == 0  # F32: the model's own
+    assert GGUFFile(out).metadata["general.file_type"] == 0
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--format", "tflite"], "unknown export format 'tflite'; known: gguf, hf, onnx"),
+    (["--format", "gguf", "--type", "Q2_K"], "unknown gguf type 'Q2_K': pass one of F32, F16, BF16, Q8_0, Q4_0, Q4_1"),
+    (["--format", "hf", "--type", "int4"], "unknown hf type 'int4'"),
+])
+def test_cli_bad_format_or_type_is_one_line_exit_2(ckpt, tmp_path, capsys, argv, match):
+    from lilliput.cli import main
+
+    assert main(["export", "--model", ckpt, "--out", str(tmp_path / "x"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lilliput: error:") and match in err and "\n" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_existing_or_unwritable_output_is_refused(ckpt, tmp_path, capsys):
+    from lilliput.cli import main
+
+    existing = tmp_path / "m.gguf"
+    existing.write_text("keep me")
+    assert main(["export", "--model", ckpt, "--out", str(existing)]) == 2
+    assert "already exists: pass --force" in capsys.readouterr().err and existing.read_text() == "keep me"
+    assert main(["export", "--model", ckpt, "--out", str(existing / "sub" / "m.gguf")]) == 2
+    assert "is not a writable folder" in capsys.readouterr().err
+
+
+def test_a_mixer_the_format_cannot_express_names_the_layer(model, bpe, tmp_path):
+    class Mamba(torch.nn.Module):
+        def forward(self, x, *args):
+            return x
+
+    model.layers[1].mixer = Mamba()
+    with pytest.raises(ValueError, match="layer 1 has mixer Mamba"):
+        export(model, bpe, "onnx", tmp_path / "m", "float32")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failed_check_leaves_nothing_and_keeps_the_old_output(model, bpe, tmp_path, monkeypatch):
+    import lilliput.export.gguf as lgguf
+
+    out = export_gguf(model, bpe, tmp_path / "m.gguf", "F32")
+    before = out.read_bytes()
+    monkeypatch.setitem(lgguf.TOLERANCE, "Q4_0", -1.0)  # no export can pass
+    with pytest.raises(ExportCheckError, match="the export was not kept"):
+        export_gguf(model, bpe, out, "Q4_0", force=True)
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
