@@ -284,3 +284,22 @@ def test_a_failed_check_leaves_nothing_and_keeps_the_old_output(model, bpe, tmp_
     with pytest.raises(ExportCheckError, match="the export was not kept"):
         export_gguf(model, bpe, out, "Q4_0", force=True)
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+# --- the embedded SmolLM2-135M ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_q8_0_gguf_reads_back_within_1_percent_perplexity(smollm, tmp_path):
+    from lilliput.eval.perplexity import heldout_perplexity
+
+    model, tok = smollm
+    back, back_tok = load_model(str(export_gguf(model, tok, tmp_path / "q8.gguf", "Q8_0")), device="cpu")
+    assert back_tok.encode(TEXT) == tok.encode(TEXT) and back_tok.chat_template == tok.chat_template
+    base = heldout_perplexity(model, tok, passages=6, window=256)
+    assert abs(heldout_perplexity(back, tok, passages=6, window=256) / base - 1) < 0.01
+
+
+@pytest.mark.slow
+def test_smollm2_hf_folder_matches_within_1e_4(smollm, tmp_path):
+    result = export(smollm[0], smollm[1], "hf", tmp_path / "hf", "float32")
+    assert result.check["max_abs_logit_diff"] < 1e-4 and result.check["chat_template_same"]
