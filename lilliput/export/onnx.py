@@ -132,7 +132,6 @@ class _Graph:
 
 def build_graph(model):
     """The ONNX ModelProto of `model` (its quantized layers as MatMulNBits, the rest float32)."""
-    import onnx
     from onnx import TensorProto, helper
 
     c = model.config

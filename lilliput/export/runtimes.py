@@ -113,3 +113,34 @@ class LlamaCppModel(_Runtime):
             self.llm.eval([out[-1]])
             out.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
         return out, (n - 1) / (time.perf_counter() - t0)
+
+
+class TransformersModel(_Runtime):
+    """A Hugging Face folder in transformers' `AutoModelForCausalLM` (float32, CPU)."""
+
+    def __init__(self, folder: Path | str, threads: int | None = None):
+        import transformers
+
+        folder = Path(folder)
+        super().__init__(ModelConfig.from_hf(json.loads((folder / "config.json").read_text()), name=folder.name))
+        if threads:
+            torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        self.hf = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
+                                                                    dtype=torch.float32).eval()
+        self.load_seconds = time.perf_counter() - t0
+
+    def forward(self, idx: torch.Tensor, **_) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.hf(idx).logits.float()
+
+    def greedy(self, ids: list[int], n: int) -> tuple[list[int], float]:
+        with torch.inference_mode():
+            out = self.hf(torch.tensor([ids]), use_cache=True)
+            past, toks = out.past_key_values, [int(out.logits[0, -1].argmax())]
+            t0 = time.perf_counter()
+            for _ in range(n - 1):
+                out = self.hf(torch.tensor([[toks[-1]]]), past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                toks.append(int(out.logits[0, -1].argmax()))
+        return toks, (n - 1) / (time.perf_counter() - t0)
