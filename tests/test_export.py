@@ -4,6 +4,7 @@ Tiny models with a small byte-level BPE tokenizer (256 bytes, 4 merges, 2 specia
 formats' round trips; the embedded SmolLM2-135M for perplexity of real exports (slow)."""
 
 import copy
+import importlib.util
 import json
 
 import pytest
@@ -303,3 +304,22 @@ def test_smollm2_q8_0_gguf_reads_back_within_1_percent_perplexity(smollm, tmp_pa
 def test_smollm2_hf_folder_matches_within_1e_4(smollm, tmp_path):
     result = export(smollm[0], smollm[1], "hf", tmp_path / "hf", "float32")
     assert result.check["max_abs_logit_diff"] < 1e-4 and result.check["chat_template_same"]
+
+
+def test_runtimes_score_perplexity_on_the_same_windows_as_lilliput(model, bpe, tmp_path):
+    from lilliput.eval.perplexity import PerplexityConfig, perplexity
+    from lilliput.export.runtimes import OnnxModel, TransformersModel
+
+    text = "the thin cat sat in the hut; the hut was thin. " * 6
+    cfg = PerplexityConfig(window=32, stride=16)
+    want = perplexity(model, bpe, text, cfg)
+    runners = [TransformersModel(export(model, bpe, "hf", tmp_path / "hf").path)]
+    if importlib.util.find_spec("onnxruntime"):
+        runners.append(OnnxModel(export(model, bpe, "onnx", tmp_path / "onnx", "float32").path, threads=1))
+    if importlib.util.find_spec("llama_cpp"):
+        from lilliput.export.runtimes import LlamaCppModel
+
+        runners.append(LlamaCppModel(export_gguf(model, bpe, tmp_path / "m.gguf", "F32"), threads=1, n_ctx=64))
+    for runner in runners:
+        got = perplexity(runner, bpe, text, cfg)
+        assert got["tokens"] == want["tokens"] and got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-4)
