@@ -100,20 +100,30 @@ def test_gguf_of_structurally_pruned_model_is_the_smaller_llama(model, bpe, tmp_
     assert meta["llama.attention.head_count"] == 2 and meta["llama.attention.key_length"] == 8
     _, config, _ = read_gguf(path)
     assert (config.n_heads, config.hd, config.ffn_dim) == (2, 8, 32)
-    back, _ = load_model(str(path), device="cpu")
     ids = bpe.encode(TEXT)
+    back, _ = load_model(str(path), device="cpu")
     torch.testing.assert_close(logits(back, ids), logits(pruned, ids), rtol=0, atol=1e-6)
+    hf = export(pruned, bpe, "hf", tmp_path / "hf")  # and the other formats take the smaller shape too
+    assert json.loads((hf.path / "config.json").read_text())["head_dim"] == 8 and hf.check["max_abs_logit_diff"] < 1e-4
+    if importlib.util.find_spec("onnxruntime"):
+        assert export(pruned, bpe, "onnx", tmp_path / "onnx", "float32").check["max_abs_logit_diff"] < 1e-4
 
 
 def test_gguf_runs_in_llama_cpp(model, bpe, tmp_path):
     pytest.importorskip("llama_cpp")
     from lilliput.export.runtimes import LlamaCppModel
 
+    from lilliput.export.weights import agreement
+
     ids = bpe.encode(TEXT)
     for type, atol in (("F32", 1e-3), ("Q8_0", 0.05)):
         runner = LlamaCppModel(export_gguf(model, bpe, tmp_path / f"{type}.gguf", type), threads=1, n_ctx=256)
         assert runner.tokenize(TEXT) == ids  # llama.cpp's own tokenizer on our vocabulary, merges and specials
         torch.testing.assert_close(torch.from_numpy(runner.logits(ids)), logits(model, ids), rtol=0, atol=atol)
+    q4 = quantize_(copy.deepcopy(model), RTNConfig(bits=4, group_size=32, lm_head_bits=4))  # every matrix int4
+    runner = LlamaCppModel(export_gguf(q4, bpe, tmp_path / "q4.gguf", "Q4_1"), threads=1, n_ctx=256)
+    # lilliput's codes in Q4_1 blocks; llama.cpp rounds activations to 8 bits, lilliput does not here
+    assert agreement(logits(q4, ids), torch.from_numpy(runner.logits(ids)))["relative_error"] < 0.015  # Q4_0: 0.039
 
 
 def test_gguf_refuses_a_byte_tokenizer(model, byte_tokenizer, tmp_path):
