@@ -36,7 +36,7 @@ from lilliput.compress.quantize import GPTQConfig, RTNConfig, quantize_
 from lilliput.core.checkpoint import load_model
 from lilliput.core.record import run_record, write_json
 from lilliput.eval.efficiency import interleave
-from lilliput.eval.perplexity import heldout_perplexity
+from lilliput.eval.perplexity import HeldoutConfig, heldout_perplexity
 from lilliput.eval.task_sets import lambada_passages
 from lilliput.export import export
 from lilliput.export.runtimes import LlamaCppModel, OnnxModel, TransformersModel
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         t0 = time.perf_counter()
         target = runner.model if isinstance(runner, Lilliput) else runner
-        ppl = heldout_perplexity(target, tok, text=text, window=args.window, batch_size=1)
+        ppl = heldout_perplexity(target, tok, HeldoutConfig(window=args.window), text=text, batch_size=1)
         rows[name] = {"runtime": runtime, "format": fmt, "type": wtype, "weights": source,
                       "bytes": result.bytes if result else None,
                       "export_seconds": round(result.seconds, 1) if result else None,

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import dataclasses
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -45,8 +49,10 @@ def _read_text(path: str) -> str:
 def cmd_info(ns) -> int:
     model, tok = _load(ns)
     c = model.config
+    from lilliput.eval.efficiency import parameter_count
+
     info = {"model": ns.model or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF)", "config": c.to_dict(),
-            "parameters": model.num_params(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "parameters": parameter_count(model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "device": str(next(model.parameters()).device), "load_seconds": round(model.load_seconds, 3),
             "tokenizer": {"vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                           "chat_template": tok.chat_template is not None}}
@@ -64,11 +70,62 @@ def _stream(ns):
     return lambda row, delta: (sys.stdout.write(delta), sys.stdout.flush())
 
 
-def cmd_generate(ns) -> int:
-    from lilliput.infer.generate import GenerationConfig, chat, generate
+# one Python escape: \\ \n \t \r ..., octal, \xhh, \uhhhh, \Uhhhhhhhh, \N{name}; others stay as typed
+_ESCAPE = re.compile(r"\\(?:[\\'\"abfnrtv]|[0-7]{1,3}|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|N\{[^}]+\})")
+
+
+def _unescape(text: str) -> str:
+    """Backslash escapes typed in a flag (`--stop "\\n\\n"`) as the characters they name.
+    Each escape is decoded alone: `unicode_escape` over the whole text would read non-ASCII
+    text as Latin-1 bytes and turn "é" into "Ã©"."""
+    try:
+        return _ESCAPE.sub(lambda m: codecs.decode(m[0], "unicode_escape"), text)
+    except UnicodeDecodeError:  # \N{...} naming no character
+        raise ValueError(f"{text!r}: a \\N{{...}} escape names no Unicode character") from None
+
+
+def _generation_config(ns):
+    from lilliput.infer.generate import GenerationConfig
 
     cfg = config_from_args(GenerationConfig, ns)
+    return dataclasses.replace(cfg, stop=tuple(_unescape(s) for s in cfg.stop))
+
+
+def _generate_searched(ns, cfg, model, tok) -> int:
+    """--speculate and --best-of: one prompt through an engine, printed at the end."""
+    from lilliput.infer.engine import Engine, EngineConfig
+
+    prompt = tok.apply_chat_template([{"role": "user", "content": ns.prompt}]) if ns.chat else ns.prompt
+    bos = False if ns.chat else None
+    engine = Engine(model, tok, EngineConfig(max_batch=max(1, ns.best_of or 1)))
+    if ns.speculate:
+        from lilliput.infer.speculative import SpeculationConfig, SpeculativeDecoder, make_drafter
+
+        dec = SpeculativeDecoder(engine, make_drafter(ns.speculate, engine), SpeculationConfig(k=ns.k))
+        seq = dec.generate(prompt, cfg, bos=bos)
+        note = ", ".join(f"{k} {v}" for k, v in dec.stats.as_dict().items())
+    else:
+        from lilliput.infer.search import choose, sample_n
+
+        seqs = sample_n(engine, prompt, cfg, ns.best_of, bos=bos)
+        seq = choose(seqs, "vote" if ns.vote else "best_of_n", extract=lambda t: " ".join(t.lower().split()) or None)
+        note = f"best of {len(seqs)} by {'majority vote' if ns.vote else 'mean log-probability'}"
+    print(seq.text)
+    print(f"[{len(seq.output)} tokens, finish: {seq.finish_reason}; {note}]", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(ns) -> int:
+    from lilliput.infer.generate import chat, generate
+
+    cfg = _generation_config(ns)
+    if ns.best_of is not None and ns.best_of < 1:
+        raise ValueError(f"--best-of must be >= 1, got {ns.best_of}")
+    if ns.speculate and ns.best_of:
+        raise ValueError("--speculate and --best-of do not combine yet: pick one")
     model, tok = _load(ns)
+    if ns.speculate or ns.best_of:
+        return _generate_searched(ns, cfg, model, tok)
     on_text = _stream(ns)
     if ns.chat:
         g = chat(model, tok, [{"role": "user", "content": ns.prompt}], cfg, on_text)
@@ -83,9 +140,9 @@ def cmd_generate(ns) -> int:
 
 
 def cmd_chat(ns) -> int:
-    from lilliput.infer.generate import GenerationConfig, chat
+    from lilliput.infer.generate import chat
 
-    cfg = config_from_args(GenerationConfig, ns)
+    cfg = _generation_config(ns)
     model, tok = _load(ns)
     messages = [{"role": "system", "content": ns.system}] if ns.system else []
     interactive = sys.stdin.isatty()
@@ -126,7 +183,7 @@ def cmd_eval_tasks(ns) -> int:
 
     cfg = config_from_args(TaskConfig, ns)
     model, tok = _load(ns)
-    result = evaluate_tasks(model, tok, cfg)
+    result = evaluate_tasks(model, tok, cfg, log=lambda message: print(message, file=sys.stderr, flush=True))
     if ns.json:
         print(json.dumps(result))
     else:
@@ -157,21 +214,22 @@ def cmd_demo(ns) -> int:
 
 
 def cmd_quantize(ns) -> int:
-    from lilliput.compress.quantize import QuantizeJob, run_quantize
+    from lilliput.jobs.quantize import QuantizeJob, run_quantize
 
     print(f"saved {run_quantize(config_from_args(QuantizeJob, ns))}")
     return 0
 
 
 def cmd_prune(ns) -> int:
-    from lilliput.compress.prune import PruneJob, run_prune
+    from lilliput.jobs.prune import PruneJob, run_prune
 
     print(f"saved {run_prune(config_from_args(PruneJob, ns))}")
     return 0
 
 
 def cmd_distill(ns) -> int:
-    from lilliput.train.distill import DistillConfig, DistillJob, run_distill
+    from lilliput.jobs.distill import DistillJob, run_distill
+    from lilliput.train.distill import DistillConfig
 
     default = DistillJob.__dataclass_fields__["config"].default  # the job's budget unless flags change it
     job = config_from_args(DistillJob, ns, config=config_from_args(DistillConfig, ns, base=default))
@@ -180,7 +238,7 @@ def cmd_distill(ns) -> int:
 
 
 def cmd_shrink(ns) -> int:
-    from lilliput.compress.recipe import ShrinkJob, run_shrink
+    from lilliput.jobs.shrink import ShrinkJob, run_shrink
 
     print(f"saved {run_shrink(config_from_args(ShrinkJob, ns))}")
     return 0
@@ -231,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, GenerationConfig)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
+    p.add_argument("--speculate", metavar="lookup|draft:MODEL", default=None,
+                   help="speculative decoding with prompt lookup or a draft model sharing the tokenizer")
+    p.add_argument("--k", type=int, default=4, help="drafted tokens per verification (the start when adaptive)")
+    p.add_argument("--best-of", type=int, default=None, metavar="N",
+                   help="sample N answers sharing one prefill and print the one with the highest mean log-probability")
+    p.add_argument("--vote", action="store_true", help="with --best-of: the most frequent answer instead")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="talk with the model (one message per line on stdin)")
@@ -260,12 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, FetchConfig)
     p.set_defaults(func=cmd_data_fetch)
 
-    from lilliput.compress.prune import PruneJob
-    from lilliput.compress.quantize import QuantizeJob
-    from lilliput.compress.recipe import ShrinkJob
     from lilliput.eval.bench import BenchConfig
     from lilliput.eval.report import ReportConfig
-    from lilliput.train.distill import DistillConfig, DistillJob
+    from lilliput.jobs.distill import DistillJob
+    from lilliput.jobs.prune import PruneJob
+    from lilliput.jobs.quantize import QuantizeJob
+    from lilliput.jobs.shrink import ShrinkJob
+    from lilliput.train.distill import DistillConfig
 
     p = sub.add_parser("quantize", help="int8/int4 weight quantization (rtn, gptq, awq)")
     add_config_args(p, QuantizeJob)
@@ -301,13 +366,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    """The first line of an exception's message (torch and safetensors write several)."""
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip()
+    lines = text.splitlines()
+    if not lines:
+        return type(e).__name__
+    return lines[0] + (" (LILLIPUT_DEBUG=1 shows the rest)" if len(lines) > 1 else "")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Expected failures (bad input, missing files, out of memory) are one line on stderr and exit
+    status 2; other exceptions are bugs and keep their traceback. LILLIPUT_DEBUG=1 re-raises all."""
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
-    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"lilliput: error: {msg}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:  # FileNotFoundError is an OSError
+        if os.environ.get("LILLIPUT_DEBUG") == "1":
+            raise
+        print(f"lilliput: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from lilliput.core.checkpoint import to_transformers
-from lilliput.core.model import KVCache
 from lilliput.infer import gemv
 from lilliput.infer.fastpath import accelerate_
 from lilliput.infer.fused import FusedStep
@@ -15,11 +14,10 @@ def fused_vs_torch(model, steps=6, prompt_len=5):
     c = model.config
     idx = torch.randint(0, c.vocab_size, (1, prompt_len + steps))
     ref = model(idx)[0].float()  # (T, V) uncached forward
-    cache = KVCache(c, 1, 32, "cpu", torch.float32)
-    model(idx[:, :prompt_len], cache, 0)
+    state = model.new_state(1, 32, dtype=torch.float32)
+    model(idx[:, :prompt_len], state)
     step = FusedStep.for_model(model)
-    step.bind(cache, 32)
-    got = [step(int(idx[0, t]), t).clone()[0] for t in range(prompt_len, prompt_len + steps)]
+    got = [step(state, [int(idx[0, t])], [0]).clone()[0] for t in range(prompt_len, prompt_len + steps)]
     return torch.stack(got), ref[prompt_len:]
 
 

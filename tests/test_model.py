@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lilliput.core.config import ModelConfig, preset
-from lilliput.core.model import FFNS, GPT, MIXERS, KVCache
+from lilliput.core.model import FFNS, GPT, MIXERS
 
 
 def test_forward_shapes(tiny_model, tiny_config):
@@ -14,17 +14,70 @@ def test_forward_shapes(tiny_model, tiny_config):
 def test_cached_decode_matches_full_forward(tiny_model, tiny_config):
     idx = torch.randint(0, tiny_config.vocab_size, (2, 12))
     full = tiny_model(idx)
-    cache = KVCache(tiny_config, 2, 16, "cpu", torch.float32)
-    parts = [tiny_model(idx[:, :5], cache, 0)] + [tiny_model(idx[:, t:t + 1], cache, t) for t in range(5, 12)]
+    state = tiny_model.new_state(2, 8)  # grows on demand
+    parts = [tiny_model(idx[:, :5], state)] + [tiny_model(idx[:, t:t + 1], state) for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    assert state.lengths == [12, 12] and state.max_len >= 12
 
 
-def test_left_padding_matches_unpadded(tiny_model, tiny_config):
-    seq = torch.randint(1, tiny_config.vocab_size, (1, 6))
-    alone = tiny_model(seq)[:, -1]
-    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), seq], 1)
-    cache = KVCache(tiny_config, 1, 12, "cpu", torch.float32, pad=torch.tensor([3]))
-    torch.testing.assert_close(tiny_model(padded, cache, 0)[:, -1], alone, atol=1e-5, rtol=1e-5)
+def test_rows_at_their_own_positions_match_alone(tiny_model, tiny_config):
+    """A batch of rows at different lengths (no shared padding) gives each row's own logits."""
+    idx = torch.randint(0, tiny_config.vocab_size, (3, 10))
+    full = tiny_model(idx)
+    state = tiny_model.new_state(4, 16)
+    for row, src, n in ((3, 2, 7), (0, 0, 2), (1, 1, 5)):  # rows in any order, any lengths
+        tiny_model(idx[[src], :n], state, rows=[row])
+    step = torch.stack([idx[2, 7], idx[0, 2], idx[1, 5]])[:, None]
+    out = tiny_model(step, state, rows=[3, 0, 1])[:, -1]
+    torch.testing.assert_close(out, full[[2, 0, 1], [7, 2, 5]], atol=1e-5, rtol=1e-5)
+    assert state.lengths == [3, 6, 0, 8]
+
+
+def test_state_truncate_copy_free(tiny_model, tiny_config):
+    idx = torch.randint(0, tiny_config.vocab_size, (1, 9))
+    full = tiny_model(idx)[0]
+    state = tiny_model.new_state(2, 16)
+    tiny_model(idx, state, rows=[0])
+    state.truncate(0, 4)  # forget 5 tokens: the next token goes to position 4
+    torch.testing.assert_close(tiny_model(idx[:, 4:6], state, rows=[0])[0], full[4:6], atol=1e-5, rtol=1e-5)
+    state.copy(0, 1)  # row 1 continues from row 0's 6 tokens
+    assert state.lengths == [6, 6]
+    torch.testing.assert_close(tiny_model(idx[:, 6:7], state, rows=[1])[0, 0], full[6], atol=1e-5, rtol=1e-5)
+    state.free(1)
+    assert state.lengths == [6, 0]
+    with pytest.raises(ValueError, match="cannot truncate"):
+        state.truncate(0, 7)
+    with pytest.raises(ValueError, match="context"):
+        state.ensure(tiny_config.max_seq_len + 1)
+
+
+def test_block_runs_without_state(tiny_model, tiny_config):
+    from lilliput.core.model import Step
+
+    x = torch.randn(2, 6, tiny_config.dim)
+    y = tiny_model.layers[0](x)
+    assert y.shape == x.shape
+    state = tiny_model.new_state(2, 8)  # the same block appending to a fresh state agrees
+    step = Step(torch.arange(2), torch.zeros(2, dtype=torch.long), 6, "cpu")
+    torch.testing.assert_close(tiny_model.layers[0](x, state.layers[0], step), y, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_pattern_is_config(tiny_config):
+    if "test-zero" not in MIXERS:
+        @MIXERS.register("test-zero")
+        class Zero(torch.nn.Module):
+            def __init__(self, config):
+                super().__init__()
+
+            def forward(self, x, state=None, step=None):
+                return torch.zeros_like(x)
+
+    cfg = tiny_config.replace(n_layers=4, layer_mixers=("test-zero", "attention"))
+    model = GPT(cfg)
+    assert [type(b.mixer).__name__ for b in model.layers] == ["Zero", "Attention"] * 2
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="only attention"):
+        cfg.to_hf()
 
 
 def test_tied_embeddings_share_storage(tiny_model):

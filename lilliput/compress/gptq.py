@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from lilliput.compress.quantize import (QUANTIZERS, GPTQConfig, Grid, grid_for, layer_bits, set_module,
-                                        target_linears)
+from lilliput.compress.quantize import QUANTIZERS, GPTQConfig, Grid, grid_for, layer_bits, target_linears
+from lilliput.core.layers import set_layer
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, grid: Grid, block_size: int = 128,
@@ -74,26 +74,19 @@ def _columns(W, Hinv, scale, zero, lo: int, hi: int, block_size: int) -> torch.T
     return Q
 
 
-def block_inputs(model, ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Embeddings of calibration ids (n, T) -> x (n, T, C) and the RoPE tables for T positions."""
-    x = model.tok_emb(ids)
-    T = ids.shape[1]
-    return x, model.rotary(torch.arange(T), T, x.dtype)
+def run_block(block: nn.Module, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """The block's outputs for x (n, T, C), a few sequences at a time (no state, causal)."""
+    return torch.cat([block(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
-def run_block(block: nn.Module, x: torch.Tensor, rope, layer: int, batch: int = 8) -> torch.Tensor:
-    """The block's outputs for x (n, T, C), a few sequences at a time (no cache, causal)."""
-    return torch.cat([block(x[i:i + batch], rope, None, layer, 0, None) for i in range(0, len(x), batch)])
-
-
-def layerwise(model, ids: torch.Tensor, quantize_block: Callable[[int, nn.Module, torch.Tensor, tuple], None],
+def layerwise(model, ids: torch.Tensor, quantize_block: Callable[[int, nn.Module, torch.Tensor], None],
               batch: int = 8) -> torch.Tensor:
-    """Calls quantize_block(i, block, inputs, rope) block by block, feeding each block's outputs
-    (after it was quantized) to the next; returns the final hidden states (n, T, C)."""
-    x, rope = block_inputs(model, ids)
+    """Calls quantize_block(i, block, inputs) block by block, feeding each block's outputs (after
+    it was quantized) to the next; returns the final hidden states (n, T, C)."""
+    x = model.tok_emb(ids)
     for i, block in enumerate(model.layers):
-        quantize_block(i, block, x, rope)
-        x = run_block(block, x, rope, i, batch)
+        quantize_block(i, block, x)
+        x = run_block(block, x, batch)
     return x
 
 
@@ -127,12 +120,12 @@ def _gptq(model, cfg: GPTQConfig, calibration: torch.Tensor) -> None:
             w = m.weight.detach().float()
             grid = grid_for(name, w, layer_bits(cfg, name), cfg.group_size)
             q = gptq_quantize(w, H[name], grid, cfg.block_size, cfg.damp, cfg.act_order)
-            set_module(model, name, grid.module(q))
+            set_layer(model, name, grid.module(q))
 
-    def per_block(i: int, block: nn.Module, x: torch.Tensor, rope) -> None:
+    def per_block(i: int, block: nn.Module, x: torch.Tensor) -> None:
         named = {n: m for n, m in targets.items() if n.startswith(f"layers.{i}.")}
         local = {n[len(f"layers.{i}."):]: m for n, m in named.items()}
-        H = hessians(local, lambda: run_block(block, x, rope, i))
+        H = hessians(local, lambda: run_block(block, x))
         quantize_all(named, {f"layers.{i}.{n}": h for n, h in H.items()})
 
     h = layerwise(model, calibration, per_block)

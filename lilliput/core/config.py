@@ -35,6 +35,9 @@ class ModelConfig:
     """Share the token embedding with the output layer."""
     mixer: str = "attention"
     """Sequence mixer of each block (a key of lilliput.core.model.MIXERS)."""
+    layer_mixers: tuple[str, ...] = ()
+    """Per-layer mixers as a pattern repeated over the layers (e.g. ("mamba", "mamba", "mamba",
+    "attention") for attention every 4th layer); empty means every layer uses `mixer`."""
     ffn: str = "swiglu"
     """Feed-forward of each block (a key of lilliput.core.model.FFNS)."""
     name: str = "custom"
@@ -48,8 +51,14 @@ class ModelConfig:
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         if self.head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must divide dim ({self.dim}) unless head_dim is set")
+        if isinstance(self.layer_mixers, list):
+            object.__setattr__(self, "layer_mixers", tuple(self.layer_mixers))
         if self.hd % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.hd}")
+
+    def mixer_at(self, layer: int) -> str:
+        """The sequence mixer of layer `layer`."""
+        return self.layer_mixers[layer % len(self.layer_mixers)] if self.layer_mixers else self.mixer
 
     @property
     def hd(self) -> int:
@@ -68,11 +77,13 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown model config fields {unknown}; known: {sorted(known)}")
+        if "layer_mixers" in d:  # JSON gives a list
+            d = {**d, "layer_mixers": tuple(d["layer_mixers"])}
         return cls(**d)
 
     def to_hf(self) -> dict[str, Any]:
         """The equivalent Hugging Face LlamaConfig fields (for export and parity tests)."""
-        if self.mixer != "attention" or self.ffn != "swiglu":
+        if self.mixer != "attention" or self.ffn != "swiglu" or set(self.layer_mixers) - {"attention"}:
             raise ValueError(f"only attention+swiglu models map to Llama, not {self.mixer}+{self.ffn}")
         return {
             "architectures": ["LlamaForCausalLM"],
@@ -96,8 +107,15 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str = "custom") -> "ModelConfig":
         """Read a Hugging Face Llama-family config.json."""
-        if hf.get("model_type") not in ("llama", "mistral", "qwen2", None):
+        if hf.get("model_type") == "qwen2":  # Qwen2Attention always has biased q/k/v projections
+            raise ValueError("a Qwen2 model's attention has biases (self_attn.q_proj.bias, k_proj.bias, "
+                             "v_proj.bias): lilliput supports only bias-free Llama-style attention")
+        if hf.get("model_type") not in ("llama", "mistral", None):
             raise ValueError(f"model_type {hf.get('model_type')!r} is not a Llama-style model lilliput can load")
+        biased = [key for key in ("attention_bias", "mlp_bias") if hf.get(key)]
+        if biased:
+            raise ValueError(f"config.json sets {' and '.join(biased)}: lilliput supports only bias-free "
+                             "Llama-style attention and MLPs")
         rope = hf.get("rope_parameters") or {}
         scaling = hf.get("rope_scaling") or {}
         kind = scaling.get("rope_type", scaling.get("type", rope.get("rope_type", "default")))

@@ -77,38 +77,36 @@ def breakdown(events) -> dict[str, float]:
 
 
 def _decode_steps(model, tok, prompt: list[int], steps: int, fused_path: bool, trace: Path) -> dict:
-    from lilliput.core.model import KVCache
     from lilliput.infer import gemv
     from lilliput.infer.fastpath import accelerate_
     from lilliput.infer.fused import FusedStep
-    from lilliput.infer.generate import decode_step, prefill
-    from lilliput.infer.sampling import sample_next
 
     accelerate_(model)
     total = len(prompt) + WARMUP_STEPS + steps + 1
     fused = FusedStep.for_model(model) if fused_path else None
-    cache = KVCache(model.config, 1, total, torch.device("cpu"), torch.float32, pad=None)
-    if fused:
-        fused.bind(cache, total)
+    state = model.new_state(1, total, torch.device("cpu"), torch.float32)
     handles = [] if fused else _annotate(model)
+
+    def step(token: int) -> torch.Tensor:  # (V,) logits of the next token
+        if fused:
+            return fused(state, [token], [0])[0]
+        return model(torch.tensor([[token]]), state)[0, -1]
+
     try:
         with torch.inference_mode(), gemv.decode_threads():
-            logits = prefill(model, torch.tensor([prompt]), cache)
-            T = len(prompt)
-            for step in range(WARMUP_STEPS):  # first calls pay for lazy setup: not what we profile
-                nxt = sample_next(logits, 0.0, None, None, None)
-                logits = fused(int(nxt[0]), T + step) if fused else decode_step(model, nxt, cache, T + step)
-            T += WARMUP_STEPS
+            logits = model(torch.tensor([prompt]), state, last_only=True)[0, -1]
+            for _ in range(WARMUP_STEPS):  # first calls pay for lazy setup: not what we profile
+                logits = step(int(logits.argmax()))
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                for step in range(steps):
+                for _ in range(steps):
                     with torch.profiler.record_function("lilliput::decode_step"):
                         with torch.profiler.record_function("lilliput::sample"):
-                            nxt = sample_next(logits, 0.0, None, None, None)  # (1,)
+                            nxt = int(logits.argmax())
                         if fused:
                             with torch.profiler.record_function("lilliput::fused_step"):
-                                logits = fused(int(nxt[0]), T + step)
+                                logits = step(nxt)
                         else:
-                            logits = decode_step(model, nxt, cache, T + step)
+                            logits = step(nxt)
     finally:
         for h in handles:
             h.remove()

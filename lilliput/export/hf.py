@@ -120,16 +120,13 @@ def model_card(model, source: Path | str | None, format: str, type: str) -> str:
              f"{c.n_kv_heads} KV heads of {c.hd}, MLP {c.ffn_dim}, vocabulary {c.vocab_size}, context {c.max_seq_len}; "
              f"{model.num_params() / 1e6:.1f}M parameters. Source: `{source or 'the embedded SmolLM2-135M-Instruct'}`.", ""]
     lines += ["## How it was shrunk", ""]
-    if run.get("stages"):
-        from lilliput.compress.recipe import stage_table
+    if run:
+        from lilliput.eval.report import stage_table  # a shrink run's stages, else the run's own metrics
 
-        lines += [f"`{run.get('command', 'lilliput shrink')}` (git {str(run.get('git_sha'))[:10]}, {run.get('created')}):",
-                  "", stage_table(run["stages"]), ""]
-    elif run:
-        figures = {k: v for k, v in run.items() if k in ("metrics", "params", "heldout_perplexity", "prune_seconds",
-                                                          "config", "job")}
+        head, cells = stage_table([(c.name, run)])
         lines += [f"`{run.get('command')}` (git {str(run.get('git_sha'))[:10]}, {run.get('created')}):", "",
-                  "```json", json.dumps(figures, indent=2, default=str)[:4000], "```", ""]
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                  *("| " + " | ".join(str(x) for x in row) + " |" for row in cells), ""]
     else:
         lines += ["No run.json beside the source model: no shrink stages recorded.", ""]
     if cfg.get("quantization"):

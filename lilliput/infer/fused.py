@@ -1,33 +1,51 @@
-"""The fused decode step: one C call per token for Llama models on CPU (csrc/llama_step.c).
+"""The fused step: one C call runs a Llama model over a few tokens on CPU (csrc/llama_step.c).
 
-`FusedStep.for_model(model)` returns None where it does not apply (no kernel, not CPU, an
-architecture other than attention + SwiGLU, a linear layer the step cannot run); the engine
-then decodes with the torch modules. The step reads and writes the same `KVCache` tensors the
-torch prefill fills, which must be fp32.
+A call takes up to `MAX_TOKENS` tokens, each with its own cache row and position: one token for
+each of B decoding sequences, the k + 1 tokens of a sequence being verified, or a short prefill
+chunk. Each weight matrix is read once per call.
 
-Each linear layer reaches C as a descriptor, int64[8] = {kind, weight, scale, zero, N, K,
-group, extra}: plain fp32/bf16 `nn.Linear` layers get kinds 0/1 here; a quantized module joins
-the fast path by defining `kernel_desc() -> list[int]` (its kind >= 2 is run by the C
-`qlinear_run`) and keeping the tensors it points at alive.
+`FusedStep.for_model(model)` returns None where it does not apply (no kernel, not CPU, a mixer
+or feed-forward other than attention + SwiGLU, a linear layer the step cannot run); the runner
+then uses the torch modules. The step reads and writes the same `DecodeState` tensors the torch
+prefill fills, which must be fp32.
+
+The argument block is `StepArgs`, a ctypes.Structure that mirrors `step_args_t` field for field;
+its first field carries `ABI` and the C side refuses any other value. A linear layer is a
+`LinearDesc` {kind, weight, scale, zero, N, K, group, variant}: plain fp32/bf16 `nn.Linear`
+layers get kinds 0/1 here; a quantized module joins by defining `kernel_desc() -> list[int]`
+(kind >= 2, run by the C `qlinear_run_rows`) and keeping the tensors it points at alive.
 """
 
 from __future__ import annotations
 
 import ctypes
-import struct
 
 import torch
 import torch.nn as nn
 
-from lilliput.core.model import GPT, KVCache
+from lilliput.core.model import GPT, DecodeState, KVState
 from lilliput.infer import gemv
 
+ABI = 3
 _WDT = {torch.float32: 0, torch.bfloat16: 1}
+i64 = ctypes.c_int64
 
 
-DESC_LEN = 8
-LAYER_LEN = 4 + 4 * DESC_LEN
-HEAD = 25
+class LinearDesc(ctypes.Structure):
+    _fields_ = [(name, i64) for name in ("kind", "weight", "scale", "zero", "n", "k", "group", "variant")]
+
+
+class LayerArgs(ctypes.Structure):
+    _fields_ = [("attn_norm", i64), ("ffn_norm", i64), ("k_cache", i64), ("v_cache", i64),
+                ("wqkv", LinearDesc), ("wo", LinearDesc), ("w_gate_up", LinearDesc), ("w_down", LinearDesc)]
+
+
+class StepArgs(ctypes.Structure):
+    _fields_ = [("abi", i64), ("n_layers", i64), ("dim", i64), ("n_heads", i64), ("n_kv_heads", i64),
+                ("head_dim", i64), ("ffn_dim", i64), ("vocab", i64), ("max_len", i64), ("eps", ctypes.c_double),
+                ("n_tok", i64), ("rows", i64), ("pos", i64), ("n_out", i64), ("out_idx", i64), ("x", i64),
+                ("logits", i64), ("cos", i64), ("sin", i64), ("scratch", i64), ("final_norm", i64),
+                ("lm_head", LinearDesc), ("layers", i64)]
 
 
 def linear_desc(m: nn.Module) -> list[int] | None:
@@ -44,24 +62,36 @@ def linear_desc(m: nn.Module) -> list[int] | None:
 class FusedStep:
     def __init__(self, model: GPT, kernel: gemv.Kernel, descs: list[list[int]]):
         c = model.config
-        self.model, self.config, self.fn = model, c, kernel.lib.llama_step
+        lib = kernel.lib
+        if lib.llama_step_abi() != ABI:
+            raise RuntimeError(f"llama_step ABI {lib.llama_step_abi()} != {ABI}: stale kernel build")
+        self.model, self.config, self.fn = model, c, lib.llama_step
+        self.fn.restype = ctypes.c_int
+        self.max_tokens = lib.llama_step_max_tokens()
+        lib.step_scratch_floats.restype = ctypes.c_int64
+        self._scratch_floats = lib.step_scratch_floats
         # fp32 copies of the norms (tiny); matrices are used in place
         self.norms = [(blk.attn_norm.weight.float().contiguous(), blk.ffn_norm.weight.float().contiguous())
                       for blk in model.layers]
         self.final_norm = model.norm.weight.float().contiguous()
-        a = self.args = (ctypes.c_int64 * (HEAD + LAYER_LEN * c.n_layers))()
-        a[0:7] = [c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.hd, c.ffn_dim, c.vocab_size]
-        a[10] = struct.unpack("<q", struct.pack("<d", c.norm_eps))[0]
-        self.x = torch.empty(c.dim)
-        self.logits = torch.empty(1, c.vocab_size)
-        a[11], a[12], a[16] = self.x.data_ptr(), self.logits.data_ptr(), self.final_norm.data_ptr()
-        a[17:25] = descs[0]
+        a = self.args = StepArgs(abi=ABI, n_layers=c.n_layers, dim=c.dim, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
+                                 head_dim=c.hd, ffn_dim=c.ffn_dim, vocab=c.vocab_size, eps=c.norm_eps)
+        a.final_norm = self.final_norm.data_ptr()
+        a.lm_head = LinearDesc(*descs[0])
+        self.layer_args = (LayerArgs * c.n_layers)()
         for i, (n1, n2) in enumerate(self.norms):
-            base = HEAD + LAYER_LEN * i
-            a[base], a[base + 1] = n1.data_ptr(), n2.data_ptr()
-            for j in range(4):
-                a[base + 4 + DESC_LEN * j: base + 4 + DESC_LEN * (j + 1)] = descs[1 + 4 * i + j]
-        self._cache = None
+            la = self.layer_args[i]
+            la.attn_norm, la.ffn_norm = n1.data_ptr(), n2.data_ptr()
+            la.wqkv, la.wo, la.w_gate_up, la.w_down = (LinearDesc(*d) for d in descs[1 + 4 * i: 5 + 4 * i])
+        a.layers = ctypes.addressof(self.layer_args)
+        T = self.max_tokens
+        self.x = torch.empty(T, c.dim)
+        self.logits = torch.empty(T, c.vocab_size)
+        self.meta = torch.zeros(3, T, dtype=torch.long)  # rows, positions, output indices
+        self.scratch = torch.empty(self._scratch_floats(ctypes.byref(a), T))
+        a.x, a.logits, a.scratch = self.x.data_ptr(), self.logits.data_ptr(), self.scratch.data_ptr()
+        a.rows, a.pos, a.out_idx = (self.meta[i].data_ptr() for i in range(3))
+        self._bound: tuple[int, int] | None = None
 
     @classmethod
     def for_model(cls, model: GPT) -> "FusedStep | None":
@@ -69,7 +99,8 @@ class FusedStep:
         if not isinstance(kernel, gemv.Kernel) or not isinstance(model, GPT):
             return None
         c = model.config
-        if c.mixer != "attention" or c.ffn != "swiglu" or model.norm.weight.device.type != "cpu":
+        if c.ffn != "swiglu" or any(c.mixer_at(i) != "attention" for i in range(c.n_layers)) \
+                or model.norm.weight.device.type != "cpu":
             return None
         linears = [model.lm_head] + [m for blk in model.layers for m in
                                      (blk.mixer.wqkv, blk.mixer.wo, blk.ffn.w_gate_up, blk.ffn.w_down)]
@@ -78,29 +109,49 @@ class FusedStep:
             return None  # e.g. a layer type the C step has no kernel for: the torch modules run it
         return cls(model, kernel, descs)
 
-    def bind(self, cache: KVCache, scratch_len: int) -> None:
-        """Point the step at a cache (fp32, batch 1, no padding)."""
-        if cache.k[0].dtype != torch.float32 or cache.k[0].shape[0] != 1 or cache.pad is not None:
-            raise ValueError("the fused step needs an fp32 KV cache for one unpadded sequence")
-        c, a = self.config, self.args
-        self._cache = cache
-        a[8] = cache.max_len
-        self.scratch = torch.empty(c.dim + (c.n_heads + 2 * c.n_kv_heads) * c.hd + c.n_heads * c.hd
-                                   + 2 * c.ffn_dim + scratch_len)
-        a[15] = self.scratch.data_ptr()
-        for i in range(c.n_layers):
-            base = HEAD + LAYER_LEN * i
-            a[base + 2], a[base + 3] = cache.k[i].data_ptr(), cache.v[i].data_ptr()
+    def bind(self, state: DecodeState) -> None:
+        """Point the step at a decode state's caches (fp32, CPU). Call again after it grows."""
+        first = state.layers[0]
+        if not isinstance(first, KVState) or first.k.dtype != torch.float32 or first.k.device.type != "cpu":
+            raise ValueError("the fused step needs an fp32 CPU attention state")
+        self.args.max_len = first.max_len
+        for la, s in zip(self.layer_args, state.layers):
+            la.k_cache, la.v_cache = s.k.data_ptr(), s.v.data_ptr()
+        self._bound = (id(state), state.generation)
 
-    def __call__(self, token: int, pos: int) -> torch.Tensor:
-        """Logits (1, V) fp32 for `token` at cache slot `pos` (the cache holds slots < pos).
-        The returned tensor is reused by the next call."""
-        model, a = self.model, self.args
-        self.x.copy_(model.tok_emb.weight[token])
-        cos, sin = model.rotary.tables(pos + 1, self.x.device)
-        cos, sin = cos[pos], sin[pos]  # contiguous rows (hs,)
-        a[7], a[13], a[14] = pos, cos.data_ptr(), sin.data_ptr()
-        rc = self.fn(self.args)
+    def __call__(self, state: DecodeState, tokens: list[int], rows: list[int], out: list[int] | None = None
+                 ) -> torch.Tensor:
+        """Append token t to state row rows[t] (at that row's length; a row may appear several times,
+        in order) and return the logits (len(out), V) fp32 of the tokens indexed by `out` (default
+        all). The returned tensor is reused by the next call."""
+        n = len(tokens)
+        if not 0 < n <= self.max_tokens or len(rows) != n:
+            raise ValueError(f"the fused step takes 1..{self.max_tokens} tokens with one row each, got {n}")
+        lengths = state.lengths
+        pos, seen = [], {}
+        for r in rows:
+            p = lengths[r] + seen.get(r, 0)
+            seen[r] = seen.get(r, 0) + 1
+            pos.append(p)
+        state.ensure(max(pos) + 1)
+        if self._bound != (id(state), state.generation):
+            self.bind(state)
+        out = list(range(n)) if out is None else out
+        model, a, meta = self.model, self.args, self.meta
+        meta[0, :n] = torch.tensor(rows)
+        meta[1, :n] = torch.tensor(pos)
+        meta[2, :len(out)] = torch.tensor(out)
+        emb, ids = model.tok_emb.weight, meta[0, :n].new_tensor(tokens)
+        if emb.dtype == torch.float32:
+            torch.index_select(emb, 0, ids, out=self.x[:n])
+        else:
+            self.x[:n] = emb[ids]
+        cos, sin = model.rotary.tables(max(pos) + 1, self.x.device)
+        cos, sin = cos[meta[1, :n]], sin[meta[1, :n]]  # (n, hs), contiguous
+        a.n_tok, a.n_out, a.cos, a.sin = n, len(out), cos.data_ptr(), sin.data_ptr()
+        rc = self.fn(ctypes.byref(a))
         if rc != 0:
-            raise RuntimeError(f"llama_step failed at position {pos} (code {rc})")
-        return self.logits
+            raise RuntimeError(f"llama_step failed (code {rc}) for rows {rows} at positions {pos}")
+        for r, k in seen.items():
+            lengths[r] += k
+        return self.logits[:len(out)]

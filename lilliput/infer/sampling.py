@@ -1,4 +1,5 @@
-"""Pure functions from logits to the next token: penalties, temperature, top-k, top-p, draw."""
+"""From logits to the next token: pure filters (temperature, top-k, top-p), the draw, and the
+per-sequence logits processors (repetition penalty; watermarks and grammars plug in the same way)."""
 
 from __future__ import annotations
 
@@ -34,14 +35,46 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     """logits (B, V) float -> next ids (B,). temperature 0 is greedy (argmax)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None and p_active(top_p):
-        logits = top_p_filter(logits, top_p)
-    probs = logits.softmax(-1)
+    probs = filtered_logits(logits, temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def p_active(top_p: float) -> bool:
     return 0.0 < top_p < 1.0
+
+
+# --- per-sequence logits processors ------------------------------------------------------------------
+
+class LogitsProcessor:
+    """Changes one sequence's next-token logits. `ids` are its tokens so far (prompt, then output),
+    `prompt_len` where the output starts, `logits` (V,) fp32 (a fresh tensor: edit in place or
+    return a new one). Processors form a chain per sequence, applied in order before sampling:
+    repetition penalty, a watermark, a grammar."""
+
+    def __call__(self, ids: list[int], prompt_len: int, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RepetitionPenalty(LogitsProcessor):
+    """CTRL-style penalty over the prompt and the output (as Hugging Face applies it)."""
+
+    def __init__(self, penalty: float):
+        if penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+        self.penalty = penalty
+
+    def __call__(self, ids: list[int], prompt_len: int, logits: torch.Tensor) -> torch.Tensor:
+        seen = torch.tensor(sorted(set(ids)), dtype=torch.long)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / self.penalty, vals * self.penalty)
+        return logits
+
+
+def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """(..., V) logits after temperature, top-k and top-p: what a sampler draws from (temperature > 0)."""
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and p_active(top_p):
+        logits = top_p_filter(logits, top_p)
+    return logits

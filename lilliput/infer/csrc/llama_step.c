@@ -1,43 +1,83 @@
 /*
- * One decode step of a Llama-style model (RMSNorm, RoPE rotate-half, grouped-query attention,
- * SwiGLU) for one sequence, entirely in C: the torch version spends ~7 ms per token of a
- * 30-layer model in op dispatch alone, a quarter of the step. Matrix-vector products go to
- * gemv() (threaded, fp32 or bf16 weights); everything else is small and runs on the caller's
- * thread. Activations, norms and the KV cache are fp32.
+ * One forward of a Llama-style model (RMSNorm, RoPE rotate-half, grouped-query attention,
+ * SwiGLU) for a handful of tokens, entirely in C: the torch version spends ~7 ms per token of a
+ * 30-layer model in op dispatch alone, a quarter of the step.
  *
- * Arguments come packed in one int64 array (pointers and sizes; eps as the bits of a double):
- *   a[0..6]   n_layers, dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab
- *   a[7..8]   pos (cache slot of this token), L (cache length); a[9] unused
- *   a[10]     eps (double bits)
- *   a[11..16] x (dim fp32, the token's embedding; overwritten), logits out (vocab fp32),
- *             cos, sin (head_dim fp32 each, for this position), scratch (fp32, see below),
- *             final norm weight
- *   a[17..24] the output layer's linear descriptor
- *   a[25 + 36 * l ..] per layer: attn_norm, ffn_norm, k cache (n_kv, L, head_dim), v cache,
- *             then the descriptors of wqkv, wo, w_gate_up, w_down (8 int64 each)
- * scratch holds dim + (n_heads + 2 n_kv) hd + n_heads hd + 2 ffn + L floats.
+ * The n tokens of a call each belong to a row of the KV cache at a position of their own: B
+ * sequences decoding one token each (continuous batching), or the k + 1 tokens of one sequence
+ * being verified after drafting (speculative decoding), or any mix. Every weight matrix is read
+ * once per call for all n tokens (the GEMV kernels take up to 8 right-hand sides; more are
+ * taken 8 at a time). Tokens of one row must come in position order: a token attends to its
+ * row's keys up to its own position, written by this call's earlier tokens or by earlier calls.
  *
- * A linear descriptor is int64[8] = {kind, weight, scale, zero, N, K, group, extra}: kind 0 is
- * an fp32 and 1 a bf16 (N, K) weight, run by gemv(); kinds >= 2 are quantized formats, run by
- * qlinear_run() where a quantized-kernel source provides it (a weak symbol until then).
+ * Arguments come in one struct, `step_args_t`, mirrored by a ctypes.Structure in fused.py; its
+ * first field is STEP_ABI and the call refuses any other value, so the two sides cannot drift.
+ * A linear layer is a descriptor {kind, weight, scale, zero, N, K, group, variant}: kind 0 is an
+ * fp32 and 1 a bf16 (N, K) weight, run by gemv(); kinds >= 2 are quantized formats run by
+ * qlinear_run_rows() (csrc/qgemv.c).
+ *
+ * Attention runs on the GEMV thread pool, one (token, head) pair per work item.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
+#define STEP_ABI 3
+#define MAX_TOK 64
+#define GEMV_ROWS 8
+
+typedef struct {
+    int64_t kind, weight, scale, zero, n, k, group, variant;
+} linear_t;
+
+typedef struct {
+    int64_t attn_norm, ffn_norm; /* fp32 (dim,) */
+    int64_t k_cache, v_cache;    /* fp32 (rows, n_kv, max_len, head_dim) */
+    linear_t wqkv, wo, w_gate_up, w_down;
+} layer_t;
+
+typedef struct {
+    int64_t abi;
+    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab;
+    int64_t max_len;   /* L: positions per row of every cache */
+    double eps;
+    int64_t n_tok;     /* tokens in this call, 1..MAX_TOK */
+    int64_t rows;      /* int64 (n_tok,): cache row of each token */
+    int64_t pos;       /* int64 (n_tok,): position of each token in its row */
+    int64_t n_out;     /* tokens whose logits are wanted */
+    int64_t out_idx;   /* int64 (n_out,): which tokens, in the order the logits come out */
+    int64_t x;         /* fp32 (n_tok, dim): the tokens' embeddings; overwritten */
+    int64_t logits;    /* fp32 (n_out, vocab) out */
+    int64_t cos, sin;  /* fp32 (n_tok, head_dim): rotary rows at each token's position */
+    int64_t scratch;   /* fp32, step_scratch_floats() */
+    int64_t final_norm;
+    linear_t lm_head;
+    int64_t layers;    /* layer_t (n_layers,) */
+} step_args_t;
+
+typedef void (*rows_fn)(const float *, const void *, void *, int, int64_t, int64_t, int64_t, int64_t);
 int gemv(const void *x, int xdt, const void *w, int wdt, void *y, int ydt, int64_t B, int64_t N,
          int64_t K);
+int gemv_pool_run(rows_fn fn, const float *x, const void *w, void *y, int ydt, int64_t N, int64_t K,
+                  int64_t row_bytes);
 int rmsnorm_f32(const float *x, const float *w, float *out, int64_t rows, int64_t dim, double eps);
+int qlinear_run_rows(const int64_t *desc, const float *x, float *y, int64_t B) __attribute__((weak));
 
-#define PTR(i) ((void *)(intptr_t)a[i])
-#define DESC_LEN 8
-#define LAYER_LEN (4 + 4 * DESC_LEN)
+#define P(T, v) ((T *)(intptr_t)(v))
 
-int qlinear_run(const int64_t *desc, const float *x, float *y) __attribute__((weak));
+int llama_step_abi(void) { return STEP_ABI; }
 
-static int linear_run(const int64_t *d, const float *x, float *y) {
-    if (d[0] == 0 || d[0] == 1) return gemv(x, 0, (const void *)(intptr_t)d[1], (int)d[0], y, 0, 1, d[4], d[5]);
-    return qlinear_run ? qlinear_run(d, x, y) : -3;
+int llama_step_max_tokens(void) { return MAX_TOK; }
+
+/* y (n, N) = x (n, K) W^T, in batches of GEMV_ROWS rows of x */
+static int linear_rows(const linear_t *d, const float *x, float *y, int64_t n) {
+    if (d->kind >= 2) return qlinear_run_rows ? qlinear_run_rows((const int64_t *)d, x, y, n) : -3;
+    for (int64_t i = 0; i < n; i += GEMV_ROWS) {
+        int64_t b = n - i < GEMV_ROWS ? n - i : GEMV_ROWS;
+        int rc = gemv(x + i * d->k, 0, P(const void, d->weight), (int)d->kind, y + i * d->n, 0, b, d->n, d->k);
+        if (rc) return rc;
+    }
+    return 0;
 }
 
 static void rope(float *x, const float *cos, const float *sin, int64_t heads, int64_t hd) {
@@ -50,23 +90,61 @@ static void rope(float *x, const float *cos, const float *sin, int64_t heads, in
         }
 }
 
-static void attend(const float *q, const float *kc, const float *vc, float *out, float *sc,
-                   int64_t nh, int64_t nkv, int64_t S, int64_t L, int64_t hd) {
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float d = 0.0f;
+    if (n % 8 == 0) {
+        v8 acc = {0}, acc2 = {0};
+        for (; i + 16 <= n; i += 16) {
+            v8 a0, b0, a1, b1;
+            memcpy(&a0, a + i, 32), memcpy(&b0, b + i, 32), memcpy(&a1, a + i + 8, 32), memcpy(&b1, b + i + 8, 32);
+            acc += a0 * b0, acc2 += a1 * b1;
+        }
+        for (; i < n; i += 8) {
+            v8 a0, b0;
+            memcpy(&a0, a + i, 32), memcpy(&b0, b + i, 32);
+            acc += a0 * b0;
+        }
+        acc += acc2;
+        for (int j = 0; j < 8; j++) d += acc[j];
+    }
+    for (; i < n; i++) d += a[i] * b[i];
+    return d;
+}
+
+typedef struct {
+    const step_args_t *a;
+    const float *qkv; /* (n_tok, (nh + 2 nkv) hd), roped */
+    const float *kc, *vc;
+    float *att;       /* (n_tok, nh hd) */
+} attn_ctx_t;
+
+/* Work items [n0, n1) of (token, head) pairs: softmax(q k^T / sqrt(hd)) v over the row's keys. */
+static void attend_items(const float *unused, const void *ctxv, void *unused_y, int ydt, int64_t N, int64_t K,
+                         int64_t n0, int64_t n1) {
+    (void)unused, (void)unused_y, (void)ydt, (void)N, (void)K;
+    const attn_ctx_t *c = ctxv;
+    const step_args_t *a = c->a;
+    const int64_t nh = a->n_heads, nkv = a->n_kv_heads, hd = a->head_dim, L = a->max_len;
+    const int64_t g = nh / nkv, nqkv = (nh + 2 * nkv) * hd, row_stride = nkv * L * hd;
+    const int64_t *rows = P(const int64_t, a->rows), *pos = P(const int64_t, a->pos);
     const float scale = 1.0f / sqrtf((float)hd);
-    const int64_t g = nh / nkv;
-    for (int64_t h = 0; h < nh; h++) {
-        const float *qh = q + h * hd, *kh = kc + (h / g) * L * hd, *vh = vc + (h / g) * L * hd;
+    for (int64_t item = n0; item < n1; item++) {
+        const int64_t t = item / nh, h = item % nh, S = pos[t] + 1;
+        const float *q = c->qkv + t * nqkv + h * hd;
+        const float *kh = c->kc + rows[t] * row_stride + (h / g) * L * hd;
+        const float *vh = c->vc + rows[t] * row_stride + (h / g) * L * hd;
+        float sc[S];
         float mx = -INFINITY;
         for (int64_t s = 0; s < S; s++) {
-            const float *kr = kh + s * hd;
-            float d = 0.0f;
-            for (int64_t i = 0; i < hd; i++) d += qh[i] * kr[i];
-            sc[s] = d * scale;
+            sc[s] = dot(q, kh + s * hd, hd) * scale;
             mx = sc[s] > mx ? sc[s] : mx;
         }
         float sum = 0.0f;
         for (int64_t s = 0; s < S; s++) sum += (sc[s] = expf(sc[s] - mx));
-        float *o = out + h * hd;
+        float *o = c->att + t * nh * hd + h * hd;
         memset(o, 0, sizeof(float) * hd);
         const float inv = 1.0f / sum;
         for (int64_t s = 0; s < S; s++) {
@@ -76,48 +154,68 @@ static void attend(const float *q, const float *kc, const float *vc, float *out,
     }
 }
 
-int llama_step(const int64_t *a) {
-    const int64_t n_layers = a[0], dim = a[1], nh = a[2], nkv = a[3], hd = a[4], ffn = a[5],
-                  vocab = a[6], pos = a[7], L = a[8];
-    double eps;
-    memcpy(&eps, &a[10], sizeof eps);
-    if (pos < 0 || pos >= L || nh % nkv || hd % 2) return -1;
-    float *x = PTR(11), *logits = PTR(12);
-    const float *cos = PTR(13), *sin = PTR(14);
-    float *h = PTR(15);                       /* dim */
-    float *qkv = h + dim;                     /* (nh + 2 nkv) hd */
-    float *att = qkv + (nh + 2 * nkv) * hd;   /* nh hd */
-    float *gu = att + nh * hd;                /* 2 ffn */
-    float *sc = gu + 2 * ffn;                 /* L */
-    const int64_t nqkv = (nh + 2 * nkv) * hd;
-    for (int64_t l = 0; l < n_layers; l++) {
-        const int64_t *p = a + 25 + LAYER_LEN * l;
-        const float *attn_norm = (const float *)(intptr_t)p[0], *ffn_norm = (const float *)(intptr_t)p[1];
-        float *kc = (float *)(intptr_t)p[2], *vc = (float *)(intptr_t)p[3];
-        const int64_t *wqkv = p + 4, *wo = wqkv + DESC_LEN, *wgu = wo + DESC_LEN, *wdown = wgu + DESC_LEN;
-        int rc;
+/* Floats of scratch a call of n tokens needs. */
+int64_t step_scratch_floats(const step_args_t *a, int64_t n) {
+    return n * (a->dim + (a->n_heads + 2 * a->n_kv_heads) * a->head_dim + a->n_heads * a->head_dim
+                + 2 * a->ffn_dim) + 64;
+}
 
-        rmsnorm_f32(x, attn_norm, h, 1, dim, eps);
-        if ((rc = linear_run(wqkv, h, qkv))) return rc;
-        rope(qkv, cos, sin, nh + nkv, hd); /* q and k heads */
-        const float *k = qkv + nh * hd, *v = k + nkv * hd;
-        for (int64_t j = 0; j < nkv; j++) {
-            memcpy(kc + (j * L + pos) * hd, k + j * hd, sizeof(float) * hd);
-            memcpy(vc + (j * L + pos) * hd, v + j * hd, sizeof(float) * hd);
-        }
-        attend(qkv, kc, vc, att, sc, nh, nkv, pos + 1, L, hd);
-        if ((rc = linear_run(wo, att, h))) return rc;
-        for (int64_t i = 0; i < dim; i++) x[i] += h[i];
+int llama_step(const step_args_t *a) {
+    if (a->abi != STEP_ABI) return -10;
+    const int64_t n = a->n_tok, dim = a->dim, nh = a->n_heads, nkv = a->n_kv_heads, hd = a->head_dim,
+                  ffn = a->ffn_dim, L = a->max_len;
+    if (n < 1 || n > MAX_TOK || a->n_out < 0 || a->n_out > n || nh % nkv || hd % 2) return -1;
+    const int64_t *rows = P(const int64_t, a->rows), *pos = P(const int64_t, a->pos);
+    for (int64_t t = 0; t < n; t++)
+        if (pos[t] < 0 || pos[t] >= L || rows[t] < 0) return -2;
+    const int64_t nqkv = (nh + 2 * nkv) * hd, row_stride = nkv * L * hd;
+    float *x = P(float, a->x);
+    const float *cos = P(const float, a->cos), *sin = P(const float, a->sin);
+    float *h = P(float, a->scratch);  /* (n, dim) */
+    float *qkv = h + n * dim;         /* (n, nqkv) */
+    float *att = qkv + n * nqkv;      /* (n, nh hd) */
+    float *gu = att + n * nh * hd;    /* (n, 2 ffn) */
+    const layer_t *layers = P(const layer_t, a->layers);
+    int rc;
+    for (int64_t l = 0; l < a->n_layers; l++) {
+        const layer_t *ly = layers + l;
+        float *kc = P(float, ly->k_cache), *vc = P(float, ly->v_cache);
 
-        rmsnorm_f32(x, ffn_norm, h, 1, dim, eps);
-        if ((rc = linear_run(wgu, h, gu))) return rc;
-        for (int64_t i = 0; i < ffn; i++) {
-            const float g = gu[i];
-            gu[i] = g / (1.0f + expf(-g)) * gu[ffn + i];
+        rmsnorm_f32(x, P(const float, ly->attn_norm), h, n, dim, a->eps);
+        if ((rc = linear_rows(&ly->wqkv, h, qkv, n))) return rc;
+        for (int64_t t = 0; t < n; t++) {
+            float *r = qkv + t * nqkv;
+            rope(r, cos + t * hd, sin + t * hd, nh + nkv, hd); /* q and k heads */
+            const float *k = r + nh * hd, *v = k + nkv * hd;
+            for (int64_t j = 0; j < nkv; j++) {
+                memcpy(kc + rows[t] * row_stride + (j * L + pos[t]) * hd, k + j * hd, sizeof(float) * hd);
+                memcpy(vc + rows[t] * row_stride + (j * L + pos[t]) * hd, v + j * hd, sizeof(float) * hd);
+            }
         }
-        if ((rc = linear_run(wdown, gu, h))) return rc;
-        for (int64_t i = 0; i < dim; i++) x[i] += h[i];
+        attn_ctx_t ctx = {a, qkv, kc, vc, att};
+        int64_t max_s = 0;
+        for (int64_t t = 0; t < n; t++) max_s = pos[t] + 1 > max_s ? pos[t] + 1 : max_s;
+        gemv_pool_run(attend_items, NULL, &ctx, NULL, 0, n * nh, hd, 2 * max_s * hd * 4);
+        if ((rc = linear_rows(&ly->wo, att, h, n))) return rc;
+        for (int64_t i = 0; i < n * dim; i++) x[i] += h[i];
+
+        rmsnorm_f32(x, P(const float, ly->ffn_norm), h, n, dim, a->eps);
+        if ((rc = linear_rows(&ly->w_gate_up, h, gu, n))) return rc;
+        for (int64_t t = 0; t < n; t++) {
+            float *r = gu + t * 2 * ffn, *o = gu + t * ffn; /* compact in place: row t's ffn outputs */
+            for (int64_t i = 0; i < ffn; i++) {
+                const float g = r[i];
+                o[i] = g / (1.0f + expf(-g)) * r[ffn + i];
+            }
+        }
+        if ((rc = linear_rows(&ly->w_down, gu, h, n))) return rc;
+        for (int64_t i = 0; i < n * dim; i++) x[i] += h[i];
     }
-    rmsnorm_f32(x, PTR(16), h, 1, dim, eps);
-    return linear_run(a + 17, h, logits);
+    if (a->n_out == 0) return 0;
+    const int64_t *out = P(const int64_t, a->out_idx);
+    for (int64_t i = 0; i < a->n_out; i++) {
+        if (out[i] < 0 || out[i] >= n) return -2;
+        rmsnorm_f32(x + out[i] * dim, P(const float, a->final_norm), h + i * dim, 1, dim, a->eps);
+    }
+    return linear_rows(&a->lm_head, h, P(float, a->logits), a->n_out);
 }

@@ -20,6 +20,15 @@
  * (<= 2 * 127 * 127) never saturate. The extra error is that of int8 activations per 32
  * values (~0.4% relative per block), far below the weights' own.
  *
+ * With VNNI (AVX-512 VNNI + VL, or AVX-VNNI) one `vpdpbusd` replaces each maddubs + madd
+ * pair: unsigned-by-signed byte products summed into int32 lanes in one instruction (and no
+ * int16 intermediate). Which one the build uses is `qgemv_isa()`.
+ *
+ * Batches: `qlinear_run_rows` takes up to 8 rows of x per pass over the weights (decode of B
+ * sequences, or k + 1 tokens being verified), each weight row loaded once for all of them. Each
+ * row of x goes through exactly the arithmetic it would get alone, so a sequence's logits do not
+ * depend on what else is in the batch.
+ *
  * Rows are spread over the pthread pool of gemv.c (gemv_pool_run). Without AVX2 the same
  * formulas run as scalar C.
  */
@@ -30,6 +39,13 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define QG_AVX2 1
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define QG_VNNI 2 /* AVX-512 VNNI on 256-bit registers */
+#elif defined(__AVXVNNI__)
+#define QG_VNNI 1
+#else
+#define QG_VNNI 0
+#endif
 #else
 #define QG_AVX2 0
 #endif
@@ -41,6 +57,7 @@ int gemv_pool_run(rows_fn fn, const float *x, const void *w, void *y, int ydt, i
 enum { KIND_INT8 = 2, KIND_INT4 = 3 };
 enum { VAR_AUTO = 0, VAR_WIDEN = 1, VAR_DOT = 2 };
 #define QB 32 /* columns per int4 packing block and per int8 block of x */
+#define MAXB 8 /* rows of x per pass over the weights */
 
 typedef struct {
     const int64_t *d;   /* the descriptor */
@@ -48,6 +65,7 @@ typedef struct {
     const int8_t *xq;   /* x quantized per block of 32 (K,) */
     const float *xd;    /* scale of each block of xq (K / 32,) */
     const float *xs;    /* int4: sum of x over each group (exact x for widen, dequantized xq for dot) */
+    int64_t B;          /* rows of x (dot paths): xq (B, K), xd (B, K / 32), xs (B, K / group) */
 } qctx_t;
 
 static float half_to_float(uint16_t h) {
@@ -72,6 +90,17 @@ static inline float hsum8(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* int32 lanes of sum(u * s) over groups of 4 bytes: unsigned u times signed s */
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if QG_VNNI == 2
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif QG_VNNI == 1
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
 }
 
 /* 32 int4 codes of one block (16 bytes) as 32 unsigned bytes in column order */
@@ -113,45 +142,54 @@ static void int8_widen_rows(const float *unused, const void *ctx, void *yv, int 
     }
 }
 
-static void int8_dot_rows(const float *unused, const void *ctx, void *yv, int ydt, int64_t N,
-                          int64_t K, int64_t n0, int64_t n1) {
-    (void)unused, (void)ydt, (void)N;
-    const qctx_t *c = ctx;
+/* Weight rows [n0, n1) against B rows of int8 x. Per row of x: blocks alternate between two
+ * accumulators (even, odd), the same for every B, so each row's result is independent of B. */
+static inline __attribute__((always_inline)) void int8_dot_impl(const qctx_t *c, float *y, int64_t N, int64_t K,
+                                                                 int64_t n0, int64_t n1, const int B) {
     const int8_t *w = (const int8_t *)(intptr_t)c->d[1], *xq = c->xq;
     const float *scale = (const float *)(intptr_t)c->d[2], *xd = c->xd;
-    float *y = yv;
     const int64_t nb = K / QB;
     for (int64_t n = n0; n < n1; n++) {
         const int8_t *wr = w + n * K;
-        float s = 0.0f;
-        int64_t b = 0;
 #if QG_AVX2
-        const __m256i ones = _mm256_set1_epi16(1);
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        __m256 a0[MAXB], a1[MAXB];
+        for (int r = 0; r < B; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+        int64_t b = 0;
         for (; b + 2 <= nb; b += 2) {
-            __m256i w0 = _mm256_loadu_si256((const __m256i *)(wr + b * QB));
-            __m256i w1 = _mm256_loadu_si256((const __m256i *)(wr + b * QB + QB));
-            __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + b * QB));
-            __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + b * QB + QB));
-            __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0)), ones);
-            __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(x1, w1)), ones);
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(xd[b]), a0);
-            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(xd[b + 1]), a1);
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wr + b * QB));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wr + b * QB + QB));
+            const __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1); /* |w| */
+            for (int r = 0; r < B; r++) {
+                const int8_t *xr = xq + r * K + b * QB;
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)xr);
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xr + QB));
+                const __m256i p0 = dot_u8s8(u0, _mm256_sign_epi8(x0, w0));
+                const __m256i p1 = dot_u8s8(u1, _mm256_sign_epi8(x1, w1));
+                a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(xd[r * nb + b]), a0[r]);
+                a1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(xd[r * nb + b + 1]), a1[r]);
+            }
         }
         for (; b < nb; b++) {
-            __m256i w0 = _mm256_loadu_si256((const __m256i *)(wr + b * QB));
-            __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + b * QB));
-            __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0)), ones);
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(xd[b]), a0);
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wr + b * QB));
+            const __m256i u0 = _mm256_sign_epi8(w0, w0);
+            for (int r = 0; r < B; r++) {
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * QB));
+                const __m256i p0 = dot_u8s8(u0, _mm256_sign_epi8(x0, w0));
+                a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(xd[r * nb + b]), a0[r]);
+            }
         }
-        s = hsum8(_mm256_add_ps(a0, a1));
+        for (int r = 0; r < B; r++) y[r * N + n] = hsum8(_mm256_add_ps(a0[r], a1[r])) * scale[n];
+#else
+        for (int r = 0; r < B; r++) {
+            float s = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                int32_t acc = 0;
+                for (int i = 0; i < QB; i++) acc += (int32_t)wr[b * QB + i] * xq[r * K + b * QB + i];
+                s += (float)acc * xd[r * nb + b];
+            }
+            y[r * N + n] = s * scale[n];
+        }
 #endif
-        for (; b < nb; b++) {
-            int32_t acc = 0;
-            for (int i = 0; i < QB; i++) acc += (int32_t)wr[b * QB + i] * xq[b * QB + i];
-            s += (float)acc * xd[b];
-        }
-        y[n] = s * scale[n];
     }
 }
 
@@ -199,68 +237,80 @@ static void int4_widen_rows(const float *unused, const void *ctx, void *yv, int 
     }
 }
 
-#if QG_AVX2
-/* one block of 32 int4 codes times 32 int8 x values: 8 int32 partial sums as fp32 */
-static inline __m256 dot32(const uint8_t *wb, __m256i xv) {
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(unpack32(wb), xv), _mm256_set1_epi16(1)));
-}
-#endif
-
-/* Rows n0..n1 of the int4 product. Per group: the blocks' integer dot products scaled by x's
- * block scale, then the group's weight scale once, minus zero * (sum of x over the group).
- * AVX2 takes two rows at a time so each block of x is loaded once for both. */
-static void int4_dot_rows(const float *unused, const void *ctx, void *yv, int ydt, int64_t N,
-                          int64_t K, int64_t n0, int64_t n1) {
-    (void)unused, (void)ydt, (void)N;
-    const qctx_t *c = ctx;
+/* Weight rows [n0, n1) of the int4 product against B rows of int8 x. Per group: the blocks'
+ * integer dot products scaled by x's block scale, then the group's weight scale once, minus
+ * zero * (sum of x over the group); the same order for every B. */
+static inline __attribute__((always_inline)) void int4_dot_impl(const qctx_t *c, float *y, int64_t N, int64_t K,
+                                                                 int64_t n0, int64_t n1, const int B) {
     const uint8_t *w = (const uint8_t *)(intptr_t)c->d[1], *zero = (const uint8_t *)(intptr_t)c->d[3];
     const uint16_t *scale = (const uint16_t *)(intptr_t)c->d[2];
-    const int64_t g = c->d[6], ng = K / g, bpg = g / QB;
+    const int64_t g = c->d[6], ng = K / g, bpg = g / QB, nb = K / QB;
     const int8_t *xq = c->xq;
     const float *xd = c->xd, *xs = c->xs;
-    float *y = yv;
-    int64_t n = n0;
-#if QG_AVX2
-    for (; n + 2 <= n1; n += 2) {
-        const uint8_t *w0 = w + n * (K / 2), *w1 = w0 + K / 2;
-        float corr0 = 0.0f, corr1 = 0.0f;
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
-        for (int64_t j = 0; j < ng; j++) {
-            const float sc0 = half_to_float(scale[n * ng + j]), sc1 = half_to_float(scale[(n + 1) * ng + j]);
-            corr0 += sc0 * (float)zero[n * ng + j] * xs[j];
-            corr1 += sc1 * (float)zero[(n + 1) * ng + j] * xs[j];
-            __m256 g0 = _mm256_setzero_ps(), g1 = g0;
-            for (int64_t b = j * bpg; b < (j + 1) * bpg; b++) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QB));
-                const __m256 xb = _mm256_broadcast_ss(xd + b);
-                g0 = _mm256_fmadd_ps(dot32(w0 + b * QB / 2, xv), xb, g0);
-                g1 = _mm256_fmadd_ps(dot32(w1 + b * QB / 2, xv), xb, g1);
-            }
-            acc0 = _mm256_fmadd_ps(g0, _mm256_set1_ps(sc0), acc0);
-            acc1 = _mm256_fmadd_ps(g1, _mm256_set1_ps(sc1), acc1);
-        }
-        y[n] = hsum8(acc0) - corr0;
-        y[n + 1] = hsum8(acc1) - corr1;
-    }
-#endif
-    for (; n < n1; n++) {
+    for (int64_t n = n0; n < n1; n++) {
         const uint8_t *wr = w + n * (K / 2);
-        float corr = 0.0f, s = 0.0f;
+        float corr[MAXB];
+        for (int r = 0; r < B; r++) corr[r] = 0.0f;
+#if QG_AVX2
+        __m256 acc[MAXB];
+        for (int r = 0; r < B; r++) acc[r] = _mm256_setzero_ps();
         for (int64_t j = 0; j < ng; j++) {
-            const float sc = half_to_float(scale[n * ng + j]);
-            corr += sc * (float)zero[n * ng + j] * xs[j];
-            for (int64_t b = j * bpg; b < (j + 1) * bpg; b++) {
-                int32_t dot = 0;
-                for (int i = 0; i < QB / 2; i++) {
-                    const uint8_t byte = wr[b * QB / 2 + i];
-                    dot += (int32_t)(byte & 15) * xq[b * QB + i] + (int32_t)(byte >> 4) * xq[b * QB + i + 16];
-                }
-                s += (float)dot * sc * xd[b];
+            const float sc = half_to_float(scale[n * ng + j]), zf = (float)zero[n * ng + j];
+            __m256 gs[MAXB];
+            for (int r = 0; r < B; r++) {
+                corr[r] += sc * zf * xs[r * ng + j];
+                gs[r] = _mm256_setzero_ps();
             }
+            for (int64_t b = j * bpg; b < (j + 1) * bpg; b++) {
+                const __m256i u = unpack32(wr + b * QB / 2);
+                for (int r = 0; r < B; r++) {
+                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * QB));
+                    gs[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(u, xv)), _mm256_broadcast_ss(xd + r * nb + b), gs[r]);
+                }
+            }
+            for (int r = 0; r < B; r++) acc[r] = _mm256_fmadd_ps(gs[r], _mm256_set1_ps(sc), acc[r]);
         }
-        y[n] = s - corr;
+        for (int r = 0; r < B; r++) y[r * N + n] = hsum8(acc[r]) - corr[r];
+#else
+        for (int r = 0; r < B; r++) {
+            float s = 0.0f;
+            for (int64_t j = 0; j < ng; j++) {
+                const float sc = half_to_float(scale[n * ng + j]);
+                corr[r] += sc * (float)zero[n * ng + j] * xs[r * ng + j];
+                for (int64_t b = j * bpg; b < (j + 1) * bpg; b++) {
+                    int32_t dot = 0;
+                    for (int i = 0; i < QB / 2; i++) {
+                        const uint8_t byte = wr[b * QB / 2 + i];
+                        dot += (int32_t)(byte & 15) * xq[r * K + b * QB + i] +
+                               (int32_t)(byte >> 4) * xq[r * K + b * QB + i + 16];
+                    }
+                    s += (float)dot * sc * xd[r * nb + b];
+                }
+            }
+            y[r * N + n] = s - corr[r];
+        }
+#endif
     }
 }
+
+#define DOT_FNS(IMPL, NAME)                                                                        \
+    static void NAME(const float *unused, const void *ctx, void *y, int ydt, int64_t N, int64_t K,  \
+                     int64_t n0, int64_t n1) {                                                     \
+        (void)unused, (void)ydt;                                                                   \
+        const qctx_t *c = ctx;                                                                     \
+        switch (c->B) {                                                                            \
+        case 1: IMPL(c, y, N, K, n0, n1, 1); break;                                                \
+        case 2: IMPL(c, y, N, K, n0, n1, 2); break;                                                \
+        case 3: IMPL(c, y, N, K, n0, n1, 3); break;                                                \
+        case 4: IMPL(c, y, N, K, n0, n1, 4); break;                                                \
+        case 5: IMPL(c, y, N, K, n0, n1, 5); break;                                                \
+        case 6: IMPL(c, y, N, K, n0, n1, 6); break;                                                \
+        case 7: IMPL(c, y, N, K, n0, n1, 7); break;                                                \
+        default: IMPL(c, y, N, K, n0, n1, 8); break;                                               \
+        }                                                                                          \
+    }
+DOT_FNS(int8_dot_impl, int8_dot_rows)
+DOT_FNS(int4_dot_impl, int4_dot_rows)
 
 /* ------------------------------------------------------------------ x preparation */
 
@@ -276,61 +326,81 @@ static void quantize_x(const float *x, int64_t K, int8_t *xq, float *xd) {
     }
 }
 
-int qgemv_abi_version(void) { return 1; }
+int qgemv_abi_version(void) { return 2; }
 
 int qgemv_avx2(void) { return QG_AVX2; }
 
-/*
- * y (N,) = W x for one fp32 vector x (K,). Returns 0, -1 for a descriptor it cannot run
- * (unknown kind, shapes the format does not allow), -2 when out of memory.
- */
-int qlinear_run(const int64_t *d, const float *x, float *y) {
+/* The instructions the integer dot products use: 0 scalar C, 1 AVX2 maddubs, 2 AVX-VNNI, 3 AVX-512 VNNI. */
+int qgemv_isa(void) {
+#if QG_AVX2
+    return QG_VNNI == 2 ? 3 : QG_VNNI == 1 ? 2 : 1;
+#else
+    return 0;
+#endif
+}
+
+/* One pass of B <= MAXB rows: x (B, K) fp32 -> y (B, N). */
+static int run_pass(const int64_t *d, const float *x, float *y, int64_t B) {
     const int64_t kind = d[0], N = d[4], K = d[5], g = d[6], var = d[7];
-    if (N < 0 || K <= 0) return -1;
-    if (N == 0) return 0;
     int dot = var == VAR_DOT || (var == VAR_AUTO && QG_AVX2);
-    rows_fn fn;
-    int64_t row_bytes;
-    if (kind == KIND_INT8) {
-        if (K % QB) dot = 0;
-        fn = dot ? int8_dot_rows : int8_widen_rows;
-        row_bytes = K;
-    } else if (kind == KIND_INT4) {
-        if ((g != 32 && g != 64 && g != 128) || K % g) return -1;
-        fn = dot ? int4_dot_rows : int4_widen_rows;
-        row_bytes = K / 2 + 3 * (K / g);
-    } else {
-        return -1;
-    }
-    qctx_t c = {d, x, NULL, NULL, NULL};
-    void *buf = NULL;
-    if (dot || kind == KIND_INT4) {
-        const int64_t nb = K / QB, ng = kind == KIND_INT4 ? K / g : 0;
-        buf = malloc((size_t)(K + 4 * (nb + ng) + 64));
-        if (!buf) return -2;
-        float *xd = buf, *xs = xd + nb;
-        int8_t *xq = (int8_t *)(xs + ng);
-        if (dot) {
-            quantize_x(x, K - K % QB, xq, xd);
-            c.xq = xq, c.xd = xd;
+    if (kind == KIND_INT8 && K % QB) dot = 0;
+    if (!dot) { /* the widening paths take one row of x at a time */
+        for (int64_t r = 0; r < B; r++) {
+            qctx_t c = {d, x + r * K, NULL, NULL, NULL, 1};
+            float *xs = NULL;
+            if (kind == KIND_INT4) {
+                xs = malloc(sizeof(float) * (size_t)(K / g));
+                if (!xs) return -2;
+                for (int64_t j = 0; j < K / g; j++) {
+                    float s = 0.0f;
+                    for (int64_t k = j * g; k < (j + 1) * g; k++) s += x[r * K + k];
+                    xs[j] = s;
+                }
+                c.xs = xs;
+            }
+            gemv_pool_run(kind == KIND_INT8 ? int8_widen_rows : int4_widen_rows, NULL, &c, y + r * N, 0, N, K,
+                          kind == KIND_INT8 ? K : K / 2 + 3 * (K / g));
+            free(xs);
         }
+        return 0;
+    }
+    const int64_t nb = K / QB, ng = kind == KIND_INT4 ? K / g : 0;
+    void *buf = malloc((size_t)(B * (K + 4 * (nb + ng)) + 64));
+    if (!buf) return -2;
+    float *xd = buf, *xs = xd + B * nb;
+    int8_t *xq = (int8_t *)(xs + B * ng);
+    for (int64_t r = 0; r < B; r++) {
+        quantize_x(x + r * K, K, xq + r * K, xd + r * nb);
         for (int64_t j = 0; j < ng; j++) { /* group sums of the x the rows will see */
             float s = 0.0f;
-            for (int64_t k = j * g; k < (j + 1) * g; k++) s += dot ? xd[k / QB] * (float)xq[k] : x[k];
-            xs[j] = s;
+            for (int64_t k = j * g; k < (j + 1) * g; k++) s += xd[r * nb + k / QB] * (float)xq[r * K + k];
+            xs[r * ng + j] = s;
         }
-        c.xs = xs;
     }
-    gemv_pool_run(fn, NULL, &c, y, 0, N, K, row_bytes);
+    qctx_t c = {d, x, xq, xd, xs, B};
+    gemv_pool_run(kind == KIND_INT8 ? int8_dot_rows : int4_dot_rows, NULL, &c, y, 0, N, K,
+                  B * (kind == KIND_INT8 ? K : K / 2 + 3 * (K / g)));
     free(buf);
     return 0;
 }
 
-/* The same for B vectors x (B, K) -> y (B, N), one after another (decode batches of a few rows). */
+/*
+ * y (B, N) = x (B, K) W^T for B fp32 rows of x, up to MAXB per pass over the weights. Returns 0,
+ * -1 for a descriptor it cannot run (unknown kind, shapes the format does not allow), -2 when
+ * out of memory.
+ */
 int qlinear_run_rows(const int64_t *d, const float *x, float *y, int64_t B) {
-    for (int64_t b = 0; b < B; b++) {
-        int rc = qlinear_run(d, x + b * d[5], y + b * d[4]);
+    const int64_t kind = d[0], N = d[4], K = d[5], g = d[6];
+    if (N < 0 || K <= 0 || B < 0) return -1;
+    if (kind == KIND_INT4 && ((g != 32 && g != 64 && g != 128) || K % g)) return -1;
+    if (kind != KIND_INT8 && kind != KIND_INT4) return -1;
+    if (N == 0) return 0;
+    for (int64_t r = 0; r < B; r += MAXB) {
+        int rc = run_pass(d, x + r * K, y + r * N, B - r < MAXB ? B - r : MAXB);
         if (rc) return rc;
     }
     return 0;
 }
+
+/* One row of x (the fused step's original entry). */
+int qlinear_run(const int64_t *d, const float *x, float *y) { return qlinear_run_rows(d, x, y, 1); }

@@ -1,0 +1,189 @@
+"""The engine's throughput: batched decode and continuous batching, beside transformers, one run.
+
+1. Aggregate decode tokens/s at batch 1, 4, 8, 16 (128 new tokens after 64-token prompts) for
+   SmolLM2-135M in fp32, int8 and int4 (RTN), and for transformers `generate` on the same fp32
+   weights at the same batch sizes; runs interleaved (every configuration once per round).
+   Decode tokens/s counts tokens after the first, over the time after every row's prefill.
+2. Continuous batching: 32 requests of mixed prompt and output lengths arriving over time
+   (seeded Poisson arrivals) into one engine of 16 rows, vs the same requests served one at a
+   time in arrival order: requests/s and time to first token (p50/p99; from the arrival).
+3. int8 at batch 1 against the memory-bandwidth limit: bytes of every matrix read per token /
+   measured read bandwidth.
+
+Writes bench/results/engine.json with `int8_batch8_vs_batch1`, `continuous_vs_sequential` and
+`int8_fraction_of_limit`, and the instruction sets the kernels were built with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lilliput.compress.quantize import RTNConfig, quantize_
+from lilliput.core.checkpoint import load_model, to_transformers
+from lilliput.core.record import run_record, write_json
+from lilliput.eval.efficiency import interleave, linear_bytes, read_bandwidth_gb_s, spread
+from lilliput.eval.tasks import lambada_passages
+from lilliput.infer import gemv
+from lilliput.infer.engine import Engine, EngineConfig
+from lilliput.infer.sequence import GenerationConfig, Status
+
+OUT = Path(__file__).parent / "results" / "engine.json"
+ISA_NAMES = {0: "scalar C", 1: "AVX2 (maddubs)", 2: "AVX-VNNI (vpdpbusd, 256-bit)", 3: "AVX-512 VNNI (vpdpbusd, 256-bit)"}
+
+
+def engine_decode_tok_s(model, tok, prompt: list[int], batch: int, new: int) -> float:
+    """Aggregate decode tokens/s of `batch` sequences decoding together (after all prefills)."""
+    engine = Engine(model, tok, EngineConfig(max_batch=batch, max_len=len(prompt) + new,
+                                             prefill_chunk=len(prompt) * batch))
+    seqs = [engine.add(prompt, GenerationConfig(max_new_tokens=new, ignore_eos=True)) for _ in range(batch)]
+    while any(s.status is not Status.RUNNING for s in seqs):
+        engine.step()
+    before = sum(len(s.output) for s in seqs)
+    t = time.perf_counter()
+    engine.run()
+    return (sum(len(s.output) for s in seqs) - before) / (time.perf_counter() - t)
+
+
+def hf_decode_tok_s(hf, prompt: list[int], batch: int, new: int) -> float:
+    """transformers generate: (batch * (new - 1)) tokens over generate(new) - generate(1) seconds."""
+    ids = torch.tensor([prompt] * batch)
+    mask = torch.ones_like(ids)
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                        pad_token_id=0)
+        return time.perf_counter() - t
+
+    first = run(1)
+    return batch * (new - 1) / max(run(new) - first, 1e-9)
+
+
+def requests(tok, n: int, rate: float, seed: int) -> list[dict]:
+    """n requests: prompts of 16-256 tokens cut from LAMBADA passages, 16-128 new tokens, arrival
+    times of a Poisson process of `rate` requests/s."""
+    rng = random.Random(seed)
+    text = tok.encode("\n\n".join(lambada_passages(120)), bos=False)
+    out, t = [], 0.0
+    for _ in range(n):
+        plen, new = rng.choice([16, 32, 64, 128, 256]), rng.choice([16, 32, 64, 128])
+        start = rng.randrange(0, len(text) - plen)
+        out.append({"prompt": text[start:start + plen], "new": new, "arrival": t})
+        t += rng.expovariate(rate)
+    return out
+
+
+def serve(model, tok, reqs: list[dict], max_batch: int) -> dict:
+    """Run the requests through one engine as they arrive (max_batch=1: one at a time)."""
+    engine = Engine(model, tok, EngineConfig(max_batch=max_batch, max_len=512))
+    pending, seqs = list(reqs), []
+    t0 = time.perf_counter()
+    while pending or engine.has_work():
+        now = time.perf_counter() - t0
+        while pending and pending[0]["arrival"] <= now:
+            r = pending.pop(0)
+            s = engine.add(r["prompt"], GenerationConfig(max_new_tokens=r["new"], ignore_eos=True))
+            s.arrival = t0 + r["arrival"]  # queueing before admission counts, as a client sees it
+            seqs.append(s)
+        if engine.has_work():
+            engine.step()
+        elif pending:
+            time.sleep(max(0.0, pending[0]["arrival"] - (time.perf_counter() - t0)))
+    wall = time.perf_counter() - t0
+    ttft = [s.first_token_at - s.arrival for s in seqs]
+    tokens = sum(len(s.output) for s in seqs)
+    return {"requests": len(seqs), "seconds": round(wall, 2), "requests_per_s": round(len(seqs) / wall, 3),
+            "output_tokens_per_s": round(tokens / wall, 1),
+            "ttft_p50_s": round(statistics.median(ttft), 3),
+            "ttft_p99_s": round(sorted(ttft)[min(len(ttft) - 1, round(0.99 * (len(ttft) - 1)))], 3)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="1,4,8,16")
+    ap.add_argument("--new", type=int, default=128, help="decoded tokens per sequence")
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=32, help="requests in the continuous-batching run")
+    ap.add_argument("--rate", type=float, default=4.0, help="arrivals per second")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    gemv.set_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+
+    model, tok = load_model(None, device="cpu")
+    models = {"fp32": model, "int8": quantize_(copy.deepcopy(model), RTNConfig(bits=8)),
+              "int4": quantize_(copy.deepcopy(model), RTNConfig(bits=4, group_size=128))}
+    prompt = tok.encode("\n\n".join(lambada_passages(8)), bos=False)[:args.prompt]
+    runs = {f"lilliput {k} b{b}": (lambda m=m, b=b: engine_decode_tok_s(m, tok, prompt, b, args.new))
+            for k, m in models.items() for b in batches}
+    if not args.no_hf:
+        hf = to_transformers(model)
+        runs.update({f"transformers fp32 b{b}": (lambda b=b: hf_decode_tok_s(hf, prompt, b, args.new))
+                     for b in batches})
+    print(f"decode: {len(runs)} configurations x {args.repeats} rounds", file=sys.stderr)
+    decode = interleave(runs, repeats=args.repeats, warmup=1)
+    for k, v in decode.items():
+        print(f"  {k:<26} {v['median']:8.1f} tok/s", file=sys.stderr)
+
+    reqs = requests(tok, args.requests, args.rate, seed=0)
+    serving = {"int8 continuous (16 rows)": serve(models["int8"], tok, reqs, 16),
+               "int8 one at a time": serve(models["int8"], tok, reqs, 1)}
+    for k, v in serving.items():
+        print(f"  {k:<26} {v}", file=sys.stderr)
+
+    bw = read_bandwidth_gb_s()
+    med = {k: v["median"] for k, v in decode.items()}
+    limits = {k: bw * 1e9 / linear_bytes(m) for k, m in models.items()}
+
+    def ratio(a, b):
+        return round(med[a] / med[b], 3) if a in med and b in med else None
+
+    kernel = gemv.load()
+    result = {
+        "threads": args.threads, "new_tokens": args.new, "prompt_tokens": args.prompt, "repeats": args.repeats,
+        "int8_batch8_vs_batch1": ratio("lilliput int8 b8", "lilliput int8 b1"),
+        "continuous_vs_sequential": round(serving["int8 continuous (16 rows)"]["requests_per_s"]
+                                          / serving["int8 one at a time"]["requests_per_s"], 3),
+        "int8_fraction_of_limit": round(med["lilliput int8 b1"] / limits["int8"], 3) if "lilliput int8 b1" in med else None,
+        "fp32_fraction_of_limit": round(med["lilliput fp32 b1"] / limits["fp32"], 3) if "lilliput fp32 b1" in med else None,
+        "int4_fraction_of_limit": round(med["lilliput int4 b1"] / limits["int4"], 3) if "lilliput int4 b1" in med else None,
+        "vs_transformers": {f"{k} b{b}": ratio(f"lilliput {k} b{b}", f"transformers fp32 b{b}")
+                            for k in models for b in batches if not args.no_hf},
+        "read_bandwidth_gb_s": round(bw, 2),
+        "bytes_per_token": {k: linear_bytes(m) for k, m in models.items()},
+        "limit_tok_s": {k: round(v, 1) for k, v in limits.items()},
+        "decode_tok_s": {k: {**{s: round(x, 2) for s, x in spread(v["values"]).items()},
+                             "values": [round(x, 1) for x in v["values"]]} for k, v in decode.items()},
+        "serving": serving,
+        "serving_requests": {"n": len(reqs), "rate_per_s": args.rate, "prompt_tokens": [r["prompt"].__len__() for r in reqs],
+                             "new_tokens": [r["new"] for r in reqs]},
+        "kernels": {"gemv_fp32_lanes": kernel.lanes if isinstance(kernel, gemv.Kernel) else None,
+                    "int8_int4_dot": ISA_NAMES.get(kernel.lib.qgemv_isa()) if isinstance(kernel, gemv.Kernel) else None,
+                    "fused_step": isinstance(kernel, gemv.Kernel)},
+        "note": "decode tok/s: tokens after the first, over the time after every row's prefill; lilliput and "
+                "transformers on the same fp32 weights (int8/int4: RTN per channel / g128). limit = read "
+                "bandwidth / bytes of every matrix per token (the KV cache ignored).",
+    }
+    write_json(args.out, run_record("bench/engine.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                                    **result))
+    print(f"int8_batch8_vs_batch1 {result['int8_batch8_vs_batch1']}, continuous_vs_sequential "
+          f"{result['continuous_vs_sequential']}, int8_fraction_of_limit {result['int8_fraction_of_limit']}; "
+          f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

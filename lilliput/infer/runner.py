@@ -1,0 +1,63 @@
+"""Runs the model over a decode state, and nothing else: the fused C step on CPU where it applies
+(decode batches, verification, short prompt chunks), the torch modules everywhere else."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from lilliput.core.model import GPT
+from lilliput.infer import gemv
+from lilliput.infer.fastpath import accelerate_
+from lilliput.infer.fused import FusedStep
+
+FUSED_EXTEND_MAX = 16
+"""Longest run of one row's tokens sent to the fused step; longer prompt chunks go to torch,
+whose matrix-matrix products win once every weight is used by that many rows."""
+
+
+class ModelRunner:
+    def __init__(self, model: GPT, rows: int, max_len: int):
+        self.model = model
+        p = next(model.parameters())
+        self.device = p.device
+        cpu = self.device.type == "cpu"
+        if cpu:
+            accelerate_(model)
+        self.fused = FusedStep.for_model(model) if cpu else None
+        # the fused step keeps an fp32 state; torch paths cast keys and values on read
+        dtype = torch.float32 if self.fused else (p.dtype if p.is_floating_point() else torch.float32)
+        self.state = model.new_state(rows, max_len, self.device, dtype)
+
+    def _threads(self):
+        """While the C step runs, torch stays single-threaded: the kernel's pool owns the cores."""
+        return gemv.decode_threads() if self.fused else contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], rows: list[int]) -> torch.Tensor:
+        """One token for each of several distinct rows -> logits (B, V) fp32."""
+        if self.fused:
+            out, T = [], self.fused.max_tokens
+            with self._threads():
+                for i in range(0, len(tokens), T):
+                    out.append(self.fused(self.state, tokens[i:i + T], rows[i:i + T]).clone())
+            return torch.cat(out)
+        idx = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
+        return self.model(idx, self.state, rows=rows)[:, -1]
+
+    @torch.inference_mode()
+    def extend(self, row: int, tokens: list[int], logits: str = "last") -> torch.Tensor | None:
+        """Append several tokens to one row (a prompt chunk, or drafted tokens to verify).
+        logits: "last" -> (V,), "all" -> (T, V), "none" -> None."""
+        T = len(tokens)
+        if self.fused and T <= FUSED_EXTEND_MAX:
+            out = {"last": [T - 1], "all": list(range(T)), "none": []}[logits]
+            with self._threads():
+                got = self.fused(self.state, tokens, [row] * T, out)
+            return None if logits == "none" else (got[0].clone() if logits == "last" else got.clone())
+        idx = torch.tensor([tokens], device=self.device)  # (1, T)
+        h = self.model.features(idx, self.state, rows=[row])[0]  # (T, C)
+        if logits == "none":
+            return None
+        return self.model.lm_head(h[-1] if logits == "last" else h).float()
