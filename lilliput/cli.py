@@ -449,6 +449,13 @@ def cmd_shrink(ns) -> int:
     return 0
 
 
+def cmd_export(ns) -> int:
+    from lilliput.jobs.export import ExportJob, run_export, summary
+
+    print(summary(run_export(config_from_args(ExportJob, ns))))
+    return 0
+
+
 def cmd_bench(ns) -> int:
     from lilliput.eval.bench import BenchConfig, run_bench
 
@@ -552,6 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shrink", help="run a recipe of stages (prune, distill, quantize), measuring each")
     add_config_args(p, ShrinkJob)
     p.set_defaults(func=cmd_shrink)
+    from lilliput.jobs.export import ExportJob
+
+    p = sub.add_parser("export", help="write a model for llama.cpp (gguf), transformers/vLLM (hf) or ONNX Runtime (onnx)")
+    add_config_args(p, ExportJob)
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("bench", help="quality, latency, throughput, memory and energy of models")
     p.add_argument("--model", action="append", help="a model to measure (repeat for more; omit for the embedded one)")
     add_config_args(p, BenchConfig, skip=("models",))

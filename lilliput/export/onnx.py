@@ -1,0 +1,262 @@
+"""ONNX for ONNX Runtime (the edge and mobile route): one graph for the whole decoder, KV cache in and out.
+
+The graph is built node by node with `onnx.helper` from the model's own weights (no tracing):
+
+    inputs   input_ids (B, T) int64; past_key_values.{i}.key / .value (B, n_kv_heads, P, head_dim)
+    outputs  logits (B, T, vocab) float32; present.{i}.key / .value (B, n_kv_heads, P + T, head_dim)
+
+Positions are P .. P+T-1 (no padding: batch rows share one length). RMSNorm is written as the
+Pow/ReduceMean/Add/Sqrt/Div/Mul pattern ONNX Runtime fuses into SimplifiedLayerNormalization.
+
+Types: float32 (MatMul), int8 and int4 (ONNX Runtime's `MatMulNBits`, com.microsoft). lilliput's
+codes map onto MatMulNBits exactly, so they are copied, not re-rounded: int4 groups (32/64/128) are
+its blocks with their fp16 scales and uint8 zeros; int8 rows are blocks sharing the row's scale with
+zero point 128. A float model exported as int8/int4 is first quantized by lilliput's RTN (int4:
+groups of 32, output layer int8, as `RTNConfig(bits=4, group_size=32)`), so ONNX Runtime and
+lilliput run the same weights. MatMulNBits runs with `accuracy_level=4` (activations as int8 inside
+the product, as lilliput's own int4 kernel does), the fast path on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lilliput.export.target import FORMATS, ExportFormat, export
+from lilliput.export.weights import (Weight, agreement, output_is_tied, probe_ids, require, source_logits,
+                                     weight_bits, weight_of)
+
+TYPES = ("float32", "int8", "int4")
+BITS = {"float32": 0, "int8": 8, "int4": 4}
+TOLERANCE = {"float32": 1e-6, "int8": 0.05, "int4": 0.05}
+"""Largest mean KL (nats) of ONNX Runtime's next-token distributions on the probe vs lilliput's on the same
+weights (int8/int4: MatMulNBits rounds activations to int8 inside the product; SmolLM2-135M: int8 0.011,
+int4 0.004, float32 0)."""
+ACCURACY_LEVEL = 4
+OPSET = 17
+MODEL_FILE = "model.onnx"
+
+
+def default_type(model) -> str:
+    return {0: "float32", 8: "int8", 4: "int4"}[weight_bits(model)]
+
+
+def prepared(model, type: str):
+    """The model whose weights the graph holds: `model` itself when its weights already have the type's
+    bits, else a float copy (float32) or lilliput's RTN quantization of one (int8, int4)."""
+    from lilliput.compress.quantize import RTNConfig, quantize_
+    from lilliput.export.weights import float_copy
+
+    bits = BITS[type]
+    if weight_bits(model) == bits and next(model.parameters()).dtype == torch.float32:
+        return model
+    base = float_copy(model)
+    if bits == 0:
+        return base
+    return quantize_(base, RTNConfig(bits=bits, group_size=32) if bits == 4 else RTNConfig(bits=8))
+
+
+# --- weights as initializers -------------------------------------------------------------------------
+
+def _block_size(w: Weight) -> int:
+    if w.bits == 4:
+        return w.group
+    k = w.shape[1]  # int8: one scale per row, repeated over the largest block that divides K
+    return next(b for b in (256, 128, 64, 32, 16) if k % b == 0)
+
+
+def matmul_nbits_arrays(w: Weight) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(B packed (N, blocks, blob) uint8, scales (N, blocks) float32, zero points uint8, block size)."""
+    n, k = w.shape
+    bs = _block_size(w)
+    nb = k // bs
+    if w.bits == 8:
+        packed = (w.codes.to(torch.int16) + 128).to(torch.uint8).reshape(n, nb, bs)
+        scales = w.scale.expand(n, nb)
+        zeros = torch.full((n, nb), 128, dtype=torch.uint8)
+    else:
+        c = w.codes.to(torch.uint8).reshape(n, nb, bs)
+        packed = c[..., 0::2] | (c[..., 1::2] << 4)  # element 2j low nibble, 2j+1 high
+        scales = w.scale
+        z = w.zero.to(torch.uint8)
+        if nb % 2:
+            z = torch.cat([z, torch.zeros(n, 1, dtype=torch.uint8)], dim=1)
+        zeros = z[:, 0::2] | (z[:, 1::2] << 4)
+    return (packed.contiguous().numpy(), scales.float().contiguous().numpy(), zeros.contiguous().numpy(), bs)
+
+
+class _Graph:
+    """Accumulates nodes and initializers; every tensor name is unique."""
+
+    def __init__(self):
+        from onnx import helper, numpy_helper
+
+        self.h, self.nh = helper, numpy_helper
+        self.nodes, self.inits, self._n = [], [], 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def const(self, array, hint: str = "c") -> str:
+        name = self.name(hint)
+        self.inits.append(self.nh.from_array(np.asarray(array), name))
+        return name
+
+    def op(self, kind: str, inputs: list[str], hint: str | None = None, outputs: int | list[str] = 1,
+           domain: str = "", **attrs) -> str | list[str]:
+        outs = outputs if isinstance(outputs, list) else [self.name(hint or kind) for _ in range(outputs)]
+        self.nodes.append(self.h.make_node(kind, inputs, outs, domain=domain or None, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def linear(self, x: str, w: Weight, hint: str) -> str:
+        """x (..., K) @ W.T for W (N, K): MatMul on float weights, MatMulNBits on codes."""
+        n, k = w.shape
+        if w.bits == 0:
+            return self.op("MatMul", [x, self.const(w.value.T.contiguous().numpy(), hint + ".weight")], hint)
+        packed, scales, zeros, bs = matmul_nbits_arrays(w)
+        ins = [x, self.const(packed, hint + ".qweight"), self.const(scales, hint + ".scales"),
+               self.const(zeros, hint + ".zero_points")]
+        return self.op("MatMulNBits", ins, hint, domain="com.microsoft", K=k, N=n, bits=w.bits, block_size=bs,
+                       accuracy_level=ACCURACY_LEVEL)
+
+    def rms_norm(self, x: str, weight: torch.Tensor, eps: float, hint: str) -> str:
+        sq = self.op("Pow", [x, self.const(np.array(2.0, np.float32))])
+        ms = self.op("ReduceMean", [sq], axes=[-1], keepdims=1)
+        rms = self.op("Sqrt", [self.op("Add", [ms, self.const(np.array(eps, np.float32))])])
+        return self.op("Mul", [self.op("Div", [x, rms]), self.const(weight.detach().float().numpy(), hint)], hint)
+
+
+def build_graph(model):
+    """The ONNX ModelProto of `model` (its quantized layers as MatMulNBits, the rest float32)."""
+    from onnx import TensorProto, helper
+
+    c = model.config
+    nh, nkv, hs = c.n_heads, c.n_kv_heads, c.hd
+    g = _Graph()
+    i64 = lambda *v: g.const(np.array(v, np.int64))  # noqa: E731
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", c.vocab_size])]
+    for i in range(c.n_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+                                                        ["batch", nkv, "past", hs]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
+                                                         ["batch", nkv, "total", hs]))
+
+    # positions P .. P+T-1, rotary tables, and the additive causal mask (T, P+T)
+    past = g.op("Shape", ["past_key_values.0.key"], start=2, end=3)  # [P]
+    seq = g.op("Shape", ["input_ids"], start=1, end=2)  # [T]
+    total = g.op("Add", [past, seq])
+    scalar = lambda t: g.op("Squeeze", [t, i64(0)])  # noqa: E731
+    pos = g.op("Range", [scalar(past), scalar(total), g.const(np.array(1, np.int64))])  # (T,)
+    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs))
+    freqs = torch.outer(torch.arange(c.max_seq_len, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (L, hs): rotate-half convention
+    cos = g.op("Gather", [g.const(emb.cos().numpy(), "rope_cos"), pos], axis=0)  # (T, hs)
+    sin = g.op("Gather", [g.const(emb.sin().numpy(), "rope_sin"), pos], axis=0)
+    keys = g.op("Range", [g.const(np.array(0, np.int64)), scalar(total), g.const(np.array(1, np.int64))])  # (S,)
+    allowed = g.op("LessOrEqual", [g.op("Unsqueeze", [keys, i64(0)]), g.op("Unsqueeze", [pos, i64(1)])])  # (T, S)
+    mask = g.op("Where", [allowed, g.const(np.array(0.0, np.float32)), g.const(np.array(-1e30, np.float32))])
+
+    def rotate(x: str) -> str:  # x (B, H, T, hs) in the rotate-half convention
+        x1, x2 = g.op("Split", [x, i64(hs // 2, hs // 2)], outputs=2, axis=-1)
+        rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+        return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rot, sin])])
+
+    def repeat_kv(x: str) -> str:  # (B, nkv, S, hs) -> (B, nh, S, hs), query head h reads kv head h // (nh/nkv)
+        if nh == nkv:
+            return x
+        x = g.op("Expand", [g.op("Unsqueeze", [x, i64(2)]), i64(1, 1, nh // nkv, 1, 1)])
+        return g.op("Reshape", [x, i64(0, nh, -1, hs)])
+
+    embed = g.const(model.tok_emb.weight.detach().float().numpy(), "embed_tokens")  # (V, C)
+    x = g.op("Gather", [embed, "input_ids"], axis=0)  # (B, T, C)
+    for i, block in enumerate(model.layers):
+        p = f"layers.{i}"
+        h = g.rms_norm(x, block.attn_norm.weight, c.norm_eps, f"{p}.attn_norm")
+        qkv = g.linear(h, weight_of(block.mixer.wqkv), f"{p}.wqkv")  # (B, T, (nh+2nkv)*hs)
+        qkv = g.op("Transpose", [g.op("Reshape", [qkv, i64(0, 0, nh + 2 * nkv, hs)])], perm=[0, 2, 1, 3])
+        q, k, v = g.op("Split", [qkv, i64(nh, nkv, nkv)], outputs=3, axis=1)  # (B, nh|nkv|nkv, T, hs)
+        k = g.op("Concat", [f"past_key_values.{i}.key", rotate(k)], outputs=[f"present.{i}.key"], axis=2)
+        v = g.op("Concat", [f"past_key_values.{i}.value", v], outputs=[f"present.{i}.value"], axis=2)
+        kt = g.op("Transpose", [repeat_kv(k)], perm=[0, 1, 3, 2])  # (B, nh, hs, S)
+        scores = g.op("Mul", [g.op("MatMul", [rotate(q), kt]), g.const(np.array(1 / math.sqrt(hs), np.float32))])
+        probs = g.op("Softmax", [g.op("Add", [scores, mask])], axis=-1)  # (B, nh, T, S)
+        y = g.op("Transpose", [g.op("MatMul", [probs, repeat_kv(v)])], perm=[0, 2, 1, 3])  # (B, T, nh, hs)
+        y = g.op("Reshape", [y, i64(0, 0, nh * hs)])
+        x = g.op("Add", [x, g.linear(y, weight_of(block.mixer.wo), f"{p}.wo")])
+        h = g.rms_norm(x, block.ffn_norm.weight, c.norm_eps, f"{p}.ffn_norm")
+        gate, up = g.op("Split", [g.linear(h, weight_of(block.ffn.w_gate_up), f"{p}.w_gate_up"),
+                                  i64(c.ffn_dim, c.ffn_dim)], outputs=2, axis=-1)
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
+        x = g.op("Add", [x, g.linear(act, weight_of(block.ffn.w_down), f"{p}.w_down")])
+    x = g.rms_norm(x, model.norm.weight, c.norm_eps, "norm")
+    if output_is_tied(model):  # the embedding table read transposed: no second copy of it
+        flat = g.op("Reshape", [x, i64(-1, c.dim)])
+        logits = g.op("Gemm", [flat, embed], transB=1)  # (B*T, V)
+        g.op("Reshape", [logits, g.op("Concat", [g.op("Shape", [x], start=0, end=2), i64(c.vocab_size)], axis=0)],
+             outputs=["logits"])
+    else:
+        g.op("Identity", [g.linear(x, weight_of(model.lm_head), "lm_head")], outputs=["logits"])
+    graph = helper.make_graph(g.nodes, c.name, inputs, outputs, g.inits)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, producer_name="lilliput", ir_version=9)
+
+
+def write_onnx(model, tokenizer, path: Path, type: str, source=None) -> dict:
+    """A folder: model.onnx, config.json (Hugging Face Llama fields), tokenizer files."""
+    import onnx
+
+    from lilliput.core.record import write_json
+    from lilliput.export.hf import generation_config, hf_config
+    from lilliput.export.vocab import as_bpe
+
+    src = prepared(model, type)
+    proto = build_graph(src)
+    path.mkdir(parents=True)
+    big = proto.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: weights go to a side file
+    onnx.save_model(proto, path / MODEL_FILE, save_as_external_data=big, location=MODEL_FILE + ".data")
+    tok = as_bpe(tokenizer)
+    write_json(path / "config.json", hf_config(src, "float32", tok))
+    write_json(path / "generation_config.json", generation_config(tok))
+    tok.save(path)
+    weights = {t.name for t in proto.graph.initializer}
+    products = [n.op_type for n in proto.graph.node if n.op_type in ("MatMul", "MatMulNBits", "Gemm")
+                and n.input[1] in weights]
+    return {"matmul_nbits": products.count("MatMulNBits"), "matmul_float": len(products) - products.count("MatMulNBits"),
+            "requantized": src is not model and BITS[type] != 0, "accuracy_level": ACCURACY_LEVEL}
+
+
+def check_onnx(model, tokenizer, path: Path, type: str) -> dict:
+    """Run the folder in ONNX Runtime: prefill logits within tolerance of lilliput's on the same weights,
+    and one cached decode step equal to the prefill's last position."""
+    from lilliput.export.runtimes import OnnxModel
+    from lilliput.export.target import ExportCheckError
+
+    src = prepared(model, type)
+    ids = probe_ids(tokenizer, model.config.vocab_size)
+    runner = OnnxModel(path, threads=None)
+    full, _ = runner.run([ids])
+    report = require(agreement(source_logits(src, ids), torch.from_numpy(full[0])), TOLERANCE[type],
+                     f"the {type} ONNX graph")
+    _, past = runner.run([ids[:-4]])  # the last 4 positions again, through the KV cache
+    cached, _ = runner.run([ids[-4:]], past)
+    step = agreement(torch.from_numpy(full[0, -4:]), torch.from_numpy(cached[0]))
+    if not step["mean_kl"] <= TOLERANCE[type]:
+        raise ExportCheckError(f"the ONNX graph's cached decode differs from its prefill (mean KL {step['mean_kl']:.3g})")
+    return {**report, "cached_decode_max_abs_diff": step["max_abs_logit_diff"], "cached_decode_mean_kl": step["mean_kl"]}
+
+
+FORMATS.register("onnx")(ExportFormat(
+    name="onnx", types=TYPES, writes_folder=True, write=write_onnx, check=check_onnx, default_type=default_type,
+    runtime="ONNX Runtime"))
+
+
+def export_onnx(model, tokenizer, path: Path | str, type: str | None = None, force: bool = False,
+                check: bool = True) -> Path:
+    """Write a checked ONNX folder of `model` at `path` (float32, int8 or int4); returns the path."""
+    return export(model, tokenizer, "onnx", path, type, force=force, check=check).path

@@ -1,0 +1,185 @@
+"""The model's matrices as the export formats need them: split into Llama's q/k/v and gate/up,
+float or as integer codes on their grid, and the checks every writer shares.
+
+A `Weight` is one (N, K) matrix as lilliput stores it: float, int8 per row (symmetric) or int4 per
+group (asymmetric, W = (q - zero) * scale). Writers that have a matching integer format copy the
+codes (GGUF Q4_1 and Q8_0, ONNX MatMulNBits); the others dequantize.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from lilliput.compress.qlinear import Int4Linear, Int8Linear, QuantLinear, unpack_int4
+from lilliput.core.model import GPT, Attention, SwiGLU
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One matrix (N, K): `value` when float; else `codes` with `scale` (and `zero`) per group."""
+
+    bits: int  # 0 (float), 8 or 4
+    value: torch.Tensor | None = None  # (N, K) float32
+    codes: torch.Tensor | None = None  # (N, K) int8 in [-127, 127] (bits 8) or uint8 in [0, 15] (bits 4)
+    scale: torch.Tensor | None = None  # (N, K / group) float32
+    zero: torch.Tensor | None = None  # (N, K / group) float32 (bits 4 only)
+    group: int = 0  # columns per scale (K for int8)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        t = self.value if self.bits == 0 else self.codes
+        return tuple(t.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """(N, K) float32."""
+        if self.bits == 0:
+            return self.value
+        s = self.scale.repeat_interleave(self.group, dim=1)
+        if self.bits == 8:
+            return self.codes.float() * s
+        return (self.codes.float() - self.zero.repeat_interleave(self.group, dim=1)) * s
+
+    def rows(self, start: int, stop: int) -> "Weight":
+        """Rows [start, stop): quantization is per row, so the slice keeps its grid."""
+        pick = lambda t: None if t is None else t[start:stop]  # noqa: E731
+        return Weight(self.bits, pick(self.value), pick(self.codes), pick(self.scale), pick(self.zero), self.group)
+
+    def permute_rows(self, order: torch.Tensor) -> "Weight":
+        pick = lambda t: None if t is None else t[order]  # noqa: E731
+        return Weight(self.bits, pick(self.value), pick(self.codes), pick(self.scale), pick(self.zero), self.group)
+
+
+def weight_of(module: nn.Module) -> Weight:
+    """The matrix of a linear layer, float or quantized."""
+    if isinstance(module, Int8Linear):
+        s = module.scale.view(torch.float32).float()[:, None]  # (N, 1)
+        return Weight(8, codes=module.qweight.clone(), scale=s, group=module.in_features)
+    if isinstance(module, Int4Linear):
+        return Weight(4, codes=unpack_int4(module.qweight), scale=module.scale.view(torch.float16).float(),
+                      zero=module.zero.float(), group=module.group_size)
+    if isinstance(module, QuantLinear):
+        return Weight(0, value=module.dequantize(torch.float32))
+    return Weight(0, value=module.weight.detach().float())
+
+
+def output_is_tied(model: GPT) -> bool:
+    """True when the output layer is the token embedding itself (a quantized output layer is its own copy)."""
+    return isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.tok_emb.weight
+
+
+def llama_weights(model: GPT) -> dict[str, Weight | torch.Tensor]:
+    """Hugging Face Llama names -> Weight (matrices) or float32 tensor (norms, embedding).
+
+    q and k rows are in Hugging Face's rotate-half order; `lm_head.weight` is present only when
+    the output layer is not the token embedding.
+    """
+    c = model.config
+    f32 = lambda t: t.detach().float()  # noqa: E731
+    out: dict[str, Weight | torch.Tensor] = {"model.embed_tokens.weight": f32(model.tok_emb.weight),
+                                              "model.norm.weight": f32(model.norm.weight)}
+    q, kv = c.n_heads * c.hd, c.n_kv_heads * c.hd
+    for i, block in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = f32(block.attn_norm.weight)
+        out[p + "post_attention_layernorm.weight"] = f32(block.ffn_norm.weight)
+        qkv = weight_of(block.mixer.wqkv)
+        out[p + "self_attn.q_proj.weight"] = qkv.rows(0, q)
+        out[p + "self_attn.k_proj.weight"] = qkv.rows(q, q + kv)
+        out[p + "self_attn.v_proj.weight"] = qkv.rows(q + kv, q + 2 * kv)
+        out[p + "self_attn.o_proj.weight"] = weight_of(block.mixer.wo)
+        gate_up = weight_of(block.ffn.w_gate_up)
+        out[p + "mlp.gate_proj.weight"] = gate_up.rows(0, c.ffn_dim)
+        out[p + "mlp.up_proj.weight"] = gate_up.rows(c.ffn_dim, 2 * c.ffn_dim)
+        out[p + "mlp.down_proj.weight"] = weight_of(block.ffn.w_down)
+    if not output_is_tied(model):
+        out["lm_head.weight"] = weight_of(model.lm_head)
+    return out
+
+
+def weight_bits(model: GPT) -> int:
+    """The bit-width of most of the model's block matrices: 0 (float), 8 or 4."""
+    bits = [weight_of(m).bits for n, m in model.named_modules()
+            if n.startswith("layers.") and (isinstance(m, (nn.Linear, QuantLinear)))]
+    return max(set(bits), key=bits.count) if bits else 0
+
+
+def int4_group(model: GPT) -> int | None:
+    groups = [m.group_size for m in model.modules() if isinstance(m, Int4Linear)]
+    return max(set(groups), key=groups.count) if groups else None
+
+
+def float_copy(model: GPT) -> GPT:
+    """A float32 GPT with the same weights, quantized layers dequantized (the source is untouched).
+
+    A quantized output layer is a copy of the embedding on its grid, so the copy unties them."""
+    tied = output_is_tied(model)
+    config = model.config if tied or not model.config.tie_embeddings else model.config.replace(tie_embeddings=False)
+    state = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            state[f"{name}.weight"] = m.dequantize(torch.float32)
+    for name, t in model.state_dict().items():
+        owner = name.rsplit(".", 1)[0]
+        if not isinstance(model.get_submodule(owner), QuantLinear):
+            state[name] = t.detach().float().cpu().clone()
+    if tied:
+        state.pop("lm_head.weight", None)
+    return GPT.from_state_dict(config, state).eval()
+
+
+def check_llama(model: GPT, target: str) -> None:
+    """Raise one line naming the first block the format cannot express (Llama: attention + SwiGLU)."""
+    if not isinstance(model, GPT):
+        raise ValueError(f"{target} export takes a lilliput GPT, got {type(model).__name__}")
+    for i, block in enumerate(model.layers):
+        if not isinstance(block.mixer, Attention):
+            raise ValueError(f"layer {i} has mixer {type(block.mixer).__name__} ({model.config.mixer!r}): {target} "
+                             f"expresses only Llama attention blocks; export to lilliput's own checkpoint instead")
+        if not isinstance(block.ffn, SwiGLU):
+            raise ValueError(f"layer {i} has feed-forward {type(block.ffn).__name__} ({model.config.ffn!r}): "
+                             f"{target} expresses only Llama SwiGLU blocks; export to lilliput's own checkpoint instead")
+
+
+# --- the self-check every writer runs ----------------------------------------------------------------
+
+PROBE_TEXT = ("The little ship sailed past the lighthouse at dawn, and the sailors sang of home. "
+              "1 + 2 = 3. <|im_start|>user\nWhat is 7 x 6?<|im_end|>\n")
+
+
+def probe_ids(tokenizer, vocab_size: int, n: int = 48) -> list[int]:
+    """A fixed prompt of up to n ids, every id a valid row of the model."""
+    ids = [i for i in tokenizer.encode(PROBE_TEXT, bos=False) if i < vocab_size][:n]
+    return ids if len(ids) >= 2 else list(range(min(n, vocab_size)))
+
+
+def source_logits(model: GPT, ids: list[int]) -> torch.Tensor:
+    """(T, V) float32 logits of the source model, as lilliput runs it."""
+    param = next(model.parameters())
+    with torch.inference_mode():
+        return model(torch.tensor([ids], device=param.device))[0].float().cpu()
+
+
+def agreement(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
+    """How close two (T, V) logit tensors are: max |diff|, relative L2 error, top-1 agreement, mean KL."""
+    ref, got = ref.float(), got.float()
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
+    return {"max_abs_logit_diff": float((ref - got).abs().max()),
+            "relative_error": float((ref - got).norm() / ref.norm().clamp(min=1e-12)),
+            "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+            "mean_kl": float(kl.sum(-1).mean()), "tokens": ref.shape[0]}
+
+
+def require(report: dict, tolerance: float, what: str) -> dict:
+    """Raise ExportCheckError unless the mean KL divergence of the next-token distributions (source || export)
+    is within the type's tolerance. A wiring error (a wrong q/k order, a swapped gate and up) costs nats;
+    rounding costs thousandths."""
+    from lilliput.export.target import ExportCheckError
+
+    report = {**report, "tolerance_mean_kl": tolerance}
+    if not report["mean_kl"] <= tolerance:
+        raise ExportCheckError(f"{what} disagrees with the source model: mean KL {report['mean_kl']:.3g} nats > "
+                               f"{tolerance:g} on the probe; the export was not kept")
+    return report
