@@ -203,6 +203,14 @@ def cmd_report(ns) -> int:
     return 0
 
 
+def cmd_serve(ns) -> int:
+    from lilliput.core.checkpoint import LoadConfig
+    from lilliput.serve.app import ServeConfig, run_server
+
+    run_server(config_from_args(ServeConfig, ns), config_from_args(LoadConfig, ns))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lilliput.data.corpus import FetchConfig
     from lilliput.demo import DemoConfig
@@ -281,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="bench.json / run.json files or folders holding them")
     add_config_args(p, ReportConfig, skip=("runs",))
     p.set_defaults(func=cmd_report)
+
+    from lilliput.serve.app import ServeConfig
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    _model_args(p)
+    add_config_args(p, ServeConfig)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the main job on the embedded default model, with a report")
     _model_args(p)

@@ -1,0 +1,405 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one engine thread.
+
+FastAPI + uvicorn: the pairing vLLM and SGLang serve the same API with, asyncio-native server-sent
+events, and the official `openai` client as the test client. Every request goes to one `Worker`
+(worker.py), whose engine batches concurrent requests continuously; handlers only parse,
+tokenize, check lengths and relay events.
+
+    server = Server(ServeConfig(port=0), load=lambda: (model, tokenizer)).start()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+    ...
+    server.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from lilliput.infer.engine import EngineConfig
+from lilliput.infer.grammar import JsonGrammar
+from lilliput.infer.sampling import PresenceFrequencyPenalty
+from lilliput.serve import protocol as P
+from lilliput.serve.metrics import Metrics
+from lilliput.serve.worker import Job, Worker
+
+log = logging.getLogger("lilliput.serve")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Address to bind; loopback unless told otherwise."""
+    port: int = 8000
+    """TCP port (0 picks a free one)."""
+    api_key: str | None = None
+    """Require `Authorization: Bearer KEY` on /v1 routes (None: open)."""
+    max_batch: int = 8
+    """Sequences decoded together by the engine (more requests wait for a free row)."""
+    prefill_chunk: int = 256
+    """Most prompt tokens prefilled per engine step."""
+    prefix_cache: bool = True
+    """Reuse cached state of a shared prompt prefix (a system prompt, a few-shot preamble)."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body accepted (413 past it)."""
+    served_name: str | None = None
+    """Model id shown in /v1/models and responses; the --model value (or smollm2-135m-instruct) when omitted."""
+
+    def __post_init__(self):
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(max_batch=self.max_batch, prefill_chunk=self.prefill_chunk, prefix_cache=self.prefix_cache)
+
+
+def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
+    app = FastAPI(title="lilliput", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = worker.metrics
+
+    def error(e: P.ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(P.ApiError)
+    async def _api_error(request, e: P.ApiError):
+        metrics.inc("request_errors_total", code=e.status)
+        return error(e)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, e: HTTPException):
+        return error(P.ApiError(e.status_code, str(e.detail), None, None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e):
+        return error(P.ApiError(400, str(e), None, "invalid_request"))
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if cfg.api_key is not None and request.url.path.startswith("/v1"):
+            if request.headers.get("authorization", "") != f"Bearer {cfg.api_key}":
+                return error(P.ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY",
+                                        None, "invalid_api_key", "authentication_error"))
+        return await call_next(request)
+
+    def loaded():
+        if worker.error is not None:
+            raise P.ApiError(503, f"the model failed to load: {worker.error}", None, "model_load_failed", "server_error")
+        if not worker.ready.is_set():
+            raise P.ApiError(503, "the model is loading; retry shortly", None, "model_loading", "server_error")
+
+    async def body_of(request: Request):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > cfg.max_body_bytes:
+            raise P.ApiError(413, f"the request body is over {cfg.max_body_bytes} bytes", None, "request_too_large")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > cfg.max_body_bytes:
+                raise P.ApiError(413, f"the request body is over {cfg.max_body_bytes} bytes", None, "request_too_large")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise P.ApiError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+
+    def check_model(req) -> None:
+        if req.model is not None and req.model != name:
+            raise P.ApiError(404, f"the model '{req.model}' does not exist; this server serves '{name}'",
+                             "model", "model_not_found")
+
+    def build_job(req, ids: list[int], max_param: str, requested: int | None, logprobs: int | None) -> Job:
+        prompt_param = "messages" if isinstance(req, P.ChatRequest) else "prompt"
+        max_tokens = P.resolve_max_tokens(requested, max_param, prompt_param, len(ids), worker.max_len)
+        gen = P.generation_config(req, max_tokens, logprobs)
+        n = P.sample_count(req)
+        makers = []
+        if req.presence_penalty or req.frequency_penalty:
+            pres, freq = req.presence_penalty or 0.0, req.frequency_penalty or 0.0
+            makers.append(lambda: PresenceFrequencyPenalty(pres, freq))
+        fmt = req.response_format
+        if fmt is not None and fmt.type != "text":
+            schema = None
+            if fmt.type == "json_schema":
+                spec = fmt.json_schema or {}
+                schema = spec.get("schema", {}) if isinstance(spec, dict) else None
+            try:
+                grammar = JsonGrammar.from_schema(worker.tokenizer, schema, worker.engine.model.config.vocab_size)
+            except ValueError as e:
+                raise P.ApiError(400, str(e), "response_format", "invalid_schema") from None
+            makers.append(grammar.processor)
+        loop = asyncio.get_running_loop()
+        return Job(ids, gen, n, lambda: [m() for m in makers], loop, asyncio.Queue())
+
+    async def run_job(request: Request | None, job: Job, on_event) -> None:
+        """Submit, relay events to on_event until every sample is done; abort if the client leaves
+        (polled here when `request` is given; a stream is cancelled by Starlette instead)."""
+        worker.submit(job)
+        done = 0
+        try:
+            while done < job.n:
+                get = asyncio.ensure_future(job.events.get())
+                while not get.done():
+                    await asyncio.wait([get], timeout=0.25)
+                    if not get.done() and request is not None and await request.is_disconnected():
+                        get.cancel()
+                        raise asyncio.CancelledError
+                event = get.result()
+                if event[0] == "error":
+                    raise P.ApiError(500, event[1], None, "engine_error", "server_error")
+                if event[0] == "done":
+                    done += 1
+                await on_event(event)
+        except BaseException:
+            worker.abort(job)
+            metrics.inc("requests_aborted_total")
+            raise
+
+    def count(job: Job, endpoint: str) -> dict:
+        seqs = [s for s in job.seqs if s.finished]
+        out = sum(len(s.output) for s in seqs)
+        metrics.inc("requests_total", endpoint=endpoint)
+        metrics.inc("prompt_tokens_total", len(job.ids))
+        metrics.inc("generation_tokens_total", out)
+        cached = max((s.cached_tokens for s in job.seqs), default=0)
+        return P.usage(len(job.ids), out, cached)
+
+    # --- routes -------------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        if worker.ready.is_set():
+            return {"status": "ok"}
+        status = "failed: " + worker.error if worker.error else "loading"
+        return JSONResponse({"status": status}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics_route():
+        gauges = {"queue_length": ("Requests waiting for a row.", worker.waiting),
+                  "running_sequences": ("Sequences holding a row.", worker.running)}
+        return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "lilliput"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = P.parse(P.ChatRequest, await body_of(request))
+        check_model(req)
+        loaded()
+        if not req.messages:
+            raise P.ApiError(400, "'messages' must hold at least one message", "messages", "invalid_value")
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
+            raise P.ApiError(400, f"top_logprobs must be in [0, 20], got {req.top_logprobs}", "top_logprobs", "invalid_value")
+        tok = worker.tokenizer
+        try:
+            text = tok.apply_chat_template([{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+                                            for m in req.messages])
+        except ValueError as e:
+            raise P.ApiError(400, str(e), "messages", "invalid_value") from None
+        ids = tok.encode(text, bos=False)
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        lp = (req.top_logprobs or 0) if req.logprobs else None
+        job = build_job(req, ids, param, requested, lp)
+        rid, created, fmt = P.new_id("chatcmpl"), P.now(), P.LogprobFormat(tok)
+
+        def chunk(choices, usage=None):
+            c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name, "choices": choices}
+            if req.stream_options and req.stream_options.include_usage:
+                c["usage"] = usage
+            return f"data: {json.dumps(c)}\n\n"
+
+        if req.stream:
+            async def events() -> AsyncIterator[str]:
+                q: asyncio.Queue = asyncio.Queue()
+                for i in range(job.n):
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
+
+                async def relay(event):
+                    await q.put(event)
+                task = asyncio.ensure_future(run_job(None, job, relay))
+                try:
+                    finished = 0
+                    while finished < job.n:
+                        get = asyncio.ensure_future(q.get())
+                        await asyncio.wait([get, task], return_when=asyncio.FIRST_COMPLETED)
+                        if not get.done():
+                            get.cancel()
+                            task.result()  # raises the job's error
+                            continue
+                        event = get.result()
+                        if event[0] == "text":
+                            _, i, delta, records = event
+                            yield chunk([{"index": i, "delta": {"content": delta},
+                                          "logprobs": fmt.chat(records) if lp is not None else None, "finish_reason": None}])
+                        else:
+                            _, i, seq = event
+                            finished += 1
+                            yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": P.finish_reason(seq)}])
+                    await task
+                    if req.stream_options and req.stream_options.include_usage:
+                        yield chunk([], count(job, "chat"))
+                    else:
+                        count(job, "chat")
+                except P.ApiError as e:
+                    yield f"data: {json.dumps(e.body())}\n\n"
+                finally:
+                    if not task.done():
+                        task.cancel()
+                        worker.abort(job)
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        async def ignore(event):
+            pass
+        await run_job(request, job, ignore)
+        by_index = {job.index[s.id]: s for s in job.seqs}
+        choices = [{"index": i, "message": {"role": "assistant", "content": s.text, "refusal": None},
+                    "logprobs": fmt.chat(s.logprobs[:len(s.output)]) if lp is not None else None,
+                    "finish_reason": P.finish_reason(s)} for i, s in sorted(by_index.items())]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": name, "choices": choices,
+                "usage": count(job, "chat"), "system_fingerprint": None}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = P.parse(P.CompletionRequest, await body_of(request))
+        check_model(req)
+        loaded()
+        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+            raise P.ApiError(400, f"logprobs must be in [0, 20], got {req.logprobs}", "logprobs", "invalid_value")
+        tok, prompt = worker.tokenizer, req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise P.ApiError(400, "send one prompt per request (a list of prompts is not supported)", "prompt",
+                                 "invalid_value")
+            prompt = prompt[0]
+        if isinstance(prompt, list):
+            if any(not 0 <= t < worker.engine.model.config.vocab_size for t in prompt):
+                raise P.ApiError(400, "a prompt token id is outside the vocabulary", "prompt", "invalid_value")
+            ids = list(prompt)
+        else:
+            ids = tok.encode(prompt)
+        if not ids:
+            raise P.ApiError(400, "the prompt is empty", "prompt", "invalid_value")
+        job = build_job(req, ids, "max_tokens", 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
+        rid, created, fmt = P.new_id("cmpl"), P.now(), P.LogprobFormat(tok)
+
+        def body(choices, usage=None):
+            c = {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices}
+            if usage is not None or (req.stream and req.stream_options and req.stream_options.include_usage):
+                c["usage"] = usage
+            return c
+
+        if req.stream:
+            async def events() -> AsyncIterator[str]:
+                q: asyncio.Queue = asyncio.Queue()
+                offsets = [0] * job.n
+
+                async def relay(event):
+                    await q.put(event)
+                task = asyncio.ensure_future(run_job(None, job, relay))
+                try:
+                    finished = 0
+                    while finished < job.n:
+                        get = asyncio.ensure_future(q.get())
+                        await asyncio.wait([get, task], return_when=asyncio.FIRST_COMPLETED)
+                        if not get.done():
+                            get.cancel()
+                            task.result()
+                            continue
+                        event = get.result()
+                        if event[0] == "text":
+                            _, i, delta, records = event
+                            lps = fmt.completion(records, offsets[i]) if req.logprobs is not None else None
+                            offsets[i] += len(delta)
+                            yield f"data: {json.dumps(body([{'index': i, 'text': delta, 'logprobs': lps, 'finish_reason': None}]))}\n\n"
+                        else:
+                            _, i, seq = event
+                            finished += 1
+                            yield f"data: {json.dumps(body([{'index': i, 'text': '', 'logprobs': None, 'finish_reason': P.finish_reason(seq)}]))}\n\n"
+                    await task
+                    u = count(job, "completions")
+                    if req.stream_options and req.stream_options.include_usage:
+                        yield f"data: {json.dumps(body([], u))}\n\n"
+                except P.ApiError as e:
+                    yield f"data: {json.dumps(e.body())}\n\n"
+                finally:
+                    if not task.done():
+                        task.cancel()
+                        worker.abort(job)
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        async def ignore(event):
+            pass
+        await run_job(request, job, ignore)
+        by_index = {job.index[s.id]: s for s in job.seqs}
+        choices = [{"index": i, "text": s.text, "finish_reason": P.finish_reason(s),
+                    "logprobs": fmt.completion(s.logprobs[:len(s.output)]) if req.logprobs is not None else None}
+                   for i, s in sorted(by_index.items())]
+        return body(choices, count(job, "completions"))
+
+    return app
+
+
+class Server:
+    """uvicorn serving the app in a background thread, on a socket bound before it starts (so
+    port 0 gives a free port that `url` reports). For tests and the load test; `run_server`
+    is the foreground command."""
+
+    def __init__(self, cfg: ServeConfig, load: Callable[[], tuple], name: str = "lilliput"):
+        import uvicorn
+
+        self.worker = Worker(load, cfg.engine_config(), Metrics())
+        self.app = create_app(cfg, self.worker, cfg.served_name or name)
+        self.sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((cfg.host, cfg.port))
+        host, port = self.sock.getsockname()[:2]
+        self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self, wait_loaded: bool = False, timeout: float = 600) -> "Server":
+        self.worker.start()
+        self.thread.start()
+        while not self.server.started and self.thread.is_alive():
+            threading.Event().wait(0.01)
+        if wait_loaded and not self.worker.ready.wait(timeout):
+            raise TimeoutError("the model did not load in time")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.worker.stop()
+        self.sock.close()
+
+
+def run_server(cfg: ServeConfig, load_cfg) -> None:
+    """`lilliput serve`: bind, answer /health with 503 while the model loads, then serve until Ctrl-C."""
+    import uvicorn
+
+    name = cfg.served_name or (load_cfg.model or "smollm2-135m-instruct")
+    worker = Worker(load_cfg.load, cfg.engine_config(), Metrics()).start()
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
+        log.warning("serving on %s without --api-key: anyone who can reach it can use it", cfg.host)
+    print(f"lilliput: serving {name} on http://{cfg.host}:{cfg.port}/v1 (loading the model; /health says when ready)",
+          flush=True)
+    try:
+        uvicorn.run(create_app(cfg, worker, name), host=cfg.host, port=cfg.port, log_level="info")
+    finally:
+        worker.stop()

@@ -1,0 +1,203 @@
+"""The engine thread: one `Engine` owned by one background thread, fed through a thread-safe queue.
+
+The engine is not thread-safe, so HTTP handlers never touch it: they build a `Job` (token ids,
+settings, how many samples) and `submit` it; the thread adds it to the engine between steps and
+steps while anything is queued or running. Text deltas and the end of each sample go back to the
+handler's asyncio loop with `call_soon_threadsafe`. A client that goes away calls `abort`, and
+the job's rows are freed at the next step.
+
+`n` samples share one prefill: the first sample is added alone and, once its prompt is prefilled
+(status running), forked n - 1 times (`Engine.fork`). When it cannot be forked (it ended on its
+first token, or too few rows are free), the other samples are added as ordinary requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from lilliput.infer.engine import Engine, EngineConfig
+from lilliput.infer.sequence import GenerationConfig, Sequence, Status
+
+log = logging.getLogger("lilliput.serve")
+
+
+@dataclass
+class Job:
+    """One request: n samples of one prompt. Events go to `events` on the handler's loop:
+    ("text", index, delta, logprobs) while decoding, ("done", index, seq) per sample,
+    ("error", message) if the engine failed."""
+
+    ids: list[int]
+    cfg: GenerationConfig
+    n: int = 1
+    processors: Callable[[], list] = list
+    """Makes a fresh list of logits processors for each sample (processors hold per-sample state)."""
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    seqs: list[Sequence] = field(default_factory=list)
+    index: dict[int, int] = field(default_factory=dict)  # seq.id -> sample index
+    sent_logprobs: dict[int, int] = field(default_factory=dict)
+    last_text_at: dict[int, float] = field(default_factory=dict)
+    aborted: bool = False
+
+    def post(self, *event) -> None:
+        if self.loop is not None and not self.aborted:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Worker:
+    """Loads the model and runs the engine loop in a daemon thread. `ready` is set once loaded;
+    `error` holds the reason when loading failed."""
+
+    def __init__(self, load: Callable[[], tuple], engine_cfg: EngineConfig, metrics=None):
+        self.load, self.engine_cfg, self.metrics = load, engine_cfg, metrics
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.ready = threading.Event()
+        self.error: str | None = None
+        self.engine: Engine | None = None
+        self.tokenizer = None
+        self.max_len = 0
+        self.running = self.waiting = 0  # gauges, written by the engine thread after each step
+        self._jobs: dict[int, Job] = {}  # seq.id -> job
+        self._to_fork: list[Job] = []
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, name="lilliput-engine", daemon=True)
+
+    def start(self) -> "Worker":
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop = True
+        self.inbox.put(("stop", None))
+        self.thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        self.inbox.put(("add", job))
+
+    def abort(self, job: Job) -> None:
+        job.aborted = True
+        self.inbox.put(("abort", job))
+
+    # --- the engine thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            model, self.tokenizer = self.load()
+            self.engine = Engine(model, self.tokenizer, self.engine_cfg)
+            self.max_len = self.engine.max_len
+        except Exception as e:  # reported by /health; the server stays up to say so
+            self.error = f"{type(e).__name__}: {e}"
+            log.error("loading the model failed: %s", self.error)
+            return
+        self.ready.set()
+        while not self._stop:
+            idle = not self.engine.has_work() and not self._to_fork
+            try:
+                self._handle(*self.inbox.get(block=idle))
+                while True:
+                    self._handle(*self.inbox.get_nowait())
+            except queue.Empty:
+                pass
+            if self._stop:
+                break
+            if self.engine.has_work():
+                self._step()
+            self._fork_ready()
+
+    def _handle(self, what: str, job: Job | None) -> None:
+        if what == "add":
+            self._add(job, 0, job.cfg)
+            if job.n > 1:
+                self._to_fork.append(job)
+        elif what == "abort":
+            if job in self._to_fork:
+                self._to_fork.remove(job)
+            for seq in job.seqs:
+                self.engine.abort(seq)
+
+    def _add(self, job: Job, index: int, cfg: GenerationConfig) -> None:
+        if job.aborted:
+            return
+        try:
+            seq = self.engine.add(job.ids, cfg, job.processors(), on_text=lambda s, t: self._on_text(job, s, t))
+        except ValueError as e:  # the handler checks lengths first; this is a last line
+            job.post("error", str(e))
+            return
+        self._track(job, seq, index)
+
+    def _track(self, job: Job, seq: Sequence, index: int) -> None:
+        job.seqs.append(seq)
+        job.index[seq.id] = index
+        job.sent_logprobs[seq.id] = 0
+        self._jobs[seq.id] = job
+
+    def _on_text(self, job: Job, seq: Sequence, text: str) -> None:
+        now = time.perf_counter()
+        if self.metrics is not None and seq.id in job.last_text_at:
+            self.metrics.observe("itl", now - job.last_text_at[seq.id])
+        job.last_text_at[seq.id] = now
+        k = job.sent_logprobs.get(seq.id, 0)
+        new = seq.logprobs[k:len(seq.output)]
+        job.sent_logprobs[seq.id] = k + len(new)
+        job.post("text", job.index[seq.id], text, new)
+
+    def _step(self) -> None:
+        try:
+            finished = self.engine.step()
+        except Exception as e:  # fail what is in flight, keep serving
+            log.exception("engine step failed")
+            self._fail_all(f"engine error: {type(e).__name__}: {e}")
+            return
+        sched = self.engine.scheduler
+        self.running, self.waiting = len(sched.running), len(sched.waiting)
+        if self.metrics is not None:
+            self.metrics.observe("batch", len([s for s in sched.running if s.status is Status.RUNNING]))
+        for seq in finished:
+            if self.metrics is not None:
+                self.metrics.inc("finished_total", reason=seq.finish_reason)
+            job = self._jobs.pop(seq.id, None)
+            if job is None:
+                continue
+            if self.metrics is not None and seq.first_token_at is not None:
+                self.metrics.observe("ttft", seq.first_token_at - job.arrival)
+            job.post("done", job.index[seq.id], seq)
+
+    def _fork_ready(self) -> None:
+        """Fork the first sample of n > 1 jobs once its prompt is prefilled."""
+        for job in list(self._to_fork):
+            first = job.seqs[0] if job.seqs else None
+            if first is None or job.aborted:
+                self._to_fork.remove(job)
+                continue
+            if first.status is Status.RUNNING and len(self.engine.scheduler.free_rows) >= job.n - 1:
+                for i, f in enumerate(self.engine.fork(first, job.n - 1, job.processors()), start=1):
+                    self._track(job, f, i)
+                self._to_fork.remove(job)
+            elif first.finished or (first.status is Status.RUNNING):
+                # ended on its first token, or too few free rows: the rest prefill on their own
+                for i in range(1, job.n):
+                    seed = None if job.cfg.seed is None else job.cfg.seed + i
+                    self._add(job, i, dataclasses.replace(job.cfg, seed=seed))
+                self._to_fork.remove(job)
+
+    def _fail_all(self, message: str) -> None:
+        for job in {id(j): j for j in self._jobs.values()}.values():
+            job.post("error", message)
+            for seq in job.seqs:
+                self.engine.abort(seq)
+        self._jobs.clear()
+        self._to_fork.clear()
+        try:
+            self.engine.step()  # retire the aborted rows
+        except Exception:
+            log.exception("engine could not retire aborted rows; starting a fresh engine")
+            self.engine = Engine(self.engine.model, self.tokenizer, self.engine_cfg)

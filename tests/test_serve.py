@@ -1,0 +1,295 @@
+"""The OpenAI-compatible server, on a tiny model + byte tokenizer, bound to a free loopback port.
+
+The official `openai` client is the client for well-formed requests; raw HTTP (http.client) sends the
+malformed ones. Every server is started inside the test module and stopped at its end."""
+
+import http.client
+import json
+import threading
+import time
+from urllib.parse import urlparse
+
+import pytest
+import torch
+
+from lilliput.core.config import preset
+from lilliput.core.model import GPT
+from lilliput.core.tokenizer import ByteTokenizer
+from lilliput.serve.app import ServeConfig, Server
+
+openai = pytest.importorskip("openai")
+
+KEY = "sk-test"
+
+
+def tiny(eos: int | None = None):
+    torch.manual_seed(0)
+    model = GPT(preset("tiny")).eval()
+    tok = ByteTokenizer()
+    if eos is not None:
+        tok.eos_ids = {eos}
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def server():
+    torch.set_num_threads(1)
+    s = Server(ServeConfig(port=0, api_key=KEY, max_batch=4, max_body_bytes=4096), tiny, name="tiny").start(
+        wait_loaded=True)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+class Reply:
+    """A raw HTTP answer (stdlib http.client: no client library between the test and the server)."""
+
+    def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse):
+        self.conn, self.resp, self.status_code = conn, resp, resp.status
+        self.headers = {k.lower(): v for k, v in resp.getheaders()}
+        self._body = None
+
+    @property
+    def text(self) -> str:
+        if self._body is None:
+            self._body = self.resp.read().decode()
+            self.conn.close()
+        return self._body
+
+    def json(self):
+        return json.loads(self.text)
+
+    def iter_lines(self):
+        while line := self.resp.readline():
+            yield line.decode().rstrip("\r\n")
+
+    def close(self):
+        self.conn.close()
+
+
+def request(server, method, path, body=None, key=KEY) -> Reply:
+    u = urlparse(server.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+        body = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request(method, path, body=body, headers=headers)
+    return Reply(conn, conn.getresponse())
+
+
+def post(server, path, body, key=KEY) -> Reply:
+    return request(server, "POST", path, body, key)
+
+
+def get(server, path) -> Reply:
+    return request(server, "GET", path, key=None)
+
+
+def chat(text="hi", **kw):
+    return dict(model="tiny", messages=[{"role": "user", "content": text}], **kw)
+
+
+# --- the happy paths, through the openai client -----------------------------------------------------
+
+def test_binds_loopback_and_lists_the_model(server, client):
+    assert server.url.startswith("http://127.0.0.1:")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_chat_non_streaming_reports_usage_and_length(client):
+    r = client.chat.completions.create(**chat("hello"), max_tokens=5, temperature=0)
+    c = r.choices[0]
+    assert c.finish_reason == "length" and c.message.role == "assistant" and isinstance(c.message.content, str)
+    assert r.usage.completion_tokens == 5 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 5 and r.model == "tiny"
+
+
+def test_chat_stream_equals_non_stream_and_ends_with_usage(client):
+    want = client.chat.completions.create(**chat("abc"), max_completion_tokens=12, temperature=0)
+    chunks = list(client.chat.completions.create(**chat("abc"), max_completion_tokens=12, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_raw_stream_is_sse_ending_in_done(server):
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": "xy", "max_tokens": 4, "stream": True})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    lines = [ln for ln in r.iter_lines() if ln]
+    r.close()
+    assert all(ln.startswith("data: ") for ln in lines) and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_completions_text_tokens_and_stream_agree(client):
+    a = client.completions.create(model="tiny", prompt="The cat", max_tokens=8, temperature=0)
+    b = client.completions.create(model="tiny", prompt=list(b"The cat"), max_tokens=8, temperature=0)
+    s = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="The cat", max_tokens=8, temperature=0, stream=True) if c.choices)
+    assert a.choices[0].text == b.choices[0].text == s and a.usage.completion_tokens == 8
+
+
+def test_logprobs_in_openai_shapes(client):
+    r = client.chat.completions.create(**chat("q"), max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 3 for t in content)
+    for t in content:  # greedy: the chosen token is the most likely one
+        assert t.logprob <= 0 and t.logprob == pytest.approx(max(x.logprob for x in t.top_logprobs))
+    c = client.completions.create(model="tiny", prompt="q", max_tokens=3, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
+    assert all(len(d) <= 2 for d in lp.top_logprobs) and lp.text_offset[0] == 0
+
+
+def test_stop_string_cuts_the_text(client):
+    full = client.completions.create(model="tiny", prompt="abc", max_tokens=20, temperature=0).choices[0].text
+    stop = full[5:7]
+    cut = client.completions.create(model="tiny", prompt="abc", max_tokens=20, temperature=0, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full[:full.index(stop)]
+
+
+def test_seed_gives_same_sample_whatever_else_runs(client):
+    kw = dict(model="tiny", prompt="seeded", max_tokens=16, temperature=1.0, seed=123)
+    alone = client.completions.create(**kw).choices[0].text
+    busy = []
+    others = [threading.Thread(target=lambda i=i: busy.append(client.completions.create(
+        model="tiny", prompt="noise " * (i + 1), max_tokens=30, temperature=1.2).choices[0].text)) for i in range(3)]
+    for t in others:
+        t.start()
+    again = client.completions.create(**kw).choices[0].text
+    for t in others:
+        t.join()
+    assert again == alone and len(busy) == 3
+
+
+def test_n_samples_share_a_prefill_and_are_seeded(client, server):
+    kw = dict(model="tiny", prompt="fork me", max_tokens=6, temperature=1.0, seed=5, n=3)
+    r = client.completions.create(**kw)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2] and r.usage.completion_tokens == 18
+    assert len({c.text for c in r.choices}) > 1  # different seeds
+    assert [c.text for c in client.completions.create(**kw).choices] == [c.text for c in r.choices]
+    # sample i is what seed + i alone gives
+    one = client.completions.create(**{**kw, "n": 1, "seed": 6}).choices[0].text
+    assert one == r.choices[1].text
+
+
+def test_presence_and_frequency_penalties_change_greedy_output(client):
+    base = client.completions.create(model="tiny", prompt="aaaa", max_tokens=24, temperature=0).choices[0].text
+    pen = client.completions.create(model="tiny", prompt="aaaa", max_tokens=24, temperature=0,
+                                    frequency_penalty=2.0, presence_penalty=2.0).choices[0].text
+    assert pen != base and len(set(pen)) >= len(set(base))
+
+
+def test_concurrent_requests_are_batched(client, server):
+    m = server.worker.metrics
+    before = sum(m.buckets["batch"][1:])  # steps that decoded more than one sequence
+    out = []
+    threads = [threading.Thread(target=lambda i=i: out.append(client.chat.completions.create(
+        **chat(f"req {i}"), max_tokens=40, temperature=0))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(out) == 4 and sum(m.buckets["batch"][1:]) > before
+
+
+def test_client_disconnect_frees_the_row(server):
+    engine = server.worker.engine
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.01), step())[1]  # slow enough to leave mid-stream
+    try:
+        r = post(server, "/v1/chat/completions", {**chat("long"), "max_tokens": 200, "stream": True})
+        for line in r.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                break  # got a token; leave
+        r.close()
+        t0 = time.time()
+        while (server.worker.running or engine.has_work()) and time.time() - t0 < 5:
+            time.sleep(0.02)
+        assert time.time() - t0 < 1.5 and not engine.has_work()
+        assert 'finished_total{reason="abort"}' in get(server, "/metrics").text
+    finally:
+        del engine.step
+
+
+# --- errors, auth, health, metrics ------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    ({"model": "tiny"}, 400, "messages"),
+    ({**chat(), "model": "gpt-9"}, 404, "model"),
+    ({**chat(), "max_tokens": 0}, 400, "max_tokens"),
+    ({**chat(), "max_tokens": 10_000}, 400, "max_tokens"),
+    ({**chat("x" * 300), "max_tokens": 1}, 400, "messages"),
+    ({**chat(), "temperature": "hot"}, 400, "temperature"),
+    ({**chat(), "messages": "hi"}, 400, "messages"),
+    ({**chat(), "n": 0}, 400, "n"),
+    ({**chat(), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({**chat(), "response_format": {"type": "xml"}}, 400, "response_format"),
+    ([1, 2], 400, None),
+])
+def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, body, status, param):
+    r = post(server, "/v1/chat/completions", body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["param"] == param
+    assert get(server, "/health").status_code == 200
+
+
+def test_completions_errors(server):
+    assert post(server, "/v1/completions", {"model": "tiny"}).json()["error"]["param"] == "prompt"
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": "x" * 300, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": [1, 999], "max_tokens": 1})
+    assert r.status_code == 400
+
+
+def test_body_over_the_limit_is_413(server):
+    r = post(server, "/v1/chat/completions", chat("y" * 5000))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_unknown_parameters_and_user_are_ignored(server):
+    r = post(server, "/v1/chat/completions", {**chat(), "max_tokens": 2, "user": "u1", "frobnicate": [1]})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_api_key_is_required_on_v1_but_not_health_or_metrics(server):
+    assert post(server, "/v1/chat/completions", chat(), key=None).status_code == 401
+    r = post(server, "/v1/chat/completions", chat(), key="wrong")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert request(server, "GET", "/v1/models", key=None).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
+    assert get(server, "/health").json() == {"status": "ok"}
+    text = get(server, "/metrics").text
+    for name in ("lilliput_requests_total", "lilliput_generation_tokens_total", "lilliput_queue_length",
+                 "lilliput_time_to_first_token_seconds_bucket", "lilliput_inter_token_latency_seconds_count",
+                 "lilliput_batch_size_bucket"):
+        assert name in text
+
+
+def test_health_is_503_while_loading():
+    gate = threading.Event()
+
+    def slow_load():
+        gate.wait(10)
+        return tiny()
+
+    s = Server(ServeConfig(port=0), slow_load).start()
+    try:
+        assert get(s, "/health").status_code == 503
+        r = post(s, "/v1/completions", {"prompt": "a"}, key=None)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+        gate.set()
+        assert s.worker.ready.wait(10) and get(s, "/health").status_code == 200
+    finally:
+        gate.set()
+        s.stop()
