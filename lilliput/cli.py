@@ -70,10 +70,15 @@ def cmd_generate(ns) -> int:
     cfg = config_from_args(GenerationConfig, ns)
     model, tok = _load(ns)
     on_text = _stream(ns)
+    procs = None
+    if ns.json_schema:
+        from lilliput.infer.grammar import JsonGrammar, read_schema
+
+        procs = JsonGrammar.from_schema(tok, read_schema(ns.json_schema), model.config.vocab_size).processor
     if ns.chat:
-        g = chat(model, tok, [{"role": "user", "content": ns.prompt}], cfg, on_text)
+        g = chat(model, tok, [{"role": "user", "content": ns.prompt}], cfg, on_text, procs)
     else:
-        g = generate(model, tok, [ns.prompt], cfg, on_text)[0]
+        g = generate(model, tok, [ns.prompt], cfg, on_text, processors=procs)[0]
     if on_text is None:
         sys.stdout.write(g.text)
     print()
@@ -231,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     add_config_args(p, GenerationConfig)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid under this schema")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
     p.set_defaults(func=cmd_generate)
 

@@ -293,3 +293,27 @@ def test_health_is_503_while_loading():
     finally:
         gate.set()
         s.stop()
+
+
+def test_response_format_constrains_json_per_sample():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "n"],
+              "properties": {"city": {"type": "string", "maxLength": 8}, "n": {"type": "integer", "maximum": 9}}}
+    s = Server(ServeConfig(port=0, max_batch=4), lambda: tiny(eos=0), name="tiny").start(wait_loaded=True)
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0)
+        r = c.chat.completions.create(**chat("json please"), max_tokens=100, temperature=1.0, seed=2, n=3,
+                                      response_format={"type": "json_schema",
+                                                       "json_schema": {"name": "x", "schema": schema}})
+        assert len(r.choices) == 3
+        for ch in r.choices:
+            assert ch.finish_reason == "stop"
+            jsonschema.validate(json.loads(ch.message.content), schema)
+        r = c.completions.create(model="tiny", prompt="{", max_tokens=60, temperature=0,
+                                 extra_body={"response_format": {"type": "json_object"}})
+        assert r.choices[0].text.startswith("{")
+        bad = post(s, "/v1/chat/completions", {**chat(), "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}}, key=None)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+    finally:
+        s.stop()

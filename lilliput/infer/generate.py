@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 from lilliput.core.model import GPT
 from lilliput.infer.engine import Engine, EngineConfig
+from lilliput.infer.sampling import LogitsProcessor
 from lilliput.infer.sequence import GenerationConfig
 
 __all__ = ["GenerationConfig", "Generation", "generate", "chat"]
@@ -30,9 +31,11 @@ class Generation:
 
 def generate(model: GPT, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[int]],
              cfg: GenerationConfig = GenerationConfig(),
-             on_text: Callable[[int, str], None] | None = None, bos: bool | None = None) -> list[Generation]:
+             on_text: Callable[[int, str], None] | None = None, bos: bool | None = None,
+             processors: Callable[[], list[LogitsProcessor]] | None = None) -> list[Generation]:
     """Generate a continuation for each prompt (text, or token ids). `on_text(row, delta)` streams
-    each prompt's new text as it becomes final."""
+    each prompt's new text as it becomes final. `processors()` makes each prompt's own logits
+    processors (a grammar holds per-sequence state)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
@@ -50,7 +53,7 @@ def generate(model: GPT, tokenizer, prompts: str | Sequence[str] | Sequence[Sequ
     stream = (lambda seq, text: on_text(row_of[seq.id], text)) if on_text else None
     seqs = []
     for i, p in enumerate(ids):
-        seq = engine.add(p, cfg, on_text=stream)
+        seq = engine.add(p, cfg, processors() if processors else (), on_text=stream)
         row_of[seq.id] = i
         seqs.append(seq)
     engine.run()
@@ -66,7 +69,8 @@ def generate(model: GPT, tokenizer, prompts: str | Sequence[str] | Sequence[Sequ
 
 
 def chat(model: GPT, tokenizer, messages: list[dict], cfg: GenerationConfig = GenerationConfig(),
-         on_text: Callable[[int, str], None] | None = None) -> Generation:
+         on_text: Callable[[int, str], None] | None = None,
+         processors: Callable[[], list[LogitsProcessor]] | None = None) -> Generation:
     """One assistant turn after `messages` ([{"role": ..., "content": ...}]), using the chat template."""
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return generate(model, tokenizer, [prompt], cfg, on_text, bos=False)[0]
+    return generate(model, tokenizer, [prompt], cfg, on_text, bos=False, processors=processors)[0]

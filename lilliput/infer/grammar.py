@@ -28,6 +28,20 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 ANY_OBJECT = {"type": "object"}
 
 
+def read_schema(path: str) -> dict:
+    """A JSON schema file, with one clear line when it is missing or not JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"JSON schema file {path!r} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a JSON file ({e})") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"{path} holds a JSON {type(schema).__name__}, not a schema object")
+    return schema
+
+
 class _ByteVocab:
     """What llguidance's TokenizerWrapper reads, for a byte-level tokenizer (tests, tiny models)."""
 

@@ -179,10 +179,13 @@ class Worker:
                 self._to_fork.remove(job)
                 continue
             if first.status is Status.RUNNING and len(self.engine.scheduler.free_rows) >= job.n - 1:
-                for i, f in enumerate(self.engine.fork(first, job.n - 1, job.processors()), start=1):
+                for i, f in enumerate(self.engine.fork(first, job.n - 1), start=1):
+                    # Engine.fork hands every fork the same processor objects; a grammar holds
+                    # per-sample state, so each fork gets its own before its first sample
+                    f.processors = f.cfg.processors() + job.processors()
                     self._track(job, f, i)
                 self._to_fork.remove(job)
-            elif first.finished or (first.status is Status.RUNNING):
+            elif first.finished or first.status is Status.RUNNING:
                 # ended on its first token, or too few free rows: the rest prefill on their own
                 for i in range(1, job.n):
                     seed = None if job.cfg.seed is None else job.cfg.seed + i
