@@ -74,7 +74,8 @@ def cmd_generate(ns) -> int:
     if ns.json_schema:
         from lilliput.infer.grammar import JsonGrammar, read_schema
 
-        procs = JsonGrammar.from_schema(tok, read_schema(ns.json_schema), model.config.vocab_size).processor
+        grammar = JsonGrammar.from_schema(tok, read_schema(ns.json_schema), model.config.vocab_size)
+        procs = lambda: [grammar.processor()]  # noqa: E731 (one matcher per prompt)
     if ns.chat:
         g = chat(model, tok, [{"role": "user", "content": ns.prompt}], cfg, on_text, procs)
     else:

@@ -72,6 +72,7 @@ class _Sampling(_Strict):
     frequency_penalty: float | None = None
     response_format: ResponseFormat | None = None
     user: Any = None  # ignored, as the issue asks
+    ignore_eos: bool | None = None  # vLLM's extension: fixed output lengths for load tests
 
 
 class ChatRequest(_Sampling):
@@ -121,7 +122,8 @@ def generation_config(req: _Sampling, max_tokens: int | None, logprobs: int | No
         v = getattr(req, name) or 0.0
         _check(-2 <= v <= 2, f"{name} must be in [-2, 2], got {v}", name)
     return GenerationConfig(max_new_tokens=max_tokens, temperature=t, top_p=top_p if top_p < 1 else None,
-                            stop=tuple(s for s in stop if s), seed=req.seed, logprobs=logprobs)
+                            stop=tuple(s for s in stop if s), seed=req.seed, logprobs=logprobs,
+                            ignore_eos=bool(req.ignore_eos))
 
 
 def sample_count(req: _Sampling) -> int:
