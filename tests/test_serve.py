@@ -317,3 +317,16 @@ def test_response_format_constrains_json_per_sample():
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
     finally:
         s.stop()
+
+
+def test_serve_command_builds_its_config_from_flags():
+    from lilliput.cli import build_parser
+    from lilliput.core.options import config_from_args
+
+    ns = build_parser().parse_args(["serve", "--model", "m.gguf", "--port", "0", "--api-key", "k", "--max-batch", "3",
+                                    "--no-prefix-cache"])
+    cfg = config_from_args(ServeConfig, ns)
+    assert (cfg.host, cfg.port, cfg.api_key, cfg.max_batch, cfg.prefix_cache) == ("127.0.0.1", 0, "k", 3, False)
+    assert ns.model == "m.gguf" and ns.func.__name__ == "cmd_serve"
+    with pytest.raises(ValueError, match="port"):
+        ServeConfig(port=70000)
