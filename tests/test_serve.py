@@ -330,3 +330,32 @@ def test_serve_command_builds_its_config_from_flags():
     assert ns.model == "m.gguf" and ns.func.__name__ == "cmd_serve"
     with pytest.raises(ValueError, match="port"):
         ServeConfig(port=70000)
+
+
+@pytest.mark.parametrize("threshold, answered_by", [(1e9, "small"), (-1.0, "large")])
+def test_routed_pair_says_which_model_answered(threshold, answered_by):
+    def seeded(seed):
+        torch.manual_seed(seed)
+        return GPT(preset("tiny")).eval(), ByteTokenizer()
+
+    from lilliput.infer.engine import Engine
+    from lilliput.infer.sequence import GenerationConfig
+
+    want = Engine(*seeded(0 if answered_by == "small" else 1)).generate(["route me"], GenerationConfig(max_new_tokens=8))[0]
+    cfg = ServeConfig(port=0, small="tiny-small", large="tiny-large", threshold=threshold)
+    s = Server(cfg, lambda: seeded(0), name="router", load_large=lambda: seeded(1)).start(wait_loaded=True)
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0)
+        r = c.completions.create(model="router", prompt="route me", max_tokens=8, temperature=0)
+        assert r.model == f"tiny-{answered_by}" and r.choices[0].model_extra["routed_to"] == answered_by
+        assert r.choices[0].text == want.text and r.usage.completion_tokens == 8
+        chunks = list(c.completions.create(model="router", prompt="route me", max_tokens=8, temperature=0, stream=True))
+        assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want.text  # only the answer is streamed
+        assert chunks[-1].choices[0].model_extra["routed_to"] == answered_by
+        assert f'routed_total{{model="{answered_by}"}}' in get(s, "/metrics").text
+    finally:
+        s.stop()
+    with pytest.raises(ValueError, match="both"):
+        ServeConfig(small="a")
+    with pytest.raises(ValueError, match="threshold"):
+        ServeConfig(small="a", large="b")

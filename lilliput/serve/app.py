@@ -14,6 +14,7 @@ tokenize, check lengths and relay events.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import socket
@@ -28,10 +29,11 @@ from starlette.exceptions import HTTPException
 
 from lilliput.infer.engine import EngineConfig
 from lilliput.infer.grammar import JsonGrammar
+from lilliput.infer.router import GENERATION_SIGNALS, RouterConfig
 from lilliput.infer.sampling import PresenceFrequencyPenalty
 from lilliput.serve import protocol as P
 from lilliput.serve.metrics import Metrics
-from lilliput.serve.worker import Job, Worker
+from lilliput.serve.worker import Job, Route, Worker
 
 log = logging.getLogger("lilliput.serve")
 
@@ -54,8 +56,22 @@ class ServeConfig:
     """Largest request body accepted (413 past it)."""
     served_name: str | None = None
     """Model id shown in /v1/models and responses; the --model value (or smollm2-135m-instruct) when omitted."""
+    small: str | None = None
+    """With --large: a shrunk model that answers first (a routed pair; --model is then unused)."""
+    large: str | None = None
+    """With --small: the model a request escalates to when the small answer is unsure."""
+    threshold: float | None = None
+    """Escalate when the small answer's uncertainty signal is above this (bench/router.py calibrates one)."""
+    signal: str = "mean_logprob"
+    """Uncertainty signal of the small answer: mean_logprob, min_logprob (negated) or entropy."""
 
     def __post_init__(self):
+        if (self.small is None) != (self.large is None):
+            raise ValueError("a routed pair needs both --small and --large")
+        if self.small is not None and self.threshold is None:
+            raise ValueError("--small/--large need --threshold (calibrate one with bench/router.py)")
+        if self.signal not in GENERATION_SIGNALS:
+            raise ValueError(f"signal must be one of {', '.join(GENERATION_SIGNALS)}, got {self.signal!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_body_bytes < 1024:
@@ -66,6 +82,8 @@ class ServeConfig:
 
 
 def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
+    """`name` is the served model id; with a routed pair, each response's `model` (for one
+    sample) and each choice's `routed_to` say which model answered."""
     app = FastAPI(title="lilliput", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = worker.metrics
 
@@ -165,9 +183,20 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
             metrics.inc("requests_aborted_total")
             raise
 
+    def answers(job: Job) -> dict:
+        """index -> the sequence that answered it (a routed sample's large answer replaces its small one)."""
+        return {job.index[s.id]: s for s in job.seqs}
+
+    def route_fields(job: Job, index: int) -> dict:
+        return {"routed_to": job.routes.get(index)} if worker.route is not None else {}
+
+    def model_of(job: Job) -> str:
+        if worker.route is not None and job.n == 1 and 0 in job.routes:
+            return {"small": cfg.small, "large": cfg.large}[job.routes[0]]
+        return name
+
     def count(job: Job, endpoint: str) -> dict:
-        seqs = [s for s in job.seqs if s.finished]
-        out = sum(len(s.output) for s in seqs)
+        out = sum(len(s.output) for s in answers(job).values())
         metrics.inc("requests_total", endpoint=endpoint)
         metrics.inc("prompt_tokens_total", len(job.ids))
         metrics.inc("generation_tokens_total", out)
@@ -248,7 +277,8 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
                         else:
                             _, i, seq = event
                             finished += 1
-                            yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": P.finish_reason(seq)}])
+                            yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": P.finish_reason(seq),
+                                          **route_fields(job, i)}])
                     await task
                     if req.stream_options and req.stream_options.include_usage:
                         yield chunk([], count(job, "chat"))
@@ -266,11 +296,10 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
         async def ignore(event):
             pass
         await run_job(request, job, ignore)
-        by_index = {job.index[s.id]: s for s in job.seqs}
         choices = [{"index": i, "message": {"role": "assistant", "content": s.text, "refusal": None},
                     "logprobs": fmt.chat(s.logprobs[:len(s.output)]) if lp is not None else None,
-                    "finish_reason": P.finish_reason(s)} for i, s in sorted(by_index.items())]
-        return {"id": rid, "object": "chat.completion", "created": created, "model": name, "choices": choices,
+                    "finish_reason": P.finish_reason(s), **route_fields(job, i)} for i, s in sorted(answers(job).items())]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model_of(job), "choices": choices,
                 "usage": count(job, "chat"), "system_fingerprint": None}
 
     @app.post("/v1/completions")
@@ -297,8 +326,8 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
         job = build_job(req, ids, "max_tokens", 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
         rid, created, fmt = P.new_id("cmpl"), P.now(), P.LogprobFormat(tok)
 
-        def body(choices, usage=None):
-            c = {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices}
+        def body(choices, usage=None, model=name):
+            c = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
             if usage is not None or (req.stream and req.stream_options and req.stream_options.include_usage):
                 c["usage"] = usage
             return c
@@ -329,7 +358,9 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
                         else:
                             _, i, seq = event
                             finished += 1
-                            yield f"data: {json.dumps(body([{'index': i, 'text': '', 'logprobs': None, 'finish_reason': P.finish_reason(seq)}]))}\n\n"
+                            end = {'index': i, 'text': '', 'logprobs': None, 'finish_reason': P.finish_reason(seq),
+                                   **route_fields(job, i)}
+                            yield f"data: {json.dumps(body([end]))}\n\n"
                     await task
                     u = count(job, "completions")
                     if req.stream_options and req.stream_options.include_usage:
@@ -346,11 +377,10 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
         async def ignore(event):
             pass
         await run_job(request, job, ignore)
-        by_index = {job.index[s.id]: s for s in job.seqs}
         choices = [{"index": i, "text": s.text, "finish_reason": P.finish_reason(s),
-                    "logprobs": fmt.completion(s.logprobs[:len(s.output)]) if req.logprobs is not None else None}
-                   for i, s in sorted(by_index.items())]
-        return body(choices, count(job, "completions"))
+                    "logprobs": fmt.completion(s.logprobs[:len(s.output)]) if req.logprobs is not None else None,
+                    **route_fields(job, i)} for i, s in sorted(answers(job).items())]
+        return body(choices, count(job, "completions"), model_of(job))
 
     return app
 
@@ -360,10 +390,12 @@ class Server:
     port 0 gives a free port that `url` reports). For tests and the load test; `run_server`
     is the foreground command."""
 
-    def __init__(self, cfg: ServeConfig, load: Callable[[], tuple], name: str = "lilliput"):
+    def __init__(self, cfg: ServeConfig, load: Callable[[], tuple], name: str = "lilliput",
+                 load_large: Callable[[], tuple] | None = None):
         import uvicorn
 
-        self.worker = Worker(load, cfg.engine_config(), Metrics())
+        route = Route(load_large, RouterConfig(cfg.signal, cfg.threshold)) if load_large is not None else None
+        self.worker = Worker(load, cfg.engine_config(), Metrics(), route)
         self.app = create_app(cfg, self.worker, cfg.served_name or name)
         self.sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -393,8 +425,12 @@ def run_server(cfg: ServeConfig, load_cfg) -> None:
     """`lilliput serve`: bind, answer /health with 503 while the model loads, then serve until Ctrl-C."""
     import uvicorn
 
-    name = cfg.served_name or (load_cfg.model or "smollm2-135m-instruct")
-    worker = Worker(load_cfg.load, cfg.engine_config(), Metrics()).start()
+    route = None
+    if cfg.small is not None:
+        small, large = (dataclasses.replace(load_cfg, model=m) for m in (cfg.small, cfg.large))
+        load_cfg, route = small, Route(large.load, RouterConfig(cfg.signal, cfg.threshold))
+    name = cfg.served_name or ("router" if route else load_cfg.model or "smollm2-135m-instruct")
+    worker = Worker(load_cfg.load, cfg.engine_config(), Metrics(), route).start()
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", cfg.host)
     print(f"lilliput: serving {name} on http://{cfg.host}:{cfg.port}/v1 (loading the model; /health says when ready)",

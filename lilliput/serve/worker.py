@@ -6,6 +6,11 @@ steps while anything is queued or running. Text deltas and the end of each sampl
 handler's asyncio loop with `call_soon_threadsafe`. A client that goes away calls `abort`, and
 the job's rows are freed at the next step.
 
+With a router (`Route`), a sample is first answered by the small engine, its text held back;
+when its uncertainty is at most the threshold the held text is released, else the sample is
+asked again of the large engine, whose text streams as it comes. `job.routes` says which
+model answered each sample.
+
 `n` samples share one prefill: the first sample is added alone and, once its prompt is prefilled
 (status running), forked n - 1 times (`Engine.fork`). When it cannot be forked (it ended on its
 first token, or too few rows are free), the other samples are added as ordinary requests.
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from lilliput.infer.engine import Engine, EngineConfig
+from lilliput.infer.router import EntropyMeter, RouterConfig, generation_uncertainty
 from lilliput.infer.sequence import GenerationConfig, Sequence, Status
 
 log = logging.getLogger("lilliput.serve")
@@ -32,7 +38,8 @@ log = logging.getLogger("lilliput.serve")
 class Job:
     """One request: n samples of one prompt. Events go to `events` on the handler's loop:
     ("text", index, delta, logprobs) while decoding, ("done", index, seq) per sample,
-    ("error", message) if the engine failed."""
+    ("error", message) if the engine failed. With a router, `routes[index]` is "small" or
+    "large" once that sample is done."""
 
     ids: list[int]
     cfg: GenerationConfig
@@ -47,18 +54,34 @@ class Job:
     sent_logprobs: dict[int, int] = field(default_factory=dict)
     last_text_at: dict[int, float] = field(default_factory=dict)
     aborted: bool = False
+    meters: dict[int, EntropyMeter] = field(default_factory=dict)  # small-model seq.id -> its meter
+    held: dict[int, list] = field(default_factory=dict)  # small-model seq.id -> text events held back
+    routes: dict[int, str] = field(default_factory=dict)
+
+    def sample_cfg(self, index: int) -> GenerationConfig:
+        """Sample i's settings: seed + i (as Engine.fork seeds its forks)."""
+        return self.cfg if self.cfg.seed is None or index == 0 else dataclasses.replace(self.cfg, seed=self.cfg.seed + index)
 
     def post(self, *event) -> None:
         if self.loop is not None and not self.aborted:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+@dataclass(frozen=True)
+class Route:
+    """Serve a small/large pair: `load_large` gives the large model (same tokenizer)."""
+
+    load_large: Callable[[], tuple]
+    cfg: RouterConfig
+
+
 class Worker:
     """Loads the model and runs the engine loop in a daemon thread. `ready` is set once loaded;
     `error` holds the reason when loading failed."""
 
-    def __init__(self, load: Callable[[], tuple], engine_cfg: EngineConfig, metrics=None):
-        self.load, self.engine_cfg, self.metrics = load, engine_cfg, metrics
+    def __init__(self, load: Callable[[], tuple], engine_cfg: EngineConfig, metrics=None, route: Route | None = None):
+        self.load, self.engine_cfg, self.metrics, self.route = load, engine_cfg, metrics, route
+        self.large: Engine | None = None
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.ready = threading.Event()
         self.error: str | None = None
@@ -94,13 +117,19 @@ class Worker:
             model, self.tokenizer = self.load()
             self.engine = Engine(model, self.tokenizer, self.engine_cfg)
             self.max_len = self.engine.max_len
+            if self.route is not None:
+                large, large_tok = self.route.load_large()
+                if large_tok.vocab_size != self.tokenizer.vocab_size or large.config.vocab_size != model.config.vocab_size:
+                    raise ValueError("the small and large models must share a tokenizer and vocabulary")
+                self.large = Engine(large, large_tok, self.engine_cfg)
+                self.max_len = min(self.max_len, self.large.max_len)
         except Exception as e:  # reported by /health; the server stays up to say so
             self.error = f"{type(e).__name__}: {e}"
             log.error("loading the model failed: %s", self.error)
             return
         self.ready.set()
         while not self._stop:
-            idle = not self.engine.has_work() and not self._to_fork
+            idle = not self._busy() and not self._to_fork
             try:
                 self._handle(*self.inbox.get(block=idle))
                 while True:
@@ -109,9 +138,15 @@ class Worker:
                 pass
             if self._stop:
                 break
-            if self.engine.has_work():
+            if self._busy():
                 self._step()
             self._fork_ready()
+
+    def _busy(self) -> bool:
+        return self.engine.has_work() or (self.large is not None and self.large.has_work())
+
+    def _engines(self) -> list[Engine]:
+        return [self.engine] + ([self.large] if self.large is not None else [])
 
     def _handle(self, what: str, job: Job | None) -> None:
         if what == "add":
@@ -122,17 +157,24 @@ class Worker:
             if job in self._to_fork:
                 self._to_fork.remove(job)
             for seq in job.seqs:
-                self.engine.abort(seq)
+                for engine in self._engines():  # a waiting seq leaves only its own engine's queue
+                    engine.abort(seq)
 
     def _add(self, job: Job, index: int, cfg: GenerationConfig) -> None:
         if job.aborted:
             return
+        procs, meter = job.processors(), None
+        if self.large is not None:  # the small model's answer is judged by its log-probabilities
+            cfg = dataclasses.replace(cfg, logprobs=cfg.logprobs or 0)
+            procs.append(meter := EntropyMeter())
         try:
-            seq = self.engine.add(job.ids, cfg, job.processors(), on_text=lambda s, t: self._on_text(job, s, t))
+            seq = self.engine.add(job.ids, cfg, procs, on_text=lambda s, t: self._on_text(job, s, t))
         except ValueError as e:  # the handler checks lengths first; this is a last line
             job.post("error", str(e))
             return
         self._track(job, seq, index)
+        if meter is not None:
+            job.meters[seq.id] = meter
 
     def _track(self, job: Job, seq: Sequence, index: int) -> None:
         job.seqs.append(seq)
@@ -148,28 +190,61 @@ class Worker:
         k = job.sent_logprobs.get(seq.id, 0)
         new = seq.logprobs[k:len(seq.output)]
         job.sent_logprobs[seq.id] = k + len(new)
-        job.post("text", job.index[seq.id], text, new)
+        if seq.id in job.meters:  # a small answer waits for the router's verdict
+            job.held.setdefault(seq.id, []).append(("text", job.index[seq.id], text, new))
+        else:
+            job.post("text", job.index[seq.id], text, new)
 
     def _step(self) -> None:
         try:
-            finished = self.engine.step()
+            finished = [s for e in self._engines() if e.has_work() for s in e.step()]
         except Exception as e:  # fail what is in flight, keep serving
             log.exception("engine step failed")
             self._fail_all(f"engine error: {type(e).__name__}: {e}")
             return
-        sched = self.engine.scheduler
-        self.running, self.waiting = len(sched.running), len(sched.waiting)
+        scheds = [e.scheduler for e in self._engines()]
+        self.running, self.waiting = sum(len(s.running) for s in scheds), sum(len(s.waiting) for s in scheds)
         if self.metrics is not None:
-            self.metrics.observe("batch", len([s for s in sched.running if s.status is Status.RUNNING]))
+            self.metrics.observe("batch", len([s for s in scheds[0].running if s.status is Status.RUNNING]))
         for seq in finished:
             if self.metrics is not None:
                 self.metrics.inc("finished_total", reason=seq.finish_reason)
             job = self._jobs.pop(seq.id, None)
             if job is None:
                 continue
+            if seq.id in job.meters and not job.aborted:
+                self._judge(job, seq)
+                continue
             if self.metrics is not None and seq.first_token_at is not None:
                 self.metrics.observe("ttft", seq.first_token_at - job.arrival)
+            if self.large is not None:
+                job.routes[job.index[seq.id]] = "large"
+                if self.metrics is not None:
+                    self.metrics.inc("routed_total", model="large")
             job.post("done", job.index[seq.id], seq)
+
+    def _judge(self, job: Job, seq: Sequence) -> None:
+        """The small model's sample is done: release it, or ask the large model instead."""
+        meter, index, rc = job.meters.pop(seq.id), job.index[seq.id], self.route.cfg
+        u = generation_uncertainty(seq, meter.entropies).get(rc.signal, 0.0) if seq.output else 0.0
+        if seq.finish_reason == "abort" or rc.threshold is None or u <= rc.threshold:
+            for event in job.held.pop(seq.id, []):
+                job.post(*event)
+            job.routes[index] = "small"
+            if self.metrics is not None:
+                self.metrics.inc("routed_total", model="small")
+                if seq.first_token_at is not None:
+                    self.metrics.observe("ttft", seq.first_token_at - job.arrival)
+            job.post("done", index, seq)
+            return
+        job.held.pop(seq.id, None)
+        try:
+            big = self.large.add(job.ids, job.sample_cfg(index), job.processors(),
+                                 on_text=lambda s, t: self._on_text(job, s, t))
+        except ValueError as e:
+            job.post("error", str(e))
+            return
+        self._track(job, big, index)
 
     def _fork_ready(self) -> None:
         """Fork the first sample of n > 1 jobs once its prompt is prefilled."""
@@ -184,23 +259,30 @@ class Worker:
                     # per-sample state, so each fork gets its own before its first sample
                     f.processors = f.cfg.processors() + job.processors()
                     self._track(job, f, i)
+                    if self.large is not None:
+                        f.processors.append(meter := EntropyMeter())
+                        job.meters[f.id] = meter
                 self._to_fork.remove(job)
             elif first.finished or first.status is Status.RUNNING:
                 # ended on its first token, or too few free rows: the rest prefill on their own
                 for i in range(1, job.n):
-                    seed = None if job.cfg.seed is None else job.cfg.seed + i
-                    self._add(job, i, dataclasses.replace(job.cfg, seed=seed))
+                    self._add(job, i, job.sample_cfg(i))
                 self._to_fork.remove(job)
 
     def _fail_all(self, message: str) -> None:
         for job in {id(j): j for j in self._jobs.values()}.values():
             job.post("error", message)
             for seq in job.seqs:
-                self.engine.abort(seq)
+                for engine in self._engines():
+                    engine.abort(seq)
         self._jobs.clear()
         self._to_fork.clear()
-        try:
-            self.engine.step()  # retire the aborted rows
-        except Exception:
-            log.exception("engine could not retire aborted rows; starting a fresh engine")
-            self.engine = Engine(self.engine.model, self.tokenizer, self.engine_cfg)
+        for name in ("engine", "large"):
+            engine = getattr(self, name)
+            if engine is None:
+                continue
+            try:
+                engine.step()  # retire the aborted rows
+            except Exception:
+                log.exception("engine could not retire aborted rows; starting a fresh engine")
+                setattr(self, name, Engine(engine.model, engine.tokenizer, self.engine_cfg))
