@@ -359,3 +359,36 @@ def test_routed_pair_says_which_model_answered(threshold, answered_by):
         ServeConfig(small="a")
     with pytest.raises(ValueError, match="threshold"):
         ServeConfig(small="a", large="b")
+
+
+def test_shared_system_prompt_is_served_from_the_prefix_cache(client):
+    system = {"role": "system", "content": "You answer in one word. " * 4}
+    kw = dict(model="tiny", max_tokens=3, temperature=0)
+    first = client.chat.completions.create(messages=[system, {"role": "user", "content": "a?"}], **kw)
+    second = client.chat.completions.create(messages=[system, {"role": "user", "content": "b?"}], **kw)
+    assert second.usage.prompt_tokens_details.cached_tokens >= len(system["content"])
+    assert first.usage.prompt_tokens == second.usage.prompt_tokens
+
+
+def test_non_streaming_client_that_leaves_is_aborted(server):
+    engine = server.worker.engine
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.01), step())[1]
+    try:
+        u = urlparse(server.url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "bye", "max_tokens": 200}),
+                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        time.sleep(0.3)
+        conn.close()  # leave before the answer
+        t0 = time.time()
+        while engine.has_work() and time.time() - t0 < 5:
+            time.sleep(0.02)
+        assert time.time() - t0 < 1.5 and not engine.has_work()
+    finally:
+        del engine.step
+
+
+def test_echo_is_refused_not_ignored(server):
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "echo": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"

@@ -81,6 +81,11 @@ class ServeConfig:
         return EngineConfig(max_batch=self.max_batch, prefill_chunk=self.prefill_chunk, prefix_cache=self.prefix_cache)
 
 
+DISCONNECT_POLL_S = 0.1
+"""How often a non-streaming request checks that its client is still there (a stream's
+disconnect cancels it at once)."""
+
+
 def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
     """`name` is the served model id; with a routed pair, each response's `model` (for one
     sample) and each choice's `routed_to` say which model answered."""
@@ -103,13 +108,8 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
     async def _validation_error(request, e):
         return error(P.ApiError(400, str(e), None, "invalid_request"))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if cfg.api_key is not None and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {cfg.api_key}":
-                return error(P.ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY",
-                                        None, "invalid_api_key", "authentication_error"))
-        return await call_next(request)
+    if cfg.api_key is not None:
+        app.add_middleware(_ApiKey, key=cfg.api_key)
 
     def loaded():
         if worker.error is not None:
@@ -163,15 +163,18 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
         """Submit, relay events to on_event until every sample is done; abort if the client leaves
         (polled here when `request` is given; a stream is cancelled by Starlette instead)."""
         worker.submit(job)
-        done = 0
+        loop = asyncio.get_running_loop()
+        done, checked = 0, loop.time()
         try:
             while done < job.n:
                 get = asyncio.ensure_future(job.events.get())
                 while not get.done():
-                    await asyncio.wait([get], timeout=0.25)
-                    if not get.done() and request is not None and await request.is_disconnected():
-                        get.cancel()
-                        raise asyncio.CancelledError
+                    await asyncio.wait([get], timeout=DISCONNECT_POLL_S)
+                    if request is not None and loop.time() - checked >= DISCONNECT_POLL_S:
+                        checked = loop.time()
+                        if await request.is_disconnected():
+                            get.cancel()  # 499 (nginx's "client closed request"): no one reads it
+                            raise P.ApiError(499, "the client closed the request", None, "client_closed")
                 event = get.result()
                 if event[0] == "error":
                     raise P.ApiError(500, event[1], None, "engine_error", "server_error")
@@ -309,6 +312,8 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
         loaded()
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise P.ApiError(400, f"logprobs must be in [0, 20], got {req.logprobs}", "logprobs", "invalid_value")
+        if req.echo:
+            raise P.ApiError(400, "echo is not supported by this server", "echo", "unsupported_parameter")
         tok, prompt = worker.tokenizer, req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -383,6 +388,22 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
         return body(choices, count(job, "completions"), model_of(job))
 
     return app
+
+
+class _ApiKey:
+    """`Authorization: Bearer KEY` on /v1 routes. A plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware would hide a client's disconnect from the handlers behind it."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            if dict(scope["headers"]).get(b"authorization") != self.expected:
+                e = P.ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY", None,
+                               "invalid_api_key", "authentication_error")
+                return await JSONResponse(e.body(), status_code=401)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class Server:
