@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from lilliput.cli import main
 from lilliput.core.checkpoint import save_checkpoint

@@ -392,3 +392,24 @@ def test_non_streaming_client_that_leaves_is_aborted(server):
 def test_echo_is_refused_not_ignored(server):
     r = post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "echo": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+
+
+def test_engine_failure_is_a_500_and_the_server_stays_up(server, client):
+    engine = server.worker.engine
+    state = {"failed": False}
+    step = engine.step
+
+    def broken():
+        if not state["failed"]:
+            state["failed"] = True
+            raise RuntimeError("boom")
+        return step()
+
+    engine.step = broken
+    try:
+        r = post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 4})
+        assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+    finally:
+        if server.worker.engine is engine:
+            del engine.step
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=4).usage.completion_tokens == 4

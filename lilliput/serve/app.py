@@ -159,9 +159,8 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
         loop = asyncio.get_running_loop()
         return Job(ids, gen, n, lambda: [m() for m in makers], loop, asyncio.Queue())
 
-    async def run_job(request: Request | None, job: Job, on_event) -> None:
-        """Submit, relay events to on_event until every sample is done; abort if the client leaves
-        (polled here when `request` is given; a stream is cancelled by Starlette instead)."""
+    async def run_job(request: Request, job: Job) -> None:
+        """Submit and wait until every sample is done; abort if the client leaves (polled)."""
         worker.submit(job)
         loop = asyncio.get_running_loop()
         done, checked = 0, loop.time()
@@ -170,7 +169,7 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
                 get = asyncio.ensure_future(job.events.get())
                 while not get.done():
                     await asyncio.wait([get], timeout=DISCONNECT_POLL_S)
-                    if request is not None and loop.time() - checked >= DISCONNECT_POLL_S:
+                    if loop.time() - checked >= DISCONNECT_POLL_S:
                         checked = loop.time()
                         if await request.is_disconnected():
                             get.cancel()  # 499 (nginx's "client closed request"): no one reads it
@@ -180,11 +179,43 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
                     raise P.ApiError(500, event[1], None, "engine_error", "server_error")
                 if event[0] == "done":
                     done += 1
-                await on_event(event)
         except BaseException:
             worker.abort(job)
             metrics.inc("requests_aborted_total")
             raise
+
+    async def sse(job: Job, endpoint: str, head: list[dict], text: Callable, end: Callable,
+                  usage: Callable | None) -> AsyncIterator[str]:
+        """Server-sent events of a job: `head` chunks, one per text delta, one per finished sample,
+        the usage chunk (when `usage` is given), then [DONE]. A client that leaves cancels this generator
+        (Starlette watches the connection), which aborts the job."""
+        def data(obj) -> str:
+            return f"data: {json.dumps(obj)}\n\n"
+
+        worker.submit(job)
+        finished = 0
+        try:
+            for c in head:
+                yield data(c)
+            while finished < job.n:
+                event = await job.events.get()
+                if event[0] == "error":
+                    raise P.ApiError(500, event[1], None, "engine_error", "server_error")
+                if event[0] == "text":
+                    yield data(text(*event[1:]))
+                else:
+                    finished += 1
+                    yield data(end(*event[1:]))
+            u = count(job, endpoint)
+            if usage is not None:
+                yield data(usage(u))
+        except P.ApiError as e:
+            yield data(e.body())
+        finally:
+            if finished < job.n:
+                worker.abort(job)
+                metrics.inc("requests_aborted_total")
+        yield "data: [DONE]\n\n"
 
     def answers(job: Job) -> dict:
         """index -> the sequence that answered it (a routed sample's large answer replaces its small one)."""
@@ -251,54 +282,23 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
             c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name, "choices": choices}
             if req.stream_options and req.stream_options.include_usage:
                 c["usage"] = usage
-            return f"data: {json.dumps(c)}\n\n"
+            return c
 
         if req.stream:
-            async def events() -> AsyncIterator[str]:
-                q: asyncio.Queue = asyncio.Queue()
-                for i in range(job.n):
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}])
+            def text(i, delta, records):
+                return chunk([{"index": i, "delta": {"content": delta},
+                               "logprobs": fmt.chat(records) if lp is not None else None, "finish_reason": None}])
 
-                async def relay(event):
-                    await q.put(event)
-                task = asyncio.ensure_future(run_job(None, job, relay))
-                try:
-                    finished = 0
-                    while finished < job.n:
-                        get = asyncio.ensure_future(q.get())
-                        await asyncio.wait([get, task], return_when=asyncio.FIRST_COMPLETED)
-                        if not get.done():
-                            get.cancel()
-                            task.result()  # raises the job's error
-                            continue
-                        event = get.result()
-                        if event[0] == "text":
-                            _, i, delta, records = event
-                            yield chunk([{"index": i, "delta": {"content": delta},
-                                          "logprobs": fmt.chat(records) if lp is not None else None, "finish_reason": None}])
-                        else:
-                            _, i, seq = event
-                            finished += 1
-                            yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": P.finish_reason(seq),
-                                          **route_fields(job, i)}])
-                    await task
-                    if req.stream_options and req.stream_options.include_usage:
-                        yield chunk([], count(job, "chat"))
-                    else:
-                        count(job, "chat")
-                except P.ApiError as e:
-                    yield f"data: {json.dumps(e.body())}\n\n"
-                finally:
-                    if not task.done():
-                        task.cancel()
-                        worker.abort(job)
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
+            def end(i, seq):
+                return chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": P.finish_reason(seq),
+                               **route_fields(job, i)}])
 
-        async def ignore(event):
-            pass
-        await run_job(request, job, ignore)
+            head = [chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None}]) for i in range(job.n)]
+            usage = (lambda u: chunk([], u)) if req.stream_options and req.stream_options.include_usage else None
+            return StreamingResponse(sse(job, "chat", head, text, end, usage), media_type="text/event-stream")
+
+        await run_job(request, job)
         choices = [{"index": i, "message": {"role": "assistant", "content": s.text, "refusal": None},
                     "logprobs": fmt.chat(s.logprobs[:len(s.output)]) if lp is not None else None,
                     "finish_reason": P.finish_reason(s), **route_fields(job, i)} for i, s in sorted(answers(job).items())]
@@ -338,50 +338,21 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
             return c
 
         if req.stream:
-            async def events() -> AsyncIterator[str]:
-                q: asyncio.Queue = asyncio.Queue()
-                offsets = [0] * job.n
+            offsets = [0] * job.n
 
-                async def relay(event):
-                    await q.put(event)
-                task = asyncio.ensure_future(run_job(None, job, relay))
-                try:
-                    finished = 0
-                    while finished < job.n:
-                        get = asyncio.ensure_future(q.get())
-                        await asyncio.wait([get, task], return_when=asyncio.FIRST_COMPLETED)
-                        if not get.done():
-                            get.cancel()
-                            task.result()
-                            continue
-                        event = get.result()
-                        if event[0] == "text":
-                            _, i, delta, records = event
-                            lps = fmt.completion(records, offsets[i]) if req.logprobs is not None else None
-                            offsets[i] += len(delta)
-                            yield f"data: {json.dumps(body([{'index': i, 'text': delta, 'logprobs': lps, 'finish_reason': None}]))}\n\n"
-                        else:
-                            _, i, seq = event
-                            finished += 1
-                            end = {'index': i, 'text': '', 'logprobs': None, 'finish_reason': P.finish_reason(seq),
-                                   **route_fields(job, i)}
-                            yield f"data: {json.dumps(body([end]))}\n\n"
-                    await task
-                    u = count(job, "completions")
-                    if req.stream_options and req.stream_options.include_usage:
-                        yield f"data: {json.dumps(body([], u))}\n\n"
-                except P.ApiError as e:
-                    yield f"data: {json.dumps(e.body())}\n\n"
-                finally:
-                    if not task.done():
-                        task.cancel()
-                        worker.abort(job)
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
+            def text(i, delta, records):
+                lps = fmt.completion(records, offsets[i]) if req.logprobs is not None else None
+                offsets[i] += len(delta)
+                return body([{"index": i, "text": delta, "logprobs": lps, "finish_reason": None}])
 
-        async def ignore(event):
-            pass
-        await run_job(request, job, ignore)
+            def end(i, seq):
+                return body([{"index": i, "text": "", "logprobs": None, "finish_reason": P.finish_reason(seq),
+                              **route_fields(job, i)}])
+
+            usage = (lambda u: body([], u)) if req.stream_options and req.stream_options.include_usage else None
+            return StreamingResponse(sse(job, "completions", [], text, end, usage), media_type="text/event-stream")
+
+        await run_job(request, job)
         choices = [{"index": i, "text": s.text, "finish_reason": P.finish_reason(s),
                     "logprobs": fmt.completion(s.logprobs[:len(s.output)]) if req.logprobs is not None else None,
                     **route_fields(job, i)} for i, s in sorted(answers(job).items())]
