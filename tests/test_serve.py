@@ -413,3 +413,22 @@ def test_engine_failure_is_a_500_and_the_server_stays_up(server, client):
         if server.worker.engine is engine:
             del engine.step
     assert client.completions.create(model="tiny", prompt="x", max_tokens=4).usage.completion_tokens == 4
+
+
+@pytest.mark.slow
+def test_smollm2_chat_and_json_through_the_openai_client(smollm):
+    jsonschema = pytest.importorskip("jsonschema")
+    s = Server(ServeConfig(port=0, max_batch=4), lambda: smollm, name="smollm2").start(wait_loaded=True)
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Say hello."}],
+                                      max_tokens=40, temperature=0)
+        assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content.strip()  # ended by <|im_end|>
+        schema = {"type": "object", "required": ["city"], "additionalProperties": False,
+                  "properties": {"city": {"type": "string", "maxLength": 20}}}
+        r = c.chat.completions.create(model="smollm2", max_tokens=30, temperature=0,
+                                      messages=[{"role": "user", "content": "Name the capital of France as JSON."}],
+                                      response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    finally:
+        s.stop()
