@@ -136,7 +136,7 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
             raise P.ApiError(404, f"the model '{req.model}' does not exist; this server serves '{name}'",
                              "model", "model_not_found")
 
-    def build_job(req, ids: list[int], max_param: str, requested: int | None, logprobs: int | None) -> Job:
+    async def build_job(req, ids: list[int], max_param: str, requested: int | None, logprobs: int | None) -> Job:
         prompt_param = "messages" if isinstance(req, P.ChatRequest) else "prompt"
         max_tokens = P.resolve_max_tokens(requested, max_param, prompt_param, len(ids), worker.max_len)
         gen = P.generation_config(req, max_tokens, logprobs)
@@ -151,8 +151,9 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
             if fmt.type == "json_schema":
                 spec = fmt.json_schema or {}
                 schema = spec.get("schema", {}) if isinstance(spec, dict) else None
-            try:
-                grammar = JsonGrammar.from_schema(worker.tokenizer, schema, worker.engine.model.config.vocab_size)
+            try:  # compiling (and the first time, indexing the vocabulary) runs off the event loop
+                grammar = await asyncio.to_thread(JsonGrammar.from_schema, worker.tokenizer, schema,
+                                                  worker.engine.model.config.vocab_size)
             except ValueError as e:
                 raise P.ApiError(400, str(e), "response_format", "invalid_schema") from None
             makers.append(grammar.processor)
@@ -271,11 +272,11 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
                                             for m in req.messages])
         except ValueError as e:
             raise P.ApiError(400, str(e), "messages", "invalid_value") from None
-        ids = tok.encode(text, bos=False)
+        ids = await asyncio.to_thread(tok.encode, text, False)  # a long prompt does not stall the streams
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         lp = (req.top_logprobs or 0) if req.logprobs else None
-        job = build_job(req, ids, param, requested, lp)
+        job = await build_job(req, ids, param, requested, lp)
         rid, created, fmt = P.new_id("chatcmpl"), P.now(), P.LogprobFormat(tok)
 
         def chunk(choices, usage=None):
@@ -325,10 +326,10 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
                 raise P.ApiError(400, "a prompt token id is outside the vocabulary", "prompt", "invalid_value")
             ids = list(prompt)
         else:
-            ids = tok.encode(prompt)
+            ids = await asyncio.to_thread(tok.encode, prompt)
         if not ids:
             raise P.ApiError(400, "the prompt is empty", "prompt", "invalid_value")
-        job = build_job(req, ids, "max_tokens", 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
+        job = await build_job(req, ids, "max_tokens", 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
         rid, created, fmt = P.new_id("cmpl"), P.now(), P.LogprobFormat(tok)
 
         def body(choices, usage=None, model=name):
