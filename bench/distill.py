@@ -37,7 +37,8 @@ from lilliput.core.config import preset
 from lilliput.core.model import GPT
 from lilliput.core.record import machine, run_record, write_json
 from lilliput.data.corpus import Document
-from lilliput.eval.perplexity import heldout_perplexity
+from lilliput.eval.efficiency import parameter_count
+from lilliput.eval.perplexity import HeldoutConfig, heldout_perplexity
 from lilliput.train.data import default_documents, random_windows, token_stream
 from lilliput.train.distill import DistillConfig, Distillation, init_embedding_from_teacher_
 from lilliput.train.logit_cache import CachedBatches, build_logit_cache
@@ -129,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                               meta={"teacher": "SmolLM2-135M-Instruct"})
     cache_s = time.perf_counter() - t0
 
-    ppl_teacher = heldout_perplexity(teacher, tok, passages=args.eval_passages, window=256, text=heldout)
-    ppl_init = heldout_perplexity(student0, tok, passages=args.eval_passages, window=256, text=heldout)
+    hcfg = HeldoutConfig(passages=args.eval_passages, window=256)  # the students' context: one window for all
+    ppl_teacher = heldout_perplexity(teacher, tok, hcfg, text=heldout)
+    ppl_init = heldout_perplexity(student0, tok, hcfg, text=heldout)
     rows, best = [], None
     for name in ("ce", "fkl", "rkl", "jsd", "tvd"):
         cfg = DistillConfig(loss=name if name != "ce" else "fkl", alpha=0.0 if name == "ce" else 1.0,
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(Distillation(student, teacher, cfg), CachedBatches(cache, B, seed=0), cfg.train_config())
         summary = trainer.fit()
         (work / name / "trainer_state.pt").unlink(missing_ok=True)  # 240 MB of optimizer state: not needed
-        ppl = heldout_perplexity(student.eval(), tok, passages=args.eval_passages, window=256, text=heldout)
+        ppl = heldout_perplexity(student.eval(), tok, hcfg, text=heldout)
         row = {"run": name, "loss": name, "alpha": cfg.alpha, "heldout_ppl": round(ppl, 3),
                "steps": summary["steps"], "tokens": summary["tokens"], "train_seconds": summary["seconds"],
                "tokens_per_second": summary["tokens_per_second"],
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     fields = dict(
         best_kd_vs_ce_ppl_ratio=round(best_ppl / ce_ppl, 4), best_kd_loss=best_name, ce_ppl=ce_ppl,
         best_kd_ppl=round(best_ppl, 3), teacher_ppl=round(ppl_teacher, 3), student_init_ppl=round(ppl_init, 3),
-        rows=rows, student=config.to_dict(), student_params=student.num_params(),
+        rows=rows, student=config.to_dict(), student_params=parameter_count(student),
         student_init="seed 0; token embedding = teacher's projected on its top-256 principal directions",
         teacher="SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantized to float32)",
         heldout=f"LAMBADA passages (first {args.eval_passages}), window 256",

@@ -29,14 +29,15 @@ import torch
 from lilliput.compress.quantize import RTNConfig, quantize_
 from lilliput.core.checkpoint import load_model, to_transformers
 from lilliput.core.record import run_record, write_json
-from lilliput.eval.efficiency import interleave, read_bandwidth_gb_s, spread
+from lilliput.eval.efficiency import interleave, linear_bytes, read_bandwidth_gb_s, spread
 from lilliput.eval.tasks import lambada_passages
 from lilliput.infer import gemv
 from lilliput.infer.engine import Engine, EngineConfig
 from lilliput.infer.sequence import GenerationConfig, Status
 
 OUT = Path(__file__).parent / "results" / "engine.json"
-ISA_NAMES = {0: "scalar C", 1: "AVX2 (maddubs)", 2: "AVX-VNNI (vpdpbusd, 256-bit)", 3: "AVX-512 VNNI (vpdpbusd, 256-bit)"}
+ISA_NAMES = {0: "scalar C", 1: "AVX2 (maddubs)", 2: "AVX-VNNI (vpdpbusd, 256-bit)", 3: "AVX-512 VNNI (vpdpbusd, 256-bit)",
+             4: "AVX-512 VNNI (vpdpbusd, 512-bit)"}
 
 
 def engine_decode_tok_s(model, tok, prompt: list[int], batch: int, new: int) -> float:
@@ -66,18 +67,6 @@ def hf_decode_tok_s(hf, prompt: list[int], batch: int, new: int) -> float:
 
     first = run(1)
     return batch * (new - 1) / max(run(new) - first, 1e-9)
-
-
-def linear_bytes(model) -> int:
-    """Bytes of every matrix read per decoded token: parameters and buffers of the linear layers."""
-    seen, total = set(), 0
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear) or hasattr(m, "kernel_desc"):
-            for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
-                if t.data_ptr() not in seen:
-                    seen.add(t.data_ptr())
-                    total += t.numel() * t.element_size()
-    return total
 
 
 def requests(tok, n: int, rate: float, seed: int) -> list[dict]:

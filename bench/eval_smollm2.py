@@ -14,8 +14,8 @@ import torch
 
 from lilliput.core.checkpoint import load_model
 from lilliput.core.record import run_record, write_json
-from lilliput.eval.perplexity import PerplexityConfig, perplexity
-from lilliput.eval.tasks import TaskConfig, evaluate_tasks, lambada_passages
+from lilliput.eval.perplexity import HELDOUT, HeldoutConfig, heldout
+from lilliput.eval.tasks import TaskConfig, evaluate_tasks
 
 OUT = Path(__file__).parent / "results" / "eval_smollm2.json"
 
@@ -42,7 +42,7 @@ REASONS = [
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--limit", type=int, default=500, help="items per task (None = all)")
-    ap.add_argument("--passages", type=int, default=500, help="LAMBADA passages for perplexity")
+    ap.add_argument("--passages", type=int, default=HELDOUT.passages, help="LAMBADA passages for perplexity")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
 
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     model, tok = load_model(None, device="cpu")
     tasks = ("hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "boolq", "openbookqa", "sciq", "lambada")
     scores = evaluate_tasks(model, tok, TaskConfig(tasks=tasks, limit=args.limit))
-    ppl = perplexity(model, tok, "\n\n".join(lambada_passages(args.passages)), PerplexityConfig(window=1024))
+    ppl = heldout(model, tok, HeldoutConfig(passages=args.passages))  # lilliput's one held-out window
 
     ours = {t: round(100 * scores[t][METRIC[t]], 2) for t in tasks}
     ours["arc_avg"] = round((ours["arc_easy"] + ours["arc_challenge"]) / 2, 2)

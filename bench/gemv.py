@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lilliput.core.record import machine, run_record, write_json
+from lilliput.eval.efficiency import interleave
 from lilliput.infer import gemv
 
 LAYERS = 30
@@ -91,17 +94,18 @@ def decode_step(lin: Linear, x: torch.Tensor, layers: Weights, out_w: torch.Tens
 
 
 def time_rounds(fns: dict[str, Callable[[], object]], cfg: BenchConfig) -> dict[str, list[float]]:
-    """Seconds per call of each fn, one sample per round, rounds interleaved across fns."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm up: page in weights, start thread pools
-    for _ in range(cfg.rounds):
-        for name, fn in fns.items():
+    """Seconds per call of each fn, one sample (mean of cfg.steps calls) per round, rounds interleaved
+    across fns (`interleave`; a warm-up round pages in weights and starts thread pools)."""
+    def per_call(fn: Callable[[], object]) -> Callable[[], float]:
+        def run() -> float:
             t0 = time.perf_counter()
             for _ in range(cfg.steps):
                 fn()
-            samples[name].append((time.perf_counter() - t0) / cfg.steps)
-    return samples
+            return (time.perf_counter() - t0) / cfg.steps
+        return run
+
+    timed = interleave({name: per_call(fn) for name, fn in fns.items()}, cfg.rounds, warmup=1)
+    return {name: s["values"] for name, s in timed.items()}
 
 
 def with_threads(torch_threads: int, kernel_threads: int, fn: Callable[[], object]) -> Callable[[], object]:
@@ -223,11 +227,12 @@ def fresh_build_s() -> float:
         return gemv.build(compiler, Path(d) / "gemv.so")
 
 
-def machine() -> dict:
+def cpu_details() -> dict:
+    """What the kernel's speed depends on, beyond run_record's machine: vector extensions, affinity, load."""
     lines = Path("/proc/cpuinfo").read_text().splitlines()
     model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown")
     flags = next((ln for ln in lines if ln.startswith("flags")), "")
-    return {"cpu": model, "nproc": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+    return {**machine(), "cpu": model, "nproc": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
             "avx512f": " avx512f" in flags, "avx2": " avx2" in flags,
             "loadavg_1m_at_start": os.getloadavg()[0], "torch": torch.__version__}
 
@@ -241,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     if not gemv.available():
         raise SystemExit(f"kernel unavailable: {gemv.unavailable_reason()}")
     kernel = gemv.load()
-    record = {"config": asdict(cfg), "machine": machine(), "kernel_lanes": kernel.lanes,
-              "build_s": fresh_build_s(), "call_overhead_us": call_overhead_us()}
+    record = run_record("bench/gemv.py " + " ".join(sys.argv[1:] if argv is None else argv), config=asdict(cfg),
+                        machine=cpu_details(), kernel_lanes=kernel.lanes, build_s=fresh_build_s(), call_overhead_us=call_overhead_us())
     cases = [("fp32", torch.float32, torch.float32), ("bf16", torch.bfloat16, torch.bfloat16),
              ("bf16w_fp32x", torch.bfloat16, torch.float32)]
     for name, wdt, xdt in cases:
@@ -255,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in record["fp32_with_attention"]["policies"].items():
         print(f"fp32+sdpa    {name:32s} {r['step_ms']:6.1f} ms/step", flush=True)
     record["machine"]["loadavg_1m_at_end"] = os.getloadavg()[0]
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.out).write_text(json.dumps(record, indent=2) + "\n")
+    write_json(cfg.out, record)
     print(json.dumps({k: record[k] for k in ("machine", "build_s", "call_overhead_us")}, indent=2))
     return 0
 

@@ -2,13 +2,13 @@
 
 128 new tokens, greedy, batch 1, after a 64-token prompt; median of 5 (runs interleaved so drift
 hits both alike). Also records the memory-bandwidth limit: bytes read per token / measured read
-bandwidth. Writes bench/results/generate_speed.json.
+bandwidth. Timing and byte counts come from `lilliput.eval.efficiency`. Writes
+bench/results/generate_speed.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -18,7 +18,7 @@ import torch
 from lilliput.core.checkpoint import load_model, to_transformers
 from lilliput.core.record import machine, run_record, write_json
 from lilliput.data.corpus import sample_documents
-from lilliput.eval.efficiency import read_bandwidth_gb_s
+from lilliput.eval.efficiency import interleave, linear_bytes, read_bandwidth_gb_s
 from lilliput.infer.generate import GenerationConfig, generate
 
 OUT = Path(__file__).parent / "results" / "generate_speed.json"
@@ -27,19 +27,17 @@ OUT = Path(__file__).parent / "results" / "generate_speed.json"
 def bytes_per_token(model, prompt_len: int, new: int) -> int:
     """Weights read once per decoded token (embedding row ignored, output layer counted) + mean KV read."""
     c, elt = model.config, next(model.parameters()).element_size()
-    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) * elt
     kv_per_pos = 2 * c.n_layers * c.n_kv_heads * c.hd * elt
-    return weights + kv_per_pos * (prompt_len + new // 2)
+    return linear_bytes(model) + kv_per_pos * (prompt_len + new // 2)
 
 
-def time_runs(fns: dict, repeats: int) -> dict[str, list[float]]:
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return times
+def tok_s(fn, new: int):
+    """A timing run for `interleave`: new tokens / wall seconds of one call of fn (prefill included)."""
+    def run() -> float:
+        t = time.perf_counter()
+        fn()
+        return new / (time.perf_counter() - t)
+    return run
 
 
 def main(argv=None) -> int:
@@ -74,10 +72,11 @@ def main(argv=None) -> int:
 
         tokens[f"lilliput_{name}"] = run_ours().tokens  # warm-up, and the tokens to compare
         tokens[f"transformers_{name}"] = run_hf()[0, len(prompt):].tolist()
-        times = time_runs({"lilliput": run_ours, "transformers": run_hf}, args.repeats)
-        for who, ts in times.items():
-            result[f"{who}_{name}_tok_s"] = round(args.new / statistics.median(ts), 2)
-            result[f"{who}_{name}_tok_s_range"] = [round(args.new / max(ts), 2), round(args.new / min(ts), 2)]
+        rates = interleave({"lilliput": tok_s(run_ours, args.new), "transformers": tok_s(run_hf, args.new)},
+                           args.repeats, warmup=0)  # the runs above warmed both up
+        for who, s in rates.items():
+            result[f"{who}_{name}_tok_s"] = round(s["median"], 2)
+            result[f"{who}_{name}_tok_s_range"] = [round(s["min"], 2), round(s["max"], 2)]
         result[f"ratio_{name}"] = round(result[f"lilliput_{name}_tok_s"] / result[f"transformers_{name}_tok_s"], 3)
         result[f"bytes_per_token_{name}"] = bytes_per_token(ours, len(prompt), args.new)
         print(f"{name}: lilliput {result[f'lilliput_{name}_tok_s']} tok/s, transformers "

@@ -10,8 +10,10 @@ pruning to ~75% of the parameters healed by distillation, in one run.
   the teacher, and decode speed (lilliput.infer.generate, batch 1, 128 new tokens, ignore_eos,
   median of 3, teacher and student interleaved in the same run).
 
-Parameter counts are `param_count` (structured.py): token embedding (tied with the output
-layer, counted once) + every transformer block + the final norm, i.e. `GPT.num_params()`.
+Parameter counts are `parameter_breakdown` (lilliput.eval.efficiency): token embedding (tied with
+the output layer, counted once) + every transformer block + the final norm = `parameter_count`.
+Each section (structured, unstructured, a later --speed-into) carries the record of the run that
+measured it (command, git SHA, dirty flag, date, machine).
 
 Writes bench/results/prune.json.
 """
@@ -22,7 +24,6 @@ import argparse
 import copy
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,11 +35,11 @@ from lilliput.compress.calibration import CalibrationConfig
 from lilliput.compress.prune import (
     MagnitudeConfig, SparseGPTConfig, WandaConfig, block_linears, prune_,
 )
-from lilliput.compress.structured import StructuredConfig, param_count, structured_prune
+from lilliput.compress.structured import StructuredConfig, structured_prune
 from lilliput.core.checkpoint import load_model, save_checkpoint
 from lilliput.core.record import machine, run_record, write_json
-from lilliput.eval.perplexity import heldout_perplexity
-from lilliput.infer.generate import GenerationConfig, generate
+from lilliput.eval.efficiency import decode_speeds, parameter_breakdown
+from lilliput.eval.perplexity import HELDOUT, heldout_perplexity
 from lilliput.train.data import default_documents, random_windows, split_stream, token_stream
 
 OUT = Path(__file__).parent / "results" / "prune.json"
@@ -93,18 +94,6 @@ def heal(student, teacher, stream: torch.Tensor, tokens: int, minutes: float, se
             "loop": "bench/prune.py heal(): forward KL(teacher || student), AdamW, warm-up + cosine, grad clip 1.0"}
 
 
-def decode_speed(models: dict, tok, prompt: list[int], repeats: int) -> dict[str, float]:
-    """Median decode tokens/s of each model, runs interleaved so drift hits all alike."""
-    cfg = GenerationConfig(max_new_tokens=128, ignore_eos=True)
-    for m in models.values():
-        generate(m, tok, [prompt], GenerationConfig(max_new_tokens=8, ignore_eos=True))  # warm-up
-    rates = {k: [] for k in models}
-    for _ in range(repeats):
-        for k, m in models.items():
-            rates[k].append(generate(m, tok, [prompt], cfg)[0].timings["decode_tok_s"])
-    return {k: statistics.median(v) for k, v in rates.items()} | {f"{k}_all": v for k, v in rates.items()}
-
-
 def parse_shape(text: str) -> dict[str, int]:
     return {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
 
@@ -114,14 +103,15 @@ def speed_fields(teacher, student, tok, docs, repeats: int) -> dict:
     on another device are copied, so the caller's stay where they are."""
     on_cpu = lambda m: m if m.lm_head.weight.device.type == "cpu" else copy.deepcopy(m).to("cpu")  # noqa: E731
     teacher, student = on_cpu(teacher), on_cpu(student)
-    speed = decode_speed({"dense": teacher, "pruned": student}, tok, tok.encode(docs[0].text)[:64], repeats)
-    return {"decode_tok_s": {"dense": round(speed["dense"], 2), "pruned": round(speed["pruned"], 2),
-                             "dense_runs": [round(v, 2) for v in speed["dense_all"]],
-                             "pruned_runs": [round(v, 2) for v in speed["pruned_all"]]},
-            "speedup": round(speed["pruned"] / speed["dense"], 3), "speed_machine": machine()}
+    speed = decode_speeds({"dense": (teacher, tok), "pruned": (student, tok)}, tok.encode(docs[0].text)[:64],
+                          new_tokens=128, repeats=repeats)
+    return {"decode_tok_s": {"dense": round(speed["dense"]["median"], 2), "pruned": round(speed["pruned"]["median"], 2),
+                             "dense_runs": [round(v, 2) for v in speed["dense"]["values"]],
+                             "pruned_runs": [round(v, 2) for v in speed["pruned"]["values"]]},
+            "speedup": round(speed["pruned"]["median"] / speed["dense"]["median"], 3), "speed_machine": machine()}
 
 
-def structured_section(args, teacher, tok, stream, calib, ppl, base, docs, result) -> None:
+def structured_section(args, teacher, tok, stream, calib, ppl, base, docs, result, command: str) -> None:
     """Structured pruning to the target shape, healing by distillation, perplexity and decode speed."""
     shape = parse_shape(args.shape)
     scfg = StructuredConfig(**shape, refit=args.refit, calibration=CalibrationConfig(samples=args.calib_samples,
@@ -129,7 +119,7 @@ def structured_section(args, teacher, tok, stream, calib, ppl, base, docs, resul
     t = time.perf_counter()
     student = structured_prune(teacher, scfg, batches=calib)
     prune_s = time.perf_counter() - t
-    before, after = param_count(teacher), param_count(student)
+    before, after = parameter_breakdown(teacher), parameter_breakdown(student)
     ppl_pruned = ppl(student)
     plain = structured_prune(teacher, StructuredConfig(**shape, refit=False), batches=calib) if args.refit else None
     ppl_plain = ppl(plain) if plain is not None else ppl_pruned
@@ -146,12 +136,13 @@ def structured_section(args, teacher, tok, stream, calib, ppl, base, docs, resul
     result["structured_healed"] = {
         "shape": shape, "refit": args.refit, "config": student.config.to_dict(),
         "params": {"dense": before, "pruned": after, "fraction": round(after["total"] / before["total"], 4),
-                   "counted": "tied token embedding once + all transformer blocks + final norm (GPT.num_params)"},
+                   "counted": "tied token embedding once + all transformer blocks + final norm (parameter_count)"},
         "prune_seconds": round(prune_s, 1),
         "ppl_pruned_unhealed": round(ppl_pruned, 3), "ppl_pruned_unhealed_without_refit": round(ppl_plain, 3), "ppl": round(ppl_healed, 3),
         "ppl_ratio": round(ppl_healed / base, 4), "ppl_ratio_unhealed": round(ppl_pruned / base, 4),
         "healing": healing, "ppl_machine": machine(),
         "targets": {"speedup": ">= 1.25", "ppl_ratio": "<= 1.15"},
+        "record": run_record(command),
     }
     if args.save:
         save_checkpoint(student, tok, args.save, run_record("bench/prune.py healed student", **result["structured_healed"]))
@@ -173,6 +164,7 @@ def speed_into(args, path: Path) -> None:
     if student.config.to_dict() != sh["config"]:
         raise ValueError(f"{path}: the pruned shape here differs from the recorded one")
     sh.update(speed_fields(teacher, student, tok, docs, args.repeats))
+    sh["speed_record"] = run_record("bench/prune.py --speed-into " + str(path))
     sh["speed_note"] = ("decode speed measured on this machine by `bench/prune.py --speed-into`, on the same "
                         "shape pruned without healing (decode time does not depend on the weights' values)")
     write_json(args.out, record)
@@ -183,7 +175,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calib-samples", type=int, default=64, help="calibration windows (the refit needs many: 8 -> unhealed ppl 384, 64 -> 83)")
     ap.add_argument("--calib-len", type=int, default=256)
-    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--eval-tokens", type=int, default=None,
+                    help="keep the first N tokens of the held-out text (default: all of lilliput's HELDOUT passages)")
     ap.add_argument("--heal-tokens", type=int, default=400_000)
     ap.add_argument("--heal-minutes", type=float, default=10.0)
     ap.add_argument("--heal-lr", type=float, default=2e-4)
@@ -217,13 +210,15 @@ def main(argv=None) -> int:
     base = ppl(teacher)
     print(f"dense ppl {base:.2f}", flush=True)
     result = {"model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantized to fp32)",
-              "perplexity_text": f"LAMBADA passages, first {args.eval_tokens} tokens, window 512",
+              "perplexity_text": (f"{args.heldout or f'{HELDOUT.passages} LAMBADA passages'}"
+                                  + (f", first {args.eval_tokens} tokens" if args.eval_tokens else "")
+                                  + f", window {HELDOUT.window}"),
               "calibration": {"samples": args.calib_samples, "seq_len": args.calib_len, "source": "default corpus"},
               "dense_ppl": round(base, 3)}
 
     command = "bench/prune.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if not args.skip_structured:
-        structured_section(args, teacher, tok, stream, calib, ppl, base, docs, result)
+        structured_section(args, teacher, tok, stream, calib, ppl, base, docs, result, command)
         write_json(args.out, run_record(command, **result))  # structured first: a partial run still records it
 
     if not args.skip_unstructured:
@@ -245,6 +240,7 @@ def main(argv=None) -> int:
                 print(pattern, name, rows[pattern][name], flush=True)
                 del m
         result["unstructured"] = rows
+        result["unstructured_record"] = run_record(command)
         result["unstructured_note"] = ("every nn.Linear in the 30 blocks is pruned; the tied embedding/lm_head "
                                        "(28.3M of 134.5M parameters) stays dense, as in both papers")
 

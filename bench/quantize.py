@@ -5,7 +5,10 @@ perplexity (LAMBADA passages, never seen in training or calibration), size in by
 weights as stored, and decode tok/s at batch 1 (lilliput.infer.generate, 128 new tokens,
 ignore_eos, median of 3, every row timed in this run). SmolLM2 here was Q4_1 to begin with, so
 int4 quality is also measured on a float32 student trained by this script (runs/, not
-committed) when no such checkpoint exists. Writes bench/results/quantize.json.
+committed) when no such checkpoint exists. Writes bench/results/quantize.json; each section
+(smollm2, student, and a later `--part speed` re-timing) carries the record of the run that
+measured it (command, git SHA, dirty flag, date, machine). Sizes, parameter counts and decode
+timing come from `lilliput.eval.efficiency`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def train_student(out: Path, minutes: float, seq_len: int = 128, batch: int = 8,
     from lilliput.core.checkpoint import load_model, save_checkpoint
     from lilliput.core.model import GPT
     from lilliput.core.record import run_record
+    from lilliput.eval.efficiency import parameter_count
     from lilliput.train.data import default_documents, random_windows, token_stream
 
     _, tok = load_model(None, device="cpu")
@@ -76,29 +80,25 @@ def train_student(out: Path, minutes: float, seq_len: int = 128, batch: int = 8,
     record = run_record("bench/quantize.py --train-only", steps=step + prior.get("steps", 0),
                         tokens=step * batch * seq_len + prior.get("tokens", 0),
                         minutes=minutes + prior.get("minutes", 0), stages=prior.get("stages", 0) + 1,
-                        final_loss=statistics.mean(losses[-20:]), params=model.num_params(),
+                        final_loss=statistics.mean(losses[-20:]), params=parameter_count(model),
                         seq_len=seq_len, batch=batch, lr=lr)
     return save_checkpoint(model, tok, out, record)
 
 
 def held_out_ppl(model, tok, text: str, window: int) -> float:
-    from lilliput.eval.perplexity import PerplexityConfig, perplexity
+    from lilliput.eval.perplexity import HeldoutConfig, heldout_perplexity
 
-    return perplexity(model, tok, text, PerplexityConfig(window=min(window, model.config.max_seq_len)))["perplexity"]
+    return heldout_perplexity(model, tok, HeldoutConfig(window=window), text=text)
 
 
 def decode_tok_s(models: dict, tok, prompt: str, new: int, repeats: int) -> dict[str, list[float]]:
-    """Decode tok/s at batch 1 of each (model, kernel variant), runs interleaved so drift hits all alike."""
-    from lilliput.infer.generate import GenerationConfig, generate
+    """Decode tok/s at batch 1 of each (model, kernel variant), runs interleaved so drift hits all alike
+    (one warm-up round: kernel build, RoPE tables, pages)."""
+    from lilliput.eval.efficiency import decode_tok_s as one_run, interleave
 
-    cfg = GenerationConfig(max_new_tokens=new, ignore_eos=True)
-    for m, variant in models.values():  # warm-up: kernel build, RoPE tables, pages
-        generate(set_variant_(m, variant), tok, prompt, GenerationConfig(max_new_tokens=4, ignore_eos=True))
-    runs = {k: [] for k in models}
-    for _ in range(repeats):
-        for k, (m, variant) in models.items():
-            runs[k].append(generate(set_variant_(m, variant), tok, prompt, cfg)[0].timings["decode_tok_s"])
-    return runs
+    ids = tok.encode(prompt)
+    runs = {k: (lambda m=m, v=variant: one_run(set_variant_(m, v), tok, ids, new)) for k, (m, variant) in models.items()}
+    return {k: s["values"] for k, s in interleave(runs, repeats, warmup=1).items()}
 
 
 def set_variant_(model, variant: str):
@@ -114,7 +114,8 @@ def quantized_rows(base, calib, groups, calibrated_groups, log) -> dict:
     """{row name: (model, info)}: int8 RTN, int4 RTN per group, GPTQ and AWQ per calibrated group."""
     import copy
 
-    from lilliput.compress.quantize import AWQConfig, GPTQConfig, RTNConfig, quantization_section, quantize_
+    from lilliput.compress.quantize import AWQConfig, GPTQConfig, RTNConfig, quantize_
+    from lilliput.core.checkpoint import quantization_section
 
     plans = {"int8": RTNConfig(bits=8)}
     for g in groups:
@@ -139,8 +140,8 @@ def quantized_rows(base, calib, groups, calibrated_groups, log) -> dict:
 def student_part(args, groups, calibrated, text, ccfg, log) -> dict:
     """int4 quality on the float32 student (weights never on a 4-bit grid)."""
     from lilliput.compress.calibration import calibration_batches
-    from lilliput.compress.quantize import model_bytes
     from lilliput.core.checkpoint import load_model
+    from lilliput.eval.efficiency import model_bytes, parameter_count
 
     student_dir = Path(args.student)
     student, stok = load_model(student_dir, device="cpu")
@@ -154,7 +155,7 @@ def student_part(args, groups, calibrated, text, ccfg, log) -> dict:
         log(f"student {name} ppl {p:.2f} ({p / s_base:.4f}x)")
     tr = json.loads((student_dir / "run.json").read_text()) if (student_dir / "run.json").is_file() else {}
     train = {k: tr.get(k) for k in ("command", "steps", "tokens", "minutes", "final_loss", "params", "seq_len", "batch")}
-    return {"checkpoint": str(student_dir), "config": student.config.to_dict(), "params": student.num_params(),
+    return {"checkpoint": str(student_dir), "config": student.config.to_dict(), "params": parameter_count(student),
             "train": train, "rows": rows}
 
 
@@ -162,8 +163,8 @@ def smollm2_part(args, groups, calibrated, text, ccfg, log) -> dict:
     import copy
 
     from lilliput.compress.calibration import calibration_batches
-    from lilliput.compress.quantize import model_bytes
     from lilliput.core.checkpoint import load_model
+    from lilliput.eval.efficiency import model_bytes
 
     model, tok = load_model(None, device="cpu")
     calib = calibration_batches(tok, ccfg)
@@ -257,6 +258,8 @@ def summary(sm: dict, st: dict | None, g: int) -> dict:
 
 
 def main(argv=None) -> int:
+    from lilliput.eval.perplexity import HELDOUT
+
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--train-only", action="store_true", help="only train the float32 student")
     ap.add_argument("--train-minutes", type=float, default=10.0)
@@ -267,8 +270,8 @@ def main(argv=None) -> int:
                          "decode), or merge --from's sections into --out")
     ap.add_argument("--no-speed", action="store_true", help="smollm2 part without decode timing (add it with --part speed)")
     ap.add_argument("--from", dest="merge_from", help="with --part merge: a JSON written by another part")
-    ap.add_argument("--passages", type=int, default=60, help="LAMBADA passages of held-out text")
-    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--passages", type=int, default=HELDOUT.passages, help="LAMBADA passages of held-out text")
+    ap.add_argument("--window", type=int, default=HELDOUT.window)
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--new", type=int, default=128)
@@ -305,16 +308,18 @@ def main(argv=None) -> int:
     if args.part == "merge":
         other = json.loads(Path(args.merge_from).read_text())
         parts.update({k: other[k] for k in ("smollm2", "student") if other.get(k)})
+    command = "bench/quantize.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.part in ("all", "student"):
-        parts["student"] = {**student_part(args, groups, calibrated, text, ccfg, log), "settings": settings}
+        parts["student"] = {**student_part(args, groups, calibrated, text, ccfg, log), "settings": settings,
+                            "record": run_record(command)}
     if args.part in ("all", "smollm2"):
-        parts["smollm2"] = {**smollm2_part(args, groups, calibrated, text, ccfg, log), "settings": settings}
-    if args.part == "speed":
-        parts["smollm2"] = speed_part(args, groups, parts["smollm2"], log)
+        parts["smollm2"] = {**smollm2_part(args, groups, calibrated, text, ccfg, log), "settings": settings,
+                            "record": run_record(command)}
+    if args.part == "speed":  # the decode timings now come from this run: say so beside them
+        parts["smollm2"] = {**speed_part(args, groups, parts["smollm2"], log), "speed_record": run_record(command)}
     timed = parts["smollm2"] and "fp32_tok_s" in parts["smollm2"]
     fields = summary(parts["smollm2"], parts["student"], groups[-1]) if timed else {}
-    record = run_record("bench/quantize.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                        **fields, smollm2=parts["smollm2"], student=parts["student"],
+    record = run_record(command, **fields, smollm2=parts["smollm2"], student=parts["student"],
                         seconds=round(time.perf_counter() - t_start, 1))
     if args.part != "all" and out.is_file():  # another part may have finished meanwhile: keep its section
         latest = json.loads(out.read_text())

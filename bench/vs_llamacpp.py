@@ -11,13 +11,13 @@ Workers take turns, round by round (interleaved), one at a time: batch-1 decode 
 memory-bandwidth limit of each row is bytes read per token / measured read bandwidth.
 
 Writes bench/results/vs_llamacpp.json with `int8_vs_q8_0` and `int4_vs_q4_0` (lilliput decode
-tok/s / llama.cpp's), each row's fraction of its limit, and the instruction sets used.
+tok/s / llama.cpp's), each row's fraction of its limit, and the instruction sets used. Spreads,
+bytes per token and bandwidth come from the measurement module, `lilliput.eval.efficiency`.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -112,8 +112,10 @@ def lilliput_worker(kind: str, args) -> tuple[dict, object]:
     from lilliput.infer import gemv
     from lilliput.infer.generate import GenerationConfig, generate
 
+    from lilliput.eval.efficiency import linear_bytes
+
     sys.path.insert(0, str(Path(__file__).parent))
-    from engine import ISA_NAMES, linear_bytes
+    from engine import ISA_NAMES
 
     torch.set_num_threads(args.threads)
     gemv.set_threads(args.threads)

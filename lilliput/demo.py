@@ -1,8 +1,8 @@
 """`make demo`: the main job on the embedded default model, ending in a table and a report page.
 
 It generates with SmolLM2-135M-Instruct, shrinks it with a shipped recipe (each stage measured:
-held-out perplexity, task accuracy, size, decode speed), generates with the result, and writes
-the HTML report of the stages.
+held-out perplexity, task accuracy, size; the original's and the result's decode speed timed in
+alternation at the end), generates with the result, and writes the HTML report of the stages.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lilliput.compress.recipe import ShrinkJob, run_shrink, stage_table
 from lilliput.core.checkpoint import LoadConfig, load_model
+from lilliput.eval.efficiency import parameter_count
 from lilliput.infer.generate import GenerationConfig, chat, generate
+from lilliput.jobs.shrink import ShrinkJob, run_shrink, stage_table
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 QUESTION = "What is the capital of France?"
@@ -33,8 +34,8 @@ class DemoConfig:
 
 def _samples(model, tok, n: int, label: str) -> None:
     cfg = GenerationConfig(max_new_tokens=n)
-    g = generate(model, tok, [PROMPT], cfg)[0]
-    print(f"\n[{label}] > {PROMPT}{g.text}\n  ({g.timings['decode_tok_s']:.1f} tok/s)")
+    g = generate(model, tok, [PROMPT], cfg)[0]  # speeds come from the interleaved timing, not from one sample
+    print(f"\n[{label}] > {PROMPT}{g.text}")
     print(f"[{label}] chat > {QUESTION}\n{chat(model, tok, [{'role': 'user', 'content': QUESTION}], cfg).text}")
 
 
@@ -45,7 +46,7 @@ def run_demo(cfg: DemoConfig, load: LoadConfig = LoadConfig()) -> Path:
 
     out = Path(cfg.out)
     model, tok = load_model(load.model, load.device, load.dtype)
-    print(f"loaded {model.config.name}: {model.num_params() / 1e6:.1f}M parameters in {model.load_seconds:.1f} s")
+    print(f"loaded {model.config.name}: {parameter_count(model) / 1e6:.1f}M parameters in {model.load_seconds:.1f} s")
     _samples(model, tok, cfg.max_new_tokens, "original")
     del model
     print(f"\nshrinking with recipe {cfg.recipe!r} (every stage measured):")
@@ -53,15 +54,17 @@ def run_demo(cfg: DemoConfig, load: LoadConfig = LoadConfig()) -> Path:
     model, tok = load_model(str(shrunk))
     _samples(model, tok, cfg.max_new_tokens, "shrunk")
     del model
-    rows = json.loads((shrunk / "run.json").read_text())["stages"]
+    run = json.loads((shrunk / "run.json").read_text())
+    rows, ev = run["stages"], run["recipe"]["eval"]
     runs = [str(shrunk / "run.json")]
     if cfg.bench:
         from lilliput.eval.bench import BenchConfig, run_bench
 
         print("\nbenchmarking the original and the shrunk model (each in its own process):")
-        run_bench(BenchConfig(models=(load.model, str(shrunk)), out=str(out / "bench"), passages=50, ppl_window=512,
-                              tasks=("piqa",), task_limit=50, prompt_lengths=(64, 512), batch_sizes=(1, 4),
-                              new_tokens=32, repeats=2))
+        # the recipe's held-out text and window: one perplexity per model on the page
+        run_bench(BenchConfig(models=(load.model, str(shrunk)), out=str(out / "bench"), passages=ev["passages"],
+                              ppl_window=ev["window"], tasks=tuple(ev["tasks"]), task_limit=ev["limit"],
+                              prompt_lengths=(64, 512), batch_sizes=(1, 4), new_tokens=32, repeats=2))
         runs.insert(0, str(out / "bench"))
     if PEER.is_file():  # a source checkout: the committed llama.cpp comparison joins the page
         runs.append(str(PEER))

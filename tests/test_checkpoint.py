@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from lilliput.core.checkpoint import load_model, save_checkpoint, to_transformers
+from lilliput.core.checkpoint import load_model, save_checkpoint, to_hf_state_dict, to_transformers
 from lilliput.core.config import ModelConfig
 
 
@@ -69,6 +69,68 @@ def test_corrupt_checkpoint_weights(tiny_model, byte_tokenizer, tmp_path):
         load_model(str(out))
     cfg = json.loads((out / "config.json").read_text())
     assert ModelConfig.from_dict(cfg["model"]) == tiny_model.config
+
+
+def write_hf_folder(folder, model, config_changes=None, extra=None):
+    """A Hugging Face folder (config.json + model.safetensors) of `model`, edited as asked."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    config = {**model.config.to_hf(), **(config_changes or {})}
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = {k: v.clone() for k, v in to_hf_state_dict(model).items()}  # lm_head shares tok_emb
+    save_file({**weights, **(extra or {})}, folder / "model.safetensors")
+    return folder
+
+
+def qkv_biases(config):
+    q, kv = config.n_heads * config.hd, config.n_kv_heads * config.hd
+    return {f"model.layers.{i}.self_attn.{n}_proj.bias": torch.randn(size)
+            for i in range(config.n_layers) for n, size in (("q", q), ("k", kv), ("v", kv))}
+
+
+def test_qwen2_folder_with_attention_biases_is_refused(tiny_model, tmp_path):
+    qwen = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+    for key in ("attention_bias", "mlp_bias", "head_dim"):
+        qwen[key] = None  # Qwen2's config.json has none of these
+    folder = write_hf_folder(tmp_path / "qwen2", tiny_model, qwen, qkv_biases(tiny_model.config))
+    with pytest.raises(ValueError, match=r"q_proj\.bias.*only bias-free Llama-style attention"):
+        load_model(str(folder))
+
+
+@pytest.mark.parametrize("changes,extra,match", [
+    # a Llama-typed folder whose weights carry biases its config.json does not announce
+    ({}, "qkv", r"6 tensors lilliput cannot use \(model\.layers\.\*\.self_attn\.k_proj\.bias, "
+                r"model\.layers\.\*\.self_attn\.q_proj\.bias, model\.layers\.\*\.self_attn\.v_proj\.bias\)"),
+    ({}, {"model.layers.0.mlp.down_proj.bias": torch.zeros(32)}, r"1 tensors .*down_proj\.bias.*bias-free"),
+    ({"attention_bias": True}, None, "sets attention_bias: lilliput supports only bias-free"),
+    ({"mlp_bias": True}, None, "sets mlp_bias"),
+])
+def test_hugging_face_biases_are_refused_not_dropped(tiny_model, tmp_path, changes, extra, match):
+    extra = qkv_biases(tiny_model.config) if extra == "qkv" else extra
+    with pytest.raises(ValueError, match=match):
+        load_model(str(write_hf_folder(tmp_path / "hf", tiny_model, changes, extra)))
+
+
+def test_hugging_face_folder_tolerates_rope_buffers_and_a_tied_head_copy(tiny_model, byte_tokenizer, tmp_path):
+    extra = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}  # older transformers saved these
+    folder = write_hf_folder(tmp_path / "hf", tiny_model, extra=extra)  # lm_head.weight is in to_hf_state_dict
+    byte_tokenizer.save(folder)
+    model, _ = load_model(str(folder), device="cpu")
+    idx = torch.randint(0, 256, (1, 6))
+    torch.testing.assert_close(model(idx), tiny_model(idx))
+
+
+def test_missing_hugging_face_tensor_is_one_clear_error(tiny_model, tmp_path):
+    folder = tmp_path / "hf"
+    write_hf_folder(folder, tiny_model)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(folder / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"lack model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(str(folder))
 
 
 @pytest.mark.slow

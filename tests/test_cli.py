@@ -50,6 +50,73 @@ def test_bad_input_is_one_line_and_exit_2(argv, match, capsys, tiny_ckpt):
     assert match in one_line_error(capsys)
 
 
+def fail_loading_with(monkeypatch, error):
+    def load_model(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("lilliput.core.checkpoint.load_model", load_model)
+
+
+def test_runtime_error_is_one_line_and_exit_2(monkeypatch, capsys):
+    monkeypatch.delenv("LILLIPUT_DEBUG", raising=False)
+    fail_loading_with(monkeypatch, RuntimeError("CUDA out of memory. Tried to allocate 2 GiB\nDetails: ..."))
+    assert main(["info"]) == 2
+    assert one_line_error(capsys) == (
+        "lilliput: error: CUDA out of memory. Tried to allocate 2 GiB (LILLIPUT_DEBUG=1 shows the rest)")
+
+
+def test_lilliput_debug_shows_the_traceback(monkeypatch):
+    monkeypatch.setenv("LILLIPUT_DEBUG", "1")
+    fail_loading_with(monkeypatch, RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["info"])
+
+
+def test_programming_errors_keep_their_traceback(monkeypatch):
+    monkeypatch.delenv("LILLIPUT_DEBUG", raising=False)
+    fail_loading_with(monkeypatch, TypeError("a bug, not bad input"))
+    with pytest.raises(TypeError):
+        main(["info"])
+
+
+@pytest.mark.parametrize("typed,meant", [
+    (r"\n\n", "\n\n"),
+    ("é\\t日本", "é\t日本"),  # non-ASCII text survives (unicode_escape alone gives "Ã©")
+    (r"a\\nb", "a\\nb"),  # an escaped backslash stays one literal backslash
+    (r"\x41\u00e9\N{BULLET}", "Aé•"),
+    (r"50\%", r"50\%"),  # not an escape: kept as typed
+])
+def test_stop_flag_reads_backslash_escapes(typed, meant, tiny_ckpt, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    seen = []
+
+    def generate(model, tokenizer, prompts, cfg, on_text):
+        seen.append(cfg.stop)
+        return [SimpleNamespace(text="", tokens=[], timings={"decode_tok_s": 0.0}, finish_reason="stop")]
+
+    monkeypatch.setattr("lilliput.infer.generate.generate", generate)
+    assert main(["generate", "hi", "--model", tiny_ckpt, "--stop", typed, "--no-stream"]) == 0
+    assert seen == [(meant,)]
+
+
+def test_stop_flag_with_unknown_character_name(tiny_ckpt, capsys):
+    assert main(["generate", "hi", "--model", tiny_ckpt, "--stop", r"\N{NO SUCH THING}"]) == 2
+    assert "names no Unicode character" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("limit,hint", [([], True), (["--limit", "2"], False)])
+def test_eval_tasks_says_how_much_it_will_score(limit, hint, tiny_ckpt, monkeypatch, capsys):
+    from lilliput.eval.tasks import TASKS, Task
+    from lilliput.eval.task_sets import Item
+
+    monkeypatch.setitem(TASKS, "toy", Task(lambda n: [Item("Q:", ("yes", "no"), 0)] * (n or 3)))
+    assert main(["eval", "tasks", "--tasks", "toy", "--model", tiny_ckpt, "--batch-size", "1", *limit]) == 0
+    err = capsys.readouterr().err
+    assert ("scoring 2 items (4 requests): toy 2" if limit else "scoring 3 items (6 requests): toy 3") in err
+    assert "to go (" in err and ("--limit N scores only" in err) == hint
+
+
 def test_empty_text_file(tiny_ckpt, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
@@ -100,5 +167,21 @@ def test_data_fetch_reports_sources(tmp_path, monkeypatch, capsys):
         return corpus.Manifest(sources=(), documents=())
 
     monkeypatch.setattr(corpus, "fetch", fake_fetch)
+    monkeypatch.setenv("LILLIPUT_CACHE", str(tmp_path))  # the ledger it records into
     assert main(["data", "fetch", "--cache-dir", str(tmp_path)]) == 0
     assert "manifest.json" in capsys.readouterr().out
+
+
+def test_generate_speculative_and_best_of(tiny_ckpt, capsys):
+    plain = ["generate", "abc abc abc", "--model", tiny_ckpt, "--max-new-tokens", "12", "--ignore-eos", "--no-stream"]
+    assert main(plain) == 0
+    want = capsys.readouterr().out
+    assert main(plain + ["--speculate", "lookup", "--k", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == want and "verifications" in out.err  # greedy speculation: the same text
+    assert main(plain + ["--speculate", f"draft:{tiny_ckpt}"]) == 0
+    assert capsys.readouterr().out == want
+    assert main(plain + ["--best-of", "3", "--vote", "--temperature", "1.0", "--seed", "2"]) == 0
+    assert "best of 3 by majority vote" in capsys.readouterr().err
+    assert main(plain + ["--best-of", "0"]) == 2
+    assert "--best-of must be >= 1" in capsys.readouterr().err

@@ -8,8 +8,9 @@ import torch
 from lilliput.core.config import preset
 from lilliput.core.model import GPT
 from lilliput.data.corpus import Document
+from lilliput.jobs.distill import DistillJob
 from lilliput.train.distill import (
-    DistillConfig, DistillJob, Distillation, build_student, check_same_tokenizer, distill,
+    DistillConfig, Distillation, build_student, check_same_tokenizer, distill,
     init_embedding_from_teacher_, tokenizer_fingerprint,
 )
 from lilliput.train.logit_cache import CachedBatches, LogitCache, build_logit_cache
@@ -199,12 +200,12 @@ def test_real_teacher_lowers_kd(smollm, tmp_path):
 def test_run_distill_job(byte_tokenizer, tmp_path, monkeypatch):
     from lilliput.core.checkpoint import load_model, save_checkpoint
     from lilliput.train import distill as distill_module
-    from lilliput.train.distill import run_distill
+    from lilliput.jobs.distill import run_distill
 
     monkeypatch.setattr(distill_module, "default_documents", lambda: DOCS)
     teacher_dir = save_checkpoint(_teacher(), byte_tokenizer, tmp_path / "teacher")
     job = DistillJob(student="tiny", teacher=str(teacher_dir), out=str(tmp_path / "student"), device="cpu",
-                     config=_cfg(max_steps=3), eval_passages=2, eval_window=64)
+                     config=_cfg(max_steps=3), eval_passages=2)
     out = run_distill(job)
     run = json.loads((out / "run.json").read_text())
     ppl = run["heldout_perplexity"]

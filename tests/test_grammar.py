@@ -76,11 +76,12 @@ def test_generate_json_schema_flag(tiny_model, byte_tokenizer, tmp_path, capsys)
 
 @pytest.mark.slow
 def test_smollm2_writes_valid_json_under_the_schema(smollm):
-    from lilliput.infer.generate import chat
+    from lilliput.infer.generate import generate
 
     model, tok = smollm
     grammar = JsonGrammar.from_schema(tok, SCHEMA, model.config.vocab_size)
-    g = chat(model, tok, [{"role": "user", "content": "Describe Bob, 42, happy, as JSON."}],
-             GenerationConfig(max_new_tokens=60), processors=lambda: [grammar.processor()])
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Describe Bob, 42, happy, as JSON."}])
+    g = generate(model, tok, [prompt], GenerationConfig(max_new_tokens=60), bos=False,
+                 processors=[grammar.processor()])[0]
     assert g.finish_reason == "stop"
     jsonschema.validate(json.loads(g.text), SCHEMA)

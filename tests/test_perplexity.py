@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lilliput.eval.perplexity import PerplexityConfig, _windows, heldout_perplexity, perplexity
+from lilliput.eval.perplexity import HELDOUT, HeldoutConfig, PerplexityConfig, _windows, heldout, heldout_perplexity, perplexity
 
 TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good "
@@ -148,10 +148,25 @@ def test_heldout_perplexity_defaults_to_lambada_and_takes_text():
     model, tok = Bigram(), ByteTokenizer()
     passages = "\n\n".join(lambada_passages(3))
     want = perplexity(model, tok, passages, PerplexityConfig(window=64, max_tokens=300))["perplexity"]
-    assert heldout_perplexity(model, tok, passages=3, tokens=300, window=512) == pytest.approx(want, rel=1e-6)
-    own = heldout_perplexity(model, tok, text=TEXT, window=32)  # given text, every token of it
+    assert heldout_perplexity(model, tok, HeldoutConfig(passages=3), tokens=300) == pytest.approx(want, rel=1e-6)
+    own = heldout_perplexity(model, tok, HeldoutConfig(window=32), text=TEXT)  # given text, every token of it
     assert own == pytest.approx(perplexity(model, tok, TEXT, PerplexityConfig(window=32))["perplexity"], rel=1e-6)
     assert own != pytest.approx(want, rel=1e-3)
+
+
+def test_one_heldout_default_everywhere():
+    from lilliput.eval.bench import BenchConfig
+    from lilliput.jobs.distill import DistillJob
+    from lilliput.jobs.prune import PruneJob
+    from lilliput.jobs.quantize import QuantizeJob
+    from lilliput.jobs.shrink import EvalSpec
+
+    assert (BenchConfig().passages, BenchConfig().ppl_window) == (HELDOUT.passages, HELDOUT.window)
+    assert (EvalSpec().passages, EvalSpec().window) == (HELDOUT.passages, HELDOUT.window)
+    jobs = (QuantizeJob(), PruneJob(), DistillJob(student="tiny", out="x"))
+    assert {j.eval_passages for j in jobs} == {HELDOUT.passages}
+    got = heldout(Bigram(), ByteTokenizer(), HeldoutConfig(passages=2, window=64))
+    assert got["passages"] == 2 and got["window"] == 64 and got["text"].startswith("LAMBADA")
 
 
 @pytest.mark.parametrize(

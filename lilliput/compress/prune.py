@@ -13,14 +13,12 @@ Wanda and SparseGPT run block by block as the papers do: hooks capture each line
 inputs over the calibration batches, the block is pruned, and its *pruned* outputs become the
 next block's inputs.
 
-`PruneJob` + `run_prune` are the library side of `lilliput prune`.
+`lilliput prune` is `lilliput.jobs.prune`.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -30,7 +28,6 @@ from lilliput.compress.calibration import CalibrationConfig, calibration_batches
 from lilliput.compress.sparsegpt import magnitude_mask, sparsegpt_prune, wanda_mask
 from lilliput.core.model import GPT
 from lilliput.core.registry import Registry
-from lilliput.eval.perplexity import heldout_perplexity
 
 PRUNERS: Registry[Callable] = Registry("pruning method")
 
@@ -215,118 +212,9 @@ def prune_(model: GPT, cfg, tokenizer=None, batches: torch.Tensor | None = None)
         model.train(was_training)
 
 
-# --- the CLI's entry point ---------------------------------------------------------------------
+# --- methods by name ---------------------------------------------------------------------------
 
 UNSTRUCTURED = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig}
+"""Unstructured methods (zero weights in place) by name."""
 STRUCTURED = ("heads", "channels", "layers")
-
-
-@dataclass(frozen=True)
-class PruneJob:
-    """`lilliput prune`: load a model, prune it, measure held-out perplexity, save a checkpoint."""
-
-    model: str | None = None
-    """A .gguf file, a model folder or a hub id; the embedded SmolLM2-135M-Instruct when omitted."""
-    method: str = "wanda"
-    """magnitude, wanda or sparsegpt (zeroes weights) or heads, channels, layers (a smaller dense model)."""
-    sparsity: float = 0.5
-    """Fraction removed, in [0, 1): of each linear layer's weights (unstructured), of the query heads,
-    the MLP channels or the layers (structured)."""
-    n_m: str | None = None
-    """Semi-structured pattern such as '2:4' (unstructured methods only; overrides sparsity)."""
-    out: str = "pruned"
-    """Output checkpoint folder."""
-    samples: int = 32
-    """Calibration sequences."""
-    seq_len: int = 512
-    """Tokens per calibration sequence."""
-    seed: int = 0
-    """Seed choosing the calibration windows."""
-    eval_tokens: int = 16384
-    """Held-out (LAMBADA) tokens scored for perplexity before and after."""
-    device: str | None = None
-    """cpu, cuda or cuda:N; CUDA when available when omitted."""
-
-    def __post_init__(self):
-        if self.method not in UNSTRUCTURED and self.method not in STRUCTURED:
-            raise ValueError(f"unknown method {self.method!r}; choose one of "
-                             f"{', '.join([*UNSTRUCTURED, *STRUCTURED])}")
-        if not 0 <= self.sparsity < 1:
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if self.n_m is not None:
-            if self.method not in UNSTRUCTURED:
-                raise ValueError(f"n_m applies to magnitude, wanda and sparsegpt, not to {self.method}")
-            parse_n_m(self.n_m)
-        if self.samples < 1 or self.seq_len < 2 or self.eval_tokens < 2:
-            raise ValueError("samples must be >= 1, seq_len >= 2 and eval_tokens >= 2")
-
-
-def parse_n_m(text: str) -> tuple[int, int]:
-    """'2:4' -> (2, 4)."""
-    try:
-        n, m = (int(v) for v in text.split(":"))
-    except ValueError:
-        raise ValueError(f"n_m must look like '2:4' (keep n of every m), got {text!r}") from None
-    if not 0 < n < m:
-        raise ValueError(f"n_m needs 0 < n < m, got {text!r}")
-    return n, m
-
-
-def job_config(job: PruneJob, config):
-    """The pruning config a job asks for, given the model's ModelConfig."""
-    from lilliput.compress.structured import StructuredConfig
-
-    calib = CalibrationConfig(samples=job.samples, seq_len=job.seq_len, seed=job.seed)
-    if job.method in UNSTRUCTURED:
-        cls = UNSTRUCTURED[job.method]
-        n_m = parse_n_m(job.n_m) if job.n_m else None
-        if cls is MagnitudeConfig:
-            return cls(sparsity=job.sparsity, n_m=n_m)
-        return cls(sparsity=job.sparsity, n_m=n_m, calibration=calib)
-    keep = 1.0 - job.sparsity
-    if job.method == "heads":
-        g = config.n_heads // config.n_kv_heads
-        if g > 1:  # drop query heads within every group: the KV cache stays as it is
-            return StructuredConfig(n_heads=config.n_kv_heads * max(1, round(g * keep)), calibration=calib)
-        return StructuredConfig(n_heads=max(1, round(config.n_heads * keep)),
-                                n_kv_heads=max(1, round(config.n_kv_heads * keep)), calibration=calib)
-    if job.method == "channels":
-        return StructuredConfig(ffn_dim=max(32, 32 * round(config.ffn_dim * keep / 32)), calibration=calib)
-    return StructuredConfig(n_layers=max(1, round(config.n_layers * keep)), calibration=calib)
-
-
-def run_prune(job: PruneJob) -> Path:
-    """Load, prune, measure perplexity before/after, save a checkpoint with run.json; its path."""
-    from lilliput.compress.structured import structured_prune
-    from lilliput.core.checkpoint import load_model, save_checkpoint
-    from lilliput.core.record import run_record
-
-    model, tok = load_model(job.model, device=job.device)
-    cfg = job_config(job, model.config)
-    params_before = model.num_params()
-    linear_before = sum(m.weight.numel() for m in block_linears(model).values())
-    ppl_before = heldout_perplexity(model, tok, tokens=job.eval_tokens)
-    t0 = time.perf_counter()
-    if job.method in UNSTRUCTURED:
-        pruned = prune_(model, cfg, tokenizer=tok)
-        nonzero = sum(int((m.weight != 0).sum()) for m in block_linears(pruned).values())
-    else:
-        pruned = structured_prune(model, cfg, tokenizer=tok)
-        nonzero = sum(m.weight.numel() for m in block_linears(pruned).values())
-    seconds = time.perf_counter() - t0
-    ppl_after = heldout_perplexity(pruned, tok, tokens=job.eval_tokens)
-    record = run_record(
-        "lilliput prune", job=asdict(job), config=_jsonable(cfg), model_config=pruned.config.to_dict(),
-        prune_seconds=round(seconds, 2),
-        params={"total_before": params_before, "total_after": pruned.num_params(),
-                "block_linear_before": linear_before, "block_linear_nonzero_after": nonzero,
-                "note": "total counts the tied embedding once; block_linear = every nn.Linear in the blocks "
-                        "(embedding and lm_head are never pruned)"},
-        perplexity={"before": ppl_before, "after": ppl_after, "ratio": ppl_after / ppl_before,
-                    "text": "LAMBADA passages", "tokens": job.eval_tokens},
-    )
-    return save_checkpoint(pruned, tok, job.out, record)
-
-
-def _jsonable(cfg) -> dict:
-    return {"method": type(cfg).__name__, **asdict(cfg)}
+"""Structured methods (a smaller dense model, structured.py) by what they remove."""

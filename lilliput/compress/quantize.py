@@ -5,7 +5,7 @@ Each method is a frozen config registered on its type in `QUANTIZERS` (torchao's
 bits=8 is symmetric per output channel; bits=4 is asymmetric per group of 32/64/128 columns.
 Where the requested group does not divide a layer's width (SmolLM2's 576 is not a multiple of
 128), that layer uses the largest of 128/64/32 below it that does, and the group actually used
-is recorded per layer (`quantization_section`, config.json); no layer is ever skipped silently.
+is recorded per layer (config.json's quantization.layers); no layer is ever skipped silently.
 
 The output layer is quantized too by default (`lm_head=True`): for SmolLM2 it is a fifth of
 the weights read per decoded token. A tied embedding stays float for the lookup; the output
@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from lilliput.compress.calibration import CalibrationConfig, calibration_batches
-from lilliput.compress.qlinear import (GROUP_SIZES, Int4Linear, Int8Linear, QuantLinear, expand, from_spec,
-                                       int4_params, int8_scale, quantize_int4, quantize_int8)
+from lilliput.compress.qlinear import (GROUP_SIZES, Int4Linear, Int8Linear, QuantLinear, expand, int4_params, int8_scale, quantize_int4, quantize_int8)
+from lilliput.core.layers import set_layer
 from lilliput.core.registry import Registry
 
 QUANTIZERS: Registry[Callable] = Registry("quantization config")
@@ -183,11 +181,6 @@ def target_linears(model: nn.Module, lm_head: bool) -> list[tuple[str, nn.Linear
     return out
 
 
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
 def layer_bits(cfg, name: str) -> int:
     """The bits layer `name` gets under cfg (the output layer may differ)."""
     return cfg.lm_head_bits if name == "lm_head" and cfg.lm_head_bits else cfg.bits
@@ -204,7 +197,7 @@ def grid_for(name: str, w: torch.Tensor, bits: int, group_size: int) -> Grid:
 def _rtn(model: nn.Module, cfg: RTNConfig, calibration: torch.Tensor | None) -> None:
     for name, m in target_linears(model, cfg.lm_head):
         w = m.weight.detach().float()
-        set_module(model, name, grid_for(name, w, layer_bits(cfg, name), cfg.group_size).module(w))
+        set_layer(model, name, grid_for(name, w, layer_bits(cfg, name), cfg.group_size).module(w))
 
 
 # --- the entry point -----------------------------------------------------------------------------------
@@ -230,118 +223,10 @@ def quantize_(model: nn.Module, cfg, tokenizer=None, calibration: torch.Tensor |
     with torch.no_grad():
         handler(model, cfg, calibration)
     model.quantization = {"method": next(k for k, v in METHODS.items() if v is type(cfg)) if type(cfg) in
-                          METHODS.values() else type(cfg).__name__, "config": _cfg_dict(cfg)}
+                          METHODS.values() else type(cfg).__name__, "config": config_dict(cfg)}
     return model.to(dtype)
 
 
-def _cfg_dict(cfg) -> dict[str, Any]:
+def config_dict(cfg) -> dict[str, Any]:
+    """A config dataclass as JSON-ready values (what model.quantization and run.json record)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-# --- checkpoints --------------------------------------------------------------------------------------
-
-def quantization_section(model: nn.Module) -> dict[str, Any] | None:
-    """config.json's "quantization": method, config and every replaced layer (bits, group used); None if float."""
-    layers = {n: m.spec() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if not layers:
-        return None
-    return {**getattr(model, "quantization", {"method": "unknown"}), "layers": layers}
-
-
-def build_quantized(config, state: dict[str, torch.Tensor], section: dict[str, Any]):
-    """A GPT with the quantized layers config.json lists, holding `state` (floats already fp32)."""
-    from lilliput.core.model import GPT
-
-    with torch.device("meta"):
-        model = GPT(config)
-    for name, spec in section.get("layers", {}).items():
-        set_module(model, name, from_spec(spec))
-    state = dict(state)
-    if config.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
-        state.setdefault("lm_head.weight", state["tok_emb.weight"])
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
-        model.lm_head.weight = model.tok_emb.weight
-    model.quantization = {k: v for k, v in section.items() if k != "layers"}
-    return model
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer as stored (a tied tensor counted once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
-# --- the job the CLI runs ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class QuantizeJob:
-    """`lilliput quantize`: load a model, quantize it, save a checkpoint folder with run.json."""
-
-    model: str | None = None
-    """A .gguf file, a model folder or a hub id; the embedded SmolLM2-135M-Instruct when omitted."""
-    method: str = "rtn"
-    """rtn, gptq or awq."""
-    bits: int = 8
-    """8 (per channel) or 4 (per group)."""
-    group_size: int = 128
-    """Columns per int4 group: 32, 64 or 128 (a layer it does not divide uses the largest that does)."""
-    out: str = "quantized"
-    """Output folder."""
-    samples: int = 32
-    """Calibration windows (GPTQ, AWQ)."""
-    seq_len: int = 512
-    """Tokens per calibration window."""
-    full_corpus: bool = False
-    """Draw calibration windows from the fetched corpus (tokenizing its 26 MB takes minutes on
-    2 cores) instead of the shipped sample texts."""
-    lm_head: bool = True
-    """Quantize the output layer too."""
-    eval_passages: int | None = 100
-    """LAMBADA passages for held-out perplexity before and after (None skips it)."""
-
-    def config(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}: pass one of {', '.join(METHODS)}")
-        kw = dict(bits=self.bits, group_size=self.group_size, lm_head=self.lm_head)
-        if self.method != "rtn":
-            kw["calibration"] = CalibrationConfig(samples=self.samples, seq_len=self.seq_len,
-                                                  full_corpus=self.full_corpus)
-        return METHODS[self.method](**kw)
-
-
-def run_quantize(job: QuantizeJob) -> Path:
-    """Run the job; returns the checkpoint folder (config.json records every quantized layer)."""
-    from lilliput.core.checkpoint import load_model, save_checkpoint
-    from lilliput.core.record import run_record
-
-    cfg = job.config()  # validate before loading anything
-    model, tok = load_model(job.model, device="cpu")
-
-    def ppl() -> float | None:
-        if not job.eval_passages:
-            return None
-        from lilliput.eval.perplexity import PerplexityConfig, perplexity
-        from lilliput.eval.tasks import lambada_passages
-
-        window = min(1024, model.config.max_seq_len)
-        text = "\n\n".join(lambada_passages(job.eval_passages))
-        return perplexity(model, tok, text, PerplexityConfig(window=window))["perplexity"]
-
-    before, size_before = ppl(), model_bytes(model)
-    t0 = time.perf_counter()
-    quantize_(model, cfg, tokenizer=tok)
-    seconds = time.perf_counter() - t0
-    after = ppl()
-    section = quantization_section(model)
-    groups = sorted({s.get("group_size") for s in section["layers"].values() if "group_size" in s})
-    metrics = {"ppl_before": before, "ppl_after": after,
-               "ppl_ratio": after / before if before and after else None,
-               "bytes_before": size_before, "bytes_after": model_bytes(model), "quantize_seconds": seconds,
-               "layers": len(section["layers"]), "group_sizes_used": groups}
-    record = run_record("quantize", job=dataclasses.asdict(job), config=_cfg_dict(cfg), metrics=metrics)
-    return save_checkpoint(model, tok, job.out, record)

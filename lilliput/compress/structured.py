@@ -246,11 +246,3 @@ def structured_prune(model: GPT, cfg: StructuredConfig, tokenizer=None, batches:
     pruned.train(was_training)
     return pruned
 
-
-def param_count(model: GPT) -> dict[str, int]:
-    """Parameters by part: embedding (counted once when tied), blocks, final norm, total."""
-    emb = model.tok_emb.weight.numel()
-    blocks = sum(p.numel() for p in model.layers.parameters())
-    head = 0 if model.config.tie_embeddings else model.lm_head.weight.numel()
-    return {"embedding": emb, "blocks": blocks, "lm_head_untied": head, "norm": model.norm.weight.numel(),
-            "total": emb + blocks + head + model.norm.weight.numel()}

@@ -1,7 +1,10 @@
 """Loading and saving models: the embedded GGUF, GGUF files, Hugging Face folders, lilliput folders.
 
 A lilliput checkpoint is a folder: `config.json` ({"format": "lilliput", "model": ModelConfig}),
-`model.safetensors` (lilliput parameter names), the tokenizer files and `run.json`.
+`model.safetensors` (lilliput parameter names), the tokenizer files and `run.json`. A model whose
+layers include registered layer kinds (`core.layers`: int8 and int4 linear layers, registered by
+compress) also gets `"quantization": {...model.quantization, "layers": {name: {"kind", "module",
+**spec}}}`; loading rebuilds those layers empty, by kind, and then loads their tensors.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import time
 from pathlib import Path
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ import torch
 
 from lilliput.core.config import ModelConfig
 from lilliput.core.device import pick_device, pick_dtype
+from lilliput.core.layers import build_layer, kind_of, layer_specs, set_layer
 from lilliput.core.model import GPT
 from lilliput.core.record import run_record, write_json
 
@@ -44,19 +49,40 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# buffers that older transformers versions saved; lilliput recomputes them from the config
+_HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
 def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face Llama names -> lilliput names, fusing q|k|v and gate|up."""
-    sd = {"tok_emb.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    """Hugging Face Llama names -> lilliput names, fusing q|k|v and gate|up.
+
+    A tensor this mapping does not use (a bias, an unknown module) is refused, not dropped."""
+    used = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise ValueError(f"the Hugging Face weights lack {name}: not a complete Llama checkpoint for its config.json")
+        used.add(name)
+        return hf[name]
+
+    sd = {"tok_emb.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
     if not config.tie_embeddings:
-        sd["lm_head.weight"] = hf["lm_head.weight"]
+        sd["lm_head.weight"] = take("lm_head.weight")
+    else:
+        used.add("lm_head.weight")  # a saved copy of the tied embedding: transformers ignores it too
     for i in range(config.n_layers):
         p = f"model.layers.{i}."
-        sd[f"layers.{i}.attn_norm.weight"] = hf[p + "input_layernorm.weight"]
-        sd[f"layers.{i}.ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
-        sd[f"layers.{i}.mixer.wqkv.weight"] = torch.cat([hf[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-        sd[f"layers.{i}.mixer.wo.weight"] = hf[p + "self_attn.o_proj.weight"]
-        sd[f"layers.{i}.ffn.w_gate_up.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
-        sd[f"layers.{i}.ffn.w_down.weight"] = hf[p + "mlp.down_proj.weight"]
+        sd[f"layers.{i}.attn_norm.weight"] = take(p + "input_layernorm.weight")
+        sd[f"layers.{i}.ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
+        sd[f"layers.{i}.mixer.wqkv.weight"] = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        sd[f"layers.{i}.mixer.wo.weight"] = take(p + "self_attn.o_proj.weight")
+        sd[f"layers.{i}.ffn.w_gate_up.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+        sd[f"layers.{i}.ffn.w_down.weight"] = take(p + "mlp.down_proj.weight")
+    unused = [k for k in hf if k not in used and not k.endswith(_HF_IGNORED_SUFFIXES)]
+    if unused:
+        kinds = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", k) for k in unused))  # one entry per layer pattern
+        raise ValueError(f"the Hugging Face weights hold {len(unused)} tensors lilliput cannot use ({', '.join(kinds)}): "
+                         "only bias-free Llama-style attention and MLPs are supported")
     return sd
 
 
@@ -181,15 +207,43 @@ def load_folder(folder: Path | str, device=None, dtype=None):
         sd = from_hf_state_dict(sd, config)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # packed codes stay ints
     try:
-        if cfg.get("quantization"):  # rebuild the quantized layers config.json lists, then load
-            from lilliput.compress.quantize import build_quantized
-
-            model = build_quantized(config, sd, cfg["quantization"])
+        if cfg.get("quantization"):  # rebuild the layers config.json lists, then load
+            model = build_with_layers(config, sd, cfg["quantization"])
         else:
             model = GPT.from_state_dict(config, sd)
     except (RuntimeError, KeyError) as e:
         raise ValueError(f"{folder}: weights do not match config.json ({str(e).splitlines()[0]})") from None
     return _place(model, device, dtype), load_tokenizer(folder)
+
+
+def quantization_section(model: GPT) -> dict[str, Any] | None:
+    """config.json's "quantization": `model.quantization` (method, config) and the spec of every
+    registered layer (kind, module, bits, group used); None when the model has no such layer."""
+    layers = layer_specs(model)
+    if not layers:
+        return None
+    return {**getattr(model, "quantization", {"method": "unknown"}), "layers": layers}
+
+
+def build_with_layers(config: ModelConfig, state: dict[str, torch.Tensor], section: dict[str, Any]) -> GPT:
+    """A GPT whose layers named in `section["layers"]` are the registered kinds recorded there,
+    holding `state` (floats already fp32); `section` less its layers becomes `model.quantization`."""
+    layers = section.get("layers", {})
+    if not isinstance(layers, dict):
+        raise ValueError("config.json's quantization.layers must map layer names to specs")
+    with torch.device("meta"):
+        model = GPT(config)
+    for name, spec in layers.items():
+        set_layer(model, name, build_layer(spec))
+    state = dict(state)
+    tied_float = config.tie_embeddings and kind_of(model.lm_head) is None
+    if tied_float:
+        state.setdefault("lm_head.weight", state["tok_emb.weight"])
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied_float:
+        model.lm_head.weight = model.tok_emb.weight
+    model.quantization = {k: v for k, v in section.items() if k != "layers"}
+    return model
 
 
 def save_checkpoint(model: GPT, tokenizer, out: Path | str, record: dict[str, Any] | None = None) -> Path:
@@ -203,8 +257,6 @@ def save_checkpoint(model: GPT, tokenizer, out: Path | str, record: dict[str, An
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # the same tensor as tok_emb.weight
     save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    from lilliput.compress.quantize import quantization_section
-
     quant = quantization_section(model)  # None for a float model
     write_json(tmp / "config.json", {"format": FORMAT, "model": model.config.to_dict(),
                                      **({"quantization": quant} if quant else {})})

@@ -107,8 +107,15 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str = "custom") -> "ModelConfig":
         """Read a Hugging Face Llama-family config.json."""
-        if hf.get("model_type") not in ("llama", "mistral", "qwen2", None):
+        if hf.get("model_type") == "qwen2":  # Qwen2Attention always has biased q/k/v projections
+            raise ValueError("a Qwen2 model's attention has biases (self_attn.q_proj.bias, k_proj.bias, "
+                             "v_proj.bias): lilliput supports only bias-free Llama-style attention")
+        if hf.get("model_type") not in ("llama", "mistral", None):
             raise ValueError(f"model_type {hf.get('model_type')!r} is not a Llama-style model lilliput can load")
+        biased = [key for key in ("attention_bias", "mlp_bias") if hf.get(key)]
+        if biased:
+            raise ValueError(f"config.json sets {' and '.join(biased)}: lilliput supports only bias-free "
+                             "Llama-style attention and MLPs")
         rope = hf.get("rope_parameters") or {}
         scaling = hf.get("rope_scaling") or {}
         kind = scaling.get("rope_type", scaling.get("type", rope.get("rope_type", "default")))

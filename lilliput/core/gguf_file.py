@@ -124,12 +124,20 @@ class GGUFFile:
         import gguf
         from gguf.quants import dequantize
 
-        qtype = gguf.GGMLQuantizationType(info.type_id)
+        try:
+            qtype = gguf.GGMLQuantizationType(info.type_id)
+        except ValueError:
+            raise ValueError(f"{self.path}: tensor {info.name} has unknown ggml type {info.type_id}") from None
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         n = int(np.prod(info.shape))
         data = np.frombuffer(self._mm, dtype=np.uint8, count=n // block * type_size, offset=info.offset)
         rows = data.reshape(-1, info.shape[-1] // block * type_size)
-        return torch.from_numpy(np.array(dequantize(rows, qtype), dtype=np.float32)).reshape(info.shape)
+        try:
+            values = dequantize(rows, qtype)
+        except NotImplementedError:  # gguf's own error names neither the file nor the tensor
+            raise ValueError(f"{self.path}: tensor {info.name} is {qtype.name}, which lilliput cannot dequantize; "
+                             "convert the model to a common type (F16, Q8_0, Q4_K, ...)") from None
+        return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(info.shape)
 
     def close(self):
         self._mm.close()

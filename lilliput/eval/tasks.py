@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,9 +61,11 @@ def loglikelihoods(
     tokenizer,
     requests: list[tuple[str, str]],
     batch_size: int = 8,
-    progress: tqdm | None = None,
+    progress=None,
 ) -> list[tuple[float, bool]]:
-    """(sum of log p(continuation | context), is_greedy) for each (context, continuation)."""
+    """(sum of log p(continuation | context), is_greedy) for each (context, continuation).
+    `progress.update(n)` (a tqdm bar, say) hears 0 once the requests are tokenized, then each
+    batch's request count once it is scored."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     max_len = model.config.max_seq_len
@@ -76,6 +79,8 @@ def loglikelihoods(
         seqs.append((tokens[:-1], cont[-(len(tokens) - 1):]))  # a cut continuation keeps its tail
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))  # longest first: less padding
     out: list[tuple[float, bool] | None] = [None] * len(seqs)
+    if progress is not None:
+        progress.update(0)  # all tokenized: a timer of the batches starts here
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
@@ -152,25 +157,82 @@ TASKS: dict[str, Task] = {
 }
 
 
-def evaluate_tasks(model: torch.nn.Module, tokenizer, cfg: TaskConfig) -> dict[str, dict]:
-    """Score `model` zero-shot on each task of `cfg`: {task: {"acc", "acc_norm" | "ppl", "n"}}."""
+def _duration(seconds: float) -> str:
+    """3 s, 12 min, 2.5 h: a human-sized duration."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class _Clock:
+    """Times scoring and estimates the time left from seconds per request character (items
+    differ more across tasks than characters do: a BoolQ passage is ten PIQA goals).
+    `update(n)` is what `loglikelihoods` calls after each batch, like tqdm's."""
+
+    first_batches = 3
+    """Batches timed before the first estimate: the first one also pays warm-up."""
+
+    def __init__(self, total_chars: int, log: Callable[[str], None], hint: str):
+        self.left, self.log, self.hint = total_chars, log, hint
+        self.seconds = self.chars = 0.0  # scored so far, in all finished batches
+        self.batches = 0
+        self.bar, self.lengths, self.start = None, [], 0.0
+
+    def begin(self, bar: tqdm, requests: list[tuple[str, str]]) -> None:
+        # loglikelihoods scores the longest requests (in tokens) first: characters in about that order
+        self.bar, self.lengths = bar, sorted((len(c) + len(x) for c, x in requests), reverse=True)
+        self.start = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        now = time.perf_counter()
+        if n == 0:  # tokenizing came before: seconds of a task are 1% of its scoring, but 10 batches
+            self.start = now
+            return
+        chars, self.lengths = sum(self.lengths[:n]), self.lengths[n:]
+        self.seconds, self.chars, self.left = self.seconds + now - self.start, self.chars + chars, self.left - chars
+        self.start, self.batches = now, self.batches + 1
+        if self.batches == self.first_batches and self.left > 0:
+            self.log(f"about {_duration(self.eta())} to go ({self.seconds * 1e3 / self.chars:.2f} ms per "
+                     f"character over the first {self.batches} batches){self.hint}")
+
+    def eta(self) -> float:
+        return self.left * self.seconds / max(self.chars, 1)
+
+
+def evaluate_tasks(model: torch.nn.Module, tokenizer, cfg: TaskConfig,
+                   log: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Score `model` zero-shot on each task of `cfg`: {task: {"acc", "acc_norm" | "ppl", "n"}}.
+
+    `log` (e.g. print to stderr) hears the item counts before scoring starts, an estimate of the
+    time it takes after the first batch, and the time left after each task."""
     unknown = [name for name in cfg.tasks if name not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}: choose from {sorted(TASKS)}")
     if cfg.limit is not None and cfg.limit < 1:
         raise ValueError(f"limit must be >= 1 (or None for all items), got {cfg.limit}")
+    items = {name: TASKS[name].load(cfg.limit) for name in cfg.tasks}
+    requests = {name: [pair for item in items[name] for pair in item.requests()] for name in cfg.tasks}
+    log = log or (lambda message: None)
+    n_items, n_requests = sum(map(len, items.values())), sum(map(len, requests.values()))
+    log(f"scoring {n_items:,} items ({n_requests:,} requests): "
+        + ", ".join(f"{name} {len(items[name]):,}" for name in cfg.tasks))
+    hint = "; --limit N scores only the first N items of each task" if cfg.limit is None else ""
+    clock = _Clock(sum(len(c) + len(x) for reqs in requests.values() for c, x in reqs), log, hint)
     was_training = model.training
     model.eval()
     results = {}
     try:
-        for name in cfg.tasks:
-            task = TASKS[name]
-            items = task.load(cfg.limit)
-            requests = [pair for item in items for pair in item.requests()]
-            with tqdm(total=len(requests), desc=name, unit="req", file=sys.stderr,
+        for k, name in enumerate(cfg.tasks):
+            with tqdm(total=len(requests[name]), desc=name, unit="req", file=sys.stderr,
                       disable=not sys.stderr.isatty()) as bar:
-                scores = loglikelihoods(model, tokenizer, requests, cfg.batch_size, bar)
-            results[name] = task.metrics(items, scores)
+                clock.begin(bar, requests[name])
+                scores = loglikelihoods(model, tokenizer, requests[name], cfg.batch_size, clock)
+            results[name] = TASKS[name].metrics(items[name], scores)
+            if k + 1 < len(cfg.tasks):
+                log(f"{name} done; {_duration(clock.seconds)} so far, about {_duration(clock.eta())} to go")
     finally:
         model.train(was_training)
     return results

@@ -32,10 +32,9 @@ class Generation:
 def generate(model: GPT, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[int]],
              cfg: GenerationConfig = GenerationConfig(),
              on_text: Callable[[int, str], None] | None = None, bos: bool | None = None,
-             processors: Callable[[], list[LogitsProcessor]] | None = None) -> list[Generation]:
+             processors: Sequence[LogitsProcessor] = ()) -> list[Generation]:
     """Generate a continuation for each prompt (text, or token ids). `on_text(row, delta)` streams
-    each prompt's new text as it becomes final. `processors()` makes each prompt's own logits
-    processors (a grammar holds per-sequence state)."""
+    each prompt's new text as it becomes final; `processors` (e.g. a watermark) apply to every prompt."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
@@ -53,7 +52,7 @@ def generate(model: GPT, tokenizer, prompts: str | Sequence[str] | Sequence[Sequ
     stream = (lambda seq, text: on_text(row_of[seq.id], text)) if on_text else None
     seqs = []
     for i, p in enumerate(ids):
-        seq = engine.add(p, cfg, processors() if processors else (), on_text=stream)
+        seq = engine.add(p, cfg, processors=processors, on_text=stream)
         row_of[seq.id] = i
         seqs.append(seq)
     engine.run()
@@ -69,8 +68,7 @@ def generate(model: GPT, tokenizer, prompts: str | Sequence[str] | Sequence[Sequ
 
 
 def chat(model: GPT, tokenizer, messages: list[dict], cfg: GenerationConfig = GenerationConfig(),
-         on_text: Callable[[int, str], None] | None = None,
-         processors: Callable[[], list[LogitsProcessor]] | None = None) -> Generation:
+         on_text: Callable[[int, str], None] | None = None) -> Generation:
     """One assistant turn after `messages` ([{"role": ..., "content": ...}]), using the chat template."""
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return generate(model, tokenizer, [prompt], cfg, on_text, bos=False, processors=processors)[0]
+    return generate(model, tokenizer, [prompt], cfg, on_text, bos=False)[0]

@@ -18,9 +18,8 @@ One config (`DistillConfig`), one function (`distill`), five modes:
                 effect is baked into the student's weights.
 
 The loss is ``alpha * divergence(student, teacher) + (1 - alpha) * cross-entropy(data)`` (plus
-the feature term), divergences as defined in losses.py. `run_distill(DistillJob)` is the CLI
-entry point: load teacher, build or load the student, distill, measure held-out perplexity
-before and after, save a checkpoint with run.json.
+the feature term), divergences as defined in losses.py. `lilliput distill` is
+`lilliput.jobs.distill`.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,6 @@ import torch.nn.functional as F
 
 from lilliput.core.config import ModelConfig, PRESETS, preset
 from lilliput.core.model import GPT
-from lilliput.eval.perplexity import heldout_perplexity
 from lilliput.train.data import default_documents, token_stream
 from lilliput.train.logit_cache import CachedBatches, build_logit_cache
 from lilliput.train.loop import Trainer, TrainConfig, WindowBatches
@@ -399,51 +396,3 @@ def distill(teacher: GPT, student: GPT, tokenizer, cfg: DistillConfig, documents
     student.last_summary = {"steps": trainer.step, "tokens": trainer.tokens, "seconds": round(trainer.seconds, 2),
                             "final": trainer.last}
     return student.eval()
-
-
-@dataclass(frozen=True)
-class DistillJob:
-    """`lilliput distill`: teacher and student specs, output folder, evaluation; training in `config`."""
-
-    student: str
-    """A model preset (e.g. student-20m), a ModelConfig .json, or a checkpoint folder (e.g. a pruned teacher)."""
-    out: str
-    """Output folder: the student checkpoint, train_log.jsonl, trainer_state.pt and run.json."""
-    teacher: str | None = None
-    """A .gguf, model folder or hub id; the embedded SmolLM2-135M-Instruct when omitted."""
-    config: DistillConfig = DistillConfig(max_steps=200)
-    """How to distill (its out is replaced by this job's out)."""
-    init_embedding: bool = True
-    """Initialise a fresh student's embedding from the teacher's (PCA projection when narrower)."""
-    eval_passages: int = 200
-    """LAMBADA passages of held-out text for perplexity before and after."""
-    eval_window: int = 256
-    """Perplexity window in tokens."""
-    device: str | None = None
-    """cpu or cuda; CUDA when available when omitted."""
-
-
-def run_distill(job: DistillJob) -> Path:
-    """Load the teacher, build or load the student, distill, evaluate, save. Returns the checkpoint folder."""
-    from lilliput.core.checkpoint import load_model, save_checkpoint
-    from lilliput.core.record import run_record
-
-    out = Path(job.out)
-    cfg = dataclasses.replace(job.config, out=str(out))
-    teacher, tokenizer = load_model(job.teacher, device=job.device, dtype=torch.float32)
-    student, student_tok = build_student(job.student, teacher, seed=cfg.seed)
-    if student_tok is None and job.init_embedding:
-        init_embedding_from_teacher_(student, teacher)
-    ppl = {"teacher": heldout_perplexity(teacher, tokenizer, passages=job.eval_passages, window=job.eval_window),
-           "student_before": heldout_perplexity(student, tokenizer, passages=job.eval_passages, window=job.eval_window)}
-    student = distill(teacher, student, tokenizer, cfg, student_tokenizer=student_tok)
-    ppl["student_after"] = heldout_perplexity(student, tokenizer, passages=job.eval_passages, window=job.eval_window)
-    record = run_record("distill", job=dataclasses.asdict(job), student_config=student.config.to_dict(),
-                        student_params=student.num_params(), heldout_perplexity=ppl,
-                        train=getattr(student, "last_summary", None))
-    tmp = save_checkpoint(student, tokenizer, out.with_name(f".{out.name}.model-tmp"), record)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in tmp.iterdir():  # merge beside the trainer's files: the folder is both a model and a run
-        os.replace(f, out / f.name)
-    shutil.rmtree(tmp)
-    return out

@@ -112,9 +112,13 @@ INLINE void load_bf16_pair(const uint16_t *p, vf *even, vf *odd) {
  */
 #define LINE(WDT) ((WDT) == DT_F32 ? 16 : 32)
 #define VECS(WDT) (LINE(WDT) / GEMV_LANES)
-/* Independent accumulators per row of x: one per vector of a line, at most 12 / B (the
- * FMA latency chain is the limit for bf16 at B = 1; registers for B = 8). */
-#define NACC(WDT, B) (VECS(WDT) < 12 / (B) ? VECS(WDT) : (12 / (B) > 0 ? 12 / (B) : 1))
+/* Independent accumulators per row of x. fp32: one, for every B, so that a row's result does
+ * not depend on how many rows share the call (a sequence's logits are the same alone, in a
+ * batch, or verified with drafted tokens; the single FMA chain still outruns memory). bf16: one
+ * per vector of a line, at most 12 / B (the FMA latency chain is the limit at B = 1; registers
+ * at B = 8), so bf16 results may differ in the last bits between batch sizes. */
+#define NACC(WDT, B) \
+    ((WDT) == DT_F32 ? 1 : (VECS(WDT) < 12 / (B) ? VECS(WDT) : (12 / (B) > 0 ? 12 / (B) : 1)))
 
 /*
  * Rows [n0, n1) of y for all B rows of x. B and WDT are compile-time constants after

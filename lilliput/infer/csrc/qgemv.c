@@ -40,7 +40,7 @@
 #include <immintrin.h>
 #define QG_AVX2 1
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define QG_VNNI 2 /* AVX-512 VNNI on 256-bit registers */
+#define QG_VNNI 2 /* AVX-512 VNNI: 256-bit registers for 32-column blocks, 512-bit for 64 columns */
 #elif defined(__AVXVNNI__)
 #define QG_VNNI 1
 #else
@@ -48,6 +48,11 @@
 #endif
 #else
 #define QG_AVX2 0
+#endif
+#if QG_AVX2 && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#define QG_512 1
+#else
+#define QG_512 0
 #endif
 
 typedef void (*rows_fn)(const float *, const void *, void *, int, int64_t, int64_t, int64_t, int64_t);
@@ -66,6 +71,8 @@ typedef struct {
     const float *xd;    /* scale of each block of xq (K / 32,) */
     const float *xs;    /* int4: sum of x over each group (exact x for widen, dequantized xq for dot) */
     int64_t B;          /* rows of x (dot paths): xq (B, K), xd (B, K / 32), xs (B, K / group) */
+    const uint8_t *xu;  /* 512-bit paths: x + 128 as unsigned bytes (B, K), int4's in lane order */
+    const float *sv;    /* 512-bit paths: x's block scales per fp32 lane, 16 per 64 columns (B, K / 4) */
 } qctx_t;
 
 static float half_to_float(uint16_t h) {
@@ -293,6 +300,77 @@ static inline __attribute__((always_inline)) void int4_dot_impl(const qctx_t *c,
     }
 }
 
+#if QG_512
+/*
+ * The 512-bit paths (AVX-512 VNNI), 64 columns per step. x is offset to unsigned bytes
+ * (xu = xq + 128), so `vpdpbusd` multiplies it straight into the signed weights with no sign
+ * trick per row; sum(xu * w) - 128 * sum(w) = sum(xq * w), and 128 * sum(w) is one more vpdpbusd
+ * per weight vector, shared by all rows. int4 codes are unsigned already: x stays signed and its
+ * bytes are laid out in the order the 32 packed bytes unpack to (see prepare_512). Each fp32 lane
+ * then takes its x block's scale from a 16-float vector (sv), so both blocks of a step are scaled
+ * in one FMA. Arithmetic per row is the same for every B.
+ */
+static inline __attribute__((always_inline)) void int8_dot512_impl(const qctx_t *c, float *y, int64_t N, int64_t K,
+                                                                    int64_t n0, int64_t n1, const int B) {
+    const int8_t *w = (const int8_t *)(intptr_t)c->d[1];
+    const float *scale = (const float *)(intptr_t)c->d[2], *sv = c->sv;
+    const uint8_t *xu = c->xu;
+    const int64_t nq = K / 64;
+    const __m512i c128 = _mm512_set1_epi8((char)0x80);
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *wr = w + n * K;
+        __m512 acc[MAXB];
+        for (int r = 0; r < B; r++) acc[r] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < nq; j++) {
+            const __m512i wv = _mm512_loadu_si512((const void *)(wr + j * 64));
+            const __m512i neg = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                                 _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv));
+            for (int r = 0; r < B; r++) {
+                const __m512i p = _mm512_dpbusd_epi32(neg, _mm512_loadu_si512((const void *)(xu + r * K + j * 64)), wv);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_loadu_ps(sv + (r * nq + j) * 16), acc[r]);
+            }
+        }
+        for (int r = 0; r < B; r++) y[r * N + n] = _mm512_reduce_add_ps(acc[r]) * scale[n];
+    }
+}
+
+static inline __attribute__((always_inline)) void int4_dot512_impl(const qctx_t *c, float *y, int64_t N, int64_t K,
+                                                                    int64_t n0, int64_t n1, const int B) {
+    const uint8_t *w = (const uint8_t *)(intptr_t)c->d[1], *zero = (const uint8_t *)(intptr_t)c->d[3];
+    const uint16_t *scale = (const uint16_t *)(intptr_t)c->d[2];
+    const int64_t g = c->d[6], ng = K / g, qpg = g / 64, nq = K / 64;
+    const uint8_t *xs8 = c->xu; /* signed bytes here, in unpack order */
+    const float *sv = c->sv, *xs = c->xs;
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *wr = w + n * (K / 2);
+        __m512 acc[MAXB];
+        float corr[MAXB];
+        for (int r = 0; r < B; r++) acc[r] = _mm512_setzero_ps(), corr[r] = 0.0f;
+        for (int64_t gi = 0; gi < ng; gi++) {
+            const float sc = half_to_float(scale[n * ng + gi]), zf = (float)zero[n * ng + gi];
+            __m512 gs[MAXB];
+            for (int r = 0; r < B; r++) {
+                corr[r] += sc * zf * xs[r * ng + gi];
+                gs[r] = _mm512_setzero_ps();
+            }
+            for (int64_t j = gi * qpg; j < (gi + 1) * qpg; j++) {
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(wr + j * 32)); /* two Q4 blocks */
+                const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, m4)),
+                                                     _mm256_and_si256(_mm256_srli_epi16(b, 4), m4), 1);
+                for (int r = 0; r < B; r++) {
+                    const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u,
+                                                          _mm512_loadu_si512((const void *)(xs8 + r * K + j * 64)));
+                    gs[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_loadu_ps(sv + (r * nq + j) * 16), gs[r]);
+                }
+            }
+            for (int r = 0; r < B; r++) acc[r] = _mm512_fmadd_ps(gs[r], _mm512_set1_ps(sc), acc[r]);
+        }
+        for (int r = 0; r < B; r++) y[r * N + n] = _mm512_reduce_add_ps(acc[r]) - corr[r];
+    }
+}
+#endif
+
 #define DOT_FNS(IMPL, NAME)                                                                        \
     static void NAME(const float *unused, const void *ctx, void *y, int ydt, int64_t N, int64_t K,  \
                      int64_t n0, int64_t n1) {                                                     \
@@ -311,6 +389,35 @@ static inline __attribute__((always_inline)) void int4_dot_impl(const qctx_t *c,
     }
 DOT_FNS(int8_dot_impl, int8_dot_rows)
 DOT_FNS(int4_dot_impl, int4_dot_rows)
+#if QG_512
+DOT_FNS(int8_dot512_impl, int8_dot512_rows)
+DOT_FNS(int4_dot512_impl, int4_dot512_rows)
+
+/*
+ * x for the 512-bit paths, per 64 columns. int8: xu = xq + 128 in column order; sv lanes 0-7
+ * take block 0's scale, 8-15 block 1's. int4: the 32 packed bytes unpack (low nibbles of all
+ * 32 bytes, then high nibbles) to columns [0-15 | 32-47 | 16-31 | 48-63], so x is stored in that
+ * order and sv gives lanes 0-3 and 8-11 block 0's scale, 4-7 and 12-15 block 1's.
+ */
+static void prepare_512(int kind, const int8_t *xq, const float *xd, int64_t K, uint8_t *xu, float *sv) {
+    for (int64_t j = 0; j < K / 64; j++) {
+        const int8_t *q = xq + j * 64;
+        uint8_t *o = xu + j * 64;
+        float *v = sv + j * 16;
+        const float d0 = xd[2 * j], d1 = xd[2 * j + 1];
+        if (kind == KIND_INT8) {
+            for (int i = 0; i < 64; i++) o[i] = (uint8_t)(q[i] + 128);
+            for (int i = 0; i < 16; i++) v[i] = i < 8 ? d0 : d1;
+        } else {
+            for (int i = 0; i < 16; i++) {
+                o[i] = (uint8_t)q[i], o[16 + i] = (uint8_t)q[32 + i];
+                o[32 + i] = (uint8_t)q[16 + i], o[48 + i] = (uint8_t)q[48 + i];
+            }
+            for (int i = 0; i < 16; i++) v[i] = (i & 4) ? d1 : d0;
+        }
+    }
+}
+#endif
 
 /* ------------------------------------------------------------------ x preparation */
 
@@ -330,10 +437,11 @@ int qgemv_abi_version(void) { return 2; }
 
 int qgemv_avx2(void) { return QG_AVX2; }
 
-/* The instructions the integer dot products use: 0 scalar C, 1 AVX2 maddubs, 2 AVX-VNNI, 3 AVX-512 VNNI. */
+/* The instructions the integer dot products use: 0 scalar C, 1 AVX2 maddubs, 2 AVX-VNNI (256-bit),
+ * 3 AVX-512 VNNI on 256-bit registers, 4 AVX-512 VNNI with the 512-bit paths. */
 int qgemv_isa(void) {
 #if QG_AVX2
-    return QG_VNNI == 2 ? 3 : QG_VNNI == 1 ? 2 : 1;
+    return QG_512 ? 4 : QG_VNNI == 2 ? 3 : QG_VNNI == 1 ? 2 : 1;
 #else
     return 0;
 #endif
@@ -346,7 +454,7 @@ static int run_pass(const int64_t *d, const float *x, float *y, int64_t B) {
     if (kind == KIND_INT8 && K % QB) dot = 0;
     if (!dot) { /* the widening paths take one row of x at a time */
         for (int64_t r = 0; r < B; r++) {
-            qctx_t c = {d, x + r * K, NULL, NULL, NULL, 1};
+            qctx_t c = {d, x + r * K, NULL, NULL, NULL, 1, NULL, NULL};
             float *xs = NULL;
             if (kind == KIND_INT4) {
                 xs = malloc(sizeof(float) * (size_t)(K / g));
@@ -377,9 +485,20 @@ static int run_pass(const int64_t *d, const float *x, float *y, int64_t B) {
             xs[r * ng + j] = s;
         }
     }
-    qctx_t c = {d, x, xq, xd, xs, B};
-    gemv_pool_run(kind == KIND_INT8 ? int8_dot_rows : int4_dot_rows, NULL, &c, y, 0, N, K,
-                  B * (kind == KIND_INT8 ? K : K / 2 + 3 * (K / g)));
+    qctx_t c = {d, x, xq, xd, xs, B, NULL, NULL};
+    rows_fn fn = kind == KIND_INT8 ? int8_dot_rows : int4_dot_rows;
+    void *wide = NULL;
+#if QG_512
+    if (K % 64 == 0 && (kind == KIND_INT8 || g % 64 == 0) && (wide = malloc((size_t)(B * (K + K / 4 * 4)) + 64))) {
+        uint8_t *xu = wide;
+        float *sv = (float *)(xu + B * K);
+        for (int64_t r = 0; r < B; r++) prepare_512((int)kind, xq + r * K, xd + r * nb, K, xu + r * K, sv + r * (K / 4));
+        c.xu = xu, c.sv = sv;
+        fn = kind == KIND_INT8 ? int8_dot512_rows : int4_dot512_rows;
+    }
+#endif
+    gemv_pool_run(fn, NULL, &c, y, 0, N, K, B * (kind == KIND_INT8 ? K : K / 2 + 3 * (K / g)));
+    free(wide);
     free(buf);
     return 0;
 }

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from lilliput.compress.quantize import model_bytes
-from lilliput.compress.recipe import EvalSpec, ShrinkJob, build_config, load_recipe, run_shrink
 from lilliput.core.checkpoint import load_model, save_checkpoint
+from lilliput.eval.efficiency import model_bytes, parameter_count
+from lilliput.jobs.shrink import EvalSpec, ShrinkJob, build_config, load_recipe, run_shrink
 
 TINY_RECIPE = """
 name = "tiny"
@@ -14,6 +14,7 @@ window = 64
 tasks = []
 limit = 1
 decode_tokens = 4
+decode_repeats = 2
 [[stages]]
 kind = "prune"
 method = "magnitude"
@@ -41,11 +42,6 @@ def test_recipe_parses_and_rejects_unknown_fields(tmp_path):
         load_recipe(tmp_path / "broken.toml")
 
 
-def test_model_bytes_counts_tied_weights_once(tiny_model):
-    expected = sum(p.numel() * 4 for p in tiny_model.parameters())  # parameters() yields the tied one once
-    assert model_bytes(tiny_model) == expected
-
-
 def test_shrink_runs_every_stage_and_writes_a_loadable_model(tiny_model, byte_tokenizer, tmp_path):
     src = save_checkpoint(tiny_model, byte_tokenizer, tmp_path / "src")
     recipe = tmp_path / "r.toml"
@@ -54,6 +50,12 @@ def test_shrink_runs_every_stage_and_writes_a_loadable_model(tiny_model, byte_to
     run = json.loads((out / "run.json").read_text())
     assert [r["stage"] for r in run["stages"]] == ["input", "1. prune magnitude", "2. quantize rtn"]
     assert run["stages"][-1]["bytes"] < run["stages"][0]["bytes"]
+    assert run["label"] == "tiny + magnitude 50% + int8 RTN"  # the source folder's name, then each stage
+    assert {r["parameters"] for r in run["stages"]} == {parameter_count(tiny_model)}  # pruned/int8: same weights
+    # decode speed: the input and the result only, timed in alternation in one run
+    assert [r.get("decode_tok_s") is not None for r in run["stages"]] == [True, False, True]
+    assert run["decode"]["input"]["n"] == run["decode"]["result"]["n"] == 2
+    assert run["stages"][0]["decode_tok_s"] == round(run["decode"]["input"]["median"], 2)
     assert "| stage |" in (out / "README.md").read_text()
     model, _ = load_model(str(out))
     assert model_bytes(model) == run["stages"][-1]["bytes"]

@@ -1,4 +1,4 @@
-"""Recipes: TOML files that chain shrink stages (prune -> distill -> quantize) and measure each.
+"""`lilliput shrink`: recipes, TOML files that chain shrink stages (prune -> distill -> quantize).
 
     name = "demo"
     [eval]
@@ -19,13 +19,16 @@
 
 Every stage's table (less `kind`) becomes the fields of that stage's config dataclass; an unknown
 field is an error naming the known ones. After the input model and after every stage the job
-records held-out perplexity, task accuracy, size in bytes, parameters and decode speed.
+records held-out perplexity, task accuracy, weight bytes in memory and parameters (through
+`lilliput.eval.efficiency`, the one measurement module). Decode speed is measured once, at the
+end, for the input and the result side by side (`decode_speeds`: interleaved repeats), so a
+machine whose speed drifts during a long recipe cannot flatter or wrong either one.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import statistics
 import time
 import tomllib
 import typing
@@ -33,25 +36,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
+from lilliput.compress.quantize import METHODS, quantize_
+from lilliput.core.checkpoint import load_model, save_checkpoint
+from lilliput.core.record import run_record
 from lilliput.core.registry import Registry
+from lilliput.eval.bench import model_label
+from lilliput.eval.efficiency import decode_speeds, model_bytes, parameter_count
+from lilliput.eval.perplexity import HELDOUT, HeldoutConfig, heldout
+from lilliput.eval.task_sets import lambada_passages
+from lilliput.eval.tasks import TaskConfig, evaluate_tasks
+from lilliput.jobs.prune import PruneJob, prune
+from lilliput.jobs.quantize import method_label
+from lilliput.train.distill import DistillConfig, distill
 
 STAGES: Registry[Callable] = Registry("recipe stage")
+"""Stage kind -> fn(model, tokenizer, teacher, table) -> (model, label of what it did)."""
 
 
 @dataclass(frozen=True)
 class EvalSpec:
-    passages: int = 100
+    passages: int = HELDOUT.passages
     """Held-out LAMBADA passages scored for perplexity after every stage."""
-    window: int = 512
+    window: int = HELDOUT.window
     """Perplexity window."""
     tasks: tuple[str, ...] = ("piqa",)
     """Zero-shot tasks scored after every stage."""
     limit: int = 50
     """Items per task."""
     decode_tokens: int = 64
-    """Tokens generated (greedy, batch 1) to time decoding."""
+    """Tokens generated (greedy, batch 1) to time decoding of the input and the result."""
+    decode_repeats: int = 5
+    """Interleaved timed rounds of the input and the result (after one warm-up round)."""
+
+    @property
+    def heldout(self) -> HeldoutConfig:
+        return HeldoutConfig(passages=self.passages, window=self.window)
 
 
 @dataclass(frozen=True)
@@ -105,60 +124,45 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe(name=name, stages=tuple(stages), eval=spec, description=description)
 
 
-# --- stages: (model, tokenizer, teacher, table) -> model ----------------------------------------
+# --- stages: (model, tokenizer, teacher, table) -> (model, label) ---------------------------------
 
 @STAGES.register("prune")
 def _prune(model, tok, teacher, table):
-    from lilliput.compress.prune import UNSTRUCTURED, PruneJob, job_config, prune_
-    from lilliput.compress.structured import structured_prune
-
     job = build_config(PruneJob, table, "prune stage")
-    cfg = job_config(job, model.config)
-    if job.method in UNSTRUCTURED:
-        return prune_(model, cfg, tokenizer=tok)
-    return structured_prune(model, cfg, tokenizer=tok)
+    return prune(model, tok, job), job.label()
 
 
 @STAGES.register("distill")
 def _distill(model, tok, teacher, table):
-    from lilliput.train.distill import DistillConfig, distill
-
     cfg = build_config(DistillConfig, table, "distill stage")
-    return distill(teacher, model, tok, cfg)
+    return distill(teacher, model, tok, cfg), f"distilled ({cfg.loss}, {cfg.mode})"
 
 
 @STAGES.register("quantize")
 def _quantize(model, tok, teacher, table):
-    from lilliput.compress.quantize import METHODS, quantize_
-
     table = dict(table)
     method = table.pop("method", "rtn")
     if method not in METHODS:
         raise ValueError(f"quantize stage: unknown method {method!r}; known: {', '.join(METHODS)}")
-    return quantize_(model, build_config(METHODS[method], table, f"quantize stage ({method})"), tokenizer=tok)
+    cfg = build_config(METHODS[method], table, f"quantize stage ({method})")
+    return quantize_(model, cfg, tokenizer=tok), method_label(cfg)
 
 
 # --- measuring ----------------------------------------------------------------------------------
 
 def measure(model, tok, spec: EvalSpec) -> dict[str, Any]:
-    from lilliput.compress.quantize import model_bytes
-    from lilliput.eval.perplexity import PerplexityConfig, perplexity
-    from lilliput.eval.tasks import TaskConfig, evaluate_tasks, lambada_passages
-    from lilliput.infer.generate import GenerationConfig, generate
-
+    """Quality and size of one stage's model: held-out perplexity, task accuracy, bytes, parameters."""
     model.eval()
-    text = "\n\n".join(lambada_passages(spec.passages))
-    ppl = perplexity(model, tok, text, PerplexityConfig(window=min(spec.window, model.config.max_seq_len)))
     tasks = evaluate_tasks(model, tok, TaskConfig(tasks=spec.tasks, limit=spec.limit)) if spec.tasks else {}
-    cfg = GenerationConfig(max_new_tokens=spec.decode_tokens, ignore_eos=True)
-    prompt = tok.encode(text[:400])[:32]
-    generate(model, tok, [prompt], cfg)  # warm-up
-    speeds = [generate(model, tok, [prompt], cfg)[0].timings["decode_tok_s"] for _ in range(3)]
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    params += sum(m.in_features * m.out_features for m in model.modules()  # packed weights are buffers
-                  if hasattr(m, "kernel_desc") and not isinstance(m, torch.nn.Linear))
-    return {"perplexity": round(ppl["perplexity"], 4), "tasks": {k: round(v["acc"], 4) for k, v in tasks.items()},
-            "bytes": model_bytes(model), "parameters": params, "decode_tok_s": round(statistics.median(speeds), 2)}
+    return {"perplexity": round(heldout(model, tok, spec.heldout)["perplexity"], 4),
+            "tasks": {k: round(v["acc"], 4) for k, v in tasks.items()},
+            "bytes": model_bytes(model), "parameters": parameter_count(model)}
+
+
+def time_decode(models: dict[str, tuple], tok, spec: EvalSpec) -> dict[str, dict]:
+    """Decode tokens/s of each (model, tokenizer), interleaved: {name: spread}."""
+    prompt = tok.encode(lambada_passages(1)[0])[:32]
+    return decode_speeds(models, prompt, spec.decode_tokens, repeats=spec.decode_repeats)
 
 
 # --- the job ------------------------------------------------------------------------------------
@@ -177,7 +181,7 @@ def resolve_recipe(name: str) -> Path:
     path = Path(name)
     if path.suffix == ".toml" or path.exists():
         return path
-    shipped = Path(__file__).resolve().parent.parent / "recipes" / f"{name}.toml"
+    shipped = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.toml"
     if not shipped.is_file():
         known = sorted(p.stem for p in shipped.parent.glob("*.toml"))
         raise FileNotFoundError(f"recipe {name!r} not found: give a .toml path or one of {', '.join(known)}")
@@ -185,38 +189,55 @@ def resolve_recipe(name: str) -> Path:
 
 
 def run_shrink(job: ShrinkJob, log: Callable[[str], None] = print) -> Path:
-    """Run every stage of the recipe on the model, measuring after each; save the result."""
-    import copy
-
-    from lilliput.core.checkpoint import load_model, save_checkpoint
-    from lilliput.core.record import run_record
-
+    """Run every stage of the recipe on the model, measuring after each; time decoding of the input
+    and the result side by side; save the result."""
     recipe = load_recipe(resolve_recipe(job.recipe))  # a bad recipe fails before any work
     t_start = time.perf_counter()
+    labels = [model_label(job.model)]
     model, tok = load_model(job.model, device="cpu")
-    teacher = copy.deepcopy(model).eval()
+    teacher = copy.deepcopy(model).eval()  # the input, kept: distillation's teacher and the speed baseline
     rows = [{"stage": "input", "seconds": 0.0, **measure(model, tok, recipe.eval)}]
     log(_row_line(rows[-1]))
     for i, table in enumerate(recipe.stages):
         table = dict(table)
         kind = table.pop("kind")
-        label = f"{i + 1}. {kind}" + (f" {table['method']}" if "method" in table else "")
+        stage = f"{i + 1}. {kind}" + (f" {table['method']}" if "method" in table else "")
         t0 = time.perf_counter()
-        model = STAGES[kind](model, tok, teacher, table)
+        model, did = STAGES[kind](model, tok, teacher, table)
         seconds = time.perf_counter() - t0
-        rows.append({"stage": label, "seconds": round(seconds, 1), "settings": table, **measure(model, tok, recipe.eval)})
+        labels.append(did)
+        rows.append({"stage": stage, "seconds": round(seconds, 1), "settings": table, **measure(model, tok, recipe.eval)})
         log(_row_line(rows[-1]))
-    record = run_record("lilliput shrink", job=dataclasses.asdict(job), recipe=dataclasses.asdict(recipe),
-                        stages=rows, seconds=round(time.perf_counter() - t_start, 1))
+    speed = time_decode({"input": (teacher, tok), "result": (model.eval(), tok)}, tok, recipe.eval)
+    rows[0]["decode_tok_s"] = round(speed["input"]["median"], 2)
+    rows[-1]["decode_tok_s"] = round(speed["result"]["median"], 2)
+    log(f"decode tok/s, interleaved: input {_spread_text(speed['input'])}, result {_spread_text(speed['result'])}")
+    record = run_record("lilliput shrink", label=" + ".join(labels), job=dataclasses.asdict(job),
+                        recipe=dataclasses.asdict(recipe), heldout=dataclasses.asdict(recipe.eval.heldout),
+                        stages=rows, decode={**speed, "prompt_tokens": 32, "new_tokens": recipe.eval.decode_tokens,
+                                             "how": "greedy, batch 1; input and result timed in alternation "
+                                                    "(one warm-up round), median [min-max]"},
+                        seconds=round(time.perf_counter() - t_start, 1))
     out = save_checkpoint(model, tok, job.out, record)
     (out / "README.md").write_text(model_card(recipe, rows, job))
     return out
 
 
+def _spread_text(s: dict) -> str:
+    return f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]"
+
+
 def _row_line(r: dict) -> str:
     tasks = " ".join(f"{k} {v:.3f}" for k, v in r["tasks"].items())
     return (f"{r['stage']:<22} ppl {r['perplexity']:8.3f}  {tasks}  {r['bytes'] / 2**20:7.1f} MiB  "
-            f"{r['decode_tok_s']:6.1f} tok/s  ({r['seconds']:.0f} s)")
+            f"{r['parameters'] / 1e6:6.1f}M params  ({r['seconds']:.0f} s)")
+
+
+def _ratio(r: dict, base: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    v, b = r.get(key), base.get(key)
+    if v is None:
+        return "-"
+    return f"{v / scale:{fmt}}" + (f" ({v / b:.2f}x)" if b else "")
 
 
 def stage_table(rows: list[dict]) -> str:
@@ -227,9 +248,9 @@ def stage_table(rows: list[dict]) -> str:
     base = rows[0]
     for r in rows:
         acc = " | ".join(f"{r['tasks'].get(t, float('nan')):.3f}" for t in tasks)
-        lines.append(f"| {r['stage']} | {r['perplexity']:.3f} ({r['perplexity'] / base['perplexity']:.2f}x) | {acc} | "
-                     f"{r['bytes'] / 2**20:.1f} ({r['bytes'] / base['bytes']:.2f}x) | {r['parameters'] / 1e6:.1f}M | "
-                     f"{r['decode_tok_s']:.1f} ({r['decode_tok_s'] / base['decode_tok_s']:.2f}x) | {r['seconds']:.0f} |")
+        lines.append(f"| {r['stage']} | {_ratio(r, base, 'perplexity', '.3f')} | {acc} | "
+                     f"{_ratio(r, base, 'bytes', '.1f', 2**20)} | {r['parameters'] / 1e6:.1f}M | "
+                     f"{_ratio(r, base, 'decode_tok_s', '.1f')} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -239,8 +260,9 @@ def model_card(recipe: Recipe, rows: list[dict], job: ShrinkJob) -> str:
             f"Source model: {job.model or 'embedded SmolLM2-135M-Instruct (Q4_1 GGUF)'}; recipe: `{job.recipe}`.\n\n"
             f"## Every stage, measured\n\n{stage_table(rows)}\n\n"
             f"Perplexity: {recipe.eval.passages} held-out LAMBADA passages (window {recipe.eval.window}); tasks: "
-            f"zero-shot, first {recipe.eval.limit} items; decode: greedy, batch 1, {recipe.eval.decode_tokens} tokens, "
-            f"median of 3, on the machine in run.json.\n\n"
+            f"zero-shot, first {recipe.eval.limit} items; size: weights in memory; decode: greedy, batch 1, "
+            f"{recipe.eval.decode_tokens} tokens, input and result timed in alternation, median of "
+            f"{recipe.eval.decode_repeats}, on the machine in run.json.\n\n"
             f"## Price and gain\n\nSize {first['bytes'] / 2**20:.1f} -> {last['bytes'] / 2**20:.1f} MiB, decode "
             f"{first['decode_tok_s']:.1f} -> {last['decode_tok_s']:.1f} tok/s, perplexity {first['perplexity']:.2f} -> "
             f"{last['perplexity']:.2f}.\n\nLoad it with `lilliput generate PROMPT --model <this folder>`.\n")

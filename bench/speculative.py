@@ -1,0 +1,145 @@
+"""Speculative decoding on SmolLM2-135M at batch 1: each drafter and k against the target alone.
+
+Prompts of two kinds: open-ended chat (nothing to copy) and input-grounded (summarise, extract,
+rewrite a given passage; edit given code), where the answer repeats the input. Drafters: prompt
+lookup (no model) and a draft model (the target quantized to int4, RTN g64: same tokenizer, ~1/3
+of the bytes). For each drafter, k in --ks with k fixed, and the adaptive controller. Greedy
+decoding, so every setting must give the target's own tokens (checked and recorded). Each prompt
+runs every setting back to back (interleaved); tokens/s is new tokens over the time after the
+prefill. Writes bench/results/speculative.json with `best_speedup` (target >= 1.5) and
+`worst_slowdown` (the adaptive controller's worst kind; target >= 0.95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from lilliput.compress.quantize import RTNConfig, quantize_
+from lilliput.core.checkpoint import load_model
+from lilliput.core.record import run_record, write_json
+from lilliput.eval.tasks import lambada_passages
+from lilliput.infer import gemv
+from lilliput.infer.engine import Engine, EngineConfig
+from lilliput.infer.sequence import GenerationConfig
+from lilliput.infer.speculative import DraftModel, PromptLookup, SpeculationConfig, SpeculativeDecoder
+
+OUT = Path(__file__).parent / "results" / "speculative.json"
+CHAT = ["Write a short story about a robot who learns to paint.", "What are the benefits of regular exercise?",
+        "Explain how rainbows form.", "Give three pieces of advice to a new university student.",
+        "Describe a perfect weekend in the mountains."]
+CODE = '''def total_price(items, tax):
+    x = 0
+    for item in items:
+        x = x + item.price * item.quantity
+    x = x * (1 + tax)
+    return x
+'''
+
+
+def grounded(passages: list[str]) -> list[str]:
+    p = passages
+    return [f"Summarise this text in two sentences.\n\nText: {p[0]}",
+            f"List every person named in this text, one per line.\n\nText: {p[1]}",
+            f"Rewrite this text in simpler words, keeping every sentence.\n\nText: {p[2]}",
+            f"Rename the variable x to subtotal in this code and return the whole code.\n\n{CODE}",
+            f"Copy the following text exactly, then say how many sentences it has.\n\nText: {p[3]}"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--ks", default="2,4,6,8")
+    ap.add_argument("--prompts", type=int, default=5, help="prompts per kind")
+    ap.add_argument("--target", choices=["fp32", "int8"], default="fp32")
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    gemv.set_threads(args.threads)
+    ks = [int(k) for k in args.ks.split(",")]
+
+    model, tok = load_model(None, device="cpu")
+    draft_model = quantize_(copy.deepcopy(model), RTNConfig(bits=4, group_size=64))
+    if args.target == "int8":
+        model = quantize_(model, RTNConfig(bits=8))
+    passages = [p for p in lambada_passages(40) if 400 < len(p) < 900][:4]
+    kinds = {"chat": CHAT[:args.prompts], "grounded": grounded(passages)[:args.prompts]}
+    cfg = GenerationConfig(max_new_tokens=args.new, ignore_eos=True)
+    engine = Engine(model, tok, EngineConfig(max_batch=1, max_len=1024))
+    drafters = {"lookup": PromptLookup(), "draft-int4": DraftModel(draft_model, engine)}
+    settings = ["plain"] + [f"{d} k={k}" for d in drafters for k in ks] + [f"{d} adaptive" for d in drafters]
+
+    def run_one(setting: str, prompt: str):
+        if setting == "plain":
+            seq = engine.add(prompt, cfg, bos=False)
+            engine.run()
+            return seq, None
+        name, mode = setting.split(" ")
+        scfg = SpeculationConfig(k=4, adaptive=True) if mode == "adaptive" else \
+            SpeculationConfig(k=int(mode[2:]), k_max=max(8, int(mode[2:])), adaptive=False)
+        dec = SpeculativeDecoder(engine, drafters[name], scfg)
+        return dec.generate(prompt, cfg, bos=False), dec.stats
+
+    rows = {s: {k: [] for k in kinds} for s in settings}
+    stats = {s: {k: [] for k in kinds} for s in settings}
+    identical = {s: True for s in settings}
+    for kind, prompts in kinds.items():
+        for i, text in enumerate(prompts):
+            prompt = tok.apply_chat_template([{"role": "user", "content": text}])
+            run_one("plain", prompt)  # warm-up (and the prefix cache is off the table: max_batch 1 keeps it)
+            ref = None
+            for s in settings:
+                seq, st = run_one(s, prompt)
+                tps = (len(seq.output) - 1) / (seq.finished_at - seq.first_token_at)
+                rows[s][kind].append(tps)
+                if st:
+                    stats[s][kind].append(st.as_dict())
+                ref = ref if ref is not None else seq.output
+                identical[s] &= seq.output == ref
+            print(f"{kind} {i + 1}/{len(prompts)}: " + ", ".join(
+                f"{s} {rows[s][kind][-1] / rows['plain'][kind][-1]:.2f}x" for s in settings[1:]), file=sys.stderr)
+
+    def mean(xs):
+        return statistics.fmean(xs) if xs else None
+
+    table = {}
+    for s in settings:
+        table[s] = {}
+        for kind in kinds:
+            speed = [a / b for a, b in zip(rows[s][kind], rows["plain"][kind])]
+            st = stats[s][kind]
+            table[s][kind] = {"tok_s": round(mean(rows[s][kind]), 2), "speedup": round(mean(speed), 3),
+                              "speedup_range": [round(min(speed), 3), round(max(speed), 3)],
+                              **({"acceptance_rate": round(mean([x["acceptance_rate"] for x in st]), 3),
+                                  "mean_accepted_length": round(mean([x["mean_accepted_length"] for x in st]), 3),
+                                  "plain_steps": sum(x["plain_steps"] for x in st)} if st else {})}
+    spec = [s for s in settings if s != "plain"]
+    best = max(((s, k) for s in spec for k in kinds), key=lambda sk: table[sk[0]][sk[1]]["speedup"])
+    adaptive = [(s, k) for s in spec if s.endswith("adaptive") for k in kinds]
+    worst = min(adaptive, key=lambda sk: table[sk[0]][sk[1]]["speedup"])
+    result = {
+        "threads": args.threads, "new_tokens": args.new, "target": args.target, "ks": ks,
+        "draft_model": "the target quantized to int4 (RTN, group 64)",
+        "best_speedup": table[best[0]][best[1]]["speedup"], "best_setting": f"{best[0]} on {best[1]} prompts",
+        "worst_slowdown": table[worst[0]][worst[1]]["speedup"], "worst_setting": f"{worst[0]} on {worst[1]} prompts",
+        "identical_to_target": identical, "settings": table,
+        "prompts": {k: v for k, v in kinds.items()},
+        "note": "batch 1, greedy; speedup = tokens/s after the first token / the target alone on the same prompt, "
+                "averaged over prompts; adaptive = k chosen from the running acceptance rate and measured costs, "
+                "plain decoding when no k pays.",
+    }
+    write_json(args.out, run_record("bench/speculative.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                                    **result))
+    print(f"best_speedup {result['best_speedup']} ({result['best_setting']}), worst_slowdown "
+          f"{result['worst_slowdown']} ({result['worst_setting']}); wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Speculative decoding: a cheap drafter proposes k tokens, the model verifies them in one forward.
+
+The target model's engine runs the k + 1 positions in one call (`Engine.verify`, which on CPU
+reads every weight matrix once for all of them), then keeps the longest acceptable prefix and
+one token of its own (`Engine.commit` rewinds the state past the rest):
+
+- greedy (temperature 0): a drafted token is accepted while it equals the target's argmax, so
+  the output is token for token what the target alone produces;
+- sampling: draft token d with draft probability q(d) is accepted with probability
+  min(1, p(d) / q(d)); at the first rejection the token is drawn from max(0, p - q),
+  normalised; after k acceptances a bonus token comes from p. The output then follows the
+  target's distribution exactly (Leviathan et al. 2023, Chen et al. 2023). A deterministic
+  drafter (prompt lookup) has q one-hot at its token.
+
+Drafters (`Drafter`): `PromptLookup` finds the last n-gram earlier in the prompt and output and
+proposes what followed it (no model; pays on input-grounded tasks); `DraftModel` runs a smaller
+model with the same tokenizer (a quantized or structurally pruned copy of the target).
+
+`k` adapts: the decoder keeps the running acceptance rate and the measured cost of drafting and
+verifying, picks the k with the best expected tokens per second, and decodes plainly when no k
+beats it (re-trying speculation now and then), so a bad drafter costs little.
+
+Speculation runs one sequence at a time (batch 1): in a batch, the engine's plain batched
+decode is what gains, and `SpeculativeDecoder` refuses an engine with other work in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lilliput.core.model import GPT
+from lilliput.infer.engine import Engine
+from lilliput.infer.runner import ModelRunner
+from lilliput.infer.sampling import filtered_logits
+from lilliput.infer.sequence import GenerationConfig, Sequence, Status
+
+
+class Drafter:
+    """Proposes up to k next tokens for a sequence; `probs` are the draft distributions (k, V) the
+    tokens were drawn from, or None when the drafter is deterministic (one-hot)."""
+
+    name = "drafter"
+
+    def propose(self, seq: Sequence, k: int) -> tuple[list[int], torch.Tensor | None]:
+        raise NotImplementedError
+
+    def commit(self, seq: Sequence) -> None:
+        """The sequence's tokens changed (accepted drafts, a correction): resynchronise."""
+
+    def release(self, seq: Sequence) -> None:
+        """The sequence is done."""
+
+
+class PromptLookup(Drafter):
+    """Prompt-lookup decoding: match the last n tokens (n = max_ngram down to min_ngram) against
+    the prompt and output so far, most recent match first, and propose the k tokens after it."""
+
+    name = "lookup"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, seq: Sequence, k: int) -> tuple[list[int], None]:
+        ids = seq.tokens
+        L = len(ids)
+        for n in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
+            tail = ids[L - n:]
+            for start in range(L - n - 1, -1, -1):  # latest earlier occurrence first
+                if ids[start:start + n] == tail:
+                    follow = ids[start + n:start + n + k]
+                    if follow:
+                        return follow, None
+        return [], None
+
+
+class DraftModel(Drafter):
+    """A smaller model with the same tokenizer drafts k tokens, one step each, on its own state
+    whose rows mirror the target engine's rows."""
+
+    name = "draft"
+
+    def __init__(self, model: GPT, engine: Engine):
+        if model.config.vocab_size != engine.model.config.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({model.config.vocab_size}) differs from the "
+                             f"target's ({engine.model.config.vocab_size}): it must share the tokenizer")
+        self.runner = ModelRunner(model, engine.cfg.max_batch, min(engine.max_len, 256))
+        self.known: dict[int, list[int]] = {}  # row -> tokens in the draft state
+
+    def _sync(self, seq: Sequence) -> None:
+        """Rewind the draft row to the longest prefix it shares with seq, then feed the rest but the last."""
+        state, row = self.runner.state, seq.row
+        have = self.known.get(row, [])
+        want = seq.tokens[:-1]
+        n = 0
+        for a, b in zip(have, want):
+            if a != b:
+                break
+            n += 1
+        if n < state.lengths[row]:
+            state.truncate(row, n) if n else state.free(row)
+        if len(want) > n:
+            self.runner.extend(row, want[n:], "none")
+        self.known[row] = list(want)
+
+    def propose(self, seq: Sequence, k: int) -> tuple[list[int], torch.Tensor | None]:
+        self._sync(seq)
+        cfg, row = seq.cfg, seq.row
+        tok, out, probs = seq.tokens[-1], [], []
+        for _ in range(k):
+            logits = self.runner.decode([tok], [row])[0]
+            if cfg.temperature <= 0:
+                tok = int(logits.argmax())
+            else:
+                p = filtered_logits(logits[None], cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)[0]
+                tok = int(torch.multinomial(p, 1, generator=seq.generator))
+                probs.append(p)
+            out.append(tok)
+        self.known[row] = seq.tokens + out[:-1]
+        return out, (torch.stack(probs) if probs else None)
+
+    def release(self, seq: Sequence) -> None:
+        self.known.pop(seq.row, None)
+
+
+def make_drafter(spec: str, engine: Engine) -> Drafter:
+    """`lookup`, or `draft:MODEL` (a .gguf file or model folder with the target's tokenizer)."""
+    if spec == "lookup":
+        return PromptLookup()
+    if spec.startswith("draft:") and len(spec) > 6:
+        from lilliput.core.checkpoint import load_model
+
+        model, _ = load_model(spec[6:], device=engine.runner.device)
+        return DraftModel(model, engine)
+    raise ValueError(f"--speculate takes lookup or draft:MODEL, got {spec!r}")
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    k: int = 4
+    """Tokens drafted per verification (the starting value when adaptive)."""
+    k_max: int = 8
+    """Most tokens drafted per verification."""
+    adaptive: bool = True
+    """Choose k from the running acceptance rate and measured costs; decode plainly when no k pays."""
+    retry_every: int = 32
+    """While speculation is off, try it again after this many plain tokens."""
+
+    def __post_init__(self):
+        if not 1 <= self.k <= self.k_max <= 15:
+            raise ValueError(f"need 1 <= k <= k_max <= 15, got k={self.k}, k_max={self.k_max}")
+
+
+@dataclass
+class SpeculationStats:
+    verifications: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    plain_steps: int = 0
+    tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a verification produced on average (accepted drafts + the target's own)."""
+        return (self.accepted + self.verifications) / self.verifications if self.verifications else 0.0
+
+    def as_dict(self) -> dict:
+        return {"verifications": self.verifications, "drafted": self.drafted, "accepted": self.accepted,
+                "plain_steps": self.plain_steps, "acceptance_rate": round(self.acceptance_rate, 4),
+                "mean_accepted_length": round(self.mean_accepted_length, 3)}
+
+
+class SpeculativeDecoder:
+    def __init__(self, engine: Engine, drafter: Drafter, cfg: SpeculationConfig = SpeculationConfig()):
+        self.engine, self.drafter, self.cfg = engine, drafter, cfg
+        self.stats = SpeculationStats()
+        self.alpha = 0.7  # running acceptance rate (EMA), optimistic start
+        self.t_step: float | None = None  # seconds of a plain decode step (EMA)
+        self.t_verify: dict[int, float] = {}  # k -> seconds of drafting + verifying k (EMA)
+        self.k = cfg.k
+        self._off_for = 0
+
+    # --- choosing k -----------------------------------------------------------------------------------
+
+    def _expected_rate(self, k: int) -> float | None:
+        """Expected tokens/s with k drafts: (1 - a^(k+1)) / (1 - a) tokens per draft + verify."""
+        t = self.t_verify.get(k)
+        if t is None and self.t_verify and self.t_step:  # unmeasured k: interpolate linearly
+            (k0, t0), (k1, t1) = min(self.t_verify.items()), max(self.t_verify.items())
+            t = t0 + (t1 - t0) * (k - k0) / (k1 - k0) if k1 != k0 else t0 * (1 + k) / (1 + k0)
+        if t is None:
+            return None
+        a = min(self.alpha, 0.999)
+        return (1 - a ** (k + 1)) / (1 - a) / t
+
+    def _choose(self) -> int:
+        """k for the next verification; 0 means decode plainly."""
+        if not self.cfg.adaptive:
+            return self.cfg.k
+        if self._off_for > 0:
+            self._off_for -= 1
+            return 0
+        if self.t_step is None or not self.t_verify:
+            return self.k if self.t_step is not None else 0  # first measure a plain step
+        rates = {k: r for k in range(1, self.cfg.k_max + 1) if (r := self._expected_rate(k)) is not None}
+        best = max(rates, key=rates.get)
+        if rates[best] < 1.0 / self.t_step:  # speculation does not pay now: plain decode for a while
+            self._off_for = self.cfg.retry_every
+            self.alpha = max(self.alpha, 0.5)  # the retry gets a fair chance
+            return 0
+        # explore one step beyond what was measured, so larger k gets a measured cost
+        return min(best + 1, self.cfg.k_max) if best == max(self.t_verify) and best < self.cfg.k_max else best
+
+    @staticmethod
+    def _ema(old: float | None, new: float, w: float = 0.2) -> float:
+        return new if old is None else (1 - w) * old + w * new
+
+    # --- decoding ----------------------------------------------------------------------------------------
+
+    def generate(self, prompt: str | list[int], cfg: GenerationConfig = GenerationConfig(),
+                 bos: bool | None = None) -> Sequence:
+        engine = self.engine
+        if engine.has_work():
+            raise ValueError("speculative decoding runs one sequence at a time: the engine has other work")
+        seq = engine.add(prompt, cfg, bos=bos)
+        while not seq.finished and seq.status is not Status.RUNNING:
+            engine.step()  # prefill (and the first token)
+        while not seq.finished:
+            k = min(self._choose(), cfg.max_new_tokens - len(seq.output),
+                    engine.max_len - len(seq.tokens) - 1)
+            draft, q = self.drafter.propose(seq, k) if k > 0 else ([], None)
+            if not draft:
+                t = time.perf_counter()
+                engine.step()
+                self.t_step = self._ema(self.t_step, time.perf_counter() - t)
+                self.stats.plain_steps += 1
+                continue
+            t = time.perf_counter()
+            logits = engine.verify(seq, draft)  # (k+1, V)
+            new = self._accept(seq, draft, q, logits)
+            engine.commit(seq, new)
+            self.drafter.commit(seq)
+            k = len(draft)
+            self.t_verify[k] = self._ema(self.t_verify.get(k), time.perf_counter() - t)
+            self.stats.verifications += 1
+            self.stats.drafted += k
+            self.stats.accepted += len(new) - 1
+            self.alpha = self._ema(self.alpha, (len(new) - 1) / k, 0.1)
+        self.drafter.release(seq)
+        engine.step()  # retire it
+        self.stats.tokens += len(seq.output)
+        return seq
+
+    def _accept(self, seq: Sequence, draft: list[int], q: torch.Tensor | None, logits: torch.Tensor) -> list[int]:
+        """The tokens this verification yields: accepted drafts, then the target's own token."""
+        cfg, ids, out = seq.cfg, list(seq.tokens), []
+        for i in range(len(draft) + 1):
+            row = logits[i]
+            if seq.processors:
+                row = row.clone()
+                for proc in seq.processors:
+                    row = proc(ids, len(seq.prompt), row)
+            last = i == len(draft)
+            if cfg.temperature <= 0:
+                tok = int(row.argmax())
+                stop = last or tok != draft[i]
+            else:
+                p = filtered_logits(row[None].float(), cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)[0]
+                if last:
+                    tok, stop = int(torch.multinomial(p, 1, generator=seq.generator)), True
+                else:
+                    d = draft[i]
+                    qd = q[i] if q is not None else torch.zeros_like(p).index_fill_(0, torch.tensor([d]), 1.0)
+                    u = float(torch.rand((), generator=seq.generator))
+                    if u * float(qd[d]) <= float(p[d]):  # accept with probability min(1, p/q)
+                        tok, stop = d, False
+                    else:
+                        residual = (p - qd).clamp(min=0)
+                        total = float(residual.sum())
+                        tok = int(torch.multinomial(residual / total if total > 0 else p, 1, generator=seq.generator))
+                        stop = True
+            if cfg.logprobs is not None:
+                lp = torch.log_softmax(row.float(), -1)
+                top = torch.topk(lp, cfg.logprobs) if cfg.logprobs else None
+                seq.logprobs.append({"token": tok, "logprob": float(lp[tok]),
+                                     "top": list(zip(top.indices.tolist(), top.values.tolist())) if top else []})
+            out.append(tok)
+            ids.append(tok)
+            if stop:
+                return out
+        return out

@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from lilliput.infer.engine import Engine, EngineConfig
+from lilliput.infer.sequence import GenerationConfig
+from lilliput.infer.speculative import DraftModel, PromptLookup, SpeculationConfig, SpeculativeDecoder
+
+
+def test_prompt_lookup_proposes_what_followed_the_last_ngram(tiny_model, byte_tokenizer):
+    engine = Engine(tiny_model, byte_tokenizer)
+    seq = engine.add("the cat sat. the cat", GenerationConfig(max_new_tokens=1))
+    draft, q = PromptLookup(max_ngram=3).propose(seq, 4)
+    assert byte_tokenizer.decode(draft) == " sat" and q is None
+    assert PromptLookup().propose(engine.add("abcdef", GenerationConfig(max_new_tokens=1)), 4) == ([], None)
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "draft"])
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_greedy_speculation_is_token_identical(tiny_model, byte_tokenizer, one_thread, drafter, adaptive):
+    prompts = ["abc abc abc abc", "the quick brown fox, the quick brown", "zq"]
+    cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True)
+    plain = Engine(tiny_model, byte_tokenizer).generate(prompts, cfg)
+    engine = Engine(tiny_model, byte_tokenizer)
+    torch.manual_seed(1)
+    from lilliput.core.model import GPT
+    draft = PromptLookup() if drafter == "lookup" else DraftModel(GPT(tiny_model.config).eval(), engine)
+    dec = SpeculativeDecoder(engine, draft, SpeculationConfig(k=3, adaptive=adaptive))
+    for p, ref in zip(prompts, plain):
+        assert dec.generate(p, cfg).output == ref.output
+    assert dec.stats.verifications > 0
+
+
+def test_self_draft_accepts_everything(tiny_model, byte_tokenizer, one_thread):
+    """The target as its own drafter: every drafted token is accepted."""
+    engine = Engine(tiny_model, byte_tokenizer)
+    dec = SpeculativeDecoder(engine, DraftModel(tiny_model, engine), SpeculationConfig(k=4, adaptive=False))
+    seq = dec.generate("hello", GenerationConfig(max_new_tokens=21, ignore_eos=True))
+    assert len(seq.output) == 21 and dec.stats.acceptance_rate == 1.0
+    assert dec.stats.mean_accepted_length == 5.0
+
+
+def first_token_counts(model, tok, speculate: bool, n: int, prompt="ab") -> torch.Tensor:
+    """Empirical distribution of the 2nd generated token (the first one that can be drafted)."""
+    from lilliput.core.model import GPT
+
+    counts = torch.zeros(model.config.vocab_size)
+    engine = Engine(model, tok)
+    torch.manual_seed(5)
+    dec = SpeculativeDecoder(engine, DraftModel(GPT(model.config).eval(), engine),
+                             SpeculationConfig(k=2, adaptive=False))
+    for s in range(n):
+        cfg = GenerationConfig(max_new_tokens=2, temperature=1.0, seed=s, ignore_eos=True)
+        out = dec.generate(prompt, cfg).output if speculate else engine.generate([prompt], cfg)[0].output
+        counts[out[1]] += 1
+    return counts
+
+
+def test_speculative_sampling_follows_the_target_distribution(one_thread):
+    """Rejection sampling with a bad drafter: the 2nd token's histogram matches the target's exact
+    distribution within a chi-square bound (the distribution is computed, not sampled)."""
+    from lilliput.core.config import ModelConfig
+    from lilliput.core.model import GPT
+    from lilliput.core.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=64)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # a peaked, low-entropy target over a handful of tokens
+        model.lm_head.weight.mul_(40)
+    tok = ByteTokenizer()
+    n = 1500
+    spec = first_token_counts(model, tok, True, n)
+    # exact target distribution of token 2 given token 1 ~ p(.|prompt): sum over token 1
+    ids = tok.encode("ab")
+    with torch.no_grad():
+        p1 = model(torch.tensor([ids]))[0, -1].softmax(-1)
+        top1 = p1.topk(20)
+        p2 = torch.zeros(cfg.vocab_size)
+        for pr, t in zip(top1.values, top1.indices):
+            p2 += pr * model(torch.tensor([ids + [int(t)]]))[0, -1].softmax(-1)
+        p2 /= top1.values.sum()
+    keep = p2 * n >= 5  # chi-square over cells with enough expected counts, the rest pooled
+    exp = torch.cat([p2[keep] * n, (p2[~keep].sum() * n)[None]])
+    obs = torch.cat([spec[keep], spec[~keep].sum()[None]])
+    chi2 = float(((obs - exp) ** 2 / exp.clamp(min=1e-9)).sum())
+    dof = int(keep.sum())
+    assert chi2 < dof + 4 * (2 * dof) ** 0.5 + 10, (chi2, dof)  # ~4 sigma above the mean
+
+
+def test_bad_configs_and_busy_engine(tiny_model, byte_tokenizer):
+    with pytest.raises(ValueError, match="k_max"):
+        SpeculationConfig(k=9, k_max=8)
+    engine = Engine(tiny_model, byte_tokenizer, EngineConfig(max_batch=2))
+    engine.add("busy", GenerationConfig(max_new_tokens=3))
+    with pytest.raises(ValueError, match="one sequence at a time"):
+        SpeculativeDecoder(engine, PromptLookup()).generate("x", GenerationConfig(max_new_tokens=3))
+    from lilliput.core.config import preset
+    from lilliput.core.model import GPT
+    with pytest.raises(ValueError, match="vocabulary"):
+        DraftModel(GPT(preset("tiny").replace(vocab_size=300)), engine)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_speculation_is_token_identical(smollm):
+    """The real model, prompts of several kinds, both drafters: the target's own greedy tokens."""
+    import copy
+
+    from lilliput.compress.quantize import RTNConfig, quantize_
+
+    model, tok = smollm
+    prompts = [tok.apply_chat_template([{"role": "user", "content": "Give me three tips for sleeping well."}]),
+               "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+               "Text: The river Thames flows through London and into the North Sea.\n"
+               "Rewrite the text in the past tense: The river Thames"]
+    cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True)
+    plain = [Engine(model, tok).generate([p], cfg, bos=False)[0].output for p in prompts]
+    engine = Engine(model, tok)
+    draft = quantize_(copy.deepcopy(model), RTNConfig(bits=4, group_size=64))
+    for drafter in (PromptLookup(), DraftModel(draft, engine)):
+        dec = SpeculativeDecoder(engine, drafter, SpeculationConfig(k=4, adaptive=False))
+        assert [dec.generate(p, cfg, bos=False).output for p in prompts] == plain
+        assert dec.stats.accepted > 0
