@@ -13,8 +13,8 @@ the held-out items, its APGR (RouteLLM: area under the performance gap recovered
 CPT(80%) (the share of large calls needed for that part of the gap); the threshold calibrated
 for `--retain` (0.95) of the large model's accuracy and what it gives held out
 (`accuracy_retained`, `escalated_fraction`), and the compute saved against always-large
-(weight bytes read per token as the cost, since CPU decode is bandwidth-bound: 1 - (small +
-escalated x large) / large). Writes bench/results/router.json and router.png.
+(the bytes of every matrix read per token as the cost, since CPU decode is bandwidth-bound:
+1 - (small + escalated x large) / large). Writes bench/results/router.json and router.png.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from lilliput.core.record import run_record, write_json
+from lilliput.eval.efficiency import linear_bytes
 from lilliput.eval.tasks import TASKS, loglikelihoods
 from lilliput.infer.router import (CHOICE_SIGNALS, apgr, call_performance_threshold, choice_uncertainty, oracle_curve,
                                    random_curve, routed_accuracy, routing_curve, threshold_for_quality,
@@ -46,15 +47,6 @@ def score(model, tok, items, batch_size: int) -> list[list[float]]:
         out.append([s / max(ln, 1) for (s, _), ln in zip(res[k:k + n], lengths)])
         k += n
     return out
-
-
-def weight_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 def summarize(u, small, large, retain: float, cal) -> dict:
@@ -138,7 +130,7 @@ def main(argv=None) -> int:
     cal_apgr = {sig: apgr(routing_curve([x[sig] for x in cal[0]], cal[1], cal[2]),
                           sum(cal[1]) / len(cal[1]), sum(cal[2]) / len(cal[2])) or 0.0 for sig in CHOICE_SIGNALS}
     best = max(cal_apgr, key=cal_apgr.get)
-    sb, lb = weight_bytes(small), weight_bytes(large)
+    sb, lb = linear_bytes(small), linear_bytes(large)
     esc = signals[best]["escalated_fraction"]
     oracle = oracle_curve(small_ok, large_ok)
     result = {
@@ -146,7 +138,7 @@ def main(argv=None) -> int:
         "small_acc": round(a, 4), "large_acc": round(b, 4), "signal": best, "retain_target": args.retain,
         "accuracy_retained": signals[best]["accuracy_retained"], "escalated_fraction": esc,
         "apgr": signals[best]["apgr"], "cpt50": signals[best]["cpt50"], "cpt80": signals[best]["cpt80"],
-        "compute_saved_vs_large": round(1 - (sb + esc * lb) / lb, 4), "weight_bytes": {"small": sb, "large": lb},
+        "compute_saved_vs_large": round(1 - (sb + esc * lb) / lb, 4), "bytes_per_token": {"small": sb, "large": lb},
         "oracle_apgr": round(apgr(oracle, a, b), 4) if apgr(oracle, a, b) is not None else None, "random_apgr": 0.5,
         "signals": signals, "calibration_apgr": {k: round(v, 4) for k, v in cal_apgr.items()},
         "oracle_curve": [(round(s, 4), round(x, 4)) for s, x in oracle],

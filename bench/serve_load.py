@@ -38,6 +38,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from lilliput.eval.efficiency import percentile
+
 OUT = Path(__file__).parent / "results" / "serve_load.json"
 NAMES = ["Maria Lopez", "John Smith", "Aiko Tanaka", "Omar Haddad", "Lena Fischer", "Ravi Patel", "Sara Rossi",
          "Tom Brown", "Nina Petrova", "Carlos Diaz"]
@@ -49,21 +51,12 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", 
           "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"}}}
 
 
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
-
-
 def dist(xs: list[float]) -> dict:
     """mean and p50/p90/p99 in milliseconds (vLLM bench serve's reporting)."""
     if not xs:
         return {}
     return {"mean_ms": round(1000 * statistics.fmean(xs), 2),
-            **{f"p{q}_ms": round(1000 * pct(xs, q / 100), 2) for q in (50, 90, 99)}}
+            **{f"p{q}_ms": round(1000 * percentile(xs, q), 2) for q in (50, 90, 99)}}
 
 
 # --- the server process ----------------------------------------------------------------------------
