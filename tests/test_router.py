@@ -76,3 +76,16 @@ def test_router_escalates_by_threshold(byte_tokenizer, one_thread):
     assert a.uncertainty["min_logprob"] >= a.uncertainty["mean_logprob"] > 0
     with pytest.raises(ValueError, match="signal"):
         RouterConfig(signal="vibes")
+
+
+def test_rolling_threshold_escalates_its_share_of_a_stream():
+    from lilliput.infer.router import RollingThreshold
+
+    rng = random.Random(1)
+    rule = RollingThreshold(RouterConfig(escalate=0.25, window=100))
+    hits = [rule.escalates(rng.random()) for _ in range(2000)]
+    assert 0.2 < sum(hits[100:]) / 1900 < 0.3
+    fixed = RollingThreshold(RouterConfig(threshold=0.5))
+    assert fixed.escalates(0.6) and not fixed.escalates(0.4)
+    with pytest.raises(ValueError, match="not both"):
+        RouterConfig(threshold=1.0, escalate=0.3)

@@ -432,3 +432,21 @@ def test_smollm2_chat_and_json_through_the_openai_client(smollm):
         jsonschema.validate(json.loads(r.choices[0].message.content), schema)
     finally:
         s.stop()
+
+
+def test_routed_pair_escalates_a_share_of_requests():
+    def seeded(seed):
+        torch.manual_seed(seed)
+        return GPT(preset("tiny")).eval(), ByteTokenizer()
+
+    cfg = ServeConfig(port=0, small="tiny-small", large="tiny-large", escalate=0.5)
+    s = Server(cfg, lambda: seeded(0), name="router", load_large=lambda: seeded(1)).start(wait_loaded=True)
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0)
+        routes = [c.completions.create(model="router", prompt=f"question {i}?", max_tokens=4, temperature=0)
+                  .choices[0].model_extra["routed_to"] for i in range(12)]
+        assert 3 <= routes.count("large") <= 8, routes
+    finally:
+        s.stop()
+    with pytest.raises(ValueError, match="one of"):
+        ServeConfig(small="a", large="b", threshold=1.0, escalate=0.2)

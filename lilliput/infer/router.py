@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence as Seq
 
@@ -153,10 +154,36 @@ class RouterConfig:
     """Uncertainty signal of the small model's answer: mean_logprob, min_logprob or entropy."""
     threshold: float | None = None
     """Escalate when the signal is above this (calibrate it with threshold_for_share/quality)."""
+    escalate: float | None = None
+    """Instead of a fixed threshold: escalate this share of requests, the threshold following the
+    signals of the last `window` small answers (`RollingThreshold`)."""
+    window: int = 256
+    """Small answers remembered to place the threshold for `escalate`."""
 
     def __post_init__(self):
         if self.signal not in GENERATION_SIGNALS:
             raise ValueError(f"signal must be one of {GENERATION_SIGNALS}, got {self.signal!r}")
+        if self.threshold is not None and self.escalate is not None:
+            raise ValueError("give a threshold or a share to escalate, not both")
+        if self.escalate is not None and not 0 <= self.escalate <= 1:
+            raise ValueError(f"escalate must be in [0, 1], got {self.escalate}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+
+
+class RollingThreshold:
+    """Escalates a target share of a stream: an answer escalates when its signal is above the
+    threshold that would escalate that share of the recent answers, itself included."""
+
+    def __init__(self, cfg: RouterConfig):
+        self.cfg = cfg
+        self.recent: deque[float] = deque(maxlen=cfg.window)
+
+    def escalates(self, u: float) -> bool:
+        if self.cfg.escalate is None:
+            return self.cfg.threshold is not None and u > self.cfg.threshold
+        self.recent.append(u)
+        return u > threshold_for_share(self.recent, self.cfg.escalate)
 
 
 @dataclass
@@ -173,6 +200,7 @@ class Router:
 
     def __init__(self, small: Engine, large: Engine, cfg: RouterConfig = RouterConfig()):
         self.small, self.large, self.cfg = small, large, cfg
+        self.rule = RollingThreshold(cfg)
 
     def generate(self, prompt: str | list[int], cfg: GenerationConfig = GenerationConfig(),
                  processors: Callable[[], list[LogitsProcessor]] = list, bos: bool | None = None) -> RoutedAnswer:
@@ -183,7 +211,7 @@ class Router:
         while not seq.finished:
             self.small.step()
         u = generation_uncertainty(seq, meter.entropies) if seq.output else {s: math.inf for s in GENERATION_SIGNALS}
-        if self.cfg.threshold is None or u[self.cfg.signal] <= self.cfg.threshold:
+        if not self.rule.escalates(u[self.cfg.signal]):
             return RoutedAnswer(seq.text, "small", u, seq)
         big = self.large.add(prompt, cfg, processors(), bos=bos)
         while not big.finished:

@@ -62,20 +62,26 @@ class ServeConfig:
     """With --small: the model a request escalates to when the small answer is unsure."""
     threshold: float | None = None
     """Escalate when the small answer's uncertainty signal is above this (bench/router.py calibrates one)."""
+    escalate: float | None = None
+    """Instead of --threshold: send this share of requests to --large (the threshold follows recent answers)."""
     signal: str = "mean_logprob"
     """Uncertainty signal of the small answer: mean_logprob, min_logprob (negated) or entropy."""
 
     def __post_init__(self):
         if (self.small is None) != (self.large is None):
             raise ValueError("a routed pair needs both --small and --large")
-        if self.small is not None and self.threshold is None:
-            raise ValueError("--small/--large need --threshold (calibrate one with bench/router.py)")
+        if self.small is not None and (self.threshold is None) == (self.escalate is None):
+            raise ValueError("--small/--large need one of --threshold (calibrate one with bench/router.py) "
+                             "or --escalate SHARE")
         if self.signal not in GENERATION_SIGNALS:
             raise ValueError(f"signal must be one of {', '.join(GENERATION_SIGNALS)}, got {self.signal!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+
+    def router_config(self) -> RouterConfig:
+        return RouterConfig(self.signal, self.threshold, self.escalate)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(max_batch=self.max_batch, prefill_chunk=self.prefill_chunk, prefix_cache=self.prefix_cache)
@@ -387,7 +393,7 @@ class Server:
                  load_large: Callable[[], tuple] | None = None):
         import uvicorn
 
-        route = Route(load_large, RouterConfig(cfg.signal, cfg.threshold)) if load_large is not None else None
+        route = Route(load_large, cfg.router_config()) if load_large is not None else None
         self.worker = Worker(load, cfg.engine_config(), Metrics(), route)
         self.app = create_app(cfg, self.worker, cfg.served_name or name)
         self.sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
@@ -421,7 +427,7 @@ def run_server(cfg: ServeConfig, load_cfg) -> None:
     route = None
     if cfg.small is not None:
         small, large = (dataclasses.replace(load_cfg, model=m) for m in (cfg.small, cfg.large))
-        load_cfg, route = small, Route(large.load, RouterConfig(cfg.signal, cfg.threshold))
+        load_cfg, route = small, Route(large.load, cfg.router_config())
     name = cfg.served_name or ("router" if route else load_cfg.model or "smollm2-135m-instruct")
     worker = Worker(load_cfg.load, cfg.engine_config(), Metrics(), route).start()
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from lilliput.infer.engine import Engine, EngineConfig
-from lilliput.infer.router import EntropyMeter, RouterConfig, generation_uncertainty
+from lilliput.infer.router import EntropyMeter, RollingThreshold, RouterConfig, generation_uncertainty
 from lilliput.infer.sequence import GenerationConfig, Sequence, Status
 
 log = logging.getLogger("lilliput.serve")
@@ -82,6 +82,7 @@ class Worker:
     def __init__(self, load: Callable[[], tuple], engine_cfg: EngineConfig, metrics=None, route: Route | None = None):
         self.load, self.engine_cfg, self.metrics, self.route = load, engine_cfg, metrics, route
         self.large: Engine | None = None
+        self.rule = RollingThreshold(route.cfg) if route is not None else None
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.ready = threading.Event()
         self.error: str | None = None
@@ -227,7 +228,7 @@ class Worker:
         """The small model's sample is done: release it, or ask the large model instead."""
         meter, index, rc = job.meters.pop(seq.id), job.index[seq.id], self.route.cfg
         u = generation_uncertainty(seq, meter.entropies).get(rc.signal, 0.0) if seq.output else 0.0
-        if seq.finish_reason == "abort" or rc.threshold is None or u <= rc.threshold:
+        if seq.finish_reason == "abort" or not self.rule.escalates(u):
             for event in job.held.pop(seq.id, []):
                 job.post(*event)
             job.routes[index] = "small"
