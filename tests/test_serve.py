@@ -450,3 +450,9 @@ def test_routed_pair_escalates_a_share_of_requests():
         s.stop()
     with pytest.raises(ValueError, match="one of"):
         ServeConfig(small="a", large="b", threshold=1.0, escalate=0.2)
+
+
+def test_out_of_range_seed_is_a_400(server):
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2, "seed": 2**70})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    assert post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2, "seed": -1}).status_code == 200

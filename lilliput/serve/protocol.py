@@ -121,6 +121,7 @@ def generation_config(req: _Sampling, max_tokens: int | None, logprobs: int | No
     for name in ("presence_penalty", "frequency_penalty"):
         v = getattr(req, name) or 0.0
         _check(-2 <= v <= 2, f"{name} must be in [-2, 2], got {v}", name)
+    _check(req.seed is None or -2**63 <= req.seed < 2**63 - MAX_N, f"seed must be a 64-bit integer, got {req.seed}", "seed")
     return GenerationConfig(max_new_tokens=max_tokens, temperature=t, top_p=top_p if top_p < 1 else None,
                             stop=tuple(s for s in stop if s), seed=req.seed, logprobs=logprobs,
                             ignore_eos=bool(req.ignore_eos))

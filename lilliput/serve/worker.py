@@ -132,16 +132,20 @@ class Worker:
         while not self._stop:
             idle = not self._busy() and not self._to_fork
             try:
-                self._handle(*self.inbox.get(block=idle))
-                while True:
-                    self._handle(*self.inbox.get_nowait())
-            except queue.Empty:
-                pass
-            if self._stop:
-                break
-            if self._busy():
-                self._step()
-            self._fork_ready()
+                try:
+                    self._handle(*self.inbox.get(block=idle))
+                    while True:
+                        self._handle(*self.inbox.get_nowait())
+                except queue.Empty:
+                    pass
+                if self._stop:
+                    break
+                if self._busy():
+                    self._step()
+                self._fork_ready()
+            except Exception as e:  # this thread must outlive any one request
+                log.exception("engine loop failed")
+                self._fail_all(f"engine error: {type(e).__name__}: {e}")
 
     def _busy(self) -> bool:
         return self.engine.has_work() or (self.large is not None and self.large.has_work())
@@ -170,8 +174,8 @@ class Worker:
             procs.append(meter := EntropyMeter())
         try:
             seq = self.engine.add(job.ids, cfg, procs, on_text=lambda s, t: self._on_text(job, s, t))
-        except ValueError as e:  # the handler checks lengths first; this is a last line
-            job.post("error", str(e))
+        except Exception as e:  # the handler checks lengths and settings first; this is a last line
+            job.post("error", f"{type(e).__name__}: {e}")
             return
         self._track(job, seq, index)
         if meter is not None:
@@ -242,8 +246,8 @@ class Worker:
         try:
             big = self.large.add(job.ids, job.sample_cfg(index), job.processors(),
                                  on_text=lambda s, t: self._on_text(job, s, t))
-        except ValueError as e:
-            job.post("error", str(e))
+        except Exception as e:
+            job.post("error", f"{type(e).__name__}: {e}")
             return
         self._track(job, big, index)
 
