@@ -162,17 +162,19 @@ class Worker:
             if job in self._to_fork:
                 self._to_fork.remove(job)
             for seq in job.seqs:
+                self._jobs.pop(seq.id, None)  # one still waiting is never returned by a step
                 for engine in self._engines():  # a waiting seq leaves only its own engine's queue
                     engine.abort(seq)
 
     def _add(self, job: Job, index: int, cfg: GenerationConfig) -> None:
         if job.aborted:
             return
-        procs, meter = job.processors(), None
-        if self.large is not None:  # the small model's answer is judged by its log-probabilities
-            cfg = dataclasses.replace(cfg, logprobs=cfg.logprobs or 0)
-            procs.append(meter := EntropyMeter())
+        meter = None
         try:
+            procs = job.processors()
+            if self.large is not None:  # the small model's answer is judged by its log-probabilities
+                cfg = dataclasses.replace(cfg, logprobs=cfg.logprobs or 0)
+                procs.append(meter := EntropyMeter())
             seq = self.engine.add(job.ids, cfg, procs, on_text=lambda s, t: self._on_text(job, s, t))
         except Exception as e:  # the handler checks lengths and settings first; this is a last line
             job.post("error", f"{type(e).__name__}: {e}")
