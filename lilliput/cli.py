@@ -127,13 +127,19 @@ def cmd_generate(ns) -> int:
     if ns.speculate or ns.best_of:
         return _generate_searched(ns, cfg, model, tok)
     on_text = _stream(ns)
-    if ns.watermark:  # the chat template rendered here, so the watermark can ride on generate()
+    procs = []
+    if ns.watermark:
         from lilliput.data.watermark import Watermark
 
+        procs.append(Watermark(ns.watermark))
+    if ns.json_schema:
+        from lilliput.infer.grammar import JsonGrammar, read_schema
+
+        procs.append(JsonGrammar.from_schema(tok, read_schema(ns.json_schema), model.config.vocab_size).processor())
+    if procs:  # the chat template rendered here, so the processors can ride on generate()
         prompt = tok.apply_chat_template([{"role": "user", "content": ns.prompt}], add_generation_prompt=True) \
             if ns.chat else ns.prompt
-        g = generate(model, tok, [prompt], cfg, on_text, bos=False if ns.chat else None,
-                     processors=[Watermark(ns.watermark)])[0]
+        g = generate(model, tok, [prompt], cfg, on_text, bos=False if ns.chat else None, processors=procs)[0]
     elif ns.chat:
         g = chat(model, tok, [{"role": "user", "content": ns.prompt}], cfg, on_text)
     else:
@@ -473,6 +479,14 @@ def cmd_report(ns) -> int:
     return 0
 
 
+def cmd_serve(ns) -> int:
+    from lilliput.core.checkpoint import LoadConfig
+    from lilliput.serve.app import ServeConfig, run_server
+
+    run_server(config_from_args(ServeConfig, ns), config_from_args(LoadConfig, ns))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lilliput.data.corpus import FetchConfig
     from lilliput.demo import DemoConfig
@@ -493,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     add_config_args(p, GenerationConfig)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid under this schema")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
     p.add_argument("--speculate", metavar="lookup|draft:MODEL", default=None,
                    help="speculative decoding with prompt lookup or a draft model sharing the tokenizer")
@@ -572,6 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="bench.json / run.json files or folders holding them")
     add_config_args(p, ReportConfig, skip=("runs",))
     p.set_defaults(func=cmd_report)
+
+    from lilliput.serve.app import ServeConfig
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    _model_args(p)
+    add_config_args(p, ServeConfig)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the main job on the embedded default model, with a report")
     _model_args(p)

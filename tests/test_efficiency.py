@@ -60,3 +60,11 @@ def test_decode_speeds_interleave(tiny_model, byte_tokenizer):
     speeds = eff.decode_speeds({"x": (tiny_model, byte_tokenizer), "y": (tiny_model, byte_tokenizer)},
                                byte_tokenizer.encode("hello"), new_tokens=4, repeats=2)
     assert set(speeds) == {"x", "y"} and all(s["n"] == 2 and s["median"] > 0 for s in speeds.values())
+
+
+def test_percentile_interpolates_like_numpy():
+    xs = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert eff.percentile(xs, 50) == 3.0 and eff.percentile(xs, 0) == 1.0 and eff.percentile(xs, 100) == 5.0
+    assert eff.percentile(xs, 90) == pytest.approx(4.6) and eff.percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError):
+        eff.percentile([], 50)

@@ -151,6 +151,16 @@ def spread(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "p90": p90, "min": xs[0], "max": xs[-1], "n": len(xs)}
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation between the nearest ranks (numpy's default)."""
+    if not values:
+        raise ValueError("no measurements to summarize")
+    xs = sorted(values)
+    pos = q / 100 * (len(xs) - 1)
+    lo = math.floor(pos)
+    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
+
+
 # --- energy -------------------------------------------------------------------------------------
 
 def rapl_zones() -> list[Path]:

@@ -78,3 +78,17 @@ def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int | None,
     if top_p is not None and p_active(top_p):
         logits = top_p_filter(logits, top_p)
     return logits
+
+
+class PresenceFrequencyPenalty(LogitsProcessor):
+    """OpenAI's penalties over the output so far: logit -= frequency * count + presence * (count > 0)."""
+
+    def __init__(self, presence: float = 0.0, frequency: float = 0.0):
+        self.presence, self.frequency = presence, frequency
+
+    def __call__(self, ids: list[int], prompt_len: int, logits: torch.Tensor) -> torch.Tensor:
+        out = ids[prompt_len:]
+        if out:
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[-1])[:logits.shape[-1]]
+            logits -= self.frequency * counts.to(logits.dtype) + self.presence * (counts > 0).to(logits.dtype)
+        return logits

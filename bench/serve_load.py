@@ -1,0 +1,365 @@
+"""Load test of `lilliput serve`: concurrent streaming clients on loopback, one run.
+
+The server runs as its own process (`python -m lilliput.cli serve`, as a user starts it); the
+clients are the official `openai` async client in this process.
+
+1. N concurrent streaming clients (N = 1, 4, 16), each sending requests from one fixed, seeded
+   mix (prompts cut from LAMBADA passages, 32-256 tokens; 16-128 output tokens, `ignore_eos`)
+   back to back, for a bounded time and count per N: requests completed, errors, request and
+   output-token throughput, and TTFT, TPOT, ITL and end-to-end latency (E2EL) p50/p90/p99, the
+   metric names of vLLM's `bench serve`. N = 1 is the same requests sent one at a time.
+2. The engine without HTTP: the requests of N = 1 through an in-process `Engine`, one at a
+   time; `server_overhead_n1` = E2EL(HTTP) / E2EL(engine) - 1 on the same requests.
+3. Prefix caching: requests that share a few-shot preamble (~300 tokens) plus their own question,
+   one at a time, on a server with and without `--prefix-cache`: TTFT p50 of each.
+4. Structured output: 50 extraction prompts (a name, an age and a city in a sentence) to the
+   chat endpoint, greedy, without and with `response_format` json_schema: the share whose reply
+   parses and validates, and decode tokens/s constrained / free (`json_speed_ratio`).
+
+Writes bench/results/serve_load.json (`errors`, `throughput_16_vs_1`, `server_overhead_n1`,
+`ttft_prefix_cache_speedup`, `json_valid_constrained`, `json_valid_free`, `json_speed_ratio`)
+and serve_load.png. `--tiny` runs everything on a random 2-layer model with a byte tokenizer
+(validation only: its JSON part is skipped, a byte tokenizer has no end token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from lilliput.eval.efficiency import percentile
+
+OUT = Path(__file__).parent / "results" / "serve_load.json"
+NAMES = ["Maria Lopez", "John Smith", "Aiko Tanaka", "Omar Haddad", "Lena Fischer", "Ravi Patel", "Sara Rossi",
+         "Tom Brown", "Nina Petrova", "Carlos Diaz"]
+CITIES = ["Lisbon", "Boston", "Osaka", "Cairo", "Berlin", "Mumbai", "Rome", "Leeds", "Kazan", "Lima"]
+TEMPLATES = ["{n}, aged {a}, lives in {c}.", "Meet {n} from {c}; {n} is {a} years old.",
+             "{c} is home to {n}, who turned {a} this year.", "Our new member {n} ({a}) moved to {c}.",
+             "At {a}, {n} runs a small shop in {c}."]
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
+          "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"}}}
+
+
+def dist(xs: list[float]) -> dict:
+    """mean and p50/p90/p99 in milliseconds (vLLM bench serve's reporting)."""
+    if not xs:
+        return {}
+    return {"mean_ms": round(1000 * statistics.fmean(xs), 2),
+            **{f"p{q}_ms": round(1000 * percentile(xs, q), 2) for q in (50, 90, 99)}}
+
+
+# --- the server process ----------------------------------------------------------------------------
+
+class ServerProcess:
+    def __init__(self, model: str | None, max_batch: int, threads: int, prefix_cache: bool = True):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "lilliput.cli", "serve", "--port", str(self.port), "--max-batch", str(max_batch),
+               "--served-name", "m", "--prefix-cache" if prefix_cache else "--no-prefix-cache"]
+        cmd += ["--model", model] if model else []
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                tail = self.log.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"the server exited with status {self.proc.returncode}:\n{tail}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("the server did not become healthy")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def __enter__(self):
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+# --- requests ----------------------------------------------------------------------------------------
+
+def request_mix(tok, n: int, seed: int, tiny: bool) -> list[dict]:
+    rng = random.Random(seed)
+    if tiny:
+        text = list(("the quick brown fox jumps over the lazy dog " * 40).encode())
+    else:
+        from lilliput.eval.task_sets import lambada_passages
+
+        text = tok.encode("\n\n".join(lambada_passages(120)), bos=False)
+    plens, news = ([8, 16, 32], [4, 8, 16]) if tiny else ([32, 64, 128, 256], [16, 32, 64, 128])
+    out = []
+    for _ in range(n):
+        plen, new = rng.choice(plens), rng.choice(news)
+        start = rng.randrange(0, len(text) - plen)
+        out.append({"prompt": text[start:start + plen], "max_tokens": new})
+    return out
+
+
+def prefix_mix(tok, n: int, tiny: bool) -> list[list[int]]:
+    """Prompts sharing a few-shot preamble, each with its own question."""
+    shots = "".join(f"Q: Where does {a} live? A: {c}.\n" for a, c in zip(NAMES, CITIES))
+    preamble = "Answer each question in one word.\n" + (shots[:120] if tiny else shots * 3)
+    return [tok.encode(preamble + f"Q: Where does {NAMES[i % 10].split()[0]} {i} live? A:", bos=False)
+            for i in range(n)]
+
+
+async def one(client, body: dict) -> dict:
+    """One streaming completion: TTFT, ITLs, E2EL, output tokens (or the error)."""
+    t0 = time.perf_counter()
+    stamps, usage = [], None
+    try:
+        stream = await client.completions.create(model="m", stream=True, stream_options={"include_usage": True},
+                                                 temperature=0, **body)
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                stamps.append(time.perf_counter())
+            if chunk.usage is not None:
+                usage = chunk.usage
+    except Exception as e:  # counted as an error of the run
+        return {"error": f"{type(e).__name__}: {e}"}
+    end = time.perf_counter()
+    out = usage.completion_tokens if usage else len(stamps)
+    ttft = (stamps[0] - t0) if stamps else end - t0
+    return {"ttft": ttft, "itl": [b - a for a, b in zip(stamps, stamps[1:])], "e2el": end - t0, "out": out,
+            "tpot": (end - t0 - ttft) / (out - 1) if out > 1 else None, "cached": usage.prompt_tokens_details.cached_tokens
+            if usage and usage.prompt_tokens_details else 0}
+
+
+async def load_level(url: str, reqs: list[dict], clients: int, duration: float, max_requests: int) -> dict:
+    """`clients` workers sending requests from the mix back to back until time or count runs out."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
+    results, nxt = [], iter(range(max_requests))
+    t0 = time.perf_counter()
+
+    async def worker():
+        while time.perf_counter() - t0 < duration:
+            i = next(nxt, None)
+            if i is None:
+                return
+            r = reqs[i % len(reqs)]
+            results.append(await one(client, {"prompt": r["prompt"], "max_tokens": r["max_tokens"],
+                                              "extra_body": {"ignore_eos": True}}))
+
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    ok = [r for r in results if "error" not in r]
+    return {"clients": clients, "completed": len(ok), "errors": len(results) - len(ok), "seconds": round(wall, 2),
+            "request_throughput": round(len(ok) / wall, 3),
+            "output_throughput": round(sum(r["out"] for r in ok) / wall, 2),
+            "ttft": dist([r["ttft"] for r in ok]), "tpot": dist([r["tpot"] for r in ok if r["tpot"] is not None]),
+            "itl": dist([x for r in ok for x in r["itl"]]), "e2el": dist([r["e2el"] for r in ok]),
+            "error_examples": [r["error"] for r in results if "error" in r][:3], "_e2el": [r["e2el"] for r in ok]}
+
+
+def engine_alone(model, tok, reqs: list[dict], n: int) -> list[float]:
+    """The first n requests through an in-process engine, one at a time: end-to-end seconds each."""
+    from lilliput.infer.engine import Engine, EngineConfig
+    from lilliput.infer.sequence import GenerationConfig
+
+    engine = Engine(model, tok, EngineConfig(max_batch=1))
+    out = []
+    for r in reqs[:n]:
+        t = time.perf_counter()
+        engine.add(r["prompt"], GenerationConfig(max_new_tokens=r["max_tokens"], ignore_eos=True))
+        engine.run()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+async def ttft_one_at_a_time(url: str, prompts: list[list[int]]) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
+    rs = [await one(client, {"prompt": p, "max_tokens": 4}) for p in prompts]
+    await client.close()
+    ok = [r for r in rs if "error" not in r]
+    return {"requests": len(rs), "errors": len(rs) - len(ok), "prompt_tokens_mean": round(statistics.fmean(map(len, prompts)), 1),
+            "cached_tokens_mean": round(statistics.fmean(r["cached"] for r in ok), 1) if ok else None,
+            "ttft": dist([r["ttft"] for r in ok])}
+
+
+async def json_extraction(url: str, n: int, max_tokens: int) -> dict:
+    import jsonschema
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
+    rng = random.Random(0)
+    items = [(rng.choice(NAMES), rng.randint(18, 90), rng.choice(CITIES), rng.choice(TEMPLATES)) for _ in range(n)]
+    out = {}
+    for mode in ("free", "constrained"):
+        valid, rates, errors, examples = 0, [], 0, []
+        for name, age, city, tpl in items:
+            msg = (f"Extract the person's name, age and city from this sentence: \"{tpl.format(n=name, a=age, c=city)}\" "
+                   "Reply with only a JSON object with keys name, age and city.")
+            extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}} \
+                if mode == "constrained" else {}
+            stamps, text, usage = [], "", None
+            try:
+                stream = await client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": msg}], max_tokens=max_tokens, temperature=0,
+                    stream=True, stream_options={"include_usage": True}, **extra)
+                async for c in stream:
+                    if c.choices and c.choices[0].delta.content:
+                        stamps.append(time.perf_counter())
+                        text += c.choices[0].delta.content
+                    if c.usage is not None:
+                        usage = c.usage
+            except Exception:
+                errors += 1
+                continue
+            try:
+                jsonschema.validate(json.loads(text), SCHEMA)
+                valid += 1
+            except (ValueError, jsonschema.ValidationError):
+                pass
+            if len(examples) < 3:
+                examples.append(text)
+            if usage and usage.completion_tokens > 1 and len(stamps) > 1:
+                rates.append((usage.completion_tokens - 1) / (time.perf_counter() - stamps[0]))
+        out[mode] = {"valid": round(valid / n, 3), "errors": errors,
+                     "decode_tok_s_median": round(statistics.median(rates), 2) if rates else None, "examples": examples}
+    await client.close()
+    return out
+
+
+def plot(levels: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [lv["clients"] for lv in levels]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot(n, [lv["output_throughput"] for lv in levels], "o-")
+    ax[0].set(xscale="log", xlabel="concurrent clients", ylabel="output tokens/s", title="throughput")
+    for key in ("ttft", "e2el"):
+        ax[1].plot(n, [lv[key].get("p50_ms") for lv in levels], "o-", label=f"{key.upper()} p50")
+    ax[1].set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms", title="latency")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model to serve (the embedded SmolLM2 when omitted)")
+    ap.add_argument("--tiny", action="store_true", help="a random tiny model + byte tokenizer (validation only)")
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--duration", type=float, default=120, help="seconds per concurrency level (bound)")
+    ap.add_argument("--max-requests", type=int, default=200, help="requests per concurrency level (bound)")
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engine-requests", type=int, default=8, help="requests of the no-HTTP engine comparison")
+    ap.add_argument("--prefix-requests", type=int, default=16)
+    ap.add_argument("--json-prompts", type=int, default=50)
+    ap.add_argument("--json-max-tokens", type=int, default=64)
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args(argv)
+    import torch
+
+    from lilliput.core.record import run_record, write_json
+
+    torch.set_num_threads(args.threads)
+    tmp = tempfile.TemporaryDirectory()
+    if args.tiny:
+        from lilliput.core.checkpoint import save_checkpoint
+        from lilliput.core.config import preset
+        from lilliput.core.model import GPT
+        from lilliput.core.tokenizer import ByteTokenizer
+
+        torch.manual_seed(0)
+        model, tok = GPT(preset("tiny")).eval(), ByteTokenizer()
+        spec = str(save_checkpoint(model, tok, Path(tmp.name) / "tiny"))
+    else:
+        from lilliput.core.checkpoint import load_model
+
+        spec = args.model
+        model, tok = load_model(spec, device="cpu")
+    reqs = request_mix(tok, max(args.max_requests, 64), seed=0, tiny=args.tiny)
+    levels = []
+    with ServerProcess(spec, args.max_batch, args.threads) as srv:
+        asyncio.run(load_level(srv.url, reqs, 1, 30, 2))  # warm-up
+        for n in [int(c) for c in args.clients.split(",")]:
+            lv = asyncio.run(load_level(srv.url, reqs, n, args.duration, args.max_requests))
+            print(f"  N={n:<3} {lv['completed']} done, {lv['errors']} errors, {lv['output_throughput']} tok/s, "
+                  f"TTFT p50 {lv['ttft'].get('p50_ms')} ms", file=sys.stderr)
+            levels.append(lv)
+        prefix = prefix_mix(tok, args.prefix_requests, args.tiny)
+        ttft_cached = asyncio.run(ttft_one_at_a_time(srv.url, prefix))
+        json_part = None if args.tiny else asyncio.run(json_extraction(srv.url, args.json_prompts, args.json_max_tokens))
+    with ServerProcess(spec, args.max_batch, args.threads, prefix_cache=False) as srv:
+        ttft_uncached = asyncio.run(ttft_one_at_a_time(srv.url, prefix))
+    one_level = next((lv for lv in levels if lv["clients"] == 1), None)
+    overhead = None
+    if one_level and one_level["completed"]:
+        k = min(args.engine_requests, one_level["completed"])
+        alone = engine_alone(model, tok, reqs, k)  # the same first k requests N = 1 sent
+        overhead = round(statistics.fmean(one_level["_e2el"][:k]) / statistics.fmean(alone) - 1, 4)
+    by_n = {lv["clients"]: lv for lv in levels}
+    for lv in levels:
+        lv.pop("_e2el")
+
+    def ratio(a, b):
+        return round(a / b, 3) if a and b else None
+
+    result = {
+        "model": args.model or ("tiny (random, byte tokenizer)" if args.tiny else "embedded SmolLM2-135M-Instruct"),
+        "max_batch": args.max_batch, "threads": args.threads, "duration_s": args.duration,
+        "errors": sum(lv["errors"] for lv in levels) + ttft_cached["errors"] + ttft_uncached["errors"],
+        "throughput_16_vs_1": ratio(by_n.get(16, {}).get("output_throughput"), by_n.get(1, {}).get("output_throughput")),
+        "server_overhead_n1": overhead,
+        "ttft_prefix_cache_speedup": ratio(ttft_uncached["ttft"].get("p50_ms"), ttft_cached["ttft"].get("p50_ms")),
+        "json_valid_constrained": json_part["constrained"]["valid"] if json_part else None,
+        "json_valid_free": json_part["free"]["valid"] if json_part else None,
+        "json_speed_ratio": ratio(json_part["constrained"]["decode_tok_s_median"], json_part["free"]["decode_tok_s_median"])
+        if json_part else None,
+        "levels": levels, "prefix_cache": {"on": ttft_cached, "off": ttft_uncached}, "json": json_part,
+        "note": "N = 1 is the mix sent one at a time; server_overhead_n1 = mean E2EL over HTTP / mean E2EL of the "
+                "same requests through an in-process Engine, minus 1; TTFT from send to the first text chunk; a JSON "
+                "reply is valid when the whole reply parses (no code fence or prose around it) and validates; "
+                "json decode tok/s = (completion tokens - 1) / time after the first text chunk, median.",
+    }
+    out = Path(args.out)
+    write_json(out, run_record("bench/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]), **result))
+    plot(levels, out.with_suffix(".png"))
+    print(f"errors {result['errors']}, throughput_16_vs_1 {result['throughput_16_vs_1']}, server_overhead_n1 "
+          f"{overhead}, ttft_prefix_cache_speedup {result['ttft_prefix_cache_speedup']}, json_valid_constrained "
+          f"{result['json_valid_constrained']}, json_valid_free {result['json_valid_free']}, json_speed_ratio "
+          f"{result['json_speed_ratio']}; wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The hybrid router: a small model answers, and the request escalates to a large model when the
+small model's answer looks uncertain.
+
+Uncertainty signals (higher = less sure):
+- of a generated answer: `mean_logprob` and `min_logprob` of its tokens (negated), and the mean
+  `entropy` of the next-token distributions it was sampled from (`EntropyMeter` records them);
+- of a multiple-choice answer: the `margin` between the two most likely choices (negated), the
+  `entropy` over the choices, and the chosen answer's `mean_logprob`.
+
+The threshold is calibrated on held-out items, for a target share of escalations
+(`threshold_for_share`) or a target quality (`threshold_for_quality`). Routing curves (quality
+against the share sent to the large model), their random and oracle lines, the area under the
+gap recovered (RouteLLM's APGR) and the share needed for a given part of the gap (CPT) are pure
+functions over per-item correctness, so a benchmark scores the models once and routes offline.
+
+    router = Router(Engine(small, tok), Engine(large, tok), RouterConfig(signal="mean_logprob", threshold=1.2))
+    answer = router.generate("What is 2 + 2?", GenerationConfig(max_new_tokens=16))
+    answer.model  # "small" or "large"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Sequence as Seq
+
+import torch
+
+from lilliput.infer.engine import Engine
+from lilliput.infer.sampling import LogitsProcessor
+from lilliput.infer.sequence import GenerationConfig, Sequence
+
+GENERATION_SIGNALS = ("mean_logprob", "min_logprob", "entropy")
+CHOICE_SIGNALS = ("margin", "entropy", "mean_logprob")
+
+
+class EntropyMeter(LogitsProcessor):
+    """Records the entropy (nats) of each next-token distribution; leaves the logits as they are.
+    Put it last in a chain to measure what the sampler draws from (before temperature)."""
+
+    def __init__(self):
+        self.entropies: list[float] = []
+
+    def __call__(self, ids: list[int], prompt_len: int, logits: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits.float(), -1)
+        self.entropies.append(float(-(logp.exp() * logp).nan_to_num().sum()))
+        return logits
+
+
+def generation_uncertainty(seq: Sequence, entropies: Seq[float] = ()) -> dict[str, float]:
+    """Signals of a finished sequence sampled with `logprobs` on (higher = less sure)."""
+    lps = [r["logprob"] for r in seq.logprobs[:max(len(seq.output), 1)]]
+    if not lps:
+        raise ValueError("the sequence has no log-probabilities: generate with GenerationConfig(logprobs=0)")
+    out = {"mean_logprob": -sum(lps) / len(lps), "min_logprob": -min(lps)}
+    if entropies:
+        out["entropy"] = sum(entropies) / len(entropies)
+    return out
+
+
+def choice_uncertainty(scores: Seq[float]) -> dict[str, float]:
+    """Signals of a multiple-choice answer from its choices' (length-normalized) log-likelihoods."""
+    if len(scores) < 2:
+        raise ValueError(f"a multiple-choice answer needs at least 2 choices, got {len(scores)}")
+    s = torch.tensor([float(x) for x in scores], dtype=torch.float64)
+    p = torch.softmax(s, 0)
+    top = torch.topk(p, 2).values
+    return {"margin": -float(top[0] - top[1]), "entropy": float(-(p * p.log()).sum()), "mean_logprob": -float(s.max())}
+
+
+# --- calibration ------------------------------------------------------------------------------------
+
+def threshold_for_share(uncertainty: Seq[float], share: float) -> float:
+    """The threshold that escalates `share` of these (held-out) items: those with u > threshold."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"share must be in [0, 1], got {share}")
+    u = sorted(uncertainty, reverse=True)
+    k = round(share * len(u))
+    if k == 0:
+        return math.inf
+    return u[k] if k < len(u) else -math.inf  # ties at u[k] stay with the small model
+
+
+def routed_accuracy(uncertainty: Seq[float], small_correct: Seq[bool], large_correct: Seq[bool],
+                    threshold: float) -> tuple[float, float]:
+    """(accuracy, escalated share) when items with u > threshold go to the large model."""
+    esc = [u > threshold for u in uncertainty]
+    acc = sum(lc if e else sc for e, sc, lc in zip(esc, small_correct, large_correct)) / len(esc)
+    return acc, sum(esc) / len(esc)
+
+
+def threshold_for_quality(uncertainty: Seq[float], small_correct: Seq[bool], large_correct: Seq[bool],
+                          retain: float) -> float:
+    """The threshold escalating the fewest items whose routed accuracy is >= retain x the large model's."""
+    goal = retain * sum(large_correct) / len(large_correct)
+    for share, acc in routing_curve(uncertainty, small_correct, large_correct):
+        if acc >= goal - 1e-12:
+            return threshold_for_share(uncertainty, share)
+    return -math.inf
+
+
+# --- curves -------------------------------------------------------------------------------------------
+
+def routing_curve(uncertainty: Seq[float], small_correct: Seq[bool], large_correct: Seq[bool]) -> list[tuple[float, float]]:
+    """(escalated share, accuracy) escalating the k most uncertain items, k = 0..n."""
+    n = len(uncertainty)
+    if not n == len(small_correct) == len(large_correct):
+        raise ValueError("uncertainty, small_correct and large_correct must have one entry per item")
+    order = sorted(range(n), key=lambda i: -uncertainty[i])
+    correct = sum(small_correct)
+    curve = [(0.0, correct / n)]
+    for k, i in enumerate(order, start=1):
+        correct += int(large_correct[i]) - int(small_correct[i])
+        curve.append((k / n, correct / n))
+    return curve
+
+
+def oracle_curve(small_correct: Seq[bool], large_correct: Seq[bool]) -> list[tuple[float, float]]:
+    """Escalating exactly the items the large model gets right and the small one wrong, first."""
+    gain = [float(lc) - float(sc) for sc, lc in zip(small_correct, large_correct)]
+    return routing_curve(gain, small_correct, large_correct)
+
+
+def random_curve(small_correct: Seq[bool], large_correct: Seq[bool], points: int = 11) -> list[tuple[float, float]]:
+    """The expected accuracy of escalating a random share s: small + s * (large - small)."""
+    a, b = sum(small_correct) / len(small_correct), sum(large_correct) / len(large_correct)
+    return [(s / (points - 1), a + s / (points - 1) * (b - a)) for s in range(points)]
+
+
+def apgr(curve: Seq[tuple[float, float]], small_acc: float, large_acc: float) -> float | None:
+    """Average performance gap recovered (RouteLLM): the area under (acc - small) / (large - small)
+    over the escalated share in [0, 1], by trapezoids. None when the models tie."""
+    gap = large_acc - small_acc
+    if abs(gap) < 1e-12:
+        return None
+    pgr = [(s, (a - small_acc) / gap) for s, a in curve]
+    return sum((s1 - s0) * (p0 + p1) / 2 for (s0, p0), (s1, p1) in zip(pgr, pgr[1:]))
+
+
+def call_performance_threshold(curve: Seq[tuple[float, float]], small_acc: float, large_acc: float,
+                               part: float) -> float | None:
+    """CPT(part): the least escalated share whose accuracy recovers `part` of the gap (None: never)."""
+    goal = small_acc + part * (large_acc - small_acc)
+    return next((s for s, a in curve if a >= goal - 1e-12), None)
+
+
+# --- serving --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RouterConfig:
+    signal: str = "mean_logprob"
+    """Uncertainty signal of the small model's answer: mean_logprob, min_logprob or entropy."""
+    threshold: float | None = None
+    """Escalate when the signal is above this (calibrate it with threshold_for_share/quality)."""
+    escalate: float | None = None
+    """Instead of a fixed threshold: escalate this share of requests, the threshold following the
+    signals of the last `window` small answers (`RollingThreshold`)."""
+    window: int = 256
+    """Small answers remembered to place the threshold for `escalate`."""
+
+    def __post_init__(self):
+        if self.signal not in GENERATION_SIGNALS:
+            raise ValueError(f"signal must be one of {GENERATION_SIGNALS}, got {self.signal!r}")
+        if self.threshold is not None and self.escalate is not None:
+            raise ValueError("give a threshold or a share to escalate, not both")
+        if self.escalate is not None and not 0 <= self.escalate <= 1:
+            raise ValueError(f"escalate must be in [0, 1], got {self.escalate}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+
+
+class RollingThreshold:
+    """Escalates a target share of a stream: an answer escalates when its signal is above the
+    threshold that would escalate that share of the recent answers, itself included."""
+
+    def __init__(self, cfg: RouterConfig):
+        self.cfg = cfg
+        self.recent: deque[float] = deque(maxlen=cfg.window)
+
+    def escalates(self, u: float) -> bool:
+        if self.cfg.escalate is None:
+            return self.cfg.threshold is not None and u > self.cfg.threshold
+        self.recent.append(u)
+        return u > threshold_for_share(self.recent, self.cfg.escalate)
+
+
+@dataclass
+class RoutedAnswer:
+    text: str
+    model: str  # "small" or "large"
+    uncertainty: dict[str, float]
+    sequence: Sequence
+
+
+class Router:
+    """Answers with the small engine and re-asks the large one when the small answer is unsure.
+    Both engines are stepped here: one Router belongs to one thread, like an Engine."""
+
+    def __init__(self, small: Engine, large: Engine, cfg: RouterConfig = RouterConfig()):
+        self.small, self.large, self.cfg = small, large, cfg
+        self.rule = RollingThreshold(cfg)
+
+    def generate(self, prompt: str | list[int], cfg: GenerationConfig = GenerationConfig(),
+                 processors: Callable[[], list[LogitsProcessor]] = list, bos: bool | None = None) -> RoutedAnswer:
+        """`processors()` makes each model's own logits processors (a grammar holds state)."""
+        meter = EntropyMeter()
+        small_cfg = dataclasses.replace(cfg, logprobs=cfg.logprobs or 0)
+        seq = self.small.add(prompt, small_cfg, [*processors(), meter], bos=bos)
+        while not seq.finished:
+            self.small.step()
+        u = generation_uncertainty(seq, meter.entropies) if seq.output else {s: math.inf for s in GENERATION_SIGNALS}
+        if not self.rule.escalates(u[self.cfg.signal]):
+            return RoutedAnswer(seq.text, "small", u, seq)
+        big = self.large.add(prompt, cfg, processors(), bos=bos)
+        while not big.finished:
+            self.large.step()
+        return RoutedAnswer(big.text, "large", u, big)

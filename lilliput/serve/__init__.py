@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server (`lilliput serve`): protocol shapes, the engine thread, metrics, the app."""

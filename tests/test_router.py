@@ -1,0 +1,91 @@
+"""The hybrid router: uncertainty signals, calibration, routing curves and their summaries."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from lilliput.core.config import preset
+from lilliput.core.model import GPT
+from lilliput.infer.engine import Engine
+from lilliput.infer.router import (EntropyMeter, Router, RouterConfig, apgr, call_performance_threshold,
+                                   choice_uncertainty, oracle_curve, random_curve, routed_accuracy, routing_curve,
+                                   threshold_for_quality, threshold_for_share)
+from lilliput.infer.sequence import GenerationConfig
+
+
+def items(n=200, seed=0):
+    """Small right 60%, large right 80%; the small model is less sure where it is wrong."""
+    rng = random.Random(seed)
+    small = [rng.random() < 0.6 for _ in range(n)]
+    large = [s or rng.random() < 0.5 for s in small]
+    u = [rng.random() + (0.0 if s else 0.6) for s in small]
+    return u, small, large
+
+
+def test_curve_runs_from_small_to_large_and_oracle_bounds_it():
+    u, small, large = items()
+    curve, oracle = routing_curve(u, small, large), oracle_curve(small, large)
+    a, b = sum(small) / len(small), sum(large) / len(large)
+    assert curve[0] == (0.0, pytest.approx(a)) and curve[-1] == (1.0, pytest.approx(b))
+    assert all(o[1] >= c[1] - 1e-12 for o, c in zip(oracle, curve))
+    assert apgr(random_curve(small, large), a, b) == pytest.approx(0.5)
+    assert 0.5 < apgr(curve, a, b) <= apgr(oracle, a, b)
+    assert call_performance_threshold(random_curve(small, large), a, b, 0.5) == pytest.approx(0.5)
+    # the oracle recovers the whole gap by escalating exactly the items it fixes
+    fixable = sum(lc and not sc for sc, lc in zip(small, large)) / len(small)
+    assert call_performance_threshold(oracle, a, b, 1.0) == pytest.approx(fixable)
+
+
+def test_thresholds_hit_their_share_and_quality():
+    u, small, large = items()
+    for share in (0.0, 0.1, 0.3, 0.5, 1.0):
+        assert routed_accuracy(u, small, large, threshold_for_share(u, share))[1] == pytest.approx(share)
+    t = threshold_for_quality(u, small, large, retain=0.95)
+    acc, share = routed_accuracy(u, small, large, t)
+    assert acc >= 0.95 * sum(large) / len(large) and share < 1
+    assert routed_accuracy(u, small, large, threshold_for_quality(u, small, large, 0.0))[1] == 0
+
+
+def test_choice_uncertainty_orders_confident_below_unsure():
+    sure, unsure = choice_uncertainty([-0.1, -5.0, -6.0]), choice_uncertainty([-1.0, -1.01, -3.0])
+    assert all(sure[k] < unsure[k] for k in ("margin", "entropy", "mean_logprob"))
+    with pytest.raises(ValueError):
+        choice_uncertainty([0.0])
+
+
+def test_entropy_meter_leaves_logits_and_measures_uniform():
+    m, logits = EntropyMeter(), torch.zeros(256)
+    assert m([1], 1, logits) is logits and m.entropies[0] == pytest.approx(math.log(256))
+
+
+def test_router_escalates_by_threshold(byte_tokenizer, one_thread):
+    torch.manual_seed(0)
+    small = GPT(preset("tiny")).eval()
+    torch.manual_seed(1)
+    large = GPT(preset("tiny")).eval()
+    cfg = GenerationConfig(max_new_tokens=6)
+    want_large = Engine(large, byte_tokenizer).generate(["hello"], cfg)[0].text
+    want_small = Engine(small, byte_tokenizer).generate(["hello"], cfg)[0].text
+    never = Router(Engine(small, byte_tokenizer), Engine(large, byte_tokenizer), RouterConfig(threshold=math.inf))
+    always = Router(Engine(small, byte_tokenizer), Engine(large, byte_tokenizer), RouterConfig(threshold=-math.inf))
+    a, b = never.generate("hello", cfg), always.generate("hello", cfg)
+    assert (a.model, a.text) == ("small", want_small) and (b.model, b.text) == ("large", want_large)
+    assert set(a.uncertainty) == {"mean_logprob", "min_logprob", "entropy"}
+    assert a.uncertainty["min_logprob"] >= a.uncertainty["mean_logprob"] > 0
+    with pytest.raises(ValueError, match="signal"):
+        RouterConfig(signal="vibes")
+
+
+def test_rolling_threshold_escalates_its_share_of_a_stream():
+    from lilliput.infer.router import RollingThreshold
+
+    rng = random.Random(1)
+    rule = RollingThreshold(RouterConfig(escalate=0.25, window=100))
+    hits = [rule.escalates(rng.random()) for _ in range(2000)]
+    assert 0.2 < sum(hits[100:]) / 1900 < 0.3
+    fixed = RollingThreshold(RouterConfig(threshold=0.5))
+    assert fixed.escalates(0.6) and not fixed.escalates(0.4)
+    with pytest.raises(ValueError, match="not both"):
+        RouterConfig(threshold=1.0, escalate=0.3)
