@@ -189,3 +189,33 @@ def test_prefix_cache_reuses_a_shared_prompt_prefix(tiny_model, byte_tokenizer, 
     off = Engine(tiny_model, byte_tokenizer, EngineConfig(max_batch=2, prefix_cache=False))
     off.generate([system + "x"], cfg)
     assert off.generate([system + "y"], cfg)[0].cached_tokens == 0
+
+
+def test_add_n_shares_one_prefill_and_the_first_logits(tiny_model, byte_tokenizer, one_thread, monkeypatch):
+    prompt = "n samples of one prompt"
+    cfg = GenerationConfig(max_new_tokens=6, temperature=1.0, seed=20, ignore_eos=True)
+    engine = Engine(tiny_model, byte_tokenizer, EngineConfig(max_batch=4, prefix_cache=False))
+    prefilled = []
+    extend = engine.runner.extend
+    monkeypatch.setattr(engine.runner, "extend", lambda row, toks, logits="last": prefilled.append(len(toks))
+                        or extend(row, toks, logits))
+    seqs = engine.add_n(prompt, cfg, 4)
+    engine.run()
+    assert prefilled == [len(prompt)]  # one prefill for the four samples, no token run twice
+    for i, s in enumerate(seqs):
+        alone = Engine(tiny_model, byte_tokenizer).generate([prompt], GenerationConfig(
+            max_new_tokens=6, temperature=1.0, seed=20 + i, ignore_eos=True))[0]
+        assert s.output == alone.output
+    with pytest.raises(ValueError, match="max_batch"):
+        engine.add_n(prompt, cfg, 5)
+
+
+def test_a_processor_that_allows_nothing_ends_the_sequence(tiny_model, byte_tokenizer):
+    class StopAfter(LogitsProcessor):
+        def __call__(self, ids, prompt_len, logits):
+            return torch.full_like(logits, float("-inf")) if len(ids) - prompt_len >= 3 else logits
+
+    engine = Engine(tiny_model, byte_tokenizer)
+    seq = engine.add("abc", GenerationConfig(max_new_tokens=10, logprobs=1, ignore_eos=True), [StopAfter()])
+    engine.run()
+    assert len(seq.output) == 3 and seq.finish_reason == "stop" and len(seq.logprobs) == 3

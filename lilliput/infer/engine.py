@@ -82,6 +82,29 @@ class Engine:
             self.scheduler.add(seq)
         return seq
 
+    def add_n(self, prompt: str | list[int], cfg: GenerationConfig, n: int,
+              processors: Callable[[], Iterable[LogitsProcessor]] | None = None,
+              on_text: Callable[[Sequence, str], None] | None = None, bos: bool | None = None) -> list[Sequence]:
+        """n samples of one prompt that share one prefill: the first prefills, the others copy its
+        state and draw their first token from the same logits. Sample i samples with seed + i
+        (when cfg has a seed); `processors()` makes each sample's own processors (they may hold
+        per-sample state, as a grammar does)."""
+        if not 1 <= n <= self.cfg.max_batch:
+            raise ValueError(f"n must be in [1, max_batch={self.cfg.max_batch}], got {n}")
+        make = processors or (lambda: ())
+        cfgs = [cfg if cfg.seed is None else dataclasses.replace(cfg, seed=cfg.seed + i) for i in range(n)]
+        first = self.add(prompt, cfgs[0], make(), on_text, bos)
+        seqs = [first]
+        for c in cfgs[1:]:
+            f = Sequence(list(first.prompt), c, list(make()), on_text)
+            f.attach_stream(self.tokenizer, first.eos)
+            if c.max_new_tokens == 0:
+                f.finish("length")
+            else:
+                first.followers.append(f)
+            seqs.append(f)
+        return seqs
+
     def abort(self, seq: Sequence) -> None:
         """Stop a request now (a client went away); its row is free after the next step."""
         self.scheduler.abort(seq)
@@ -110,8 +133,21 @@ class Engine:
             seq.computed += n
             if last:
                 seq.status = Status.RUNNING
-                self._sample_all([seq], out[None])
+                group = [seq] + self._start_followers(seq)
+                self._sample_all(group, out[None].expand(len(group), -1))
         return finished + self._retire()
+
+    def _start_followers(self, seq: Sequence) -> list[Sequence]:
+        """seq's prefill is done: its followers copy the state and decode from here."""
+        started = []
+        for f in seq.followers:
+            if f.status is not Status.WAITING:
+                continue  # aborted meanwhile
+            self.state.copy(seq.row, f.row)
+            f.computed, f.status = seq.computed, Status.RUNNING
+            self.row_tokens[f.row] = []
+            started.append(f)
+        return started
 
     def _retire(self) -> list[Sequence]:
         done = self.scheduler.retire()
@@ -172,22 +208,29 @@ class Engine:
         for s, tok in zip(seqs, tokens):
             if s.first_token_at is None:
                 s.first_token_at = time.perf_counter()
-            s.append(tok)
+            if tok is None:
+                s.finish("stop")
+            else:
+                s.append(tok)
 
     @staticmethod
-    def sample(seq: Sequence, logits: torch.Tensor) -> int:
-        """One token for `seq` from its next-token logits (V,): processors, log-probabilities, draw."""
+    def sample(seq: Sequence, logits: torch.Tensor) -> int | None:
+        """One token for `seq` from its next-token logits (V,): processors, log-probabilities, draw.
+        None when the processors allow no token at all (a grammar that is complete): the sequence
+        then ends with "stop"."""
         if seq.processors:
             logits = logits.clone()
             for p in seq.processors:
                 logits = p(seq.tokens, len(seq.prompt), logits)
+            if not bool(torch.isfinite(logits).any()):
+                return None
         cfg = seq.cfg
         if cfg.temperature <= 0:
             tok = int(logits.argmax())
         else:
             probs = filtered_logits(logits[None].float(), cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
             tok = int(torch.multinomial(probs, 1, generator=seq.generator))
-        if cfg.logprobs is not None:
+        if cfg.logprobs is not None and tok not in seq.eos:  # the end token is not part of the text
             lp = torch.log_softmax(logits.float(), -1)
             top = torch.topk(lp, cfg.logprobs) if cfg.logprobs else None
             seq.logprobs.append({"token": tok, "logprob": float(lp[tok]),
@@ -219,10 +262,12 @@ class Engine:
         self.state.truncate(seq.row, keep)
         seq.computed = keep
 
-    def fork(self, seq: Sequence, n: int, processors: Iterable[LogitsProcessor] = ()) -> list[Sequence]:
+    def fork(self, seq: Sequence, n: int,
+             processors: Callable[[], Iterable[LogitsProcessor]] | None = None) -> list[Sequence]:
         """n new sequences continuing seq's prompt on a copy of its prefilled state (best-of-n and
         `n` samples share one prefill; only the last prompt token is run again, per fork). Fork i
-        samples with seed + 1 + i when seq's settings have a seed."""
+        samples with seed + 1 + i when seq's settings have a seed; `processors()` makes each fork's
+        own processors. For samples known up front, `add_n` shares even the last prompt token."""
         if seq.status is not Status.RUNNING:
             raise ValueError("fork a sequence once its prompt is prefilled (status running)")
         if n > len(self.scheduler.free_rows):
@@ -230,7 +275,7 @@ class Engine:
         forks = []
         for i in range(n):
             c = seq.cfg if seq.cfg.seed is None else dataclasses.replace(seq.cfg, seed=seq.cfg.seed + 1 + i)
-            f = Sequence(list(seq.prompt), c, list(processors), seq.on_text)
+            f = Sequence(list(seq.prompt), c, list(processors() if processors else ()), seq.on_text)
             f.attach_stream(self.tokenizer, seq.eos)
             f.row, f.status = self.scheduler.free_rows.pop(), Status.RUNNING
             self.state.copy(seq.row, f.row)

@@ -33,13 +33,16 @@ class Scheduler:
         """Give free rows to waiting sequences, in arrival order. `place(seq, free_rows)` picks the
         row (and may set seq.computed to prompt tokens it already holds); default: any free row."""
         admitted = []
-        while self.waiting and self.free_rows:
+        while self.waiting and len(self.free_rows) > len(self.waiting[0].followers):
             seq = self.waiting.popleft()
             seq.status, seq.computed = Status.PREFILL, 0
             seq.row = place(seq, self.free_rows) if place else self.free_rows[-1]
             self.free_rows.remove(seq.row)
             self.running.append(seq)
             admitted.append(seq)
+            for f in seq.followers:  # rows reserved now, filled when seq's prefill is done
+                f.row = self.free_rows.pop()
+                self.running.append(f)
         return admitted
 
     def schedule(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
@@ -64,5 +67,6 @@ class Scheduler:
     def abort(self, seq: Sequence) -> None:
         if seq in self.waiting:
             self.waiting.remove(seq)
-        if not seq.finished:
-            seq.finish("abort")
+        for s in [seq] + [f for f in seq.followers if f.status is Status.WAITING]:
+            if not s.finished:  # followers that never started end with their leader
+                s.finish("abort")

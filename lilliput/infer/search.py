@@ -1,7 +1,7 @@
 """Test-time compute: sample several answers and choose one.
 
-`sample_n` draws n continuations of one prompt that share a single prefill (the engine forks the
-prefilled row n - 1 times, so only the last prompt token runs again per sample). Choosing:
+`sample_n` draws n continuations of one prompt that share a single prefill (`Engine.add_n`: the
+prefilled row is copied n - 1 times and every sample draws its first token from the same logits). Choosing:
 
 - `best_of_n`: the sample with the highest score: by default the model's own mean token
   log-probability, or any verifier `score(seq) -> float` (a program that checks answers);
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence as Seq
 
 from lilliput.infer.engine import Engine
-from lilliput.infer.sequence import GenerationConfig, Sequence, Status
+from lilliput.infer.sequence import GenerationConfig, Sequence
 
 METHODS = ("best_of_n", "vote", "weighted_vote")
 
@@ -47,10 +47,7 @@ def sample_n(engine: Engine, prompt: str | list[int], cfg: GenerationConfig, n: 
         raise ValueError(f"{n} samples need an engine of at least {n} rows (max_batch), it has {engine.cfg.max_batch}")
     if cfg.logprobs is None:
         cfg = dataclasses.replace(cfg, logprobs=0)
-    first = engine.add(prompt, cfg, bos=bos)
-    while first.status not in (Status.RUNNING, Status.FINISHED):
-        engine.step()
-    seqs = [first] + (engine.fork(first, n - 1) if n > 1 and not first.finished else [])
+    seqs = engine.add_n(prompt, cfg, n, bos=bos)
     while engine.has_work():
         engine.step()
     return seqs

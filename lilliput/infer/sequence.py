@@ -112,6 +112,9 @@ class Sequence:
     text: str = ""
     finish_reason: str | None = None  # "stop" (eos or stop string), "length" or "abort"
     logprobs: list[dict] = field(default_factory=list)
+    followers: list["Sequence"] = field(default_factory=list)
+    """Further samples of this prompt: they take rows when this one does and start from its
+    prefill (the state is copied, the last prompt logits shared), each with its own sampler."""
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None

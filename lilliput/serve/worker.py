@@ -11,9 +11,9 @@ when its uncertainty is at most the threshold the held text is released, else th
 asked again of the large engine, whose text streams as it comes. `job.routes` says which
 model answered each sample.
 
-`n` samples share one prefill: the first sample is added alone and, once its prompt is prefilled
-(status running), forked n - 1 times (`Engine.fork`). When it cannot be forked (it ended on its
-first token, or too few rows are free), the other samples are added as ordinary requests.
+`n` samples share one prefill (`Engine.add_n`: the first prefills, the others copy its state and
+draw their first token from the same logits), up to the engine's rows at a time; each sample gets
+its own processors (a grammar holds per-sample state).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Job:
     routes: dict[int, str] = field(default_factory=dict)
 
     def sample_cfg(self, index: int) -> GenerationConfig:
-        """Sample i's settings: seed + i (as Engine.fork seeds its forks)."""
+        """Sample i's settings: seed + i (as Engine.add_n seeds its samples)."""
         return self.cfg if self.cfg.seed is None or index == 0 else dataclasses.replace(self.cfg, seed=self.cfg.seed + index)
 
     def post(self, *event) -> None:
@@ -91,7 +91,6 @@ class Worker:
         self.max_len = 0
         self.running = self.waiting = 0  # gauges, written by the engine thread after each step
         self._jobs: dict[int, Job] = {}  # seq.id -> job
-        self._to_fork: list[Job] = []
         self._stop = False
         self.thread = threading.Thread(target=self._run, name="lilliput-engine", daemon=True)
 
@@ -130,7 +129,7 @@ class Worker:
             return
         self.ready.set()
         while not self._stop:
-            idle = not self._busy() and not self._to_fork
+            idle = not self._busy()
             try:
                 try:
                     self._handle(*self.inbox.get(block=idle))
@@ -142,7 +141,6 @@ class Worker:
                     break
                 if self._busy():
                     self._step()
-                self._fork_ready()
             except Exception as e:  # this thread must outlive any one request
                 log.exception("engine loop failed")
                 self._fail_all(f"engine error: {type(e).__name__}: {e}")
@@ -155,33 +153,40 @@ class Worker:
 
     def _handle(self, what: str, job: Job | None) -> None:
         if what == "add":
-            self._add(job, 0, job.cfg)
-            if job.n > 1:
-                self._to_fork.append(job)
+            rows = self.engine.cfg.max_batch
+            for first in range(0, job.n, rows):  # samples share a prefill, a row-pool at a time
+                self._add(job, first, min(rows, job.n - first))
         elif what == "abort":
-            if job in self._to_fork:
-                self._to_fork.remove(job)
             for seq in job.seqs:
                 self._jobs.pop(seq.id, None)  # one still waiting is never returned by a step
                 for engine in self._engines():  # a waiting seq leaves only its own engine's queue
                     engine.abort(seq)
 
-    def _add(self, job: Job, index: int, cfg: GenerationConfig) -> None:
+    def _add(self, job: Job, first: int, n: int) -> None:
+        """Samples first .. first + n - 1 of the job, sharing one prefill."""
         if job.aborted:
             return
-        meter = None
-        try:
+        meters: list[EntropyMeter] = []
+
+        def processors() -> list:
             procs = job.processors()
             if self.large is not None:  # the small model's answer is judged by its log-probabilities
-                cfg = dataclasses.replace(cfg, logprobs=cfg.logprobs or 0)
                 procs.append(meter := EntropyMeter())
-            seq = self.engine.add(job.ids, cfg, procs, on_text=lambda s, t: self._on_text(job, s, t))
+                meters.append(meter)
+            return procs
+
+        cfg = job.sample_cfg(first)
+        if self.large is not None:
+            cfg = dataclasses.replace(cfg, logprobs=cfg.logprobs or 0)
+        try:
+            seqs = self.engine.add_n(job.ids, cfg, n, processors, on_text=lambda s, t: self._on_text(job, s, t))
         except Exception as e:  # the handler checks lengths and settings first; this is a last line
             job.post("error", f"{type(e).__name__}: {e}")
             return
-        self._track(job, seq, index)
-        if meter is not None:
-            job.meters[seq.id] = meter
+        for i, seq in enumerate(seqs):
+            self._track(job, seq, first + i)
+            if meters:
+                job.meters[seq.id] = meters[i]
 
     def _track(self, job: Job, seq: Sequence, index: int) -> None:
         job.seqs.append(seq)
@@ -253,29 +258,6 @@ class Worker:
             return
         self._track(job, big, index)
 
-    def _fork_ready(self) -> None:
-        """Fork the first sample of n > 1 jobs once its prompt is prefilled."""
-        for job in list(self._to_fork):
-            first = job.seqs[0] if job.seqs else None
-            if first is None or job.aborted:
-                self._to_fork.remove(job)
-                continue
-            if first.status is Status.RUNNING and len(self.engine.scheduler.free_rows) >= job.n - 1:
-                for i, f in enumerate(self.engine.fork(first, job.n - 1), start=1):
-                    # Engine.fork hands every fork the same processor objects; a grammar holds
-                    # per-sample state, so each fork gets its own before its first sample
-                    f.processors = f.cfg.processors() + job.processors()
-                    self._track(job, f, i)
-                    if self.large is not None:
-                        f.processors.append(meter := EntropyMeter())
-                        job.meters[f.id] = meter
-                self._to_fork.remove(job)
-            elif first.finished or first.status is Status.RUNNING:
-                # ended on its first token, or too few free rows: the rest prefill on their own
-                for i in range(1, job.n):
-                    self._add(job, i, job.sample_cfg(i))
-                self._to_fork.remove(job)
-
     def _fail_all(self, message: str) -> None:
         for job in {id(j): j for j in self._jobs.values()}.values():
             job.post("error", message)
@@ -283,7 +265,6 @@ class Worker:
                 for engine in self._engines():
                     engine.abort(seq)
         self._jobs.clear()
-        self._to_fork.clear()
         for name in ("engine", "large"):
             engine = getattr(self, name)
             if engine is None:
