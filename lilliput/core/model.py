@@ -375,3 +375,8 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x).float()  # (B, T, V)
+
+
+# Mixers and feed-forwards beyond attention and SwiGLU register themselves when their module is
+# imported; importing them here means any code that can build a GPT knows every built-in name.
+from lilliput.core import ssm  # noqa: E402,F401
