@@ -379,4 +379,4 @@ class GPT(nn.Module):
 
 # Mixers and feed-forwards beyond attention and SwiGLU register themselves when their module is
 # imported; importing them here means any code that can build a GPT knows every built-in name.
-from lilliput.core import ssm, xlstm  # noqa: E402,F401
+from lilliput.core import moe, ssm, xlstm  # noqa: E402,F401
