@@ -99,6 +99,10 @@ class MixerState:
     def copy_row(self, src: int, dst: int, n: int) -> None:
         raise NotImplementedError
 
+    def can_truncate(self, row: int, n: int) -> bool:
+        """Whether `truncate(row, n)` would succeed (always, for a cache indexed by position)."""
+        return True
+
     def reset(self, row: int) -> None:
         raise NotImplementedError
 
@@ -186,6 +190,10 @@ class DecodeState:
         for s in self.layers:
             s.truncate(row, n)
         self.lengths[row] = n
+
+    def can_truncate(self, row: int, n: int) -> bool:
+        """Whether every layer can rewind `row` to n tokens (a recurrent layer only to recent ones)."""
+        return 0 <= n <= self.lengths[row] and all(s.can_truncate(row, n) for s in self.layers)
 
     def copy(self, src: int, dst: int) -> None:
         n = self.lengths[src]

@@ -1,0 +1,113 @@
+"""Mamba, mLSTM, MoE and hybrid models through the rest of lilliput: the engine (batched greedy,
+verify + commit), checkpoints, quantization."""
+
+import pytest
+import torch
+
+from lilliput.compress.quantize import RTNConfig, quantize_
+from lilliput.core.checkpoint import load_folder, save_checkpoint
+from lilliput.core.config import ModelConfig, preset
+from lilliput.core.model import GPT
+from lilliput.infer.engine import Engine, EngineConfig
+from lilliput.infer.generate import GenerationConfig, generate
+
+ARCHS = ["mamba-tiny", "mlstm-tiny", "moe-tiny", "hybrid-tiny"]
+
+
+def model_of(name):
+    torch.manual_seed(0)
+    model = GPT(preset(name)).eval()
+    with torch.no_grad():  # larger than the 0.02 init, so greedy tokens depend on the context
+        for n, p in model.named_parameters():
+            if p.dim() == 2 and "router" not in n:
+                p.normal_(0, 0.2)
+    return model
+
+
+def naive_greedy(model, ids, n):
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[-n:]
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_config_round_trips_and_refuses_llama_export(name):
+    cfg = preset(name)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="only attention\\+swiglu"):
+        cfg.to_hf()
+
+
+def test_hybrid_puts_attention_every_fourth_layer():
+    model = GPT(preset("hybrid-tiny"))
+    assert [type(b.mixer).__name__ for b in model.layers] == ["Mamba", "Mamba", "Mamba", "Attention"]
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_batched_generation_equals_naive_greedy(name, byte_tokenizer, one_thread):
+    model = model_of(name)
+    prompts = ["a", "a much longer prompt here, over sixteen tokens", "mid size"]
+    cfg = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    out = generate(model, byte_tokenizer, prompts, cfg)
+    for p, g in zip(prompts, out):
+        assert g.tokens == naive_greedy(model, byte_tokenizer.encode(p), 6)
+
+
+@pytest.mark.parametrize("name", ["mamba-tiny", "mlstm-tiny", "hybrid-tiny"])
+def test_verify_and_commit_rewind_a_recurrent_state(name, byte_tokenizer, one_thread):
+    model = model_of(name)
+    prompt = byte_tokenizer.encode("verify me")
+    ref = naive_greedy(model, prompt, 10)
+    engine = Engine(model, byte_tokenizer)
+    seq = engine.add(prompt, GenerationConfig(max_new_tokens=10, ignore_eos=True))
+    engine.step()
+    draft = ref[1:4] + [(ref[4] + 1) % 256, 0]  # three right, then two wrong
+    greedy = engine.verify(seq, draft).argmax(-1).tolist()
+    assert greedy[:4] == ref[1:5]
+    engine.commit(seq, draft[:3] + [greedy[3]])
+    assert engine.state.lengths[seq.row] == len(seq.tokens) - 1 == seq.computed
+    engine.run()
+    assert seq.output == ref
+
+
+@pytest.mark.parametrize("name", ["mamba-tiny", "mlstm-tiny"])
+def test_continuous_batching_reuses_rows_of_a_recurrent_model(name, byte_tokenizer, one_thread):
+    """More requests than rows, prompts sharing prefixes with what freed rows held."""
+    model = model_of(name)
+    prompts = ["a", "a much longer prompt", "abc", "a much longer prompt than that", "q"]
+    engine = Engine(model, byte_tokenizer, EngineConfig(max_batch=2, prefill_chunk=8))
+    seqs = [engine.add(p, GenerationConfig(max_new_tokens=3 + i, ignore_eos=True)) for i, p in enumerate(prompts)]
+    engine.run()
+    for p, s in zip(prompts, seqs):
+        assert s.output == naive_greedy(model, byte_tokenizer.encode(p), len(s.output))
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_checkpoint_round_trip(name, byte_tokenizer, tmp_path):
+    model = model_of(name)
+    folder = save_checkpoint(model, byte_tokenizer, tmp_path / name)
+    loaded, _ = load_folder(folder)
+    assert loaded.config == model.config
+    idx = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)
+
+
+def test_rtn_int8_quantizes_the_linear_layers_of_a_mamba_model(byte_tokenizer, tmp_path):
+    model = model_of("mamba-tiny")
+    idx = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        ref = model(idx)
+    quantize_(model, RTNConfig(bits=8))
+    mixer = model.layers[0].mixer
+    assert not isinstance(mixer.in_proj, torch.nn.Linear) and not isinstance(mixer.out_proj, torch.nn.Linear)
+    assert isinstance(mixer.A_log, torch.nn.Parameter)  # the SSD's own parameters stay float
+    with torch.no_grad():
+        out = model(idx)
+        sqnr = 10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean())
+    assert sqnr > 25
+    loaded, _ = load_folder(save_checkpoint(model, byte_tokenizer, tmp_path / "q8"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), out, rtol=1e-5, atol=1e-5)
