@@ -111,3 +111,32 @@ def test_rtn_int8_quantizes_the_linear_layers_of_a_mamba_model(byte_tokenizer, t
     loaded, _ = load_folder(save_checkpoint(model, byte_tokenizer, tmp_path / "q8"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx), out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_a_few_steps_of_training_lower_the_loss(name):
+    from lilliput.core.moe import moe_aux_loss
+
+    torch.manual_seed(0)
+    model = GPT(preset(name))
+    idx = torch.randint(0, 256, (2, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        logits = model(idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+        losses.append(loss.item())
+        opt.zero_grad()
+        (loss + moe_aux_loss(model)).backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        opt.step()
+    assert losses[-1] < losses[0] - 0.1
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_perplexity_with_sliding_windows_is_finite(name, byte_tokenizer):
+    from lilliput.eval.perplexity import PerplexityConfig, perplexity
+
+    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune."
+    out = perplexity(model_of(name), byte_tokenizer, text, PerplexityConfig(window=32, stride=16, batch_size=2))
+    assert out["tokens"] == len(text) - 1 and 1 < out["perplexity"] < float("inf")

@@ -35,6 +35,8 @@ class RecurrentState(MixerState):
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], rows: int, max_len: int, device, dtype,
                  fills: dict[str, float] | None = None, name: str = "recurrent"):
+        if dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32  # a state sums over every token so far: keep it in float32
         self.fills = {k: 0.0 for k in shapes} | (fills or {})
         self.tensors = {k: torch.full((rows, *s), self.fills[k], device=device, dtype=dtype) for k, s in shapes.items()}
         self.lengths = [0] * rows

@@ -17,7 +17,8 @@ three forms below agree exactly, not only after a warm-up:
 - `mlstm_step` / `mlstm_sequential`: one token at a time: decoding.
 
 The layer around it follows xLSTM-7B's mLSTM layer: one bias-free projection to q | k | v | o | i~ | f~
-(gate biases are separate parameters: input gates start at -10, forget gates between 3 and 6),
+(gate biases are separate parameters: input gates start at 0 and forget gates between 3 and 6, as in
+the xLSTM paper; xLSTM-7B starts input gates at -10, which at this scale leaves h below the norm's eps),
 a per-head RMS norm of h, an output gate sigmoid(o), an output projection.
 """
 
@@ -117,7 +118,7 @@ class MLSTM(nn.Module):
         self.eps, self.max_len = config.norm_eps, config.max_seq_len
         width = self.nh * self.d
         self.w_in = nn.Linear(config.dim, 4 * width + 2 * self.nh, bias=False)  # q | k | v | o | i~ | f~
-        self.gate_bias = nn.Parameter(torch.cat([torch.full((self.nh,), -10.0), torch.linspace(3.0, 6.0, self.nh)]))
+        self.gate_bias = nn.Parameter(torch.cat([torch.zeros(self.nh), torch.linspace(3.0, 6.0, self.nh)]))
         self.norm_weight = nn.Parameter(torch.ones(width))
         self.w_out = nn.Linear(width, config.dim, bias=False)
 
