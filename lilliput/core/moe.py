@@ -98,6 +98,17 @@ def expert_load(model: nn.Module) -> list[list[float]]:
     return [(m.load / m.load.sum().clamp(min=1)).tolist() for m in moe_layers(model)]
 
 
+def moe_metrics(model: nn.Module) -> dict[str, float]:
+    """What a trainer logs each step: the share of routed tokens each expert took (averaged over
+    the MoE layers; 1 / experts each when balanced) and the tokens dropped by capacity limits."""
+    layers = moe_layers(model)
+    if not layers:
+        return {}
+    shares = torch.stack([m.load / m.load.sum().clamp(min=1) for m in layers]).mean(0)
+    return {"moe_dropped": float(sum(m.dropped for m in layers)),
+            **{f"moe_load_{e}": float(s) for e, s in enumerate(shares)}}
+
+
 def param_counts(model: nn.Module) -> dict[str, int]:
     """Total parameters, and active ones: those one token uses (k of each MoE layer's experts)."""
     total = sum(p.numel() for p in model.parameters())
