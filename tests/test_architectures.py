@@ -140,3 +140,36 @@ def test_perplexity_with_sliding_windows_is_finite(name, byte_tokenizer):
     text = "It is a truth universally acknowledged, that a single man in possession of a good fortune."
     out = perplexity(model_of(name), byte_tokenizer, text, PerplexityConfig(window=32, stride=16, batch_size=2))
     assert out["tokens"] == len(text) - 1 and 1 < out["perplexity"] < float("inf")
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_cli_info_generate_and_eval_on_a_saved_model(name, byte_tokenizer, tmp_path, monkeypatch, capsys):
+    import json
+
+    from lilliput.cli import main
+    from lilliput.eval.task_sets import Item
+    from lilliput.eval.tasks import TASKS, Task
+
+    ckpt = str(save_checkpoint(model_of(name), byte_tokenizer, tmp_path / name))
+    assert main(["info", "--model", ckpt, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["name"] == name
+    assert (info["active_parameters"] < info["parameters"]) == (name == "moe-tiny")
+    assert main(["generate", "hello", "--model", ckpt, "--max-new-tokens", "4"]) == 0
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 6)
+    capsys.readouterr()
+    assert main(["eval", "ppl", str(text), "--model", ckpt, "--window", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+    monkeypatch.setitem(TASKS, "toy", Task(lambda n: [Item("Q:", ("yes", "no"), 0)] * (n or 2)))
+    assert main(["eval", "tasks", "--tasks", "toy", "--model", ckpt, "--batch-size", "2", "--limit", "2"]) == 0
+
+
+def test_quantized_moe_keeps_its_total_and_active_parameter_counts():
+    from lilliput.eval.efficiency import active_parameter_count, parameter_count
+
+    model = model_of("moe-tiny")
+    before = parameter_count(model), active_parameter_count(model)
+    quantize_(model, RTNConfig(bits=8))
+    assert not isinstance(model.layers[0].ffn.experts[0].w_down, torch.nn.Linear)
+    assert (parameter_count(model), active_parameter_count(model)) == before

@@ -5,8 +5,8 @@ import torch
 
 from lilliput.core.config import ModelConfig, preset
 from lilliput.core.model import GPT, SwiGLU
-from lilliput.core.moe import (MoE, expert_load, load_balancing_loss, moe_aux_loss, param_counts,
-                               router_z_loss)
+from lilliput.core.moe import MoE, expert_load, load_balancing_loss, moe_aux_loss, router_z_loss
+from lilliput.eval.efficiency import active_parameter_count, parameter_count
 
 
 def test_one_expert_top1_equals_the_dense_swiglu_it_was_copied_from():
@@ -72,10 +72,9 @@ def test_aux_loss_reaches_the_router_and_model_helpers_report():
     assert model.layers[0].ffn.router.grad.abs().sum() > 0
     loads = expert_load(model)
     assert len(loads) == 2 and all(sum(layer) == pytest.approx(1.0) for layer in loads)
-    counts = param_counts(model)
     per_expert = 3 * 32 * 64
-    assert counts["total"] == model.num_params()
-    assert counts["total"] - counts["active"] == 2 * (4 - 2) * per_expert
+    assert parameter_count(model) == model.num_params()
+    assert parameter_count(model) - active_parameter_count(model) == 2 * (4 - 2) * per_expert  # 2 layers, 2 idle experts
     assert moe_aux_loss(GPT(preset("tiny"))) == 0.0
 
 

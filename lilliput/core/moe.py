@@ -108,9 +108,3 @@ def moe_metrics(model: nn.Module) -> dict[str, float]:
     return {"moe_dropped": float(sum(m.dropped for m in layers)),
             **{f"moe_load_{e}": float(s) for e, s in enumerate(shares)}}
 
-
-def param_counts(model: nn.Module) -> dict[str, int]:
-    """Total parameters, and active ones: those one token uses (k of each MoE layer's experts)."""
-    total = sum(p.numel() for p in model.parameters())
-    idle = sum((m.E - m.k) * sum(p.numel() for p in m.experts[0].parameters()) for m in moe_layers(model))
-    return {"total": total, "active": total - idle}

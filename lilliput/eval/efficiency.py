@@ -4,7 +4,8 @@ measure through it, so one figure has one definition (held-out perplexity has on
 `lilliput.eval.perplexity.HELDOUT`).
 
 Counts and sizes, one definition each:
-- `parameter_count`: logical parameters. Each weight once: a tied embedding and output layer once,
+- `parameter_count`: logical parameters (`active_parameter_count`: those one token uses, which
+  differs for mixture-of-experts models). Each weight once: a tied embedding and output layer once,
   a packed int8/int4 layer as the N x K float weight it stands for, and an output layer tied to
   the embedding once even when quantization gave it its own int8 copy (the same logical weight).
   Quantizing a model leaves its parameter count unchanged.
@@ -118,6 +119,15 @@ def parameter_count(model: nn.Module) -> int:
         if kind_of(m) and not (tied and name == "lm_head"):  # packed weights are buffers: count them here
             total += weight_numel(m)
     return total
+
+
+def active_parameter_count(model: nn.Module) -> int:
+    """`parameter_count` less the experts a token does not use: a MoE layer with E experts and top-k
+    routing counts k of them (equal to `parameter_count` for a dense model)."""
+    from lilliput.core.moe import moe_layers
+
+    idle = sum((m.E - m.k) * parameter_count(m.experts[0]) for m in moe_layers(model))
+    return parameter_count(model) - idle
 
 
 def parameter_breakdown(model: nn.Module) -> dict[str, int]:
