@@ -173,3 +173,28 @@ def test_quantized_moe_keeps_its_total_and_active_parameter_counts():
     quantize_(model, RTNConfig(bits=8))
     assert not isinstance(model.layers[0].ffn.experts[0].w_down, torch.nn.Linear)
     assert (parameter_count(model), active_parameter_count(model)) == before
+
+
+def test_fork_of_a_recurrent_model_equals_its_seed_alone(byte_tokenizer, one_thread):
+    model = model_of("mamba-tiny")
+    prompt = byte_tokenizer.encode("fork this prompt")
+    engine = Engine(model, byte_tokenizer, EngineConfig(max_batch=3))
+    cfg = GenerationConfig(max_new_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
+    seq = engine.add(prompt, cfg)
+    engine.step()
+    forks = engine.fork(seq, 2)
+    engine.run()
+    alone = Engine(model, byte_tokenizer).generate([prompt], GenerationConfig(
+        max_new_tokens=6, temperature=1.0, seed=4, ignore_eos=True))[0].output
+    assert forks[0].output == alone
+
+
+def test_decode_state_says_which_lengths_a_recurrent_row_can_rewind_to():
+    model = model_of("hybrid-tiny")
+    state = model.new_state(1, 64)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 30)), state)  # keeps positions 14..30
+        model(torch.randint(0, 256, (1, 1)), state)  # keeps 30..31
+    assert [state.can_truncate(0, n) for n in (0, 14, 29, 30, 31, 32)] == [True, False, False, True, True, False]
+    with pytest.raises(ValueError, match="cannot rewind the mamba state of row 0 from 31 to 29"):
+        state.truncate(0, 29)
