@@ -7,8 +7,6 @@ from lilliput.core.config import preset
 from lilliput.core.model import GPT, Step
 from lilliput.core.ssm import Mamba, segsum, ssd_chunked, ssd_sequential
 
-torch.set_default_dtype(torch.float32)
-
 
 def ssd_inputs(b=2, T=13, nh=3, hs=4, N=5, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -5,7 +5,9 @@ Blocks look up their sequence mixer and feed-forward by name in `MIXERS` and `FF
 and `new_state(rows, max_len, device, dtype) -> MixerState`; a new feed-forward (MoE) defines
 `forward(x)`. Neither touches this file: the config names them (`mixer`, or `layer_mixers` for a
 per-layer pattern such as attention every 4th layer), and the model asks each layer's mixer for
-its own decode state. Projections are stored fused (q|k|v and gate|up): one matrix-vector
+its own decode state. The built-in ones beyond attention and SwiGLU (core/ssm.py "mamba",
+core/xlstm.py "mlstm", core/moe.py "moe") are imported at the end of this file, so loading any
+config finds them. Projections are stored fused (q|k|v and gate|up): one matrix-vector
 product each at decode.
 """
 

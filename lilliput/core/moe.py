@@ -9,8 +9,9 @@ per forward, in token order; the rest of its tokens are dropped (their other exp
 residual still carry them) and counted in `dropped`.
 
 After each forward the module keeps, for the trainer to read: `aux_loss` (balance_coef * Switch
-load-balancing loss + z_coef * router z-loss, a tensor with its graph), `load` (tokens per expert,
-float, detached) and `dropped` (an int). `moe_aux_loss(model)` sums the losses of every MoE layer.
+load-balancing loss + z_coef * router z-loss, a tensor with its graph; computed in training mode
+only, None in eval mode), `load` (tokens per expert, float, detached) and `dropped` (an int).
+`moe_aux_loss(model)` sums the losses of every MoE layer.
 
 Experts are ordinary `SwiGLU` modules with `nn.Linear` projections, so quantization and pruning
 apply to them as to a dense model; the router is a plain parameter, not an `nn.Linear`, so they
@@ -64,7 +65,8 @@ class MoE(nn.Module):
         weight, chosen = probs.topk(self.k, dim=-1)  # (N, k)
         if self.k > 1:
             weight = weight / weight.sum(-1, keepdim=True)
-        self.aux_loss = self.balance_coef * load_balancing_loss(probs, chosen) + self.z_coef * router_z_loss(logits)
+        self.aux_loss = self.balance_coef * load_balancing_loss(probs, chosen) + self.z_coef * router_z_loss(logits) \
+            if self.training else None
         cap = N * self.k if self.capacity is None else math.ceil(self.capacity * N * self.k / self.E)
         out = torch.zeros_like(x)
         load = torch.zeros(self.E)
