@@ -198,3 +198,16 @@ def test_decode_state_says_which_lengths_a_recurrent_row_can_rewind_to():
     assert [state.can_truncate(0, n) for n in (0, 14, 29, 30, 31, 32)] == [True, False, False, True, True, False]
     with pytest.raises(ValueError, match="cannot rewind the mamba state of row 0 from 31 to 29"):
         state.truncate(0, 29)
+
+
+def test_bench_measures_a_hybrid_model(byte_tokenizer, tmp_path):
+    from lilliput.eval.bench import BenchConfig, run_bench
+
+    save_checkpoint(model_of("hybrid-tiny"), byte_tokenizer, tmp_path / "hybrid")
+    cfg = BenchConfig(models=(str(tmp_path / "hybrid"),), out=str(tmp_path / "out"), passages=1, ppl_window=64,
+                      tasks=("piqa",), task_limit=1, prompt_lengths=(8,), batch_sizes=(2,), throughput_prompt=8,
+                      new_tokens=3, warmup=0, repeats=1, threads=1)
+    m = run_bench(cfg)["models"][0]
+    assert m["memory"]["kv_bytes_per_token"] == 2 * 2 * 8 * 4  # the one attention layer
+    assert m["memory"]["state_bytes_per_sequence"] == 3 * (4 * 16 * 16 + 3 * 96) * 4  # three mamba layers
+    assert m["perplexity"]["perplexity"] > 1 and m["tasks"]["piqa"]["n"] == 1

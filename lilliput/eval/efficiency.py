@@ -101,6 +101,14 @@ def model_bytes(model: nn.Module) -> int:
     return _tensor_bytes(list(model.parameters()) + list(model.buffers()), set())
 
 
+def decode_state_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of one sequence's fp32 decode state: `per_token` (attention keys and values, which grow
+    with the sequence) and `per_sequence` (fixed-size recurrent states; while a verification is
+    rewindable a recurrent layer also holds up to `core.recurrent.SNAPSHOTS` + 1 copies of its state)."""
+    one, two = (model.new_state(1, n, dtype=torch.float32).nbytes() for n in (1, 2))
+    return {"per_token": two - one, "per_sequence": 2 * one - two}
+
+
 def linear_bytes(model: nn.Module) -> int:
     """Bytes of every matrix a decoded token reads: the tensors of each nn.Linear and registered layer
     kind (packed int8/int4 codes, scales, zeros); the embedding is read one row at a time, so it is left out
