@@ -53,7 +53,7 @@ class MoE(nn.Module):
         self.router = nn.Parameter(torch.randn(self.E, config.dim) * 0.02)  # (E, C)
         self.experts = nn.ModuleList(SwiGLU(config) for _ in range(self.E))
         self.aux_loss: torch.Tensor | None = None
-        self.load = torch.zeros(self.E)
+        self.load = torch.zeros(self.E, device="cpu")  # not meta when built by GPT.from_state_dict
         self.dropped = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
