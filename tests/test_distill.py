@@ -213,3 +213,12 @@ def test_run_distill_job(byte_tokenizer, tmp_path, monkeypatch):
     assert run["train"]["steps"] == 3 and (out / "train_log.jsonl").is_file()
     model, tok = load_model(out, device="cpu")
     assert model.config.dim == 32 and tok.vocab_size == 256
+
+
+def test_moe_student_adds_its_aux_loss(byte_tokenizer):
+    torch.manual_seed(2)
+    s = GPT(preset("moe-tiny"))
+    obj = Distillation(s, _teacher(), _cfg(alpha=0.5), byte_tokenizer)
+    loss, metrics = obj({"idx": torch.randint(0, 256, (2, 17)), "seed": 0})
+    assert metrics["moe_aux"] > 0 and sum(metrics[f"moe_load_{e}"] for e in range(4)) == pytest.approx(1.0)
+    assert loss.detach().item() == pytest.approx(float(0.5 * metrics["kd"] + 0.5 * metrics["ce"] + metrics["moe_aux"]), rel=1e-5)

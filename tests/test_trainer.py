@@ -122,3 +122,15 @@ def test_ddp_two_ranks_stay_identical(tmp_path):
     assert r0["tokens"] == 3 * 2 * 2 * 2 * 17  # steps * accum * ranks * batch * (seq_len + 1)
     # and training moved them away from the (rank-0) initialisation
     assert not torch.equal(r0["flat"], torch.cat([p.flatten() for p in _model(seed=0).parameters()]))
+
+
+def test_moe_model_trains_with_its_aux_loss_and_logs_expert_load(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(preset("moe-tiny"))
+    trainer = Trainer(LanguageModeling(model), WindowBatches(_stream(), 2, 16), _cfg(max_steps=3, out=str(tmp_path)))
+    metrics = trainer.train_step()
+    assert metrics["loss"] == pytest.approx(metrics["ce"] + metrics["moe_aux"])
+    assert sum(metrics[f"moe_load_{e}"] for e in range(4)) == pytest.approx(1.0) and metrics["moe_dropped"] == 0
+    trainer.fit()
+    row = json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[-1])
+    assert {"moe_aux", "moe_load_0", "moe_dropped"} <= set(row)

@@ -21,10 +21,10 @@ from lilliput.cli.flags import Parser, load, model_args, read_text
 def cmd_info(ns) -> int:
     model, tok = load(ns)
     c = model.config
-    from lilliput.eval.efficiency import parameter_count
+    from lilliput.eval.efficiency import active_parameter_count, parameter_count
 
     info = {"model": ns.model or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF)", "config": c.to_dict(),
-            "parameters": parameter_count(model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "parameters": parameter_count(model), "active_parameters": active_parameter_count(model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "device": str(next(model.parameters()).device), "load_seconds": round(model.load_seconds, 3),
             "tokenizer": {"vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                           "chat_template": tok.chat_template is not None}}

@@ -40,6 +40,29 @@ class ModelConfig:
     "attention") for attention every 4th layer); empty means every layer uses `mixer`."""
     ffn: str = "swiglu"
     """Feed-forward of each block (a key of lilliput.core.model.FFNS)."""
+    ssm_state: int = 16
+    """Mamba: width N of each head's state (and of B and C)."""
+    ssm_expand: int = 2
+    """Mamba: inner width as a multiple of dim."""
+    ssm_head_dim: int = 16
+    """Mamba: width of one SSD head; must divide ssm_expand * dim."""
+    ssm_conv: int = 4
+    """Mamba: width of the causal depthwise convolution."""
+    ssm_chunk: int = 64
+    """Mamba: tokens per chunk of the matrix-multiply (SSD) form used for training and prefill."""
+    mlstm_chunk: int = 64
+    """mLSTM: tokens per chunk of the chunkwise form (heads and widths are n_heads and head_dim)."""
+    moe_experts: int = 8
+    """MoE: number of expert feed-forwards (each a SwiGLU of width ffn_dim)."""
+    moe_top_k: int = 2
+    """MoE: experts each token is routed to."""
+    moe_capacity: float | None = None
+    """MoE: capacity factor (an expert takes at most capacity * tokens * top_k / experts tokens per
+    forward; the rest are dropped and counted); None means dropless."""
+    moe_balance_coef: float = 0.01
+    """MoE: weight of the Switch load-balancing loss in `moe_aux_loss`."""
+    moe_z_coef: float = 0.001
+    """MoE: weight of the router z-loss (mean squared log-sum-exp of the router logits)."""
     name: str = "custom"
     """A label for reports."""
 
@@ -53,6 +76,17 @@ class ModelConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must divide dim ({self.dim}) unless head_dim is set")
         if isinstance(self.layer_mixers, list):
             object.__setattr__(self, "layer_mixers", tuple(self.layer_mixers))
+        for field in ("ssm_state", "ssm_expand", "ssm_head_dim", "ssm_conv", "ssm_chunk", "mlstm_chunk",
+                      "moe_experts", "moe_top_k"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+        if (self.ssm_expand * self.dim) % self.ssm_head_dim:
+            raise ValueError(f"ssm_head_dim ({self.ssm_head_dim}) must divide ssm_expand * dim "
+                             f"({self.ssm_expand * self.dim})")
+        if self.moe_top_k > self.moe_experts:
+            raise ValueError(f"moe_top_k ({self.moe_top_k}) must be at most moe_experts ({self.moe_experts})")
+        if self.moe_capacity is not None and self.moe_capacity <= 0:
+            raise ValueError(f"moe_capacity must be positive or None (dropless), got {self.moe_capacity}")
         if self.hd % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.hd}")
 
@@ -141,6 +175,12 @@ class ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(name="tiny"),
+    # tiny non-Llama models for tests: the same widths as "tiny"
+    "mamba-tiny": ModelConfig(name="mamba-tiny", mixer="mamba", ssm_chunk=8),
+    "mlstm-tiny": ModelConfig(name="mlstm-tiny", mixer="mlstm", mlstm_chunk=8),
+    "moe-tiny": ModelConfig(name="moe-tiny", ffn="moe", moe_experts=4, moe_top_k=2),
+    "hybrid-tiny": ModelConfig(name="hybrid-tiny", n_layers=4, layer_mixers=("mamba", "mamba", "mamba", "attention"),
+                               ssm_chunk=8),
     "smollm2-135m": ModelConfig(
         name="smollm2-135m", vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
         ffn_dim=1536, max_seq_len=8192, norm_eps=1e-5, rope_theta=100000.0,

@@ -5,7 +5,9 @@ Blocks look up their sequence mixer and feed-forward by name in `MIXERS` and `FF
 and `new_state(rows, max_len, device, dtype) -> MixerState`; a new feed-forward (MoE) defines
 `forward(x)`. Neither touches this file: the config names them (`mixer`, or `layer_mixers` for a
 per-layer pattern such as attention every 4th layer), and the model asks each layer's mixer for
-its own decode state. Projections are stored fused (q|k|v and gate|up): one matrix-vector
+its own decode state. The built-in ones beyond attention and SwiGLU (core/ssm.py "mamba",
+core/xlstm.py "mlstm", core/moe.py "moe") are imported at the end of this file, so loading any
+config finds them. Projections are stored fused (q|k|v and gate|up): one matrix-vector
 product each at decode.
 """
 
@@ -99,6 +101,10 @@ class MixerState:
     def copy_row(self, src: int, dst: int, n: int) -> None:
         raise NotImplementedError
 
+    def can_truncate(self, row: int, n: int) -> bool:
+        """Whether `truncate(row, n)` would succeed (always, for a cache indexed by position)."""
+        return True
+
     def reset(self, row: int) -> None:
         raise NotImplementedError
 
@@ -186,6 +192,10 @@ class DecodeState:
         for s in self.layers:
             s.truncate(row, n)
         self.lengths[row] = n
+
+    def can_truncate(self, row: int, n: int) -> bool:
+        """Whether every layer can rewind `row` to n tokens (a recurrent layer only to recent ones)."""
+        return 0 <= n <= self.lengths[row] and all(s.can_truncate(row, n) for s in self.layers)
 
     def copy(self, src: int, dst: int) -> None:
         n = self.lengths[src]
@@ -375,3 +385,8 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x).float()  # (B, T, V)
+
+
+# Mixers and feed-forwards beyond attention and SwiGLU register themselves when their module is
+# imported; importing them here means any code that can build a GPT knows every built-in name.
+from lilliput.core import moe, ssm, xlstm  # noqa: E402,F401  # noqa: F401,E402  (they register their mixers)

@@ -182,9 +182,10 @@ def measure_model(spec: str | None, cfg: BenchConfig) -> dict[str, Any]:
     if path and str(path).endswith(".gguf"):
         result["notes"].append(f"size on disk is the GGUF file it loads from ({path.name}); in memory its "
                                "weights are dequantized to float (memory.weights_bytes)")
-    kv_per_token = 2 * c.n_layers * c.n_kv_heads * c.hd * 4  # fp32 K and V of every layer
+    state = eff.decode_state_bytes(model)  # fp32 K and V of attention layers; recurrent states per sequence
     result["memory"] = {"rss_before_load_bytes": rss_before, "rss_at_load_bytes": eff.rss_bytes(),
-                        "weights_bytes": eff.model_bytes(model), "kv_bytes_per_token": kv_per_token}
+                        "weights_bytes": eff.model_bytes(model), "kv_bytes_per_token": state["per_token"],
+                        "state_bytes_per_sequence": state["per_sequence"]}
     can_reset = eff.reset_peak_rss()
 
     # time to first token, one figure per prompt length
@@ -213,7 +214,7 @@ def measure_model(spec: str | None, cfg: BenchConfig) -> dict[str, Any]:
     result["memory"].update({
         "peak_generation_bytes": eff.peak_rss_bytes(),
         "peak_is_generation_only": can_reset,
-        "kv_cache_bytes_largest_run": kv_per_token * max(longest, (plen + cfg.new_tokens) * max(cfg.batch_sizes)),
+        "kv_cache_bytes_largest_run": state["per_token"] * max(longest, (plen + cfg.new_tokens) * max(cfg.batch_sizes)),
     })
 
     # quality

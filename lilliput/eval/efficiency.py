@@ -4,7 +4,8 @@ measure through it, so one figure has one definition (held-out perplexity has on
 `lilliput.eval.perplexity.HELDOUT`).
 
 Counts and sizes, one definition each:
-- `parameter_count`: logical parameters. Each weight once: a tied embedding and output layer once,
+- `parameter_count`: logical parameters (`active_parameter_count`: those one token uses, which
+  differs for mixture-of-experts models). Each weight once: a tied embedding and output layer once,
   a packed int8/int4 layer as the N x K float weight it stands for, and an output layer tied to
   the embedding once even when quantization gave it its own int8 copy (the same logical weight).
   Quantizing a model leaves its parameter count unchanged.
@@ -100,6 +101,14 @@ def model_bytes(model: nn.Module) -> int:
     return _tensor_bytes(list(model.parameters()) + list(model.buffers()), set())
 
 
+def decode_state_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of one sequence's fp32 decode state: `per_token` (attention keys and values, which grow
+    with the sequence) and `per_sequence` (fixed-size recurrent states; while a verification is
+    rewindable a recurrent layer also holds up to `core.recurrent.SNAPSHOTS` + 1 copies of its state)."""
+    one, two = (model.new_state(1, n, dtype=torch.float32).nbytes() for n in (1, 2))
+    return {"per_token": two - one, "per_sequence": 2 * one - two}
+
+
 def linear_bytes(model: nn.Module) -> int:
     """Bytes of every matrix a decoded token reads: the tensors of each nn.Linear and registered layer
     kind (packed int8/int4 codes, scales, zeros); the embedding is read one row at a time, so it is left out
@@ -118,6 +127,15 @@ def parameter_count(model: nn.Module) -> int:
         if kind_of(m) and not (tied and name == "lm_head"):  # packed weights are buffers: count them here
             total += weight_numel(m)
     return total
+
+
+def active_parameter_count(model: nn.Module) -> int:
+    """`parameter_count` less the experts a token does not use: a MoE layer with E experts and top-k
+    routing counts k of them (equal to `parameter_count` for a dense model)."""
+    from lilliput.core.moe import moe_layers
+
+    idle = sum((m.E - m.k) * parameter_count(m.experts[0]) for m in moe_layers(model))
+    return parameter_count(model) - idle
 
 
 def parameter_breakdown(model: nn.Module) -> dict[str, int]:

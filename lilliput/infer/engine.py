@@ -169,12 +169,14 @@ class Engine:
 
         best, best_n = min(free, key=lambda r: len(self.row_tokens[r])), 0  # default: the emptiest row
         if self.cfg.prefix_cache:
+            # a recurrent layer rewinds only to recent positions: a prefix it cannot reach is no prefix
             for r in free:
-                if (n := shared(self.row_tokens[r])) > best_n:
+                if (n := shared(self.row_tokens[r])) > best_n and self.state.can_truncate(r, n):
                     best, best_n = r, n
             donor, donor_n = None, best_n
             for other in self.scheduler.running:
-                if other.row is not None and (n := shared(other.tokens[:other.computed])) > max(donor_n, self.cfg.min_prefix - 1):
+                if other.row is not None and (n := shared(other.tokens[:other.computed])) > max(donor_n, self.cfg.min_prefix - 1) \
+                        and self.state.can_truncate(other.row, n):
                     donor, donor_n = other, n
             if donor is not None:  # copy the prefix from a running row into the emptiest free row
                 best = min(free, key=lambda r: len(self.row_tokens[r]))

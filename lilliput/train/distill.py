@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from lilliput.core.config import ModelConfig, PRESETS, preset
 from lilliput.core.model import GPT
+from lilliput.core.moe import moe_aux_loss, moe_layers, moe_metrics
 from lilliput.train.data import default_documents, token_stream
 from lilliput.train.logit_cache import CachedBatches, build_logit_cache
 from lilliput.train.loop import Trainer, TrainConfig, WindowBatches
@@ -245,10 +246,16 @@ class Distillation(nn.Module):
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mode = self.cfg.mode
         if mode == "sequence":
-            return self._sequence(batch)
-        if mode == "on-policy" and _coin(batch["seed"], self.cfg.seed) < self.cfg.lmbda:
-            return self._on_policy(batch)
-        return self._windows(batch)
+            loss, metrics = self._sequence(batch)
+        elif mode == "on-policy" and _coin(batch["seed"], self.cfg.seed) < self.cfg.lmbda:
+            loss, metrics = self._on_policy(batch)
+        else:
+            loss, metrics = self._windows(batch)
+        if moe_layers(self.student):  # an MoE student keeps its experts balanced as in plain training
+            aux = moe_aux_loss(self.student)
+            loss = loss + aux
+            metrics = {**metrics, "moe_aux": aux.detach(), **moe_metrics(self.student)}
+        return loss, metrics
 
     def _mix(self, kd: torch.Tensor | None, s_logits, targets, mask=None) -> tuple[torch.Tensor, dict]:
         a = self.cfg.alpha

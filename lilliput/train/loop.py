@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+from lilliput.core.moe import moe_aux_loss, moe_layers, moe_metrics
 from lilliput.core.record import run_record, write_json
 from lilliput.train.losses import cross_entropy
 
@@ -116,7 +117,8 @@ class WindowBatches:
 
 
 class LanguageModeling(nn.Module):
-    """Next-token cross-entropy of `model` on batch["idx"] (B, T+1)."""
+    """Next-token cross-entropy of `model` on batch["idx"] (B, T+1), plus the auxiliary losses of
+    its MoE layers (load balancing, router z-loss) when it has any; their expert loads are logged."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -126,7 +128,12 @@ class LanguageModeling(nn.Module):
         idx = batch["idx"]
         logits = self.model(idx[:, :-1])  # (B, T, V)
         loss = cross_entropy(logits, idx[:, 1:], batch.get("mask"))
-        return loss, {"ce": loss.detach()}
+        metrics = {"ce": loss.detach()}
+        if moe_layers(self.model):
+            aux = moe_aux_loss(self.model)
+            loss = loss + aux
+            metrics |= {"moe_aux": aux.detach(), **moe_metrics(self.model)}
+        return loss, metrics
 
 
 # --- distributed ------------------------------------------------------------------------------
