@@ -389,4 +389,4 @@ class GPT(nn.Module):
 
 # Mixers and feed-forwards beyond attention and SwiGLU register themselves when their module is
 # imported; importing them here means any code that can build a GPT knows every built-in name.
-from lilliput.core import moe, ssm, xlstm  # noqa: E402,F401  # noqa: F401,E402  (they register their mixers)
+from lilliput.core import moe, ssm, xlstm  # noqa: E402,F401
