@@ -301,6 +301,10 @@ static inline __attribute__((always_inline)) void int4_dot_impl(const qctx_t *c,
 }
 
 #if QG_512
+#ifndef PREFETCH
+#define PREFETCH 4096 /* bytes ahead in the weight stream: on 2 Xeon cores int4 decode went from ~100 to
+                        ~170 tok/s, int8 from ~94 to ~121 (1024 bytes: 140 / 101; 8192: 167 / 121) */
+#endif
 /*
  * The 512-bit paths (AVX-512 VNNI), 64 columns per step. x is offset to unsigned bytes
  * (xu = xq + 128), so `vpdpbusd` multiplies it straight into the signed weights with no sign
@@ -322,6 +326,7 @@ static inline __attribute__((always_inline)) void int8_dot512_impl(const qctx_t 
         __m512 acc[MAXB];
         for (int r = 0; r < B; r++) acc[r] = _mm512_setzero_ps();
         for (int64_t j = 0; j < nq; j++) {
+            _mm_prefetch((const char *)(wr + j * 64) + PREFETCH, _MM_HINT_T0);
             const __m512i wv = _mm512_loadu_si512((const void *)(wr + j * 64));
             const __m512i neg = _mm512_sub_epi32(_mm512_setzero_si512(),
                                                  _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv));
@@ -355,6 +360,7 @@ static inline __attribute__((always_inline)) void int4_dot512_impl(const qctx_t 
                 gs[r] = _mm512_setzero_ps();
             }
             for (int64_t j = gi * qpg; j < (gi + 1) * qpg; j++) {
+                _mm_prefetch((const char *)(wr + j * 32) + PREFETCH, _MM_HINT_T0);
                 const __m256i b = _mm256_loadu_si256((const __m256i *)(wr + j * 32)); /* two Q4 blocks */
                 const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, m4)),
                                                      _mm256_and_si256(_mm256_srli_epi16(b, 4), m4), 1);
