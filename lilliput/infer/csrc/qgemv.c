@@ -303,7 +303,6 @@ static inline __attribute__((always_inline)) void int4_dot_impl(const qctx_t *c,
 #if QG_512
 #ifndef PREFETCH
 #define PREFETCH 4096 /* bytes ahead in the weight stream: int4 decode ~100 -> ~170 tok/s, int8 ~94 -> ~121 on 2 Xeon cores */
-                        ~170 tok/s, int8 from ~94 to ~121 (1024 bytes: 140 / 101; 8192: 167 / 121) */
 #endif
 /*
  * The 512-bit paths (AVX-512 VNNI), 64 columns per step. x is offset to unsigned bytes
