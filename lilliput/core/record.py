@@ -26,10 +26,12 @@ def git_sha() -> str | None:
 
 
 def git_dirty() -> bool | None:
-    """True when the working tree of lilliput's checkout has uncommitted changes (None outside git)."""
+    """True when lilliput's checkout has uncommitted changes to anything but bench/results (a
+    benchmark run after another has not committed the other's results yet; None outside git)."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                             text=True, timeout=10, cwd=Path(lilliput.__file__).resolve().parent)
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                              ":(top,exclude)bench/results"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(lilliput.__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
         return None
     return bool(out.stdout.strip()) if out.returncode == 0 else None
