@@ -310,7 +310,8 @@ ISAS = {"x86-64": set(), "haswell": {"avx2", "fma", "f16c"}, "alderlake": {"avx2
 @pytest.mark.parametrize("march", sorted(ISAS))
 def test_quantized_paths_of_every_instruction_set_agree(march, tmp_path):
     """The int8/int4 kernels built for other instruction sets (scalar, AVX2 maddubs, AVX-VNNI,
-    AVX-512 without VNNI) run where this CPU can, and give what the native build gives."""
+    AVX-512 without VNNI) run where this CPU can: every one is within int8-activation error of
+    the float product, and the integer paths give what the native build gives."""
     import ctypes
 
     from lilliput.compress.quantize import Grid
@@ -341,5 +342,7 @@ def test_quantized_paths_of_every_instruction_set_agree(march, tmp_path):
                 assert lib.qlinear_run_rows(desc, ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr()),
                                             ctypes.c_int64(b)) == 0
                 ys.append(y)
-            # the same integer dot products; only the float summation order differs between paths
-            torch.testing.assert_close(ys[1], ys[0], rtol=1e-4, atol=1e-3)
+            ref = x @ layer.dequantize().T
+            assert (ys[1] - ref).abs().max() < 0.02 * ref.abs().max()  # int8 activations at most
+            if march != "x86-64":  # the same integer dot products: only the float sums' order differs
+                torch.testing.assert_close(ys[1], ys[0], rtol=1e-4, atol=1e-3)

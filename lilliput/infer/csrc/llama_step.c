@@ -114,6 +114,30 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return d;
 }
 
+typedef int32_t vi8 __attribute__((vector_size(32)));
+
+/* e^x for 8 floats with x <= 0 (softmax scores minus their max): 2^n e^r with n = round(x / ln 2),
+ * |r| <= ln 2 / 2 and e^r by its Taylor series to r^7 (relative error about one ulp); x below -87
+ * gives 0. A scalar expf per score cost ~1 ms per token at 200 tokens of context. */
+static inline v8 exp_v8(v8 x) {
+    const v8 lo = (v8){0} - 87.0f, log2e = (v8){0} + 1.44269504f, shift = (v8){0} + 12582912.0f;
+    const v8 ln2_hi = (v8){0} + 0.693359375f, ln2_lo = (v8){0} - 2.12194440e-4f;
+    const vi8 under = x < lo;
+    x = (v8)(((vi8)x & ~under) | ((vi8)lo & under));
+    const v8 n = (x * log2e + shift) - shift; /* round to nearest */
+    const v8 r = (x - n * ln2_hi) - n * ln2_lo;
+    v8 p = (v8){0} + 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
+    return (v8)((vi8)(p * (v8)bits) & ~under);
+}
+
 typedef struct {
     const step_args_t *a;
     const float *qkv; /* (n_tok, (nh + 2 nkv) hd), roped */
@@ -143,7 +167,17 @@ static void attend_items(const float *unused, const void *ctxv, void *unused_y, 
             mx = sc[s] > mx ? sc[s] : mx;
         }
         float sum = 0.0f;
-        for (int64_t s = 0; s < S; s++) sum += (sc[s] = expf(sc[s] - mx));
+        int64_t s = 0;
+        v8 vsum = {0};
+        for (; s + 8 <= S; s += 8) {
+            v8 e;
+            memcpy(&e, sc + s, sizeof e);
+            e = exp_v8(e - mx);
+            memcpy(sc + s, &e, sizeof e);
+            vsum += e;
+        }
+        for (int j = 0; j < 8; j++) sum += vsum[j];
+        for (; s < S; s++) sum += (sc[s] = expf(sc[s] - mx));
         float *o = c->att + t * nh * hd + h * hd;
         memset(o, 0, sizeof(float) * hd);
         const float inv = 1.0f / sum;
