@@ -62,8 +62,11 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         seqs = engine.generate(prompts, greedy_cfg, bos=False)
         secs = time.perf_counter() - t
-        greedy[name] = {"accuracy": sum(is_correct(q, s.text) for q, s in zip(questions, seqs)) / len(questions),
-                        "seconds": round(secs, 2), "tokens": sum(len(s.output) for s in seqs)}
+        right = [is_correct(q, s.text) for q, s in zip(questions, seqs)]
+        greedy[name] = {"accuracy": sum(right) / len(questions), "seconds": round(secs, 2),
+                        "tokens": sum(len(s.output) for s in seqs)}
+        if name == "int8":
+            greedy_right = right
         print(f"greedy {name}: {greedy[name]}", file=sys.stderr)
 
     engine = Engine(int8, tok, EngineConfig(max_batch=args.n, max_len=512))
@@ -73,8 +76,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for i, (q, p) in enumerate(zip(questions, prompts)):
         seqs = sample_n(engine, p, dataclasses.replace(sample_cfg, seed=i), args.n, bos=False)
-        fam = by_family.setdefault(q.family, {"n": 0, "greedy_int8": 0, **{f"{m}@{args.n}": 0 for m in METHODS}})
+        fam = by_family.setdefault(q.family, {"n": 0, "greedy_int8": 0, f"oracle@{args.n}": 0,
+                                              **{f"{m}@{args.n}": 0 for m in METHODS}})
         fam["n"] += 1
+        fam["greedy_int8"] += greedy_right[i]
+        fam[f"oracle@{args.n}"] += any(is_correct(q, s.text) for s in seqs)
         for n in ns:
             first = seqs[:n]
             tokens[n] += sum(len(s.output) for s in first)

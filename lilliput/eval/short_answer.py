@@ -1,8 +1,7 @@
 """Questions a 135M model can sometimes answer, with a program that checks the answer.
 
-Two kinds of answer, each with a canonical extraction (what votes count): a number (the first
-integer in the reply) or a letter (the first standalone capital letter, for multiple choice and
-alphabet questions). `synthetic()` makes small arithmetic, counting and alphabet questions from
+Three kinds of answer, each with a canonical extraction (what votes count): a number, a letter
+of the alphabet, or the letter of a multiple-choice option (`extract`). `synthetic()` makes small arithmetic, counting and alphabet questions from
 a seed; `arc_letters()` asks ARC-Easy questions as lettered multiple choice answered by
 generation. GSM8K is out of reach (SmolLM2-135M scores ~1-2% there).
 """
@@ -27,21 +26,29 @@ class Question:
     answer: str
     """The right answer, canonical (digits, or one capital letter)."""
     kind: str
-    """number or letter: how a reply is read."""
+    """number, alphabet or letter (multiple choice): how a reply is read (`extract`)."""
     family: str = ""
     """Which generator made it (for per-family accuracy)."""
 
 
 def extract(text: str, kind: str) -> str | None:
-    """The answer a reply gives: its first integer; or a letter: the reply itself when it is one
-    letter, the one it starts with ("B." / "B)"), else one in parentheses or after "answer is", else the first standalone
-    capital letter that is not the pronoun I."""
+    """The answer a reply gives, read from its first non-empty line (small models restate the
+    question: "13 + 25 = 38", "The letter after C is D"):
+    - number: the line's last integer;
+    - alphabet: the line's last standalone capital letter;
+    - letter (multiple choice): the reply itself when it is one letter, the letter it starts with
+      ("B." / "B)"), one in parentheses or after "answer is", else the first standalone capital
+      letter that is not the pronoun I."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     if kind == "number":
-        m = re.search(r"-?\d+", text.replace(",", ""))
-        return str(int(m.group())) if m else None
-    for pattern in (r"^\W*([A-Z])\W*$", r"^\W*([A-HJ-Z])(?![A-Za-z])", r"\(([A-Z])\)", r"(?i:answer|option|letter)(?: is)?:?\s*([A-Z])\b",
-                    r"\b([A-HJ-Z])\b"):
-        if m := re.search(pattern, text.strip()):
+        found = re.findall(r"-?\d+", line.replace(",", ""))
+        return str(int(found[-1])) if found else None
+    if kind == "alphabet":
+        found = re.findall(r"\b([A-Z])\b", line)
+        return found[-1] if found else None
+    for pattern in (r"^\W*([A-Z])\W*$", r"^\W*([A-HJ-Z])(?![A-Za-z])", r"\(([A-Z])\)",
+                    r"(?i:answer|option|letter)(?: is)?:?\s*([A-Z])\b", r"\b([A-HJ-Z])\b"):
+        if m := re.search(pattern, line):
             return m.group(1)
     return None
 
@@ -67,7 +74,7 @@ def synthetic(per_family: int = 20, seed: int = 0) -> list[Question]:
                             "number", "legs"))
         i = rng.randint(0, 24)
         out.append(Question(f"Which letter comes right after {LETTERS[i]} in the alphabet? Reply with the letter only.",
-                            LETTERS[i + 1], "letter", "next_letter"))
+                            LETTERS[i + 1], "alphabet", "next_letter"))
     return out
 
 
