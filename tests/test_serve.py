@@ -180,6 +180,19 @@ def test_n_samples_share_a_prefill_and_are_seeded(client, server):
     assert one == r.choices[1].text
 
 
+def test_best_of_returns_the_most_likely_samples(client):
+    kw = dict(model="tiny", prompt="choose", max_tokens=6, temperature=1.0, seed=9)
+    every = client.completions.create(**kw, n=4, logprobs=0).choices  # the same 4 candidates, all returned
+    mean = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in every]
+    best = client.completions.create(**kw, n=2, best_of=4)
+    assert best.usage.completion_tokens == 24  # all candidates are paid for
+    want = [every[i].text for i in sorted(range(4), key=lambda i: -mean[i])[:2]]
+    assert [c.text for c in best.choices] == want and [c.index for c in best.choices] == [0, 1]
+    for bad in (dict(n=3, best_of=2), dict(best_of=2, stream=True), dict(best_of=17)):
+        with pytest.raises(openai.BadRequestError, match="best_of"):
+            client.completions.create(**kw, **bad)
+
+
 def test_presence_and_frequency_penalties_change_greedy_output(client):
     base = client.completions.create(model="tiny", prompt="aaaa", max_tokens=24, temperature=0).choices[0].text
     pen = client.completions.create(model="tiny", prompt="aaaa", max_tokens=24, temperature=0,

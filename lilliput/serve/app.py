@@ -31,6 +31,7 @@ from lilliput.infer.engine import EngineConfig
 from lilliput.infer.grammar import JsonGrammar
 from lilliput.infer.router import GENERATION_SIGNALS, RouterConfig
 from lilliput.infer.sampling import PresenceFrequencyPenalty
+from lilliput.infer.search import mean_logprob
 from lilliput.serve import protocol as P
 from lilliput.serve.metrics import Metrics
 from lilliput.serve.worker import Job, Route, Worker
@@ -142,11 +143,12 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
             raise P.ApiError(404, f"the model '{req.model}' does not exist; this server serves '{name}'",
                              "model", "model_not_found")
 
-    async def build_job(req, ids: list[int], max_param: str, requested: int | None, logprobs: int | None) -> Job:
+    async def build_job(req, ids: list[int], max_param: str, requested: int | None, logprobs: int | None,
+                        n: int | None = None) -> Job:
         prompt_param = "messages" if isinstance(req, P.ChatRequest) else "prompt"
         max_tokens = P.resolve_max_tokens(requested, max_param, prompt_param, len(ids), worker.max_len)
         gen = P.generation_config(req, max_tokens, logprobs)
-        n = P.sample_count(req)
+        n = P.sample_count(req) if n is None else n
         makers = []
         if req.presence_penalty or req.frequency_penalty:
             pres, freq = req.presence_penalty or 0.0, req.frequency_penalty or 0.0
@@ -335,7 +337,9 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
             ids = await asyncio.to_thread(tok.encode, prompt)
         if not ids:
             raise P.ApiError(400, "the prompt is empty", "prompt", "invalid_value")
-        job = await build_job(req, ids, "max_tokens", 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
+        best_of = P.best_of_count(req)  # candidates scored by their own log-probabilities
+        job = await build_job(req, ids, "max_tokens", 16 if req.max_tokens is None else req.max_tokens,
+                              req.logprobs if best_of is None else (req.logprobs or 0), best_of)
         rid, created, fmt = P.new_id("cmpl"), P.now(), P.LogprobFormat(tok)
 
         def body(choices, usage=None, model=name):
@@ -360,9 +364,12 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
             return StreamingResponse(sse(job, "completions", [], text, end, usage), media_type="text/event-stream")
 
         await run_job(request, job)
+        picked = sorted(answers(job).items())
+        if best_of is not None:  # the n candidates with the highest mean log-probability, best first
+            picked = sorted(picked, key=lambda kv: -mean_logprob(kv[1]))[:P.sample_count(req)]
         choices = [{"index": i, "text": s.text, "finish_reason": P.finish_reason(s),
                     "logprobs": fmt.completion(s.logprobs[:len(s.output)]) if req.logprobs is not None else None,
-                    **route_fields(job, i)} for i, s in sorted(answers(job).items())]
+                    **route_fields(job, k)} for i, (k, s) in enumerate(picked)]
         return body(choices, count(job, "completions"), model_of(job))
 
     return app

@@ -86,6 +86,19 @@ class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str]
     logprobs: int | None = None
     echo: bool | None = None
+    best_of: int | None = None
+    """Samples drawn server-side (sharing one prefill); the n with the highest mean token
+    log-probability are returned (OpenAI's legacy `best_of`)."""
+
+
+def best_of_count(req: CompletionRequest) -> int | None:
+    """Candidates to draw for `best_of`, checked against n and streaming; None when not asked."""
+    if req.best_of is None:
+        return None
+    n = sample_count(req)
+    _check(n <= req.best_of <= MAX_N, f"best_of must be in [n={n}, {MAX_N}], got {req.best_of}", "best_of")
+    _check(not req.stream, "best_of cannot be streamed: the best is known at the end", "best_of")
+    return req.best_of
 
 
 def parse(model: type[_Strict], body: Any) -> Any:
