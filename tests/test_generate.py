@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lilliput.infer.generate import GenerationConfig, chat, generate
-from lilliput.infer.sampling import apply_repetition_penalty, top_k_filter, top_p_filter
+from lilliput.infer.sampling import RepetitionPenalty, top_k_filter, top_p_filter
 
 
 def naive_greedy(model, ids, n):
@@ -82,9 +82,9 @@ def test_context_overflow_and_empty_prompt(tiny_model, byte_tokenizer):
 
 
 def test_repetition_penalty_is_ctrl_rule():
-    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
-    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, -1]]), 2.0)
-    torch.testing.assert_close(out, torch.tensor([[1.0, -4.0, 1.0, 0.5]]))
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    out = RepetitionPenalty(2.0)([0, 1, 0], 2, logits)  # tokens 0 and 1 seen (prompt and output alike)
+    torch.testing.assert_close(out, torch.tensor([1.0, -4.0, 1.0, 0.5]))
 
 
 def test_filters():

@@ -6,15 +6,6 @@ from __future__ import annotations
 import torch
 
 
-def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty (as Hugging Face applies it): seen tokens' positive logits are divided by
-    `penalty`, negative ones multiplied. logits (B, V), history (B, S) token ids (pad with -1)."""
-    valid = (history >= 0).to(logits.dtype)
-    seen = torch.zeros_like(logits).scatter_add_(1, history.clamp(min=0), valid) > 0  # (B, V)
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
-
-
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, logits.shape[-1])
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
@@ -28,15 +19,6 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     remove = cum <= (1 - p)
     remove[..., -1] = False
     return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) float -> next ids (B,). temperature 0 is greedy (argmax)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = filtered_logits(logits, temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def p_active(top_p: float) -> bool:
