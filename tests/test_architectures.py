@@ -11,7 +11,7 @@ from lilliput.core.model import GPT
 from lilliput.infer.engine import Engine, EngineConfig
 from lilliput.infer.generate import GenerationConfig, generate
 
-ARCHS = ["mamba-tiny", "mlstm-tiny", "moe-tiny", "hybrid-tiny"]
+ARCHS = ["mamba-tiny", "xlstm-tiny", "moe-tiny", "hybrid-tiny"]
 
 
 def model_of(name):
@@ -55,7 +55,7 @@ def test_batched_generation_equals_naive_greedy(name, byte_tokenizer, one_thread
         assert g.tokens == naive_greedy(model, byte_tokenizer.encode(p), 6)
 
 
-@pytest.mark.parametrize("name", ["mamba-tiny", "mlstm-tiny", "hybrid-tiny"])
+@pytest.mark.parametrize("name", ["mamba-tiny", "xlstm-tiny", "hybrid-tiny"])
 def test_verify_and_commit_rewind_a_recurrent_state(name, byte_tokenizer, one_thread):
     model = model_of(name)
     prompt = byte_tokenizer.encode("verify me")
@@ -72,7 +72,7 @@ def test_verify_and_commit_rewind_a_recurrent_state(name, byte_tokenizer, one_th
     assert seq.output == ref
 
 
-@pytest.mark.parametrize("name", ["mamba-tiny", "mlstm-tiny"])
+@pytest.mark.parametrize("name", ["mamba-tiny", "xlstm-tiny"])
 def test_continuous_batching_reuses_rows_of_a_recurrent_model(name, byte_tokenizer, one_thread):
     """More requests than rows, prompts sharing prefixes with what freed rows held."""
     model = model_of(name)

@@ -73,7 +73,7 @@ def test_percentile_interpolates_like_numpy():
 @pytest.mark.parametrize("name,per_token,per_sequence", [
     ("tiny", 2 * 2 * 2 * 8 * 4, 0),  # K and V x layers x kv heads x head dim x fp32
     ("mamba-tiny", 0, 2 * (4 * 16 * 16 + 3 * 96) * 4),  # layers x (heads x hs x N + (conv-1) x conv channels)
-    ("mlstm-tiny", 0, 2 * 4 * (8 * 8 + 8 + 1) * 4),  # layers x heads x (C + n + m)
+    ("xlstm-tiny", 0, 2 * 4 * (8 * 8 + 8 + 1) * 4),  # layers x heads x (C + n + m)
     ("hybrid-tiny", 2 * 2 * 8 * 4, 3 * (4 * 16 * 16 + 3 * 96) * 4),
 ])
 def test_decode_state_bytes_split_growing_and_fixed_state(name, per_token, per_sequence):

@@ -52,7 +52,7 @@ def test_chunkwise_from_a_state_continues_the_sequence():
 
 def mlstm(chunk):
     torch.manual_seed(0)
-    m = MLSTM(preset("mlstm-tiny").replace(mlstm_chunk=chunk)).double()
+    m = MLSTM(preset("xlstm-tiny").replace(mlstm_chunk=chunk)).double()
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 2:
@@ -97,7 +97,7 @@ def test_truncate_and_copy_follow_the_sequence():
 
 def test_model_decode_state_matches_full_forward():
     torch.manual_seed(0)
-    model = GPT(preset("mlstm-tiny")).double().eval()
+    model = GPT(preset("xlstm-tiny")).double().eval()
     idx = torch.randint(0, 256, (3, 21))
     state = model.new_state(3, 32, dtype=torch.float64)
     out = torch.cat([model(idx[:, :9], state), model(idx[:, 9:10], state), model(idx[:, 10:], state)], 1)

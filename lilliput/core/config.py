@@ -175,9 +175,10 @@ class ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(name="tiny"),
+    "dense-tiny": ModelConfig(name="dense-tiny"),
     # tiny non-Llama models for tests: the same widths as "tiny"
     "mamba-tiny": ModelConfig(name="mamba-tiny", mixer="mamba", ssm_chunk=8),
-    "mlstm-tiny": ModelConfig(name="mlstm-tiny", mixer="mlstm", mlstm_chunk=8),
+    "xlstm-tiny": ModelConfig(name="xlstm-tiny", mixer="mlstm", mlstm_chunk=8),
     "moe-tiny": ModelConfig(name="moe-tiny", ffn="moe", moe_experts=4, moe_top_k=2),
     "hybrid-tiny": ModelConfig(name="hybrid-tiny", n_layers=4, layer_mixers=("mamba", "mamba", "mamba", "attention"),
                                ssm_chunk=8),
