@@ -8,7 +8,8 @@ the choice's length in characters). The first half of each task's items calibrat
 half is held out for every reported number.
 
 For each uncertainty signal of the small model's answer (margin between the top two choices,
-entropy over the choices, the chosen answer's normalized log-likelihood): the routing curve on
+entropy over the choices, the chosen answer's normalized log-likelihood, and `learned`: a logistic
+regression of "the small answer is wrong" on those three, fit on the calibration items): the routing curve on
 the held-out items, its APGR (RouteLLM: area under the performance gap recovered) and CPT(50%),
 CPT(80%) (the share of large calls needed for that part of the gap); the threshold calibrated
 for `--retain` (0.95) of the large model's accuracy and what it gives held out
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -29,7 +31,8 @@ import torch
 from lilliput.core.record import run_record, write_json
 from lilliput.eval.efficiency import linear_bytes
 from lilliput.eval.tasks import TASKS, loglikelihoods
-from lilliput.infer.router import (CHOICE_SIGNALS, apgr, call_performance_threshold, choice_uncertainty, oracle_curve,
+from lilliput.infer.router import (CHOICE_SIGNALS, apgr, call_performance_threshold, choice_uncertainty, fit_signal,
+                                   oracle_curve,
                                    random_curve, routed_accuracy, routing_curve, threshold_for_quality,
                                    threshold_for_share)
 
@@ -119,8 +122,18 @@ def main(argv=None) -> int:
 
     small_ok, large_ok = test[1], test[2]
     a, b = sum(small_ok) / len(small_ok), sum(large_ok) / len(large_ok)
+    # the learned signal: fit on all calibration items for the held-out numbers; its calibration
+    # APGR (which picks the signal) comes from two-fold cross-fitting, as the others' does not fit
+    learned = fit_signal(cal[0], cal[1])
+    for row in test[0]:
+        row["learned"] = learned(row)
+    for fit_part, apply_part in ((slice(0, None, 2), slice(1, None, 2)), (slice(1, None, 2), slice(0, None, 2))):
+        fold = fit_signal(cal[0][fit_part], cal[1][fit_part])
+        for row in cal[0][apply_part]:
+            row["learned"] = fold(row)
+    names = (*CHOICE_SIGNALS, "learned")
     signals = {}
-    for sig in CHOICE_SIGNALS:
+    for sig in names:
         u_cal, u_test = [x[sig] for x in cal[0]], [x[sig] for x in test[0]]
         signals[sig] = summarize(u_test, small_ok, large_ok, args.retain, (u_cal, cal[1], cal[2]))
         t = threshold_for_share(u_cal, args.escalate)
@@ -128,7 +141,7 @@ def main(argv=None) -> int:
         signals[sig][f"at_escalate_{args.escalate}"] = {"accuracy": round(acc, 4), "escalated_fraction": round(share, 4)}
     # the signal is chosen on the calibration items (largest APGR there), then reported held out
     cal_apgr = {sig: apgr(routing_curve([x[sig] for x in cal[0]], cal[1], cal[2]),
-                          sum(cal[1]) / len(cal[1]), sum(cal[2]) / len(cal[2])) or 0.0 for sig in CHOICE_SIGNALS}
+                          sum(cal[1]) / len(cal[1]), sum(cal[2]) / len(cal[2])) or 0.0 for sig in names}
     best = max(cal_apgr, key=cal_apgr.get)
     sb, lb = linear_bytes(small), linear_bytes(large)
     esc = signals[best]["escalated_fraction"]
@@ -140,7 +153,7 @@ def main(argv=None) -> int:
         "apgr": signals[best]["apgr"], "cpt50": signals[best]["cpt50"], "cpt80": signals[best]["cpt80"],
         "compute_saved_vs_large": round(1 - (sb + esc * lb) / lb, 4), "bytes_per_token": {"small": sb, "large": lb},
         "oracle_apgr": round(apgr(oracle, a, b), 4) if apgr(oracle, a, b) is not None else None, "random_apgr": 0.5,
-        "signals": signals, "calibration_apgr": {k: round(v, 4) for k, v in cal_apgr.items()},
+        "learned_signal": dataclasses.asdict(learned), "signals": signals, "calibration_apgr": {k: round(v, 4) for k, v in cal_apgr.items()},
         "oracle_curve": [(round(s, 4), round(x, 4)) for s, x in oracle],
     }
     out = Path(args.out)

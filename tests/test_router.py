@@ -89,3 +89,22 @@ def test_rolling_threshold_escalates_its_share_of_a_stream():
     assert fixed.escalates(0.6) and not fixed.escalates(0.4)
     with pytest.raises(ValueError, match="not both"):
         RouterConfig(threshold=1.0, escalate=0.3)
+
+
+def test_learned_signal_finds_the_informative_feature():
+    from lilliput.infer.router import fit_signal
+
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    margin = torch.randn(n, generator=g)
+    noise = torch.randn(n, generator=g)
+    wrong = (margin + 0.3 * torch.randn(n, generator=g)) > 0  # the small answer is wrong when margin is high
+    rows = [{"margin": float(m), "entropy": float(e), "mean_logprob": 0.0} for m, e in zip(margin, noise)]
+    sig = fit_signal(rows, [not w for w in wrong.tolist()])
+    assert sig.weights[0] > 1.0 and abs(sig.weights[1]) < 0.5 * sig.weights[0]
+    u = [sig(r) for r in rows]
+    assert all(0 < x < 1 for x in u)
+    # it ranks the wrong answers first: their mean uncertainty is far above the right ones'
+    wrong_u = [x for x, w in zip(u, wrong.tolist()) if w]
+    right_u = [x for x, w in zip(u, wrong.tolist()) if not w]
+    assert sum(wrong_u) / len(wrong_u) > sum(right_u) / len(right_u) + 0.5

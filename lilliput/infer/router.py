@@ -7,7 +7,8 @@ Uncertainty signals (higher = less sure):
 - of a multiple-choice answer: the `margin` between the two most likely choices (negated), the
   `entropy` over the choices, and the chosen answer's `mean_logprob`.
 
-The threshold is calibrated on held-out items, for a target share of escalations
+`fit_signal` learns one signal from several: a logistic regression of "the small answer is wrong"
+on items both models have scored. The threshold is calibrated on held-out items, for a target share of escalations
 (`threshold_for_share`) or a target quality (`threshold_for_quality`). Routing curves (quality
 against the share sent to the large model), their random and oracle lines, the area under the
 gap recovered (RouteLLM's APGR) and the share needed for a given part of the gap (CPT) are pure
@@ -99,6 +100,48 @@ def threshold_for_quality(uncertainty: Seq[float], small_correct: Seq[bool], lar
         if acc >= goal - 1e-12:
             return threshold_for_share(uncertainty, share)
     return -math.inf
+
+
+# --- a learned signal ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LearnedSignal:
+    """Logistic regression of "the small answer is wrong" on several signals (RouteLLM trains its
+    routers the same way, on items scored by both models). Its uncertainty is that probability,
+    so it routes with the same thresholds and curves as any single signal."""
+
+    names: tuple[str, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    weights: tuple[float, ...]  # one per name, then the intercept
+
+    def __call__(self, signals: dict[str, float]) -> float:
+        z = self.weights[-1] + sum(w * (signals[n] - m) / s
+                                   for n, m, s, w in zip(self.names, self.mean, self.scale, self.weights))
+        return 1.0 / (1.0 + math.exp(-max(min(z, 60.0), -60.0)))
+
+
+def fit_signal(signals: Seq[dict[str, float]], small_correct: Seq[bool], names: Seq[str] = CHOICE_SIGNALS,
+               l2: float = 1e-2, iterations: int = 50) -> LearnedSignal:
+    """Fit a LearnedSignal on calibration items by Newton's method (L2-regularized, float64)."""
+    if len(signals) != len(small_correct) or len(signals) < 2:
+        raise ValueError("fit_signal needs one small_correct per item and at least 2 items")
+    x = torch.tensor([[s[n] for n in names] for s in signals], dtype=torch.float64)
+    mean, scale = x.mean(0), x.std(0).clamp_min(1e-12)
+    x = torch.cat([(x - mean) / scale, torch.ones(len(x), 1, dtype=torch.float64)], 1)  # (n, d + 1)
+    y = torch.tensor([0.0 if c else 1.0 for c in small_correct], dtype=torch.float64)
+    w = torch.zeros(x.shape[1], dtype=torch.float64)
+    reg = torch.full_like(w, l2)
+    reg[-1] = 0.0  # the intercept is not shrunk
+    for _ in range(iterations):
+        p = torch.sigmoid(x @ w)
+        grad = x.T @ (p - y) / len(y) + reg * w
+        hess = (x.T * (p * (1 - p))) @ x / len(y) + torch.diag(reg)
+        step = torch.linalg.solve(hess, grad)
+        w = w - step
+        if float(step.abs().max()) < 1e-10:
+            break
+    return LearnedSignal(tuple(names), tuple(mean.tolist()), tuple(scale.tolist()), tuple(w.tolist()))
 
 
 # --- curves -------------------------------------------------------------------------------------------
