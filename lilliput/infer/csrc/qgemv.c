@@ -411,7 +411,8 @@ static void prepare_512(int kind, const int8_t *xq, const float *xd, int64_t K, 
         float *v = sv + j * 16;
         const float d0 = xd[2 * j], d1 = xd[2 * j + 1];
         if (kind == KIND_INT8) {
-            for (int i = 0; i < 64; i++) o[i] = (uint8_t)(q[i] + 128);
+            _mm512_storeu_si512((void *)o, _mm512_xor_si512(_mm512_loadu_si512((const void *)q),
+                                                             _mm512_set1_epi8((char)0x80))); /* q + 128 */
             for (int i = 0; i < 16; i++) v[i] = i < 8 ? d0 : d1;
         } else {
             for (int i = 0; i < 16; i++) {
@@ -426,8 +427,35 @@ static void prepare_512(int kind, const int8_t *xq, const float *xd, int64_t K, 
 
 /* ------------------------------------------------------------------ x preparation */
 
-/* x (K,) -> int8 blocks of 32 with one scale each (K % 32 == 0) */
+/* x (K,) -> int8 blocks of 32 with one scale each (K % 32 == 0). The vector path does the
+ * scalar path's arithmetic (same amax, d, 1/d and products; cvtps rounds to nearest even as
+ * lrintf does), so both give the same bytes. */
 static void quantize_x(const float *x, int64_t K, int8_t *xq, float *xd) {
+#if QG_AVX2
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t b = 0; b < K / QB; b++) {
+        const float *xb = x + b * QB;
+        __m256 v[4];
+        __m256 m = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float amax = _mm_cvtss_f32(h);
+        const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+        xd[b] = d;
+        const __m256 vi = _mm256_set1_ps(inv);
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vi));
+        /* int32 -> int8 keeping column order: the packs interleave 128-bit lanes, the permute undoes it */
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(xq + b * QB), _mm256_permutevar8x32_epi32(p, order));
+    }
+#else
     for (int64_t b = 0; b < K / QB; b++) {
         const float *xb = x + b * QB;
         float amax = 0.0f;
@@ -436,6 +464,7 @@ static void quantize_x(const float *x, int64_t K, int8_t *xq, float *xd) {
         xd[b] = d;
         for (int i = 0; i < QB; i++) xq[b * QB + i] = (int8_t)lrintf(xb[i] * inv);
     }
+#endif
 }
 
 int qgemv_abi_version(void) { return 2; }
