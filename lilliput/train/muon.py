@@ -50,8 +50,9 @@ def _orthogonalize(update: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def is_hidden_matrix(name: str, p: nn.Parameter, module: nn.Module) -> bool:
-    """A 2-D weight that neither embeds tokens nor produces logits."""
-    return p.dim() == 2 and not isinstance(module, nn.Embedding) and not name.split(".")[-2:-1] == ["lm_head"]
+    """The 2-D weight of a linear layer other than the output layer (a Mamba convolution kernel
+    or an MoE router is a 2-D parameter but not a linear map of the hidden state)."""
+    return isinstance(module, nn.Linear) and p is module.weight and name.split(".")[-2:-1] != ["lm_head"]
 
 
 def muon_param_groups(model: nn.Module, muon_lr: float, adam_lr: float, weight_decay: float = 0.0,
