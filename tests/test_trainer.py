@@ -134,3 +134,39 @@ def test_moe_model_trains_with_its_aux_loss_and_logs_expert_load(tmp_path):
     trainer.fit()
     row = json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[-1])
     assert {"moe_aux", "moe_load_0", "moe_dropped"} <= set(row)
+
+
+def test_wsd_schedule_exact_values():
+    trainer = Trainer(LanguageModeling(_model()), WindowBatches(_stream(), 2, 8),
+                      _cfg(max_steps=20, warmup_steps=4, schedule="wsd", decay_fraction=0.25, min_lr_ratio=0.1))
+    f = [trainer.lr_factor(s) for s in range(21)]
+    assert f[0] == pytest.approx(0.2) and f[3] == pytest.approx(0.8)  # warmup (s + 1) / 5
+    assert f[4:16] == [1.0] * 12  # stable until the last 25% (5 steps)
+    assert f[15] == 1.0 and f[16] == pytest.approx(1 - 0.9 / 5) and f[18] == pytest.approx(1 - 0.9 * 3 / 5)
+    assert f[20] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        _cfg(schedule="linear")
+
+
+def test_time_budget_schedule_follows_the_clock():
+    trainer = Trainer(LanguageModeling(_model()), WindowBatches(_stream(), 2, 8),
+                      _cfg(max_steps=None, max_minutes=1.0, warmup_steps=0, schedule="wsd", decay_fraction=0.5))
+    for seconds, factor in ((0.0, 1.0), (30.0, 1.0), (45.0, 0.55), (60.0, 0.1)):
+        trainer.seconds = seconds
+        assert trainer.lr_factor(5) == pytest.approx(factor)
+
+
+def test_evaluate_runs_every_n_steps_and_at_the_end(tmp_path):
+    calls = []
+
+    def evaluate(module):
+        calls.append(module.training)
+        return {"val_loss": torch.tensor(1.5)}
+
+    trainer = Trainer(LanguageModeling(_model()), WindowBatches(_stream(), 2, 8),
+                      _cfg(max_steps=5, eval_every=2, out=str(tmp_path)), evaluate=evaluate)
+    summary = trainer.fit()
+    assert calls == [False, False, False] and summary["val_loss"] == 1.5  # steps 2, 4 and the end (5)
+    rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4, 5]
+    assert json.loads((tmp_path / "run.json").read_text())["val_loss"] == 1.5
