@@ -170,3 +170,23 @@ def test_evaluate_runs_every_n_steps_and_at_the_end(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_loss" in r] == [2, 4, 5]
     assert json.loads((tmp_path / "run.json").read_text())["val_loss"] == 1.5
+
+
+def test_cli_train_from_scratch_then_load(tmp_path, capsys):
+    from lilliput.cli import main
+    from lilliput.core.checkpoint import load_model
+
+    data = tmp_path / "text.txt"
+    data.write_text("the cat sat on the mat. " * 40)
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "dense-tiny", "--data", str(data), "--out", str(out), "--steps", "3",
+                 "--batch-size", "2", "--seq-len", "16", "--cache-dir", str(tmp_path / "cache"), "--eval-batches", "2",
+                 "--optimizer", "muon", "--schedule", "wsd", "--no-progress", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["steps"] == 3 and printed["tokens"] == 3 * 2 * 17 and math.isfinite(printed["val_loss"])
+    model, tok = load_model(str(out), device="cpu")
+    assert model.config.vocab_size == 256 and model.config.max_seq_len == 16 and tok.vocab_size == 256
+    run = json.loads((out / "run.json").read_text())
+    assert run["val_loss"] == printed["val_loss"] and run["job"]["config"]["optimizer"] == "muon"
+    assert main(["train", "--preset", "smollm2-135m", "--out", str(out), "--steps", "1"]) == 2  # not from scratch
+    assert main(["train", "--preset", "dense-tiny", "--out", str(out)]) == 2  # no budget

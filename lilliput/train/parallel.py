@@ -87,6 +87,15 @@ def full_state(objective: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
     return get_state_dict(objective, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def full_model_state(objective: nn.Module) -> dict:
+    """The objective's state dict with whole tensors; under FSDP every rank must call it."""
+    if not sharded(objective):
+        return objective.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def load_full_state(objective: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
     if not sharded(objective):
         objective.load_state_dict(model_sd)

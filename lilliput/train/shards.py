@@ -127,9 +127,12 @@ class TokenShards:
         (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "shards": names, "documents": documents,
                                                    "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
                                                    **(meta or {})}, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process (a rank on this node) finished the same shards first
+            if not (folder / "meta.json").is_file():
+                raise
+            shutil.rmtree(tmp)
         return cls(folder)
 
     @classmethod
@@ -205,3 +208,14 @@ class ShardBatches:
             start = lo + int(pick - (self.ends[k - 1] if k else 0))
             rows.append(np.asarray(shard[start:start + self.seq_len + 1], dtype=np.int64))
         return {"idx": torch.from_numpy(np.stack(rows))}  # (B, T+1)
+
+    @torch.no_grad()
+    def mean_loss(self, objective: torch.nn.Module, n_batches: int) -> float:
+        """Mean next-token cross-entropy of `objective` (returning (loss, {"ce": ...})) over batches
+        0..n_batches-1: the same windows at every evaluation."""
+        device = next(objective.parameters()).device
+        total = 0.0
+        for i in range(n_batches):
+            loss, metrics = objective({"idx": self(i)["idx"].to(device)})
+            total += float(metrics.get("ce", loss))
+        return total / n_batches
