@@ -134,3 +134,59 @@ def test_moe_model_trains_with_its_aux_loss_and_logs_expert_load(tmp_path):
     trainer.fit()
     row = json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[-1])
     assert {"moe_aux", "moe_load_0", "moe_dropped"} <= set(row)
+
+
+def test_wsd_schedule_exact_values():
+    trainer = Trainer(LanguageModeling(_model()), WindowBatches(_stream(), 2, 8),
+                      _cfg(max_steps=20, warmup_steps=4, schedule="wsd", decay_fraction=0.25, min_lr_ratio=0.1))
+    f = [trainer.lr_factor(s) for s in range(21)]
+    assert f[0] == pytest.approx(0.2) and f[3] == pytest.approx(0.8)  # warmup (s + 1) / 5
+    assert f[4:16] == [1.0] * 12  # stable until the last 25% (5 steps)
+    assert f[15] == 1.0 and f[16] == pytest.approx(1 - 0.9 / 5) and f[18] == pytest.approx(1 - 0.9 * 3 / 5)
+    assert f[20] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        _cfg(schedule="linear")
+
+
+def test_time_budget_schedule_follows_the_clock():
+    trainer = Trainer(LanguageModeling(_model()), WindowBatches(_stream(), 2, 8),
+                      _cfg(max_steps=None, max_minutes=1.0, warmup_steps=0, schedule="wsd", decay_fraction=0.5))
+    for seconds, factor in ((0.0, 1.0), (30.0, 1.0), (45.0, 0.55), (60.0, 0.1)):
+        trainer.seconds = seconds
+        assert trainer.lr_factor(5) == pytest.approx(factor)
+
+
+def test_evaluate_runs_every_n_steps_and_at_the_end(tmp_path):
+    calls = []
+
+    def evaluate(module):
+        calls.append(module.training)
+        return {"val_loss": torch.tensor(1.5)}
+
+    trainer = Trainer(LanguageModeling(_model()), WindowBatches(_stream(), 2, 8),
+                      _cfg(max_steps=5, eval_every=2, out=str(tmp_path)), evaluate=evaluate)
+    summary = trainer.fit()
+    assert calls == [False, False, False] and summary["val_loss"] == 1.5  # steps 2, 4 and the end (5)
+    rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4, 5]
+    assert json.loads((tmp_path / "run.json").read_text())["val_loss"] == 1.5
+
+
+def test_cli_train_from_scratch_then_load(tmp_path, capsys):
+    from lilliput.cli import main
+    from lilliput.core.checkpoint import load_model
+
+    data = tmp_path / "text.txt"
+    data.write_text("the cat sat on the mat. " * 40)
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "dense-tiny", "--data", str(data), "--out", str(out), "--steps", "3",
+                 "--batch-size", "2", "--seq-len", "16", "--cache-dir", str(tmp_path / "cache"), "--eval-batches", "2",
+                 "--optimizer", "muon", "--schedule", "wsd", "--no-progress", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["steps"] == 3 and printed["tokens"] == 3 * 2 * 17 and math.isfinite(printed["val_loss"])
+    model, tok = load_model(str(out), device="cpu")
+    assert model.config.vocab_size == 256 and model.config.max_seq_len == 16 and tok.vocab_size == 256
+    run = json.loads((out / "run.json").read_text())
+    assert run["val_loss"] == printed["val_loss"] and run["job"]["config"]["optimizer"] == "muon"
+    assert main(["train", "--preset", "smollm2-135m", "--out", str(out), "--steps", "1"]) == 2  # not from scratch
+    assert main(["train", "--preset", "dense-tiny", "--out", str(out)]) == 2  # no budget

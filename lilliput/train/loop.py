@@ -12,12 +12,13 @@ from a checkpoint replays exactly the batches a straight run would have seen.
     trainer.fit()            # trains, logs train_log.jsonl, checkpoints, writes run.json
 
 Under `torchrun` (WORLD_SIZE > 1) the loop joins the process group (NCCL on CUDA, gloo on
-CPU) and wraps the objective in DistributedDataParallel; rank 0 alone writes files.
+CPU) and wraps the objective in DistributedDataParallel or FSDP (`parallel.py`); rank 0 alone
+writes files. An optional `evaluate(module) -> {"val_loss": ...}` runs every eval_every steps
+and at the end; its numbers go to train_log.jsonl, the progress bar and run.json.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -38,9 +39,13 @@ from tqdm import tqdm
 from lilliput.core.moe import moe_aux_loss, moe_layers, moe_metrics
 from lilliput.core.record import run_record, write_json
 from lilliput.train.losses import cross_entropy
+from lilliput.train.muon import Muon, muon_param_groups
+from lilliput.train.parallel import PARALLEL, as_float, distributed_init, full_state, load_full_state, no_sync, wrap
 
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
+SCHEDULES = ("cosine", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,16 @@ class TrainConfig:
     lr: float = 3e-4
     """Peak learning rate (reached after warmup)."""
     min_lr_ratio: float = 0.1
-    """The cosine schedule ends at lr * min_lr_ratio."""
+    """The schedule ends at lr * min_lr_ratio."""
+    schedule: str = "cosine"
+    """Learning rate after warmup: cosine (decays all along) or wsd (warmup, stable, then a linear
+    decay over the last decay_fraction of the run)."""
+    decay_fraction: float = 0.2
+    """wsd: fraction of the run spent decaying."""
+    optimizer: str = "adamw"
+    """adamw, or muon (Muon on the hidden matrices, AdamW at lr on embeddings, output, norms, biases)."""
+    muon_lr: float = 0.02
+    """muon: peak learning rate of the hidden matrices."""
     warmup_steps: int = 10
     """Optimizer steps of linear warmup from 0."""
     weight_decay: float = 0.1
@@ -64,12 +78,19 @@ class TrainConfig:
     max_tokens: int | None = None
     """Stop once this many tokens (over all ranks) have been trained on."""
     max_minutes: float | None = None
-    """Stop after this much training time. Alone, it gives a constant learning rate after warmup
-    (the cosine needs a known length); with max_steps or max_tokens it only stops early."""
+    """Stop after this much training time. Alone, the schedule runs on the clock (its progress is
+    training time over the budget); with max_steps or max_tokens it only stops early."""
     bf16: bool = False
     """Run forward passes under bfloat16 autocast (weights and optimizer stay float32)."""
     log_every: int = 10
     """Write a line to train_log.jsonl every N steps."""
+    eval_every: int | None = None
+    """Evaluate on held-out data every N steps (and at the end); None evaluates only at the end."""
+    eval_batches: int = 20
+    """Held-out batches per evaluation."""
+    parallel: str = "ddp"
+    """Under torchrun: ddp (a full copy per rank) or fsdp (parameters, gradients and optimizer
+    state sharded over ranks)."""
     ckpt_every: int | None = None
     """Save trainer_state.pt every N steps (and at the end); None saves only at the end."""
     out: str | None = None
@@ -86,6 +107,14 @@ class TrainConfig:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name, value, known in (("schedule", self.schedule, SCHEDULES), ("optimizer", self.optimizer, OPTIMIZERS),
+                                   ("parallel", self.parallel, PARALLEL)):
+            if value not in known:
+                raise ValueError(f"{name} must be one of {', '.join(known)}, got {value!r}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1 or None, got {self.eval_every}")
         if self.max_steps is None and self.max_tokens is None and self.max_minutes is None:
             raise ValueError("give a budget: max_steps, max_tokens or max_minutes")
         for name in ("max_steps", "max_tokens", "max_minutes"):
@@ -136,17 +165,7 @@ class LanguageModeling(nn.Module):
         return loss, metrics
 
 
-# --- distributed ------------------------------------------------------------------------------
-
-def distributed_init() -> tuple[int, int]:
-    """(rank, world_size); joins the process group when launched with WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
+# --- batches ----------------------------------------------------------------------------------
 
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
@@ -168,8 +187,9 @@ class Trainer:
     """Trains `objective` (a module returning (loss, metrics)) on batches from `data`."""
 
     def __init__(self, objective: nn.Module, data: Callable[[int], Any], cfg: TrainConfig,
-                 record: dict[str, Any] | None = None):
-        self.cfg, self.data, self.record = cfg, data, dict(record or {})
+                 record: dict[str, Any] | None = None,
+                 evaluate: Callable[[nn.Module], dict[str, float]] | None = None):
+        self.cfg, self.data, self.record, self.evaluate = cfg, data, dict(record or {}), evaluate
         self.rank, self.world = distributed_init()
         self.objective = objective
         self.device = next(objective.parameters()).device
@@ -177,23 +197,28 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.wrapped = objective
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.wrapped = DistributedDataParallel(objective, device_ids=ids)
-        params = [p for p in objective.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        self.wrapped = wrap(objective, cfg.parallel, self.world)
+        self.optimizer = self._optimizer()
         self.tokens_per_step = None
         if cfg.max_tokens is not None:
             self.tokens_per_step = _batch_tokens(data(0)) * cfg.grad_accum * self.world
         self.total_steps = self._total_steps()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.step, self.tokens, self.seconds = 0, 0, 0.0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.last: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        if cfg.optimizer == "muon":  # modded-nanogpt's speedrun: no weight decay on the Muon matrices
+            groups = muon_param_groups(self.objective, cfg.muon_lr, cfg.lr, cfg.weight_decay, cfg.betas)
+            for g in groups:
+                g["weight_decay"] = 0.0 if g["use_muon"] else g["weight_decay"]
+            return Muon(groups)
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
     def _total_steps(self) -> int | None:
         limits = []
@@ -204,14 +229,24 @@ class Trainer:
         return min(limits) if limits else None
 
     def lr_factor(self, step: int) -> float:
-        """Multiplier of the peak lr at optimizer step `step`: linear warmup, then cosine."""
-        w = self.cfg.warmup_steps
+        """Multiplier of the peak lr at optimizer step `step`: linear warmup, then cosine or wsd.
+
+        With only a time budget, progress is training time over the budget instead of steps."""
+        w, r = self.cfg.warmup_steps, self.cfg.min_lr_ratio
         if step < w:
             return (step + 1) / (w + 1)
-        if self.total_steps is None:
-            return 1.0
-        progress = min(1.0, (step - w) / max(1, self.total_steps - w))
-        r = self.cfg.min_lr_ratio
+        if self.total_steps is not None:
+            total = self.total_steps
+            progress = min(1.0, (step - w) / max(1, total - w))
+            if self.cfg.schedule == "wsd":
+                decay = max(1, round(self.cfg.decay_fraction * total))
+                progress = min(1.0, max(0.0, (step - (total - decay)) / decay))
+        else:
+            progress = min(1.0, self.seconds / (60 * self.cfg.max_minutes))
+            if self.cfg.schedule == "wsd":
+                progress = min(1.0, max(0.0, (progress - 1) / self.cfg.decay_fraction + 1))
+        if self.cfg.schedule == "wsd":
+            return 1 - (1 - r) * progress
         return r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress))
 
     # -- one step --
@@ -227,9 +262,7 @@ class Trainer:
             index = (self.step * cfg.grad_accum + micro) * self.world + self.rank
             batch = _to(self.data(index), self.device)
             tokens += _batch_tokens(batch)
-            last = micro == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if (last or self.world == 1) else self.wrapped.no_sync()
-            with sync:
+            with no_sync(self.wrapped, self.world, sync=micro == cfg.grad_accum - 1):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     loss, metrics = self.wrapped(batch)
                 (loss / cfg.grad_accum).backward()
@@ -237,7 +270,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) / cfg.grad_accum
         if cfg.grad_clip is not None:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            sums["grad_norm"] = as_float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         sums["lr"] = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -260,6 +293,19 @@ class Trainer:
             dist.broadcast(stop, 0)
         return bool(stop.item())
 
+    def run_eval(self) -> dict[str, float]:
+        """`evaluate` on the (wrapped) objective in eval mode, without gradients, timed apart."""
+        if self.evaluate is None:
+            return {}
+        t0 = time.perf_counter()
+        self.objective.eval()
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            result = {k: as_float(v) for k, v in self.evaluate(self.wrapped).items()}
+        self.objective.train()
+        self.eval_seconds = getattr(self, "eval_seconds", 0.0) + time.perf_counter() - t0
+        self.last_eval = result
+        return result
+
     def fit(self, until: int | None = None) -> dict[str, Any]:
         """Train until the budget is spent (or until step `until`, for tests and staged runs).
 
@@ -270,6 +316,13 @@ class Trainer:
         if self.out is not None and self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             log = open(self.out / LOG_FILE, "a")
+
+        def write(row: dict[str, Any]) -> None:
+            if log is not None:
+                log.write(json.dumps({"step": self.step, **row, "tokens": self.tokens,
+                                      "seconds": round(self.seconds, 3)}) + "\n")
+                log.flush()
+
         try:
             while not self._stop_by_time() and (until is None or self.step < until):
                 t0 = time.perf_counter()
@@ -277,22 +330,29 @@ class Trainer:
                 self.seconds += time.perf_counter() - t0
                 self.last = metrics
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-                if log is not None and (self.step % self.cfg.log_every == 0 or self.step == 1):
-                    row = {"step": self.step, "loss": metrics["loss"], "lr": metrics["lr"], "tokens": self.tokens,
-                           "seconds": round(self.seconds, 3), **{k: v for k, v in metrics.items() if k not in ("loss", "lr")}}
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
+                post = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
+                        "tok/s": f"{self.tokens / max(self.seconds, 1e-9):,.0f}"}
+                last_step = self.total_steps is not None and self.step >= self.total_steps
+                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and not last_step:
+                    write(self.run_eval())
+                if self.last_eval:
+                    post |= {k: f"{v:.4f}" for k, v in self.last_eval.items()}
+                bar.set_postfix(post)
+                if self.step % self.cfg.log_every == 0 or self.step == 1:
+                    write(metrics)
                 if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0:
                     self.save()
+            finished = self._stop_by_time()  # the same verdict on every rank
+            if finished and self.evaluate is not None:
+                write(self.run_eval())
         finally:
             bar.close()
             if log is not None:
                 log.close()
         summary = {"steps": self.step, "tokens": self.tokens, "seconds": round(self.seconds, 3),
                    "tokens_per_second": round(self.tokens / self.seconds, 1) if self.seconds else None,
-                   "final": self.last}
-        if self.done():
+                   "final": self.last, **self.last_eval}
+        if finished:
             if self.out is not None:
                 self.save()
                 if self.rank == 0:
@@ -306,18 +366,22 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"objective": self.objective.state_dict(), "optimizer": self.optimizer.state_dict(),
+        model, optimizer = full_state(self.objective, self.optimizer)  # collective under FSDP
+        return {"objective": model, "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "tokens": self.tokens,
                 "seconds": self.seconds, "rng": rng, "world": self.world, "config": dataclasses.asdict(self.cfg)}
 
     def save(self, path: Path | str | None = None) -> Path | None:
-        """Write the full trainer state (rank 0); the data position is the step number."""
+        """Write the full trainer state (rank 0; every rank calls it); the data position is the step number."""
         path = Path(path) if path is not None else (self.out / STATE_FILE if self.out else None)
-        if path is None or self.rank != 0:
+        if path is None:
+            return path
+        state = self.state_dict()
+        if self.rank != 0:
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
+        torch.save(state, tmp)
         os.replace(tmp, path)
         return path
 
@@ -330,8 +394,7 @@ class Trainer:
         if state["world"] != self.world:
             raise ValueError(f"{path} was saved by {state['world']} ranks, resuming with {self.world}: "
                              "relaunch with the same number of processes")
-        self.objective.load_state_dict(state["objective"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_full_state(self.objective, self.optimizer, state["objective"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.tokens, self.seconds = state["step"], state["tokens"], state["seconds"]
         rng = state["rng"]
