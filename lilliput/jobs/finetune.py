@@ -34,8 +34,9 @@ class FinetuneJob:
     """A .gguf file, a model folder (e.g. from `lilliput quantize`: QLoRA) or a hub id; the embedded SmolLM2-135M-Instruct when omitted."""
     lora: LoRAConfig = LoRAConfig()
     """The adapters."""
-    train: TrainConfig = TrainConfig(lr=1e-3, weight_decay=0.0, warmup_steps=5, max_steps=100)
-    """How to train (its out is not used: the adapters, not the trainer state, are what is kept)."""
+    train: TrainConfig = TrainConfig(max_steps=100)
+    """How to train (TrainConfig's defaults, 100 steps; its out is not used: the adapters, not the
+    trainer state, are what is kept)."""
     bits: int | None = None
     """Quantize the base to int8 or int4 (RTN, groups of 32) before adding the adapters: QLoRA; None keeps the
     loaded model as it is."""
