@@ -16,6 +16,7 @@ from lilliput.core.options import add_config_args, config_from_args
 
 from lilliput.cli.data import add_data_parsers, ledger_arg
 from lilliput.cli.train import add_train_parsers
+from lilliput.cli.finetune import add_finetune_parsers
 from lilliput.cli.flags import Parser, load, model_args, read_text
 
 
@@ -349,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_fetch)
     add_data_parsers(sub, data)
     add_train_parsers(sub)
+    add_finetune_parsers(sub)
 
     from lilliput.eval.bench import BenchConfig
     from lilliput.eval.report import ReportConfig
