@@ -348,7 +348,7 @@ class ContextDecode:
     a decode step as the context grows (attention reads every cached key; a recurrent state is the
     same size whatever the context).
 
-    Row 0 of the state is prefilled once with `context` tokens; before each timed run rows 1..batch
+    Row 0 of the state is prefilled once with `context` random tokens; before each timed run rows 1..batch
     are copied from it (not timed), so every run decodes from exactly `context` tokens. The step is
     the model's torch forward over a `DecodeState` (`model(idx, state, rows)`), the path the engine's
     runner takes for every mixer the fused C step does not cover: the same path for every architecture.
@@ -369,7 +369,8 @@ class ContextDecode:
         self.rows = list(range(1, batch + 1))
         with torch.inference_mode():
             self.state = model.new_state(batch + 1, need)
-            model(prompt, self.state, rows=[0], last_only=True)
+            for i in range(0, context, 512):  # prefill in chunks, as the engine does: bounded attention scores
+                model(prompt[:, i:i + 512], self.state, rows=[0], last_only=True)
 
     def __call__(self) -> float:
         """Milliseconds per decode step (one new token in each of the `batch` rows), mean of `new_tokens` steps."""
@@ -389,12 +390,9 @@ class ContextDecode:
 
 def decode_ms_by_context(models: dict[str, nn.Module], contexts: Sequence[int], batch: int = 4,
                          new_tokens: int = 8, repeats: int = 3, warmup: int = 1) -> dict[str, dict[int, dict]]:
-    """ms per decode step of each model at each context ({name: {context: spread + values}}): at one
-    context the models are interleaved round by round (`interleave`), so a drifting machine slows them alike."""
-    out: dict[str, dict[int, dict]] = {name: {} for name in models}
-    for context in contexts:
-        runs = {name: ContextDecode(m, context, batch, new_tokens) for name, m in models.items()}
-        for name, got in interleave(runs, repeats, warmup).items():
-            out[name][context] = got
-        del runs
-    return out
+    """ms per decode step of each model at each context ({name: {context: spread + values}}). Every
+    (model, context) pair is prefilled first, then all are interleaved round by round (`interleave`), so a
+    machine whose speed drifts slows every point of every curve alike (at the cost of holding every state)."""
+    runs = {f"{name}@{c}": ContextDecode(m, c, batch, new_tokens) for name, m in models.items() for c in contexts}
+    got = interleave(runs, repeats, warmup)
+    return {name: {c: got[f"{name}@{c}"] for c in contexts} for name in models}

@@ -75,14 +75,14 @@ class ArenaJob:
     """Rows decoded together when timing decode."""
     decode_tokens: int = 8
     """Decode steps per timed run."""
-    decode_repeats: int = 3
-    """Timed runs per architecture and context (after one warm-up round)."""
-    recall_widths: tuple[int, ...] = (32, 64, 128)
+    decode_repeats: int = 5
+    """Timed runs per architecture and context (after one warm-up round; all interleaved)."""
+    recall_widths: tuple[int, ...] = (16, 32, 64)
     """Model widths of the associative-recall runs."""
     recall_layers: int = 2
     """Layers of the associative-recall models (fewer than the hybrid's pattern of 4 keeps its last ones:
     mamba, attention for 2)."""
-    recall_vocab: int = 128
+    recall_vocab: int = 64
     """Vocabulary of the recall task (keys in the lower half, values in the upper)."""
     recall_seq_len: int = 64
     """Tokens per recall sequence."""
@@ -90,7 +90,7 @@ class ArenaJob:
     """Key-value pairs per recall sequence."""
     recall_batch: int = 32
     """Recall sequences per optimizer step."""
-    recall_steps: int = 300
+    recall_steps: int = 600
     """Optimizer steps per recall run."""
     recall_lr: float = 3e-3
     """Peak learning rate of the recall runs."""
@@ -111,9 +111,9 @@ class ArenaJob:
 
 def quick_job(**changes) -> ArenaJob:
     """The smoke-test budgets of `--quick` (changes on top)."""
-    q = dict(quick=True, sample_corpus=True, seeds=1, tokens=2 * 4 * 64, batch_size=4, seq_len=64, warmup_steps=1, eval_tokens=1024,
-             contexts=(256, 1024), decode_batch=2, decode_tokens=4, decode_repeats=2, recall_widths=(16, 32),
-             recall_seq_len=32, recall_pairs=4, recall_batch=8, recall_steps=2)
+    q = dict(quick=True, sample_corpus=True, seeds=1, tokens=2 * 4 * 64, batch_size=4, seq_len=64, warmup_steps=1,
+             eval_tokens=1024, contexts=(256, 1024), decode_batch=2, decode_tokens=4, decode_repeats=2,
+             recall_widths=(16, 32), recall_seq_len=32, recall_pairs=4, recall_batch=8, recall_steps=2)
     return ArenaJob(**{**q, **changes})
 
 
@@ -172,12 +172,13 @@ def estimate(job: ArenaJob, stream: torch.Tensor) -> dict:
     per_token = {arch: s / (job.batch_size * job.seq_len) for arch, s in step.items()}
     eval_tokens = job.eval_tokens or 100 * 400  # ~400 bytes per LAMBADA passage
     widest = max(job.recall_widths)  # an upper bound: every width timed as the widest
-    recall = sum(step_seconds(recall_model(a, widest, job), RecallBatches(recall_config(job)),
-                              recall_train_config(job, 0)) for a in RECALL_ARCHS) * job.recall_steps * len(job.recall_widths)
+    recall = len(job.recall_widths) * job.recall_steps * sum(
+        step_seconds(recall_model(a, widest, job), RecallBatches(recall_config(job)), recall_train_config(job, 0))
+        for a in RECALL_ARCHS)
     calls = (1 + job.decode_repeats) * job.decode_tokens
-    decode = sum(per_token[a] / 3 * sum(job.contexts) + calls * len(job.contexts) * 0.003 * 2 for a in ARCHS)
-    out = {"train": job.seeds * steps * sum(step.values()), "heldout": job.seeds * eval_tokens / 3 * sum(per_token.values()),
-           "recall": recall, "decode": decode}
+    decode = sum(per_token[a] / 3 * sum(job.contexts) + calls * len(job.contexts) * 0.006 for a in ARCHS)
+    out = {"train": job.seeds * steps * sum(step.values()), "recall": recall, "decode": decode,
+           "heldout": job.seeds * eval_tokens / 3 * sum(per_token.values())}
     return {**{k: round(v, 1) for k, v in out.items()}, "total": round(sum(out.values()), 1),
             "step_seconds": {a: round(s, 4) for a, s in step.items()}}
 
@@ -249,12 +250,13 @@ def arena(job: ArenaJob) -> dict:
     # 2. decode cost against context (the seed-0 models, given room for the longest context)
     t = time.perf_counter()
     need = max(job.contexts) + job.decode_tokens
-    deciders = {}
+    decoders = {}
     for arch, model in trained.items():
-        m = arena_model(arch, 0, max_seq_len=max(need, model.config.max_seq_len))
-        m.load_state_dict(model.state_dict())
-        deciders[arch] = m
-    decode = decode_ms_by_context(deciders, job.contexts, job.decode_batch, job.decode_tokens, job.decode_repeats)
+        decoders[arch] = model
+        if need > model.config.max_seq_len:  # contexts past the preset's: the same weights, longer RoPE tables
+            decoders[arch] = arena_model(arch, 0, max_seq_len=need)
+            decoders[arch].load_state_dict(model.state_dict())
+    decode = decode_ms_by_context(decoders, job.contexts, job.decode_batch, job.decode_tokens, job.decode_repeats)
     seconds["decode"] = time.perf_counter() - t
     for arch in ARCHS:
         log(f"{arch:<10} decode ms/step: " + ", ".join(f"{c}: {decode[arch][c]['median']:.2f}" for c in job.contexts))
@@ -364,8 +366,8 @@ def plot(result: dict, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     names = list(archs)
     ppl = [archs[a]["heldout_perplexity"] for a in names]
-    ax.bar(names, [p["mean"] for p in ppl], yerr=[[p["mean"] - p["min"] for p in ppl], [p["max"] - p["mean"] for p in ppl]],
-           capsize=4, color="tab:blue")
+    spread = [[p["mean"] - p["min"] for p in ppl], [p["max"] - p["mean"] for p in ppl]]
+    ax.bar(names, [p["mean"] for p in ppl], yerr=spread, capsize=4, color="tab:blue")
     ax.set_ylabel("held-out perplexity per byte (LAMBADA)")
     ax.set_title(f"mean over {result['job']['seeds']} seeds (bars: min..max)")
     ax.set_ylim(min(p["min"] for p in ppl) * 0.95, max(p["max"] for p in ppl) * 1.02)
@@ -382,7 +384,8 @@ def plot(result: dict, out: Path) -> list[Path]:
     ax.set_xlabel("model width")
     ax.set_ylabel("recall accuracy")
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"MQAR, {result['recall']['config']['n_pairs']} pairs in {result['recall']['config']['seq_len']} tokens")
+    task = result["recall"]["config"]
+    ax.set_title(f"MQAR: {task['n_pairs']} pairs in {task['seq_len']} tokens, {result['recall']['steps']} steps")
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out / "arena_recall.png")
@@ -398,5 +401,6 @@ def run_arena(job: ArenaJob, command: str = "lilliput arena", json_name: str = "
     result = arena(job)
     result["plots"] = [p.name for p in plot(result, out)]
     path = write_json(out / json_name, run_record(command, **result))
-    log(f"wrote {path} ({result['seconds']['total'] / 60:.1f} min; estimated {result['estimate_seconds']['total'] / 60:.1f})")
+    took, guess = result["seconds"]["total"] / 60, result["estimate_seconds"]["total"] / 60
+    log(f"wrote {path} ({took:.1f} min; estimated {guess:.1f})")
     return path
