@@ -173,6 +173,8 @@ class ModelConfig:
         )
 
 
+_ARENA = dict(vocab_size=256, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=16384, ssm_head_dim=32)
+
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(name="tiny"),
     "dense-tiny": ModelConfig(name="dense-tiny"),
@@ -186,6 +188,17 @@ PRESETS: dict[str, ModelConfig] = {
         name="smollm2-135m", vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
         ffn_dim=1536, max_seq_len=8192, norm_eps=1e-5, rope_theta=100000.0,
     ),
+    # the arena (`lilliput arena`): byte-level models of ~0.82M parameters, matched within 5% (tests/test_arena.py);
+    # dim 128, 4 layers, the feed-forward width absorbing each mixer's size; max_seq_len 16384 so decode can be
+    # timed at 8192 tokens of context (training uses 256-token windows)
+    "dense-arena": ModelConfig(name="dense-arena", **_ARENA, ffn_dim=384),
+    "mamba-arena": ModelConfig(name="mamba-arena", **_ARENA, mixer="mamba", ffn_dim=240),
+    "xlstm-arena": ModelConfig(name="xlstm-arena", **_ARENA, mixer="mlstm", ffn_dim=288),
+    "moe-arena": ModelConfig(name="moe-arena", **_ARENA, ffn="moe", ffn_dim=96, moe_experts=4, moe_top_k=2),
+    "moe-arena-active": ModelConfig(name="moe-arena-active", **_ARENA, ffn="moe", ffn_dim=192, moe_experts=4,
+                                    moe_top_k=2),
+    "hybrid-arena": ModelConfig(name="hybrid-arena", **_ARENA, layer_mixers=("mamba", "mamba", "mamba", "attention"),
+                                ffn_dim=280),
     # a small student for distillation studies (SmolLM2 vocabulary): 17.3M parameters, 12.6M of them embedding
     "student-20m": ModelConfig(
         name="student-20m", vocab_size=49152, dim=256, n_layers=6, n_heads=4, n_kv_heads=2,

@@ -339,3 +339,60 @@ def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
         x.sum()
         times.append(time.perf_counter() - t)
     return x.numel() * 4 / min(times) / 1e9
+
+
+# --- decode cost against context ----------------------------------------------------------------
+
+class ContextDecode:
+    """One model decoding `batch` rows whose decode state already holds `context` tokens: the cost of
+    a decode step as the context grows (attention reads every cached key; a recurrent state is the
+    same size whatever the context).
+
+    Row 0 of the state is prefilled once with `context` random tokens; before each timed run rows 1..batch
+    are copied from it (not timed), so every run decodes from exactly `context` tokens. The step is
+    the model's torch forward over a `DecodeState` (`model(idx, state, rows)`), the path the engine's
+    runner takes for every mixer the fused C step does not cover: the same path for every architecture.
+    """
+
+    def __init__(self, model: nn.Module, context: int, batch: int = 4, new_tokens: int = 8, seed: int = 0):
+        if context < 1 or batch < 1 or new_tokens < 1:
+            raise ValueError(f"context, batch and new_tokens must be >= 1, got {context}, {batch}, {new_tokens}")
+        need = context + new_tokens
+        if need > model.config.max_seq_len:
+            raise ValueError(f"context {context} + {new_tokens} new tokens exceed the model's max_seq_len "
+                             f"{model.config.max_seq_len}: build it with max_seq_len >= {need}")
+        self.model, self.context, self.batch, self.new_tokens = model.eval(), context, batch, new_tokens
+        device = next(model.parameters()).device
+        g = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=g).to(device)
+        self.tokens = torch.randint(0, model.config.vocab_size, (batch, new_tokens), generator=g).to(device)
+        self.rows = list(range(1, batch + 1))
+        with torch.inference_mode():
+            self.state = model.new_state(batch + 1, need)
+            for i in range(0, context, 512):  # prefill in chunks, as the engine does: bounded attention scores
+                model(prompt[:, i:i + 512], self.state, rows=[0], last_only=True)
+
+    def __call__(self) -> float:
+        """Milliseconds per decode step (one new token in each of the `batch` rows), mean of `new_tokens` steps."""
+        with torch.inference_mode():
+            for r in self.rows:
+                self.state.copy(0, r)
+            t = time.perf_counter()
+            for i in range(self.new_tokens):
+                self.model(self.tokens[:, i:i + 1], self.state, rows=self.rows, last_only=True)
+            return (time.perf_counter() - t) * 1000 / self.new_tokens
+
+    def state_bytes(self) -> int:
+        """Bytes of one row's decode state at `context` tokens (fp32; see `decode_state_bytes`)."""
+        b = decode_state_bytes(self.model)
+        return b["per_sequence"] + b["per_token"] * self.context
+
+
+def decode_ms_by_context(models: dict[str, nn.Module], contexts: Sequence[int], batch: int = 4,
+                         new_tokens: int = 8, repeats: int = 3, warmup: int = 1) -> dict[str, dict[int, dict]]:
+    """ms per decode step of each model at each context ({name: {context: spread + values}}). Every
+    (model, context) pair is prefilled first, then all are interleaved round by round (`interleave`), so a
+    machine whose speed drifts slows every point of every curve alike (at the cost of holding every state)."""
+    runs = {f"{name}@{c}": ContextDecode(m, c, batch, new_tokens) for name, m in models.items() for c in contexts}
+    got = interleave(runs, repeats, warmup)
+    return {name: {c: got[f"{name}@{c}"] for c in contexts} for name in models}
