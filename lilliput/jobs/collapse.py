@@ -62,8 +62,9 @@ class CollapseConfig:
     """pure: temperature 1; top_p: temperature 1 within the top_p nucleus."""
     top_p: float = 0.9
     """Nucleus of the top_p sampling."""
-    documents: int = 800
-    """Human training documents, and documents each generation writes."""
+    documents: int = 400
+    """Human training documents, and documents each generation writes (a small set trained on for
+    several epochs: the data-limited regime of the papers, where the policies differ)."""
     doc_bytes: int = 112
     """Bytes per document (human pieces; new tokens per synthetic one)."""
     prompt_bytes: int = 16
@@ -84,7 +85,7 @@ class CollapseConfig:
     """Training window (and perplexity window, and the longest prompt + document)."""
     batch_size: int = 16
     """Windows per training step."""
-    train_tokens: int = 150_000
+    train_tokens: int = 250_000
     """Tokens each generation trains on, from scratch (the same under every policy)."""
     lr: float = 3e-3
     """Peak learning rate."""
