@@ -15,6 +15,7 @@ from lilliput.core.options import add_config_args, config_from_args
 
 
 from lilliput.cli.arena import add_arena_parsers
+from lilliput.cli.collapse import add_collapse_parsers
 from lilliput.cli.data import add_data_parsers, ledger_arg
 from lilliput.cli.train import add_train_parsers
 from lilliput.cli.finetune import add_finetune_parsers
@@ -353,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parsers(sub)
     add_finetune_parsers(sub)
     add_arena_parsers(sub)
+    add_collapse_parsers(sub)
 
     from lilliput.eval.bench import BenchConfig
     from lilliput.eval.report import ReportConfig

@@ -1,0 +1,363 @@
+"""The collapse lab's generational loop, and its two toy scales (seconds, no neural network).
+
+The loop (`run_lab`), shared with the GPT scale (collapse.py): generation 0 trains on human
+documents; the model of generation g writes as many documents as the human set holds, each
+continuing the opening of a parent document of its own training set; they enter a provenance
+ledger (data/ledger.py) as generation g+1 with the generator's fingerprint, sampling settings,
+seed and parent id; the training set of generation g+1 is whatever `Ledger.select` picks for the
+policy:
+
+- replace: the latest generation only (Shumailov et al. 2024: collapse),
+- accumulate: all human and all synthetic documents so far (Gerstgrasser et al. 2024: none),
+- fraction: a fixed share of human documents, the rest synthetic from every generation.
+
+Each (sampling, policy, seed) chain has its own ledger file. Every generation is measured on
+held-out human text: perplexity, and the diversity of what the model writes (distinct-1/2/3,
+unigram entropy, unigram KL to the held-out text, coverage of its rare words: eval/diversity.py),
+all over lower-cased words.
+
+The toy scales:
+
+- `gaussian_chain`: fit a Gaussian (maximum likelihood), sample, refit. Under replace the fitted
+  variance drifts to zero (E[var_g] = ((n-1)/n)^g); under accumulate it stays near 1. Numbers,
+  not documents: this one does not touch the ledger.
+- `BigramLearner`: a count-based word bigram model. It samples from its maximum-likelihood
+  counts (a word it never saw, it never writes) and scores held-out text with interpolated
+  smoothing over the fixed vocabulary of the human training set, so a rare word lost in one
+  generation is gone for good under replace.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from lilliput.data.ledger import Entry, Generator, Ledger, SelectionConfig
+from lilliput.eval.diversity import distinct_n, tail_coverage, unigram_entropy, unigram_kl
+from lilliput.eval.efficiency import spread
+
+POLICIES = ("replace", "accumulate", "fraction")
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a generation writes: temperature 1, optionally truncated to the top-p nucleus."""
+
+    name: str
+    temperature: float = 1.0
+    top_p: float | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p}
+
+
+def samplings(names: tuple[str, ...], top_p: float) -> list[Sampling]:
+    """"pure" (temperature 1) and "top_p" (temperature 1, nucleus `top_p`) by name."""
+    known = {"pure": Sampling("pure"), "top_p": Sampling("top_p", top_p=top_p)}
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise ValueError(f"samplings must be among {', '.join(known)}, got {', '.join(names) or 'none'}")
+    return [known[n] for n in names]
+
+
+def selection(policy: str, human_fraction: float, seed: int) -> SelectionConfig:
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    return SelectionConfig(policy=policy, human_fraction=human_fraction, seed=seed)
+
+
+# --- text measures --------------------------------------------------------------------------------
+
+def words(text: str) -> list[str]:
+    """Lower-cased words and punctuation marks: the unit of every text measure of the lab."""
+    return _WORD.findall(text.lower())
+
+
+def text_metrics(generated: list[str], reference: list[list[str]]) -> dict[str, float]:
+    """Diversity of generated texts and their distance to reference (held-out human) word lists."""
+    gen = [words(t) for t in generated]
+    gen_counts, ref_counts = Counter(w for g in gen for w in g), Counter(w for r in reference for w in r)
+    return {"distinct_1": distinct_n(gen, 1), "distinct_2": distinct_n(gen, 2), "distinct_3": distinct_n(gen, 3),
+            "unigram_entropy": unigram_entropy(gen_counts), "unigram_kl": unigram_kl(ref_counts, gen_counts),
+            "tail_coverage": tail_coverage(gen, reference, n=1)}
+
+
+def band(values: list[float]) -> dict[str, float]:
+    """Mean, standard deviation and spread (median, p90, min, max, n) of one figure over seeds."""
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values), **spread(values)}
+
+
+# --- the Gaussian -------------------------------------------------------------------------------
+
+def gaussian_chain(policy: str, samples: int, generations: int, seed: int, human_fraction: float = 0.5) -> list[float]:
+    """Fitted variance of each generation (generation 0 fits `samples` draws of N(0, 1))."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if samples < 2 or generations < 1:
+        raise ValueError(f"need samples >= 2 and generations >= 1, got {samples} and {generations}")
+    rng = np.random.default_rng(seed)
+    human = rng.standard_normal(samples)
+    synthetic: list[np.ndarray] = []
+    data, out = human, []
+    for _ in range(generations):
+        mu, var = float(data.mean()), float(data.var())  # maximum likelihood (ddof=0), as a refit would
+        out.append(var)
+        synthetic.append(rng.normal(mu, math.sqrt(var), samples))
+        if policy == "replace":
+            data = synthetic[-1]
+        elif policy == "accumulate":
+            data = np.concatenate([human, *synthetic])
+        else:  # the human share fixed: all human draws and a random subset of the synthetic ones
+            pool = np.concatenate(synthetic)
+            keep = min(len(pool), round(samples * (1 - human_fraction) / human_fraction))
+            data = np.concatenate([human, rng.choice(pool, keep, replace=False)])
+    return out
+
+
+def gaussian_study(samples: int = 50, generations: int = 50, seeds: int = 20,
+                   policies: tuple[str, ...] = POLICIES, human_fraction: float = 0.5) -> dict[str, Any]:
+    """Fitted variance per generation, with its spread over seeds, for each policy."""
+    out: dict[str, Any] = {"samples": samples, "generations": generations, "seeds": seeds}
+    for p in policies:
+        runs = [gaussian_chain(p, samples, generations, s, human_fraction) for s in range(seeds)]
+        curve = [band([r[g] for r in runs]) for g in range(generations)]
+        out[p] = {"variance_mean": [c["mean"] for c in curve], "variance_median": [c["median"] for c in curve],
+                  "variance_min": [c["min"] for c in curve], "variance_max": [c["max"] for c in curve]}
+    return out
+
+
+# --- the word bigram model ------------------------------------------------------------------------
+
+class Bigram:
+    """Word-bigram counts over a fixed vocabulary (ids); samples from its maximum-likelihood counts."""
+
+    def __init__(self, vocab_size: int, docs: list[list[int]]):
+        self.V = vocab_size
+        self.unigram = np.zeros(vocab_size, dtype=np.int64)
+        pairs: Counter = Counter()
+        for d in docs:
+            self.unigram += np.bincount(d, minlength=vocab_size)
+            pairs.update(zip(d, d[1:]))
+        self.pairs = pairs
+        self.context = Counter()
+        self._next: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for (a, _), c in pairs.items():
+            self.context[a] += c
+        nxt: dict[int, list[tuple[int, int]]] = {}
+        for (a, b), c in pairs.items():
+            nxt.setdefault(a, []).append((c, b))
+        for a, lst in nxt.items():
+            lst.sort(reverse=True)  # most frequent first: top-p keeps a prefix
+            self._next[a] = (np.array([b for _, b in lst]), np.array([c for c, _ in lst], dtype=np.float64))
+        self.total = int(self.unigram.sum())
+        order = np.argsort(-self.unigram, kind="stable")
+        order = order[self.unigram[order] > 0]
+        self._uni = (order, self.unigram[order].astype(np.float64))
+
+    def choices(self, prev: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """(next ids, counts), most frequent first: the bigram row of `prev`, else the unigram counts."""
+        return self._next.get(prev, self._uni) if prev is not None else self._uni
+
+    def logprob(self, prev: int, word: int, lam: float, alpha: float) -> float:
+        """log P(word | prev): lam * bigram + (1 - lam) * add-alpha unigram (the unigram alone for an unseen prev)."""
+        uni = (self.unigram[word] + alpha) / (self.total + alpha * self.V)
+        c = self.context.get(prev, 0)
+        p = lam * self.pairs.get((prev, word), 0) / c + (1 - lam) * uni if c else uni
+        return math.log(p)
+
+
+class BigramLearner:
+    """The lab's n-gram scale: fit = count, sample = draw from the counts, perplexity on held-out words."""
+
+    def __init__(self, human_texts: list[str], heldout: list[str], doc_words: int = 40, lam: float = 0.8,
+                 alpha: float = 0.1):
+        vocab = sorted({w for t in human_texts for w in words(t)})
+        self.index = {w: i for i, w in enumerate(vocab)}
+        self.vocab = vocab + ["<unk>"]  # held-out words the human training text never had
+        self.unk = len(vocab)
+        self.doc_words, self.lam, self.alpha = doc_words, lam, alpha
+        self.heldout = [self.ids(t) for t in heldout]
+
+    def ids(self, text: str) -> list[int]:
+        return [self.index.get(w, self.unk) for w in words(text)]
+
+    def fit(self, texts: list[str], seed: int) -> Bigram:
+        return Bigram(len(self.vocab), [self.ids(t) for t in texts])
+
+    def perplexity(self, model: Bigram) -> float:
+        nll = [-model.logprob(a, b, self.lam, self.alpha) for d in self.heldout for a, b in zip(d, d[1:])]
+        return math.exp(statistics.fmean(nll))
+
+    def fingerprint(self, model: Bigram) -> str:
+        return f"bigram:{len(model.pairs)}-pairs:{model.total}-words"
+
+    def sample(self, model: Bigram, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[str]:
+        """One document of `doc_words` words per prompt, continuing the prompt's first word."""
+        out = []
+        for prompt, seed in zip(prompts, seeds):
+            rng = np.random.default_rng(seed)
+            p = self.ids(prompt)[:1]
+            prev = p[0] if p and p[0] != self.unk else None
+            doc = []
+            for _ in range(self.doc_words):
+                ids, counts = model.choices(prev)
+                if sampling.top_p is not None:  # the nucleus: the most frequent words holding top_p of the mass
+                    cum = np.cumsum(counts)
+                    k = int(np.searchsorted(cum, sampling.top_p * cum[-1])) + 1
+                    ids, counts = ids[:k], counts[:k]
+                cum = np.cumsum(counts)
+                prev = int(ids[min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(ids) - 1)])
+                doc.append(self.vocab[prev])
+            out.append(" ".join(doc))
+        return out
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+class Learner(Protocol):
+    """What the loop needs of a scale (the bigram here, small GPTs in collapse.py)."""
+
+    def fit(self, texts: list[str], seed: int) -> Any: ...
+    def perplexity(self, model: Any) -> float: ...
+    def fingerprint(self, model: Any) -> str: ...
+    def sample(self, model: Any, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[str]: ...
+
+
+def human_entries(chunks: list[tuple[str, str, str]]) -> list[Entry]:
+    """Ledger entries of human training documents: (id, source, text) each."""
+    return [Entry(text=t, id=f"human/{i}", source=src, file=i, origin="human") for i, src, t in chunks]
+
+
+def write_generation(learner: Learner, model: Any, parents: list[tuple[str, str]], n: int, sampling: Sampling,
+                     seed: int, generation: int, label: str) -> list[Entry]:
+    """n synthetic documents of generation `generation`, each continuing a parent drawn from `parents`
+    (id, text) without replacement (the training set of the model that writes them)."""
+    rng = random.Random(f"{seed}/{generation}/{sampling.name}")
+    picked = rng.sample(parents, n) if len(parents) >= n else [rng.choice(parents) for _ in range(n)]
+    base = (seed * 1_000 + generation) * 1_000_003
+    seeds = [base + i for i in range(n)]
+    texts = learner.sample(model, [t for _, t in picked], sampling, seeds)
+    fp = learner.fingerprint(model)
+    return [Entry(text=t, id=f"synthetic/g{generation}/{i:05d}", origin="synthetic", generation=generation,
+                  source=f"collapse lab: {label}", parents=(pid,),
+                  generator=Generator(model=fp, sampling=sampling.settings(), seed=s))
+            for i, (t, (pid, _), s) in enumerate(zip(texts, picked, seeds))]
+
+
+def run_lab(learner: Learner, human: list[tuple[str, str, str]], heldout: list[str], ledgers: Path | str, *,
+            generations: int, policies: tuple[str, ...], sampling: list[Sampling], seeds: int,
+            human_fraction: float = 0.5, log: Callable[[str], None] = lambda s: None,
+            first_models: dict | None = None) -> dict[str, Any]:
+    """Every chain's measurements: {sampling: {policy: [per seed: [per generation: {...}]]}}.
+
+    `human` is the human training set as (id, source, text); every chain's ledger holds it, the
+    synthetic documents of its generations, their generators and parents. `first_models`, when
+    given, receives each seed's generation-0 model."""
+    if generations < 2:
+        raise ValueError(f"generations must be >= 2 (0 is the human one), got {generations}")
+    if not human or not heldout:
+        raise ValueError("the lab needs human training documents and held-out human text")
+    ledgers = Path(ledgers)
+    ledgers.mkdir(parents=True, exist_ok=True)
+    ref = [words(t) for t in heldout]
+    people = human_entries(human)
+    parents0 = [(e.id, e.text) for e in people]
+    runs: dict[str, dict[str, list]] = {s.name: {p: [] for p in policies} for s in sampling}
+    for seed in range(seeds):
+        t0 = time.perf_counter()
+        model0 = learner.fit([t for _, _, t in human], seed=seed * 1_000)
+        ppl0 = learner.perplexity(model0)
+        if first_models is not None:
+            first_models[seed] = model0
+        log(f"seed {seed} generation 0: perplexity {ppl0:.3f} ({time.perf_counter() - t0:.1f} s)")
+        for s in sampling:
+            first = write_generation(learner, model0, parents0, len(people), s, seed, 1, f"generation 0, {s.name}")
+            m0 = {"generation": 0, "perplexity": ppl0, "train_documents": len(people), "human_share": 1.0,
+                  **text_metrics([e.text for e in first], ref)}
+            for policy in policies:
+                path = ledgers / f"{s.name}-{policy}-seed{seed}.sqlite"
+                for suffix in ("", "-wal", "-shm"):
+                    Path(str(path) + suffix).unlink(missing_ok=True)
+                curve = [m0]
+                with Ledger.open(path) as ledger:
+                    ledger.add_many(people)
+                    ledger.add_many(first)
+                    for g in range(1, generations):
+                        t0 = time.perf_counter()
+                        sel = ledger.select(selection(policy, human_fraction, seed))
+                        texts = list(ledger.texts(sel.ids))
+                        model = learner.fit([t for _, t in texts], seed=seed * 1_000 + g)
+                        ppl = learner.perplexity(model)
+                        made = write_generation(learner, model, texts, len(people), s, seed, g + 1,
+                                                f"generation {g}, {policy}, {s.name}")
+                        ledger.add_many(made)
+                        human_n = sum(i.startswith("human/") for i in sel.ids)
+                        curve.append({"generation": g, "perplexity": ppl, "train_documents": len(sel.ids),
+                                      "human_share": human_n / len(sel.ids), "selection": sel.digest[:16],
+                                      **text_metrics([e.text for e in made], ref)})
+                        log(f"seed {seed} {s.name} {policy} generation {g}: perplexity {ppl:.3f}, tail coverage "
+                            f"{curve[-1]['tail_coverage']:.3f} ({time.perf_counter() - t0:.1f} s)")
+                runs[s.name][policy].append(curve)
+    return runs
+
+
+METRICS = ("perplexity", "tail_coverage", "distinct_1", "distinct_2", "distinct_3", "unigram_entropy", "unigram_kl",
+           "human_share")
+
+
+def curves(runs: dict[str, Any]) -> dict[str, Any]:
+    """Per sampling and policy: each metric per generation as mean, std, min, max over seeds, and the runs."""
+    out: dict[str, Any] = {}
+    for s, by_policy in runs.items():
+        out[s] = {}
+        for p, chains in by_policy.items():
+            G = len(chains[0])
+            out[s][p] = {"generation": list(range(G))}
+            for m in METRICS:
+                per = [[c[g][m] for c in chains] for g in range(G)]
+                bands = [band(v) for v in per]
+                out[s][p][m] = {k: [b[k] for b in bands] for k in ("mean", "std", "min", "max")} | {
+                    "runs": [[c[g][m] for g in range(G)] for c in chains]}
+    return out
+
+
+def growth(curve: dict[str, Any], metric: str = "perplexity") -> float:
+    """Mean (over seeds) of the last generation / mean of generation 0."""
+    mean = curve[metric]["mean"]
+    return mean[-1] / mean[0]
+
+
+def chunks_of(docs, size: int, unit: str = "bytes") -> list[tuple[str, str, str]]:
+    """Documents cut into pieces of `size` UTF-8 bytes (never inside a character) or `size` words,
+    as (id, source, text); an id is "<document id>@<index>"."""
+    out = []
+    for d in docs:
+        if unit == "words":
+            w = d.text.split()
+            pieces = [" ".join(w[i:i + size]) for i in range(0, len(w) - size + 1, size)]
+        else:
+            raw = d.text.encode("utf-8")
+            pieces = [raw[i:i + size].decode("utf-8", errors="ignore") for i in range(0, len(raw) - size + 1, size)]
+        out += [(f"{d.id}@{k}", d.source, p) for k, p in enumerate(pieces) if p.strip()]
+    return out
+
+
+def split_chunks(chunks: list, train: int, heldout: int, seed: int = 0) -> tuple[list, list]:
+    """Disjoint random (train, held-out) sets of chunks, the same for every seed of the lab."""
+    if train + heldout > len(chunks):
+        raise ValueError(f"the corpus holds {len(chunks)} pieces, fewer than {train} + {heldout} asked for: "
+                         "lower documents or heldout_documents")
+    picked = random.Random(seed).sample(chunks, train + heldout)
+    return picked[:train], picked[train:]
