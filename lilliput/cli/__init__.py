@@ -16,6 +16,7 @@ from lilliput.core.options import add_config_args, config_from_args
 
 from lilliput.cli.data import add_data_parsers, ledger_arg
 from lilliput.cli.flags import Parser, load, model_args, read_text
+from lilliput.cli.synth import add_synth_parsers
 
 
 def cmd_info(ns) -> int:
@@ -347,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     ledger_arg(p)
     p.set_defaults(func=cmd_data_fetch)
     add_data_parsers(sub, data)
+    add_synth_parsers(sub)
 
     from lilliput.eval.bench import BenchConfig
     from lilliput.eval.report import ReportConfig
