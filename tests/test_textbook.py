@@ -130,3 +130,19 @@ def test_synth_job_rejects_a_bad_budget():
 
     with pytest.raises(ValueError, match="tokens must be >= 1"):
         SynthJob(tokens=0)
+
+
+def test_synth_command_on_a_saved_tiny_teacher(tmp_path, byte_teacher, one_thread, capsys):
+    from lilliput.cli import main
+    from lilliput.core.checkpoint import save_checkpoint
+    from lilliput.eval.bench import model_label
+
+    teacher = save_checkpoint(*byte_teacher, tmp_path / "teacher")
+    out, ledger = tmp_path / "out", tmp_path / "l.sqlite"
+    assert main(["synth", "--teacher", str(teacher), "--tokens", "16", "--max-new-tokens", "16", "--max-batch", "1",
+                 "--no-quality", "--device", "cpu", "--out", str(out), "--ledger", str(ledger)]) == 0
+    assert f"wrote {out / 'documents.jsonl'}" in capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    assert run["metrics"]["answers"] == 1 and run["metrics"]["teacher_tokens"] == 16
+    assert run["teacher"]["label"] == model_label(str(teacher))
+    assert main(["synth", "--tokens", "0", "--out", str(out)]) == 2  # a user error: one line, exit 2
