@@ -70,8 +70,12 @@ def byte_stream(texts: list[str], sep: str = "\n\n") -> torch.Tensor:
     return torch.frombuffer(bytearray(sep.join(texts).encode("utf-8")), dtype=torch.uint8).long()
 
 
-def held_out(doc_id: str, every: int) -> bool:
-    return int(hashlib.sha256(doc_id.encode("utf-8")).hexdigest()[:8], 16) % every == 0
+def split_documents(docs: list[dict], every: int) -> tuple[list[str], list[str]]:
+    """(train, held-out) texts: in the order of their ids' hashes, every `every`-th document is held out
+    (the first one always: at least one)."""
+    ranked = sorted(docs, key=lambda d: hashlib.sha256(d["id"].encode("utf-8")).hexdigest())
+    return ([d["text"] for i, d in enumerate(ranked) if i % every],
+            [d["text"] for i, d in enumerate(ranked) if i % every == 0])
 
 
 def mixed_pool(human: torch.Tensor, synthetic_docs: list[str], fraction: float, size: int, seed: int) -> torch.Tensor:
@@ -149,7 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--synth-dir", default=None, help="cache folder of the synthetic set "
                     "(default: $LILLIPUT_CACHE or ~/.cache/lilliput, textbook-synth/<tokens>-<seed>[-int8])")
     ap.add_argument("--resynth", action="store_true", help="write the synthetic set again even when cached")
-    ap.add_argument("--holdout", type=int, default=10, help="every Nth synthetic document (by id hash) is held out")
+    ap.add_argument("--holdout", type=int, default=10, help="every Nth synthetic document (in id-hash order) is held out")
     ap.add_argument("--mixes", default="0,0.25,0.5,0.75,1", help="synthetic shares of the students' data")
     ap.add_argument("--student-tokens", type=int, default=400_000, help="training tokens (bytes) per student")
     ap.add_argument("--dim", type=int, default=128)
@@ -199,10 +203,9 @@ def main(argv=None) -> int:
     synth_dir, synth_run, from_cache = synth_set(args, log)
     teacher_seconds = time.perf_counter() - t0
     docs = [json.loads(line) for line in (synth_dir / DOCUMENTS_FILE).read_text(encoding="utf-8").splitlines() if line]
-    test_docs = [d["text"] for d in docs if held_out(d["id"], args.holdout)]
-    train_docs = [d["text"] for d in docs if not held_out(d["id"], args.holdout)]
+    train_docs, test_docs = split_documents(docs, args.holdout)
     if not test_docs or not train_docs:
-        raise SystemExit(f"{len(docs)} synthetic documents: too few to hold {len(test_docs)} out; raise --tokens")
+        raise SystemExit(f"{len(docs)} synthetic documents: too few to train on and hold out; raise --tokens")
     textbook_test = "\n\n".join(test_docs)[: args.eval_bytes]
     pool_size = byte_stream(train_docs).numel()
     human_docs = default_documents()
