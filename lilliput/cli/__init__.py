@@ -20,6 +20,7 @@ from lilliput.cli.data import add_data_parsers, ledger_arg
 from lilliput.cli.train import add_train_parsers
 from lilliput.cli.finetune import add_finetune_parsers
 from lilliput.cli.flags import Parser, load, model_args, read_text
+from lilliput.cli.synth import add_synth_parsers
 
 
 def cmd_info(ns) -> int:
@@ -355,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_parsers(sub)
     add_arena_parsers(sub)
     add_collapse_parsers(sub)
+    add_synth_parsers(sub)
 
     from lilliput.eval.bench import BenchConfig
     from lilliput.eval.report import ReportConfig

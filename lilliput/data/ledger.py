@@ -112,6 +112,16 @@ class Generator:
     """Sampler seed."""
     watermark_key_id: str | None = None
     """Id of the watermark key (never the key itself; see watermark.key_id); None: not watermarked."""
+    prompt: str | None = None
+    """The prompt it was generated from (chat messages as the teacher saw them); None: not recorded."""
+
+
+def _generator_dict(g: Generator) -> dict[str, Any]:
+    """A generator as stored: without `prompt` when none was recorded (rows written before it existed match)."""
+    d = asdict(g)
+    if d["prompt"] is None:
+        del d["prompt"]
+    return d
 
 
 @dataclass(frozen=True)
@@ -305,7 +315,7 @@ class Ledger:
                "bytes": len(e.text.encode("utf-8")) if e.text is not None else e.bytes,
                "tokens": e.tokens, "tokenizer": e.tokenizer, "source": e.source, "package": e.package,
                "file": e.file, "licence": e.licence, "origin": e.origin,
-               "generator": json.dumps(asdict(e.generator), sort_keys=True) if e.generator else None,
+               "generator": json.dumps(_generator_dict(e.generator), sort_keys=True) if e.generator else None,
                "generation": e.generation, "created": _now(), "text": e.text if e.keep_text else None}
         return row, tuple(e.parents)
 
