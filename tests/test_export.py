@@ -265,17 +265,23 @@ def test_onnx_int4_of_a_float_model_is_its_min_max_grid_with_float_zero_points(g
                                                                               exact_matmuls):
     pytest.importorskip("onnxruntime")
     from lilliput.export.runtimes import OnnxModel
+    from lilliput.export.weights import blockwise_int8
 
     result = export(gqa_model, bpe, "onnx", tmp_path / "onnx", "int4")
     w = result.written
-    assert (w["matmul_nbits"], w["block_offsets"], w["matmul_float"]) == (8, 8, 1)  # 1: the tied output Gemm
+    assert (w["matmul_nbits"], w["block_offsets"], w["matmul_float"]) == (9, 8, 0)  # output layer: int8 blocks
     assert w["requantized"] and w["int4_grid"] == "min/max, float zero points" and w["int4_block_sizes"] == [32]
     ids = bpe.encode(TEXT)
     got = torch.from_numpy(OnnxModel(result.path, threads=1).run([ids])[0][0])
-    torch.testing.assert_close(got, logits(with_weights(gqa_model, minmax_reference), ids), rtol=0, atol=2e-5)
+    ref = with_weights(gqa_model, minmax_reference)
+    ref = GPT.from_state_dict(ref.config.replace(tie_embeddings=False), {k: v.clone() for k, v in ref.state_dict().items()})
+    with torch.no_grad():
+        ref.lm_head.weight.copy_(blockwise_int8(ref.lm_head.weight, 32).dequantize())
+    torch.testing.assert_close(got, logits(ref, ids), rtol=0, atol=2e-5)
+    assert torch.equal(gqa_model.lm_head.weight, gqa_model.tok_emb.weight)  # the source is untouched
 
 
-def test_onnx_int4_reproduces_weights_on_a_q4_1_grid_which_integer_zero_points_cannot(gqa_model, bpe, tmp_path,
+def test_onnx_int4_reproduces_a_model_on_q4_1_and_q8_0_grids_which_integer_zero_points_cannot(gqa_model, bpe, tmp_path,
                                                                                       exact_matmuls):
     pytest.importorskip("onnxruntime")
     from lilliput.export.runtimes import OnnxModel
@@ -292,6 +298,10 @@ def test_onnx_int4_reproduces_weights_on_a_q4_1_grid_which_integer_zero_points_c
         return (d * q + m).reshape(n, k)
 
     src = with_weights(gqa_model, q4_1)
+    with torch.no_grad():  # the tied embedding on a Q8_0 grid (SmolLM2's): the int8 output layer holds it exactly
+        e = src.tok_emb.weight.view(-1, 32)
+        d = (e.abs().amax(1, keepdim=True) / 127).half().float()
+        e.copy_((e / d).round().clamp(-127, 127) * d)
     w = src.layers[0].ffn.w_down.weight
     grid = minmax_int4(w, 32)
     assert (grid.dequantize() - w).abs().max() < 1e-6 and not torch.equal(grid.zero, grid.zero.round())
@@ -353,7 +363,8 @@ def test_cli_onnx_int4_group_sets_the_matmul_nbits_blocks(ckpt, tmp_path, capsys
     assert main(["export", "--model", ckpt, "--format", "onnx", "--type", "int4", "--group", "16", "--out", str(out)]) == 0
     assert "exported onnx int4" in capsys.readouterr().out
     nodes = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
-    assert len(nodes) == 8 and {a.i for n in nodes for a in n.attribute if a.name == "block_size"} == {16}
+    blocks = [{a.name: a.i for a in n.attribute} for n in nodes]
+    assert sorted((b["bits"], b["block_size"]) for b in blocks) == [(4, 16)] * 8 + [(8, 32)]  # output layer: Q8_0's
 
 
 @pytest.mark.parametrize("argv,match", [

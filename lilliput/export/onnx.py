@@ -22,8 +22,9 @@ Types: float32 (MatMul), int8 and int4 (ONNX Runtime's `MatMulNBits`, com.micros
   and adds the remainder as a per-block offset, x's block sums (B, T, K/group) @ offsets (K/group, N):
   (q - z) s = (q - round(z)) s + (round(z) - z) s. Exact, at one small MatMul per layer. A GGUF Q4_1
   block is on this grid (zero = -m/d), so a Q4_1-origin model (the embedded SmolLM2) exports
-  losslessly by construction; what the grid costs shows on models trained in float. A tied output
-  layer stays the float embedding (the graph holds that table anyway); an untied one is int8 per row.
+  losslessly by construction; what the grid costs shows on models trained in float. The output layer
+  is int8 per block of 32 (symmetric, scale max|w|/127: GGUF Q8_0's grid), its own copy of a tied
+  embedding, as lilliput's int4 keeps it: a float output layer would be most of each decode step.
 
 MatMulNBits runs with `accuracy_level=4` (activations as int8 inside the product, as lilliput's own
 int4 kernel does), the fast path on CPU.
@@ -42,7 +43,7 @@ import torch.nn as nn
 
 from lilliput.export.target import FORMATS, ExportFormat, export
 from lilliput.export.weights import (Weight, agreement, int4_group, minmax_int4, output_is_tied, probe_ids, require,
-                                     rowwise_int8, source_logits, weight_bits, weight_of)
+                                     blockwise_int8, source_logits, weight_bits, weight_of)
 
 TYPES = ("float32", "int8", "int4")
 BITS = {"float32": 0, "int8": 8, "int4": 4}
@@ -87,6 +88,7 @@ def prepared(model, type: str, group: int | None = None) -> tuple[nn.Module, dic
     (float32), lilliput's RTN int8 of one (int8), or one whose block matrices hold their min/max int4 grid
     with float zero points, blocks of `group` columns (int4; see the module docstring)."""
     from lilliput.compress.quantize import RTNConfig, quantize_
+    from lilliput.core.model import GPT
     from lilliput.export.weights import float_copy
 
     check_group(group)
@@ -103,13 +105,15 @@ def prepared(model, type: str, group: int | None = None) -> tuple[nn.Module, dic
         return base, {}
     if bits == 8:
         return quantize_(base, RTNConfig(bits=8)), {}
+    if output_is_tied(base):  # the output layer becomes its own int8 copy, as lilliput's int4 keeps it
+        state = {k: v.clone() for k, v in base.state_dict().items()}  # lm_head.weight: a copy of tok_emb's
+        base = GPT.from_state_dict(base.config.replace(tie_embeddings=False), state).eval()
     grids: dict[str, Weight] = {}
-    tied = output_is_tied(base)
     for name, m in base.named_modules():
-        if not isinstance(m, nn.Linear) or not (name.startswith("layers.") or (name == "lm_head" and not tied)):
+        if not isinstance(m, nn.Linear) or not (name.startswith("layers.") or name == "lm_head"):
             continue
         k = m.weight.shape[1]
-        grids[name] = (rowwise_int8(m.weight) if name == "lm_head" else
+        grids[name] = (blockwise_int8(m.weight, block_group(k, GROUP, name)) if name == "lm_head" else
                        minmax_int4(m.weight, block_group(k, group or GROUP, name)))
         with torch.no_grad():
             m.weight.copy_(grids[name].dequantize())  # the reference runs the grid's weights in float
@@ -119,7 +123,7 @@ def prepared(model, type: str, group: int | None = None) -> tuple[nn.Module, dic
 # --- weights as initializers -------------------------------------------------------------------------
 
 def _block_size(w: Weight) -> int:
-    if w.bits == 4:
+    if w.bits == 4 or w.group < w.shape[1]:
         return w.group
     k = w.shape[1]  # int8: one scale per row, repeated over the largest block that divides K
     return next(b for b in (256, 128, 64, 32, 16) if k % b == 0)
@@ -136,7 +140,7 @@ def matmul_nbits_arrays(w: Weight) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     offsets = None
     if w.bits == 8:
         packed = (w.codes.to(torch.int16) + 128).to(torch.uint8).reshape(n, nb, bs)
-        scales = w.scale.expand(n, nb)
+        scales = w.scale.expand(n, nb)  # (N, 1) per row, or (N, blocks) already
         zeros = torch.full((n, nb), 128, dtype=torch.uint8)
     else:
         c = w.codes.to(torch.uint8).reshape(n, nb, bs)

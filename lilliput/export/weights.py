@@ -81,10 +81,14 @@ def minmax_int4(w: torch.Tensor, group: int) -> Weight:
     return Weight(4, codes=codes.reshape(n, k), scale=scale, zero=-lo / scale, group=group)
 
 
-def rowwise_int8(w: torch.Tensor) -> Weight:
-    """w (N, K) on lilliput's symmetric int8 grid, one scale per row (as `RTNConfig(bits=8)` rounds it)."""
-    scale = int8_scale(w.detach().float())  # (N, 1)
-    return Weight(8, codes=quantize_int8(w.detach().float(), scale).to(torch.int8), scale=scale, group=w.shape[1])
+def blockwise_int8(w: torch.Tensor, group: int) -> Weight:
+    """w (N, K) on a symmetric int8 grid per block of `group` columns: scale = max |w| / 127. A GGUF Q8_0
+    block (32 columns, w = d * q) is on it exactly."""
+    n, k = w.shape
+    g = w.detach().float().reshape(n * (k // group), group)
+    scale = int8_scale(g)  # (N * blocks, 1)
+    codes = quantize_int8(g, scale).to(torch.int8).reshape(n, k)
+    return Weight(8, codes=codes, scale=scale.reshape(n, k // group), group=group)
 
 
 def output_is_tied(model: GPT) -> bool:
