@@ -20,7 +20,7 @@ MatMulNBits' int8 activations. Beside it: `onnx_lilliput_int4_ppl_ratio` (lillip
 or RTN with integer zero points, exported as is / lilliput fp32) with
 `onnx_int4_vs_lilliput_int4_ppl_ratio`, the part the export adds to lilliput's int4; and
 `trained`, the quality that means something: a small float Llama lilliput trains here (byte
-tokenizer, 4 layers of 128, `--train-steps` on the default corpus, ~2 minutes) with its float
+tokenizer, 4 layers of 128, `--train-steps` on the default corpus, at most `--train-minutes` 4) with its float
 perplexity, the ONNX int4 (min/max grid) perplexity and their ratio `onnx_int4_trained_ppl_ratio`,
 and lilliput's RTN int4 (integer zero points) of the same model for comparison.
 `onnx_int4_decode_tok_s` sets the two int4 graphs' decode speeds side by side (the min/max grid
