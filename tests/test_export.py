@@ -228,7 +228,8 @@ def test_onnx_matmul_nbits_holds_lilliputs_codes_exactly(gqa_model, bpe, tmp_pat
     q = quantize_(copy.deepcopy(gqa_model), RTNConfig(bits=bits, group_size=32))
     result = export(q, bpe, "onnx", tmp_path / "onnx", f"int{bits}")
     assert result.written["matmul_nbits"] == 2 * 4 + 1 and not result.written["requantized"]
-    assert result.written["block_offsets"] == 0 and result.written["int4_grid"] == (None if bits == 8 else "the model's own")
+    assert result.written["block_offsets"] == 0
+    assert result.written["int4_grid"] == (None if bits == 8 else "the model's own")
     ids = bpe.encode(TEXT)
     got = OnnxModel(result.path, threads=1).run([ids])[0][0]
     torch.testing.assert_close(torch.from_numpy(got), exact_logits(q, ids), rtol=0, atol=1e-5)
@@ -274,7 +275,8 @@ def test_onnx_int4_of_a_float_model_is_its_min_max_grid_with_float_zero_points(g
     ids = bpe.encode(TEXT)
     got = torch.from_numpy(OnnxModel(result.path, threads=1).run([ids])[0][0])
     ref = with_weights(gqa_model, minmax_reference)
-    ref = GPT.from_state_dict(ref.config.replace(tie_embeddings=False), {k: v.clone() for k, v in ref.state_dict().items()})
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    ref = GPT.from_state_dict(ref.config.replace(tie_embeddings=False), state)
     with torch.no_grad():
         ref.lm_head.weight.copy_(blockwise_int8(ref.lm_head.weight, 32).dequantize())
     torch.testing.assert_close(got, logits(ref, ids), rtol=0, atol=2e-5)
@@ -360,7 +362,8 @@ def test_cli_onnx_int4_group_sets_the_matmul_nbits_blocks(ckpt, tmp_path, capsys
     from lilliput.cli import main
 
     out = tmp_path / "onnx"
-    assert main(["export", "--model", ckpt, "--format", "onnx", "--type", "int4", "--group", "16", "--out", str(out)]) == 0
+    argv = ["export", "--model", ckpt, "--format", "onnx", "--type", "int4", "--group", "16", "--out", str(out)]
+    assert main(argv) == 0
     assert "exported onnx int4" in capsys.readouterr().out
     nodes = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
     blocks = [{a.name: a.i for a in n.attribute} for n in nodes]
