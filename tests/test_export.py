@@ -7,6 +7,7 @@ import copy
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import tokenizers
 import torch
@@ -227,16 +228,114 @@ def test_onnx_matmul_nbits_holds_lilliputs_codes_exactly(gqa_model, bpe, tmp_pat
     q = quantize_(copy.deepcopy(gqa_model), RTNConfig(bits=bits, group_size=32))
     result = export(q, bpe, "onnx", tmp_path / "onnx", f"int{bits}")
     assert result.written["matmul_nbits"] == 2 * 4 + 1 and not result.written["requantized"]
+    assert result.written["block_offsets"] == 0
+    assert result.written["int4_grid"] == (None if bits == 8 else "the model's own")
     ids = bpe.encode(TEXT)
     got = OnnxModel(result.path, threads=1).run([ids])[0][0]
     torch.testing.assert_close(torch.from_numpy(got), exact_logits(q, ids), rtol=0, atol=1e-5)
 
 
-def test_onnx_int4_of_a_float_model_is_lilliputs_rtn_int4(gqa_model, bpe, tmp_path):
+def minmax_reference(w):
+    """numpy dequantization of w (N, K) on the min/max int4 grid of blocks of 32, zero points in float."""
+    g = w.double().numpy().reshape(w.shape[0], -1, 32)
+    lo, hi = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
+    scale = (hi - lo) / 15
+    codes = np.clip(np.round((g - lo) / scale), 0, 15)
+    return torch.from_numpy(((codes - (-lo / scale)) * scale).reshape(w.shape)).float()
+
+
+def with_weights(model, fn):
+    """A copy of `model` whose block matrices are fn(weight)."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, lin in m.named_modules():
+            if isinstance(lin, torch.nn.Linear) and name.startswith("layers."):
+                lin.weight.copy_(fn(lin.weight))
+    return m
+
+
+@pytest.fixture
+def exact_matmuls(monkeypatch):
+    """fp32 activations inside MatMulNBits: only the weights' mapping is tested."""
+    import lilliput.export.onnx as lonnx
+
+    monkeypatch.setattr(lonnx, "ACCURACY_LEVEL", 0)
+
+
+def test_onnx_int4_of_a_float_model_is_its_min_max_grid_with_float_zero_points(gqa_model, bpe, tmp_path,
+                                                                              exact_matmuls):
     pytest.importorskip("onnxruntime")
-    result = export(gqa_model, bpe, "onnx", tmp_path / "onnx", "int4")  # accuracy_level 4: int8 activations
-    assert result.written["requantized"] and result.check["mean_kl"] < 1e-3
+    from lilliput.export.runtimes import OnnxModel
+    from lilliput.export.weights import blockwise_int8
+
+    result = export(gqa_model, bpe, "onnx", tmp_path / "onnx", "int4")
+    w = result.written
+    assert (w["matmul_nbits"], w["block_offsets"], w["matmul_float"]) == (9, 8, 0)  # output layer: int8 blocks
+    assert w["requantized"] and w["int4_grid"] == "min/max, float zero points" and w["int4_block_sizes"] == [32]
+    ids = bpe.encode(TEXT)
+    got = torch.from_numpy(OnnxModel(result.path, threads=1).run([ids])[0][0])
+    ref = with_weights(gqa_model, minmax_reference)
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    ref = GPT.from_state_dict(ref.config.replace(tie_embeddings=False), state)
+    with torch.no_grad():
+        ref.lm_head.weight.copy_(blockwise_int8(ref.lm_head.weight, 32).dequantize())
+    torch.testing.assert_close(got, logits(ref, ids), rtol=0, atol=2e-5)
+    assert torch.equal(gqa_model.lm_head.weight, gqa_model.tok_emb.weight)  # the source is untouched
+
+
+def test_onnx_int4_reproduces_a_model_on_q4_1_and_q8_0_grids_which_integer_zero_points_cannot(gqa_model, bpe, tmp_path,
+                                                                                      exact_matmuls):
+    pytest.importorskip("onnxruntime")
+    from lilliput.export.runtimes import OnnxModel
+    from lilliput.export.weights import minmax_int4
+
+    gen = torch.Generator().manual_seed(0)
+
+    def q4_1(w):  # GGUF Q4_1 blocks of 32: w = d * q + m, fp16 d and m, both ends of 0..15 used
+        n, k = w.shape
+        d = torch.empty(n, k // 32, 1).uniform_(0.01, 0.05, generator=gen).half().float()
+        m = (-torch.empty(n, k // 32, 1).uniform_(2, 13, generator=gen) * d).half().float()
+        q = torch.randint(0, 16, (n, k // 32, 32), generator=gen).float()
+        q[..., 0], q[..., 1] = 0, 15
+        return (d * q + m).reshape(n, k)
+
+    src = with_weights(gqa_model, q4_1)
+    with torch.no_grad():  # the tied embedding on a Q8_0 grid (SmolLM2's): the int8 output layer holds it exactly
+        e = src.tok_emb.weight.view(-1, 32)
+        d = (e.abs().amax(1, keepdim=True) / 127).half().float()
+        e.copy_((e / d).round().clamp(-127, 127) * d)
+    w = src.layers[0].ffn.w_down.weight
+    grid = minmax_int4(w, 32)
+    assert (grid.dequantize() - w).abs().max() < 1e-6 and not torch.equal(grid.zero, grid.zero.round())
+    rtn = quantize_(copy.deepcopy(src), RTNConfig(bits=4, group_size=32)).layers[0].ffn.w_down.dequantize()
+    assert (rtn - w).abs().max() > 2e-3  # lilliput's integer zero points: off by up to d / 2 per block
+    ids = bpe.encode(TEXT)
+    result = export(src, bpe, "onnx", tmp_path / "onnx", "int4")
+    got = torch.from_numpy(OnnxModel(result.path, threads=1).run([ids])[0][0])
+    torch.testing.assert_close(got, logits(src, ids), rtol=0, atol=2e-5)
+
+
+def test_onnx_int4_of_a_float_model_at_accuracy_level_4_passes_its_check_and_is_smaller(gqa_model, bpe, tmp_path):
+    pytest.importorskip("onnxruntime")
+    result = export(gqa_model, bpe, "onnx", tmp_path / "onnx", "int4")  # int8 activations inside MatMulNBits
+    assert result.check["mean_kl"] < 1e-3 and result.check["top1_agreement"] == 1.0
     assert result.bytes < export(gqa_model, bpe, "onnx", tmp_path / "f32", "float32").bytes
+
+
+def test_onnx_int4_blocks_of_64_and_an_untied_output_layer_as_int8(gqa_model, bpe, tmp_path, exact_matmuls):
+    pytest.importorskip("onnxruntime")
+    from lilliput.export.onnx import export_onnx, prepared
+
+    untied = GPT(gqa_model.config.replace(tie_embeddings=False, ffn_dim=128)).eval()
+    ref, grids = prepared(untied, "int4", group=64)
+    assert grids["lm_head"].bits == 8 and grids["layers.0.ffn.w_down"].group == 64  # K 128
+    assert grids["layers.0.mixer.wqkv"].group == 32  # K 32: the largest block that divides it
+    path = export_onnx(untied, bpe, tmp_path / "onnx", "int4", group=64)
+    from lilliput.export.runtimes import OnnxModel
+
+    ids = bpe.encode(TEXT)
+    got = torch.from_numpy(OnnxModel(path, threads=1).run([ids])[0][0])
+    torch.testing.assert_close(got, logits(ref, ids), rtol=0, atol=2e-5)
 
 
 # --- the command and its errors ---------------------------------------------------------------------------
@@ -256,10 +355,28 @@ def test_cli_exports_and_reports_the_check(ckpt, tmp_path, capsys):
     assert GGUFFile(out).metadata["general.file_type"] == 0
 
 
+def test_cli_onnx_int4_group_sets_the_matmul_nbits_blocks(ckpt, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from lilliput.cli import main
+
+    out = tmp_path / "onnx"
+    argv = ["export", "--model", ckpt, "--format", "onnx", "--type", "int4", "--group", "16", "--out", str(out)]
+    assert main(argv) == 0
+    assert "exported onnx int4" in capsys.readouterr().out
+    nodes = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    blocks = [{a.name: a.i for a in n.attribute} for n in nodes]
+    assert sorted((b["bits"], b["block_size"]) for b in blocks) == [(4, 16)] * 8 + [(8, 32)]  # output layer: Q8_0's
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--format", "tflite"], "unknown export format 'tflite'; known: gguf, hf, onnx"),
     (["--format", "gguf", "--type", "Q2_K"], "unknown gguf type 'Q2_K': pass one of F32, F16, BF16, Q8_0, Q4_0, Q4_1"),
     (["--format", "hf", "--type", "int4"], "unknown hf type 'int4'"),
+    (["--format", "onnx", "--type", "int4", "--group", "48"], "--group) must be one of 16, 32, 64, 128, 256, got 48"),
+    (["--format", "gguf", "--group", "32"], "gguf has none: drop --group"),
+    (["--format", "onnx", "--type", "int8", "--group", "32"], "a int8 export has none: drop --group"),
 ])
 def test_cli_bad_format_or_type_is_one_line_exit_2(ckpt, tmp_path, capsys, argv, match):
     from lilliput.cli import main

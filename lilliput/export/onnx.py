@@ -8,26 +8,42 @@ The graph is built node by node with `onnx.helper` from the model's own weights 
 Positions are P .. P+T-1 (no padding: batch rows share one length). RMSNorm is written as the
 Pow/ReduceMean/Add/Sqrt/Div/Mul pattern ONNX Runtime fuses into SimplifiedLayerNormalization.
 
-Types: float32 (MatMul), int8 and int4 (ONNX Runtime's `MatMulNBits`, com.microsoft). lilliput's
-codes map onto MatMulNBits exactly, so they are copied, not re-rounded: int4 groups (32/64/128) are
-its blocks with their fp16 scales and uint8 zeros; int8 rows are blocks sharing the row's scale with
-zero point 128. A float model exported as int8/int4 is first quantized by lilliput's RTN (int4:
-groups of 32, output layer int8, as `RTNConfig(bits=4, group_size=32)`), so ONNX Runtime and
-lilliput run the same weights. MatMulNBits runs with `accuracy_level=4` (activations as int8 inside
-the product, as lilliput's own int4 kernel does), the fast path on CPU.
+Types: float32 (MatMul), int8 and int4 (ONNX Runtime's `MatMulNBits`, com.microsoft).
+
+- A model whose weights already have the type's bits keeps its grid: lilliput's codes map onto
+  MatMulNBits exactly, so they are copied, not re-rounded (int4 groups are its blocks with their fp16
+  scales and uint8 zeros; int8 rows are blocks sharing the row's scale with zero point 128).
+- int8 of any other model is lilliput's RTN int8 of its float weights (as `RTNConfig(bits=8)`).
+- int4 of any other model (float, or int8 dequantized) puts each block of `group` input columns (32
+  unless asked) on its own min/max grid with a float zero point (`weights.minmax_int4`): scale =
+  (max - min) / 15, zero = -min / scale. MatMulNBits takes float zero points, but ONNX Runtime 1.32
+  runs them outside its packed kernels (measured on a 1536 x 576 layer, one row: 2.2 ms against
+  0.05 ms, `accuracy_level` ignored), so the graph holds round(zero) as the kernel's uint8 zero point
+  and adds the remainder as a per-block offset, x's block sums (B, T, K/group) @ offsets (K/group, N):
+  (q - z) s = (q - round(z)) s + (round(z) - z) s. Exact, at one small MatMul per layer. A GGUF Q4_1
+  block is on this grid (zero = -m/d), so a Q4_1-origin model (the embedded SmolLM2) exports
+  losslessly by construction; what the grid costs shows on models trained in float. The output layer
+  is int8 per block of 32 (symmetric, scale max|w|/127: GGUF Q8_0's grid), its own copy of a tied
+  embedding, as lilliput's int4 keeps it: a float output layer would be most of each decode step.
+
+MatMulNBits runs with `accuracy_level=4` (activations as int8 inside the product, as lilliput's own
+int4 kernel does), the fast path on CPU.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from lilliput.export.target import FORMATS, ExportFormat, export
-from lilliput.export.weights import (Weight, agreement, output_is_tied, probe_ids, require, source_logits,
-                                     weight_bits, weight_of)
+from lilliput.export.weights import (Weight, agreement, int4_group, minmax_int4, output_is_tied, probe_ids, require,
+                                     blockwise_int8, source_logits, weight_bits, weight_of)
 
 TYPES = ("float32", "int8", "int4")
 BITS = {"float32": 0, "int8": 8, "int4": 4}
@@ -40,52 +56,104 @@ OPSET = 17
 MODEL_FILE = "model.onnx"
 
 
+GROUPS = (16, 32, 64, 128, 256)
+"""MatMulNBits block sizes (input columns per scale and zero point) an int4 export of a float model may use."""
+GROUP = 32
+"""The int4 block size when none is asked for (GGUF Q4_1's, and lilliput's finest int4 group)."""
+
+
 def default_type(model) -> str:
     return {0: "float32", 8: "int8", 4: "int4"}[weight_bits(model)]
 
 
-def prepared(model, type: str):
-    """The model whose weights the graph holds: `model` itself when its weights already have the type's
-    bits, else a float copy (float32) or lilliput's RTN quantization of one (int8, int4)."""
+def check_group(group: int | None) -> None:
+    if group is not None and group not in GROUPS:
+        raise ValueError(f"int4 block size (--group) must be one of {', '.join(map(str, GROUPS))}, got {group}")
+
+
+def block_group(k: int, requested: int, name: str) -> int:
+    """The block size a layer of k input columns uses: `requested` if it divides k, else the largest smaller one."""
+    for g in sorted(GROUPS, reverse=True):
+        if g <= requested and k % g == 0:
+            return g
+    raise ValueError(f"{name} has {k} input features, not a multiple of 16: int4 cannot quantize it; "
+                     f"export it as int8 or float32")
+
+
+def prepared(model, type: str, group: int | None = None) -> tuple[nn.Module, dict[str, Weight]]:
+    """(the model lilliput runs as the check's reference, the graph's matrices by module name where they are
+    not `weight_of` that model's layers).
+
+    `model` itself when its weights already have the type's bits (its grid is kept); else a float copy
+    (float32), lilliput's RTN int8 of one (int8), or one whose block matrices hold their min/max int4 grid
+    with float zero points, blocks of `group` columns (int4; see the module docstring)."""
     from lilliput.compress.quantize import RTNConfig, quantize_
+    from lilliput.core.model import GPT
     from lilliput.export.weights import float_copy
 
+    check_group(group)
     bits = BITS[type]
+    if group is not None and bits != 4:
+        raise ValueError(f"--group sets int4 block sizes; a {type} export has none: drop --group")
     if weight_bits(model) == bits and next(model.parameters()).dtype == torch.float32:
-        return model
+        if group is not None and int4_group(model) != group:
+            raise ValueError(f"the model is already int4 in groups of {int4_group(model)}: its grid is exported as is; "
+                             f"drop --group")
+        return model, {}
     base = float_copy(model)
     if bits == 0:
-        return base
-    return quantize_(base, RTNConfig(bits=bits, group_size=32) if bits == 4 else RTNConfig(bits=8))
+        return base, {}
+    if bits == 8:
+        return quantize_(base, RTNConfig(bits=8)), {}
+    if output_is_tied(base):  # the output layer becomes its own int8 copy, as lilliput's int4 keeps it
+        state = {k: v.clone() for k, v in base.state_dict().items()}  # lm_head.weight: a copy of tok_emb's
+        base = GPT.from_state_dict(base.config.replace(tie_embeddings=False), state).eval()
+    grids: dict[str, Weight] = {}
+    for name, m in base.named_modules():
+        if not isinstance(m, nn.Linear) or not (name.startswith("layers.") or name == "lm_head"):
+            continue
+        k = m.weight.shape[1]
+        grids[name] = (blockwise_int8(m.weight, block_group(k, GROUP, name)) if name == "lm_head" else
+                       minmax_int4(m.weight, block_group(k, group or GROUP, name)))
+        with torch.no_grad():
+            m.weight.copy_(grids[name].dequantize())  # the reference runs the grid's weights in float
+    return base, grids
 
 
 # --- weights as initializers -------------------------------------------------------------------------
 
 def _block_size(w: Weight) -> int:
-    if w.bits == 4:
+    if w.bits == 4 or w.group < w.shape[1]:
         return w.group
     k = w.shape[1]  # int8: one scale per row, repeated over the largest block that divides K
     return next(b for b in (256, 128, 64, 32, 16) if k % b == 0)
 
 
-def matmul_nbits_arrays(w: Weight) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(B packed (N, blocks, blob) uint8, scales (N, blocks) float32, zero points uint8, block size)."""
+def matmul_nbits_arrays(w: Weight) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray | None]:
+    """(B packed (N, blocks, blob) uint8, scales (N, blocks) float32, zero points uint8, block size, offsets).
+
+    offsets (N, blocks) float32 is None on an integer grid; with float zero points z the kernel holds
+    round(z) and offsets = (round(z) - z) * scale is the rest of each block's dequantized value."""
     n, k = w.shape
     bs = _block_size(w)
     nb = k // bs
+    offsets = None
     if w.bits == 8:
         packed = (w.codes.to(torch.int16) + 128).to(torch.uint8).reshape(n, nb, bs)
-        scales = w.scale.expand(n, nb)
+        scales = w.scale.expand(n, nb)  # (N, 1) per row, or (N, blocks) already
         zeros = torch.full((n, nb), 128, dtype=torch.uint8)
     else:
         c = w.codes.to(torch.uint8).reshape(n, nb, bs)
         packed = c[..., 0::2] | (c[..., 1::2] << 4)  # element 2j low nibble, 2j+1 high
         scales = w.scale
-        z = w.zero.to(torch.uint8)
+        zi = w.zero.round().clamp(0, 15)
+        if not torch.equal(zi, w.zero):
+            offsets = ((zi - w.zero) * w.scale).float().contiguous().numpy()
+        z = zi.to(torch.uint8)
         if nb % 2:
             z = torch.cat([z, torch.zeros(n, 1, dtype=torch.uint8)], dim=1)
         zeros = z[:, 0::2] | (z[:, 1::2] << 4)
-    return (packed.contiguous().numpy(), scales.float().contiguous().numpy(), zeros.contiguous().numpy(), bs)
+    return (packed.contiguous().numpy(), scales.float().contiguous().numpy(), zeros.contiguous().numpy(), bs, offsets)
 
 
 class _Graph:
@@ -117,11 +185,17 @@ class _Graph:
         n, k = w.shape
         if w.bits == 0:
             return self.op("MatMul", [x, self.const(w.value.T.contiguous().numpy(), hint + ".weight")], hint)
-        packed, scales, zeros, bs = matmul_nbits_arrays(w)
+        packed, scales, zeros, bs, offsets = matmul_nbits_arrays(w)
         ins = [x, self.const(packed, hint + ".qweight"), self.const(scales, hint + ".scales"),
                self.const(zeros, hint + ".zero_points")]
-        return self.op("MatMulNBits", ins, hint, domain="com.microsoft", K=k, N=n, bits=w.bits, block_size=bs,
-                       accuracy_level=ACCURACY_LEVEL)
+        y = self.op("MatMulNBits", ins, hint, domain="com.microsoft", K=k, N=n, bits=w.bits, block_size=bs,
+                    accuracy_level=ACCURACY_LEVEL)
+        if offsets is None:
+            return y
+        blocks = self.op("Reshape", [x, self.const(np.array([0, 0, k // bs, bs], np.int64))])  # (B, T, K/bs, bs)
+        sums = self.op("ReduceSum", [blocks, self.const(np.array([-1], np.int64))], keepdims=0)  # (B, T, K/bs)
+        return self.op("Add", [y, self.op("MatMul", [sums, self.const(offsets.T.copy(), hint + ".block_offsets")])],
+                       hint)
 
     def rms_norm(self, x: str, weight: torch.Tensor, eps: float, hint: str) -> str:
         sq = self.op("Pow", [x, self.const(np.array(2.0, np.float32))])
@@ -130,10 +204,13 @@ class _Graph:
         return self.op("Mul", [self.op("Div", [x, rms]), self.const(weight.detach().float().numpy(), hint)], hint)
 
 
-def build_graph(model):
-    """The ONNX ModelProto of `model` (its quantized layers as MatMulNBits, the rest float32)."""
+def build_graph(model, grids: dict[str, Weight] | None = None):
+    """The ONNX ModelProto of `model` (its quantized layers as MatMulNBits, the rest float32); `grids` gives
+    the matrices of the layers it names (by module name) instead of their own weights."""
     from onnx import TensorProto, helper
 
+    grids = grids or {}
+    weight = lambda name: grids[name] if name in grids else weight_of(model.get_submodule(name))  # noqa: E731
     c = model.config
     nh, nkv, hs = c.n_heads, c.n_kv_heads, c.hd
     g = _Graph()
@@ -178,7 +255,7 @@ def build_graph(model):
     for i, block in enumerate(model.layers):
         p = f"layers.{i}"
         h = g.rms_norm(x, block.attn_norm.weight, c.norm_eps, f"{p}.attn_norm")
-        qkv = g.linear(h, weight_of(block.mixer.wqkv), f"{p}.wqkv")  # (B, T, (nh+2nkv)*hs)
+        qkv = g.linear(h, weight(f"{p}.mixer.wqkv"), f"{p}.wqkv")  # (B, T, (nh+2nkv)*hs)
         qkv = g.op("Transpose", [g.op("Reshape", [qkv, i64(0, 0, nh + 2 * nkv, hs)])], perm=[0, 2, 1, 3])
         q, k, v = g.op("Split", [qkv, i64(nh, nkv, nkv)], outputs=3, axis=1)  # (B, nh|nkv|nkv, T, hs)
         k = g.op("Concat", [f"past_key_values.{i}.key", rotate(k)], outputs=[f"present.{i}.key"], axis=2)
@@ -188,12 +265,12 @@ def build_graph(model):
         probs = g.op("Softmax", [g.op("Add", [scores, mask])], axis=-1)  # (B, nh, T, S)
         y = g.op("Transpose", [g.op("MatMul", [probs, repeat_kv(v)])], perm=[0, 2, 1, 3])  # (B, T, nh, hs)
         y = g.op("Reshape", [y, i64(0, 0, nh * hs)])
-        x = g.op("Add", [x, g.linear(y, weight_of(block.mixer.wo), f"{p}.wo")])
+        x = g.op("Add", [x, g.linear(y, weight(f"{p}.mixer.wo"), f"{p}.wo")])
         h = g.rms_norm(x, block.ffn_norm.weight, c.norm_eps, f"{p}.ffn_norm")
-        gate, up = g.op("Split", [g.linear(h, weight_of(block.ffn.w_gate_up), f"{p}.w_gate_up"),
+        gate, up = g.op("Split", [g.linear(h, weight(f"{p}.ffn.w_gate_up"), f"{p}.w_gate_up"),
                                   i64(c.ffn_dim, c.ffn_dim)], outputs=2, axis=-1)
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
-        x = g.op("Add", [x, g.linear(act, weight_of(block.ffn.w_down), f"{p}.w_down")])
+        x = g.op("Add", [x, g.linear(act, weight(f"{p}.ffn.w_down"), f"{p}.w_down")])
     x = g.rms_norm(x, model.norm.weight, c.norm_eps, "norm")
     if output_is_tied(model):  # the embedding table read transposed: no second copy of it
         flat = g.op("Reshape", [x, i64(-1, c.dim)])
@@ -201,22 +278,23 @@ def build_graph(model):
         g.op("Reshape", [logits, g.op("Concat", [g.op("Shape", [x], start=0, end=2), i64(c.vocab_size)], axis=0)],
              outputs=["logits"])
     else:
-        g.op("Identity", [g.linear(x, weight_of(model.lm_head), "lm_head")], outputs=["logits"])
+        g.op("Identity", [g.linear(x, weight("lm_head"), "lm_head")], outputs=["logits"])
     graph = helper.make_graph(g.nodes, c.name, inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets, producer_name="lilliput", ir_version=9)
 
 
-def write_onnx(model, tokenizer, path: Path, type: str, source=None) -> dict:
-    """A folder: model.onnx, config.json (Hugging Face Llama fields), tokenizer files."""
+def write_onnx(model, tokenizer, path: Path, type: str, source=None, group: int | None = None) -> dict:
+    """A folder: model.onnx, config.json (Hugging Face Llama fields), tokenizer files. `group`: int4 block size
+    of a model quantized for the export (None: 32)."""
     import onnx
 
     from lilliput.core.record import write_json
     from lilliput.export.hf import generation_config, hf_config
     from lilliput.export.vocab import as_bpe
 
-    src = prepared(model, type)
-    proto = build_graph(src)
+    src, grids = prepared(model, type, group)
+    proto = build_graph(src, grids)
     path.mkdir(parents=True)
     big = proto.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: weights go to a side file
     onnx.save_model(proto, path / MODEL_FILE, save_as_external_data=big, location=MODEL_FILE + ".data")
@@ -227,17 +305,22 @@ def write_onnx(model, tokenizer, path: Path, type: str, source=None) -> dict:
     weights = {t.name for t in proto.graph.initializer}
     products = [n.op_type for n in proto.graph.node if n.op_type in ("MatMul", "MatMulNBits", "Gemm")
                 and n.input[1] in weights]
-    return {"matmul_nbits": products.count("MatMulNBits"), "matmul_float": len(products) - products.count("MatMulNBits"),
-            "requantized": src is not model and BITS[type] != 0, "accuracy_level": ACCURACY_LEVEL}
+    blocks = sorted({w.group for w in grids.values() if w.bits == 4})
+    offsets = sum(".block_offsets_" in name for name in weights)  # the float zero points' remainders
+    return {"matmul_nbits": products.count("MatMulNBits"),
+            "matmul_float": len(products) - products.count("MatMulNBits") - offsets, "block_offsets": offsets,
+            "requantized": src is not model and BITS[type] != 0, "accuracy_level": ACCURACY_LEVEL,
+            "int4_grid": None if type != "int4" else "min/max, float zero points" if grids else "the model's own",
+            "int4_block_sizes": blocks or None}
 
 
-def check_onnx(model, tokenizer, path: Path, type: str) -> dict:
+def check_onnx(model, tokenizer, path: Path, type: str, group: int | None = None) -> dict:
     """Run the folder in ONNX Runtime: prefill logits within tolerance of lilliput's on the same weights,
     and one cached decode step equal to the prefill's last position."""
     from lilliput.export.runtimes import OnnxModel
     from lilliput.export.target import ExportCheckError
 
-    src = prepared(model, type)
+    src, _ = prepared(model, type, group)
     ids = probe_ids(tokenizer, model.config.vocab_size)
     runner = OnnxModel(path, threads=None)
     full, _ = runner.run([ids])
@@ -251,12 +334,19 @@ def check_onnx(model, tokenizer, path: Path, type: str) -> dict:
     return {**report, "cached_decode_max_abs_diff": step["max_abs_logit_diff"], "cached_decode_mean_kl": step["mean_kl"]}
 
 
-FORMATS.register("onnx")(ExportFormat(
+ONNX = FORMATS.register("onnx")(ExportFormat(
     name="onnx", types=TYPES, writes_folder=True, write=write_onnx, check=check_onnx, default_type=default_type,
     runtime="ONNX Runtime"))
 
 
+def onnx_format(group: int | None = None) -> ExportFormat:
+    """The ONNX format with int4 blocks of `group` columns for a model quantized for the export."""
+    check_group(group)
+    return ONNX if group is None else replace(ONNX, write=partial(write_onnx, group=group),
+                                              check=partial(check_onnx, group=group))
+
+
 def export_onnx(model, tokenizer, path: Path | str, type: str | None = None, force: bool = False,
-                check: bool = True) -> Path:
+                check: bool = True, group: int | None = None) -> Path:
     """Write a checked ONNX folder of `model` at `path` (float32, int8 or int4); returns the path."""
-    return export(model, tokenizer, "onnx", path, type, force=force, check=check).path
+    return export(model, tokenizer, onnx_format(group), path, type, force=force, check=check).path

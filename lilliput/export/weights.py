@@ -2,7 +2,8 @@
 float or as integer codes on their grid, and the checks every writer shares.
 
 A `Weight` is one (N, K) matrix as lilliput stores it: float, int8 per row (symmetric) or int4 per
-group (asymmetric, W = (q - zero) * scale). Writers that have a matching integer format copy the
+group (asymmetric, W = (q - zero) * scale; zero an integer on lilliput's grid, any float on the
+min/max grid `minmax_int4` fits for export). Writers that have a matching integer format copy the
 codes (GGUF Q4_1 and Q8_0, ONNX MatMulNBits); the others dequantize.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lilliput.compress.qlinear import Int4Linear, Int8Linear, QuantLinear, unpack_int4
+from lilliput.compress.qlinear import Int4Linear, Int8Linear, QuantLinear, int8_scale, quantize_int8, unpack_int4
 from lilliput.core.model import GPT, Attention, SwiGLU
 
 
@@ -25,7 +26,7 @@ class Weight:
     value: torch.Tensor | None = None  # (N, K) float32
     codes: torch.Tensor | None = None  # (N, K) int8 in [-127, 127] (bits 8) or uint8 in [0, 15] (bits 4)
     scale: torch.Tensor | None = None  # (N, K / group) float32
-    zero: torch.Tensor | None = None  # (N, K / group) float32 (bits 4 only)
+    zero: torch.Tensor | None = None  # (N, K / group) float32 (bits 4 only): integers in [0, 15] on lilliput's grid
     group: int = 0  # columns per scale (K for int8)
 
     @property
@@ -63,6 +64,31 @@ def weight_of(module: nn.Module) -> Weight:
     if isinstance(module, QuantLinear):
         return Weight(0, value=module.dequantize(torch.float32))
     return Weight(0, value=module.weight.detach().float())
+
+
+def minmax_int4(w: torch.Tensor, group: int) -> Weight:
+    """w (N, K) on the asymmetric min/max grid of each block of `group` columns, zero points kept in float:
+    scale = (max - min) / 15 and zero = -min / scale, so codes 0 and 15 land on the block's min and max.
+
+    A GGUF Q4_1 block (w = d * q + m, q in 0..15, both ends used) is on this grid exactly (scale d, zero
+    -m/d), which integer zero points cannot express: re-quantizing a Q4_1-origin model this way is
+    lossless by construction, so its quality must be judged on float models."""
+    n, k = w.shape
+    g = w.detach().float().reshape(n, k // group, group)  # (N, blocks, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(lo))  # a constant block: codes 0, zero -lo
+    codes = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+    return Weight(4, codes=codes.reshape(n, k), scale=scale, zero=-lo / scale, group=group)
+
+
+def blockwise_int8(w: torch.Tensor, group: int) -> Weight:
+    """w (N, K) on a symmetric int8 grid per block of `group` columns: scale = max |w| / 127. A GGUF Q8_0
+    block (32 columns, w = d * q) is on it exactly."""
+    n, k = w.shape
+    g = w.detach().float().reshape(n * (k // group), group)
+    scale = int8_scale(g)  # (N * blocks, 1)
+    codes = quantize_int8(g, scale).to(torch.int8).reshape(n, k)
+    return Weight(8, codes=codes, scale=scale.reshape(n, k // group), group=group)
 
 
 def output_is_tied(model: GPT) -> bool:

@@ -19,7 +19,10 @@ class ExportJob:
     """A .gguf file, a lilliput or Hugging Face model folder, or a hub id; the embedded SmolLM2-135M-Instruct when omitted."""
     type: str | None = None
     """Weight type. gguf: F32, F16, BF16, Q8_0, Q4_0, Q4_1; hf: float32, float16, bfloat16; onnx: float32, int8,
-    int4. Omitted: the type closest to the model's own weights."""
+    int4 (an int4 model keeps its own grid; any other is put on a min/max grid with float zero points per
+    block). Omitted: the type closest to the model's own weights."""
+    group: int | None = None
+    """onnx int4 of a model not already int4: input columns per block (16, 32, 64, 128 or 256); omitted: 32."""
     force: bool = False
     """Replace an existing output."""
     check: bool = True
@@ -37,6 +40,12 @@ def run_export(job: ExportJob) -> ExportResult:
     fmt = FORMATS[job.format.lower()]  # bad flags fail before the model loads
     if job.type is not None:
         fmt.canonical_type(job.type, None)
+    if job.group is not None:
+        from lilliput.export.onnx import onnx_format
+
+        if fmt.name != "onnx":
+            raise ValueError(f"--group sets the blocks of an onnx int4 export; {fmt.name} has none: drop --group")
+        fmt = onnx_format(job.group)
     check_output_path(Path(job.out), job.force)
     model, tok = load_model(job.model, device="cpu")
     return export(model, tok, fmt, job.out, job.type, force=job.force, check=job.check, source=job.model)
