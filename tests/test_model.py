@@ -51,6 +51,24 @@ def test_state_truncate_copy_free(tiny_model, tiny_config):
         state.ensure(tiny_config.max_seq_len + 1)
 
 
+@pytest.mark.parametrize("name", ["tiny", "mamba-tiny"])
+def test_state_grown_during_inference_can_be_copied_outside_it(name):
+    # the engine grows rows inside a forward (inference mode) and copies a cached prefix outside it
+    from lilliput.core.config import preset
+    from lilliput.core.model import GPT
+
+    model = GPT(preset(name)).eval()
+    idx = torch.randint(0, 256, (1, 12))
+    state = model.new_state(2, 4)
+    with torch.inference_mode():
+        state.ensure(12)
+        model(idx, state, rows=[0])
+    state.copy(0, 1)
+    state.truncate(1, 10) if state.can_truncate(1, 10) else None
+    state.free(0)
+    assert state.lengths[0] == 0 and state.lengths[1] in (10, 12)
+
+
 def test_block_runs_without_state(tiny_model, tiny_config):
     from lilliput.core.model import Step
 

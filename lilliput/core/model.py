@@ -186,6 +186,7 @@ class DecodeState:
                 s.grow(target)
             self.generation += 1
 
+    @torch.inference_mode()  # tensors grown inside a forward are inference tensors
     def truncate(self, row: int, n: int) -> None:
         if not 0 <= n <= self.lengths[row]:
             raise ValueError(f"cannot truncate row {row} of length {self.lengths[row]} to {n}")
@@ -197,12 +198,14 @@ class DecodeState:
         """Whether every layer can rewind `row` to n tokens (a recurrent layer only to recent ones)."""
         return 0 <= n <= self.lengths[row] and all(s.can_truncate(row, n) for s in self.layers)
 
+    @torch.inference_mode()  # tensors grown inside a forward are inference tensors
     def copy(self, src: int, dst: int) -> None:
         n = self.lengths[src]
         for s in self.layers:
             s.copy_row(src, dst, n)
         self.lengths[dst] = n
 
+    @torch.inference_mode()  # tensors grown inside a forward are inference tensors
     def free(self, row: int) -> None:
         for s in self.layers:
             s.reset(row)
