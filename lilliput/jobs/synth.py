@@ -25,6 +25,7 @@ from lilliput.core.record import run_record, write_json
 from lilliput.data.curate import CurateConfig, CurateDocument, CurateResult, curate, write_documents
 from lilliput.data.ledger import Entry, Generator, Ledger, default_ledger_path, model_fingerprint, sha256_text
 from lilliput.data.textbook import TextbookPrompt, assemble, load_topics, textbook_prompts
+from lilliput.eval.efficiency import parameter_count
 from lilliput.infer.engine import Engine, EngineConfig
 from lilliput.infer.sequence import GenerationConfig, Sequence
 
@@ -195,7 +196,7 @@ def run_synth(job: SynthJob, model=None, tokenizer=None, label: str | None = Non
     write_json(out / "run.json", run_record(
         "lilliput synth", label=f"textbook documents by {label}",
         job={**dataclasses.asdict(job), "watermark": generator.watermark_key_id and "key id " + generator.watermark_key_id},
-        teacher={"label": label, "fingerprint": generator.model, "parameters": sum(p.numel() for p in model.parameters())},
+        teacher={"label": label, "fingerprint": generator.model, "parameters": parameter_count(model)},
         generator=dataclasses.asdict(generator), topics=len(topics), ledger=str(ledger_path),
         metrics={"answers": len(written), "documents": len(docs), "kept": len(result.kept),
                  "teacher_tokens": tokens, "kept_teacher_tokens": sum(d.meta["teacher_tokens"] for d in docs if d.id in kept),
