@@ -26,10 +26,11 @@ def git_sha() -> str | None:
 
 
 def git_dirty() -> bool | None:
-    """True when lilliput's checkout has uncommitted changes to anything but bench/results (a
-    benchmark run after another has not committed the other's results yet; None outside git)."""
+    """True when the checkout has uncommitted changes to anything but bench/results (the package,
+    bench scripts, README: a benchmark run after another has not committed the other's results
+    yet; None outside git)."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
                               ":(top,exclude)bench/results"], capture_output=True, text=True, timeout=10,
                              cwd=Path(lilliput.__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
