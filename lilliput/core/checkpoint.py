@@ -10,7 +10,6 @@ compress) also gets `"quantization": {...model.quantization, "layers": {name: {"
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import time
@@ -24,7 +23,7 @@ from lilliput.core.config import ModelConfig
 from lilliput.core.device import pick_device, pick_dtype
 from lilliput.core.layers import build_layer, kind_of, layer_specs, set_layer
 from lilliput.core.model import GPT
-from lilliput.core.record import run_record, write_json
+from lilliput.core.record import read_json, run_record, write_json
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FORMAT = "lilliput"
@@ -192,13 +191,7 @@ def load_folder(folder: Path | str, device=None, dtype=None):
     from lilliput.core.tokenizer import load_tokenizer
 
     folder = Path(folder)
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: not a model folder")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+    cfg = read_json(folder / "config.json", "not a model folder")
     sd = _read_safetensors(folder)
     if cfg.get("format") == FORMAT:
         config = ModelConfig.from_dict(cfg["model"])

@@ -64,3 +64,15 @@ def write_json(path: Path | str, data: Any) -> Path:
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def read_json(path: Path | str, missing: str) -> Any:
+    """A JSON file's content; one clear error when it is absent (`missing` says what it should be) or
+    not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.parent} has no {path.name}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None

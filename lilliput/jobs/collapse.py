@@ -22,7 +22,6 @@ ledger as synthetic (with the key id) or human; the report counts true and false
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
 from dataclasses import dataclass

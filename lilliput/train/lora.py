@@ -27,7 +27,6 @@ model's fingerprint) and loaded onto the same base with `load_adapters_`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from lilliput.core.record import write_json
+from lilliput.core.record import read_json, write_json
 from lilliput.core.registry import Registry
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -248,12 +247,7 @@ def save_adapters(model: nn.Module, folder: Path | str, base: str | None = None,
 
 def read_adapter_config(folder: Path | str) -> dict[str, Any]:
     path = Path(folder) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no {ADAPTER_CONFIG}: not a LoRA adapter folder")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    cfg = read_json(path, "not a LoRA adapter folder")
     if cfg.get("format") != FORMAT:
         raise ValueError(f"{path} is not a lilliput LoRA adapter config (format {cfg.get('format')!r})")
     return cfg
