@@ -161,8 +161,33 @@ def main(argv: list[str] | None = None) -> int:
                                     domain_ppl_ratio=lora["domain_ppl_ratio"], general_ppl_ratio=lora["general_ppl_ratio"],
                                     **fields, data=data, config={k: v for k, v in vars(args).items() if k != "out"},
                                     total_minutes=round((time.perf_counter() - t0) / 60, 2)))
+    plot(fields, Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out}")
     return 0
+
+
+def plot(fields: dict, path: Path) -> None:
+    """Held-out perplexity before and after, domain and general text, per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in ("lora", "qlora_int8") if k in fields]
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
+    for ax, part, title in zip(axes, ("domain", "general"), ("held-out domain text", "general text (LAMBADA)")):
+        xs = range(len(names))
+        before = [fields[n][f"{part}_ppl_before"] for n in names]
+        after = [fields[n][f"{part}_ppl_after"] for n in names]
+        ax.bar([x - 0.2 for x in xs], before, 0.4, label="before", color="0.7")
+        ax.bar([x + 0.2 for x in xs], after, 0.4, label="after LoRA", color="C0")
+        for x, b, a in zip(xs, before, after):
+            ax.text(x + 0.2, a, f"x{a / b:.3f}", ha="center", va="bottom", fontsize=8)
+        ax.set(xticks=list(xs), xticklabels=[{"lora": "LoRA fp32", "qlora_int8": "QLoRA int8"}[n] for n in names],
+               ylabel="perplexity", title=title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
