@@ -1,11 +1,13 @@
+import dataclasses
 import json
 
 import pytest
 
+import lilliput.jobs.collapse as collapse_job
 from lilliput.cli import main
 from lilliput.data.corpus import sample_documents
 from lilliput.data.ledger import Ledger
-from lilliput.jobs.collapse import QUICK, CollapseConfig
+from lilliput.jobs.collapse import QUICK, CollapseConfig, GPTLearner, train_documents, work
 from lilliput.jobs.collapse_toy import (BigramLearner, chunks_of, curves, gaussian_chain, gaussian_study, growth,
                                         run_lab, samplings, split_chunks, words)
 
@@ -75,6 +77,47 @@ def test_words_and_config_errors():
         samplings(("greedy",), 0.9)
 
 
+def test_epochs_budget_grows_with_the_training_set_and_tokens_budget_does_not():
+    t, d = QUICK.train_tokens, QUICK.documents
+    assert QUICK.budget == CollapseConfig().budget == "epochs"
+    per = work(QUICK)["train_tokens_per_generation"]
+    assert per["accumulate"] == [t, 2 * t, 3 * t]  # generation g: (g+1) x generation 0, the same epochs
+    assert per["replace"] == [t, t, t] and per["fraction"] == [t, 2 * t, 2 * t]  # half human: twice the human set
+    assert [train_documents(QUICK, "accumulate", g) for g in range(4)] == [d, 2 * d, 3 * d, 4 * d]
+    five = dataclasses.replace(QUICK, generations=5, seeds=2, samplings=("pure",))
+    assert work(five)["train_tokens"] == 2 * t * (1 + (1 + 1 + 1 + 1) + (2 + 3 + 4 + 5) + (2 + 2 + 2 + 2))
+    fixed = work(dataclasses.replace(five, budget="tokens"))
+    assert all(v == [t] * 5 for v in fixed["train_tokens_per_generation"].values())
+    assert fixed["train_tokens"] == fixed["models"] * t == 2 * 13 * t
+
+
+def test_gpt_learner_trains_for_the_budget_of_its_training_set(monkeypatch):
+    seen = []
+
+    class Budget:  # stands in for the Trainer: records the budget, trains nothing
+        def __init__(self, objective, data, cfg):
+            seen.append(cfg.max_tokens)
+
+        def fit(self):
+            return {}
+
+    monkeypatch.setattr(collapse_job, "Trainer", Budget)
+    piece = "x" * QUICK.doc_bytes
+    for budget in ("epochs", "tokens"):
+        learner = GPTLearner(dataclasses.replace(QUICK, budget=budget), ["held out"])
+        for g in range(3):  # accumulate's training sets: the human one and g generations as large
+            learner.fit([piece] * QUICK.documents * (g + 1), seed=g)
+    t = QUICK.train_tokens
+    assert seen == [t, 2 * t, 3 * t, t, t, t]
+
+
+def test_bad_budget_is_one_line(tmp_path, capsys):
+    with pytest.raises(ValueError, match="budget must be one of epochs, tokens, got 'steps'"):
+        CollapseConfig(budget="steps")
+    assert main(["collapse", "--quick", "--out", str(tmp_path), "--budget", "steps"]) == 2
+    assert "budget must be one of" in capsys.readouterr().err
+
+
 def test_quick_real_run_writes_the_json_fields(tmp_path, capsys):
     assert main(["collapse", "--quick", "--out", str(tmp_path), "--samplings", "pure,top_p",
                  "--gaussian-generations", "10", "--threads", "1"]) == 0
@@ -93,6 +136,11 @@ def test_quick_real_run_writes_the_json_fields(tmp_path, capsys):
     with Ledger.open(w["ledger"], create=False) as ledger:  # routed by the detector's verdict
         assert sum(d["origin"] == "synthetic" for d in ledger.documents()) == w["true_positives"] + w["false_positives"]
     assert r["gaussian"]["generations"] == 10 and r["work"]["models"] == 1 + 2 * 3 * 2
+    t = QUICK.train_tokens  # each generation's budget, from the documents the ledger selected
+    assert r["config"]["budget"] == r["gpt"]["budget"] == "epochs"
+    assert r["gpt"]["train_tokens"]["top_p"] == r["work"]["train_tokens_per_generation"] == {
+        "replace": [t, t, t], "accumulate": [t, 2 * t, 3 * t], "fraction": [t, 2 * t, 2 * t]}
+    assert r["work"]["train_tokens"] == t + 2 * (t + t) + 2 * (2 * t + 3 * t) + 2 * (2 * t + 2 * t)  # 2 samplings
     assert "replace_ppl_growth" in capsys.readouterr().out
 
 

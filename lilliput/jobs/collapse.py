@@ -6,12 +6,24 @@ each generation's training set chosen by `Ledger.select` for the policy):
 1. a Gaussian refitted to its own samples (seconds; variance under replace vs accumulate);
 2. a count-based word bigram model over corpus pieces (seconds);
 3. byte-level GPTs of ~1M parameters trained from scratch on pieces of the default corpus with
-   the Trainer, every generation for the same number of tokens, sampled through the Engine (one
-   row per document, a seed per document), pure (temperature 1) and top-p.
+   the Trainer, sampled through the Engine (one row per document, a seed per document), pure
+   (temperature 1) and top-p.
 
 Under replace each generation's training set has the size of the human one (as in Shumailov et
-al. 2024); under accumulate it grows, and the token budget stays the same. Perplexity is
-measured on held-out human pieces (never trained on) with windows of the training length.
+al. 2024); under accumulate it grows by the human set's size every generation, and under fraction
+it is twice the human set. The GPT's token budget follows `budget`:
+
+- "epochs" (the default; Gerstgrasser et al. 2024): every generation makes as many passes over
+  its training set as generation 0 made over the human set, so it trains for
+  train_tokens * len(training set) / len(human set) tokens: accumulate's generation g trains
+  (g+1) times as long as generation 0, fraction's twice, replace's the same (compute grows with
+  the data);
+- "tokens" (Kazdan et al. 2024's "accumulate-subsample"): every generation trains for
+  train_tokens whatever its training set, so under accumulate the human share of what a model
+  sees falls to 1/(g+1).
+
+`work()` and `estimate_seconds()` count the grown budgets. Perplexity is measured on held-out
+human pieces (never trained on) with windows of the training length.
 
 The watermark closes the loop: generation 0 of seed 0 writes documents through the
 Kirchenbauer watermark (data/watermark.py, byte vocabulary of 256), they are mixed with human
@@ -45,9 +57,12 @@ from lilliput.train.data import default_documents
 from lilliput.train.loop import LanguageModeling, Trainer, TrainConfig, WindowBatches
 
 
+BUDGETS = ("epochs", "tokens")
+
+
 @dataclass(frozen=True)
 class CollapseConfig:
-    """The lab's sizes. Defaults: the full run (~30 minutes on 2 cores); QUICK: seconds."""
+    """The lab's sizes. Defaults: the full run (~1 hour on one core); QUICK: seconds."""
 
     generations: int = 5
     """Generations per chain, generation 0 (trained on human text) included."""
@@ -84,8 +99,14 @@ class CollapseConfig:
     """Training window (and perplexity window, and the longest prompt + document)."""
     batch_size: int = 16
     """Windows per training step."""
-    train_tokens: int = 250_000
-    """Tokens each generation trains on, from scratch (the same under every policy)."""
+    train_tokens: int = 100_000
+    """Tokens generation 0 trains on, from scratch, over the human set (~2.2 epochs of 400 x 112 bytes).
+    Under budget="epochs" a later generation trains train_tokens * len(its training set) / documents
+    (accumulate's generation g: (g+1) x train_tokens); under budget="tokens", train_tokens each."""
+    budget: str = "epochs"
+    """GPT token budget per generation: epochs (the same passes over whatever the policy selected as
+    generation 0 made over the human set: Gerstgrasser et al. 2024) or tokens (train_tokens every
+    generation: Kazdan et al. 2024's accumulate-subsample)."""
     lr: float = 3e-3
     """Peak learning rate."""
     warmup_steps: int = 10
@@ -123,6 +144,14 @@ class CollapseConfig:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {', '.join(self.policies) or 'none'}")
         if not 0 < self.human_fraction < 1:
             raise ValueError(f"human_fraction must be in (0, 1), got {self.human_fraction}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
+
+    def generation_tokens(self, train_documents: int) -> int:
+        """Tokens a generation trains on, from the documents in its training set (pieces of equal length)."""
+        if self.budget == "tokens":
+            return self.train_tokens
+        return round(self.train_tokens * train_documents / self.documents)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(vocab_size=256, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
@@ -150,7 +179,8 @@ class GPTLearner:
         stream = torch.tensor(self.tok.encode("\n".join(texts)), dtype=torch.long)
         torch.manual_seed(seed)
         model = GPT(self.model_cfg).to(self.device)
-        train = TrainConfig(lr=c.lr, warmup_steps=c.warmup_steps, max_tokens=c.train_tokens, seed=seed, progress=False)
+        train = TrainConfig(lr=c.lr, warmup_steps=c.warmup_steps, max_tokens=c.generation_tokens(len(texts)), seed=seed,
+                            progress=False)
         Trainer(LanguageModeling(model), WindowBatches(stream, c.batch_size, c.seq_len, seed), train).fit()
         return model.eval()
 
@@ -177,19 +207,35 @@ class GPTLearner:
 
 # --- the duration, up front ---------------------------------------------------------------------
 
-def work(cfg: CollapseConfig) -> dict[str, int]:
-    """Models trained and documents written by the GPT scale."""
+def train_documents(cfg: CollapseConfig, policy: str, generation: int) -> int:
+    """Documents the ledger selects for `policy` at `generation` (each generation writes `documents`):
+    replace the latest ones, accumulate all, fraction all of the side that binds (as Ledger.select)."""
+    human, synthetic = cfg.documents, generation * cfg.documents
+    if generation == 0 or policy == "replace":
+        return cfg.documents
+    if policy == "accumulate":
+        return human + synthetic
+    f = cfg.human_fraction
+    if human / (human + synthetic) > f:  # too much human text: all synthetic, part of the human
+        return min(human, round(synthetic * f / (1 - f))) + synthetic
+    return human + min(synthetic, round(human * (1 - f) / f))
+
+
+def work(cfg: CollapseConfig) -> dict[str, Any]:
+    """Models trained, tokens trained (the budget rule's grown budgets) and documents written by the GPT scale."""
     S, P, G = len(cfg.samplings), len(cfg.policies), cfg.generations
     models = cfg.seeds * (1 + S * P * (G - 1))
+    per_policy = {p: [cfg.generation_tokens(train_documents(cfg, p, g)) for g in range(G)] for p in cfg.policies}
+    tokens = cfg.seeds * (cfg.train_tokens + S * sum(sum(t[1:]) for t in per_policy.values()))
     written = cfg.seeds * (S + S * P * (G - 1)) * cfg.documents + 2 * cfg.watermark_documents
-    return {"models": models, "train_tokens": models * cfg.train_tokens, "documents_written": written,
-            "tokens_written": written * cfg.doc_bytes}
+    return {"models": models, "train_tokens": tokens, "train_tokens_per_generation": per_policy,
+            "documents_written": written, "tokens_written": written * cfg.doc_bytes}
 
 
 def estimate_seconds(cfg: CollapseConfig, device: str = "cpu") -> dict[str, float]:
     """Time the GPT scale will take here, from a few timed training steps and one engine batch."""
-    learner = GPTLearner(dataclasses.replace(cfg, train_tokens=cfg.batch_size * cfg.seq_len * 4, warmup_steps=1),
-                         ["x" * cfg.seq_len], device)
+    learner = GPTLearner(dataclasses.replace(cfg, train_tokens=cfg.batch_size * cfg.seq_len * 4, warmup_steps=1,
+                                            budget="tokens"), ["x" * cfg.seq_len], device)
     text = "The lab measures its own speed before it starts. " * (cfg.seq_len // 8)
     learner.fit([text], seed=0)  # warm up
     t0 = time.perf_counter()
@@ -258,8 +304,8 @@ def run_collapse(cfg: CollapseConfig, out: Path | str, device: str = "cpu",
     out = Path(out)
     estimate = estimate_seconds(cfg, device)
     w = work(cfg)
-    log(f"collapse lab: {w['models']} GPTs x {cfg.train_tokens:,} tokens, {w['documents_written']:,} documents "
-        f"written; estimated {estimate['total_s'] / 60:.1f} minutes here (training {estimate['train_tokens_per_s']:,} "
+    log(f"collapse lab: {w['models']} GPTs, {w['train_tokens']:,} tokens trained (budget {cfg.budget}: generation 0 "
+        f"{cfg.train_tokens:,}), {w['documents_written']:,} documents written; estimated {estimate['total_s'] / 60:.1f} minutes here (training {estimate['train_tokens_per_s']:,} "
         f"tok/s, writing {estimate['write_tokens_per_s']:,} tok/s), plus about a minute for the toy scales")
     sampling = samplings(cfg.samplings, cfg.top_p)
     docs = default_documents(prefer_full=cfg.full_corpus)
@@ -287,6 +333,8 @@ def run_collapse(cfg: CollapseConfig, out: Path | str, device: str = "cpu",
     runs = run_lab(learner, train, [t for _, _, t in held], out / "ledgers" / "gpt", log=log, first_models=first, **lab)
     gpt_s = time.perf_counter() - t0
     gpt = curves(runs)
+    trained = {s: {p: [cfg.generation_tokens(m["train_documents"]) for m in chains[0]] for p, chains in by.items()}
+               for s, by in runs.items()}  # the token budget of each generation (the same for every seed)
 
     watermark = None
     if extra:
@@ -306,7 +354,7 @@ def run_collapse(cfg: CollapseConfig, out: Path | str, device: str = "cpu",
         "tail_coverage_ratio": tail_change,
         "gpt": {"parameters": parameter_count(GPT(cfg.model_config())), "model": cfg.model_config().to_dict(),
                 "corpus_documents": len(docs), "corpus_pieces": len(pieces), "seconds": round(gpt_s, 1),
-                "curves": gpt},
+                "budget": cfg.budget, "train_tokens": trained, "curves": gpt},
         "ngram": {"ppl_growth": {s: {p: growth(ngram[s][p]) for p in ngram[s]} for s in ngram},
                   "tail_coverage_ratio": {s: {p: growth(ngram[s][p], "tail_coverage") for p in ngram[s]}
                                           for s in ngram},
