@@ -5,8 +5,11 @@ a provenance ledger by policy: replace (the latest generation only), accumulate 
 all synthetic so far), fraction (half human, half synthetic from every generation). Written by
 pure sampling (temperature 1) and by top-p 0.9; each (policy, sampling) over several seeds.
 Three scales (lilliput/jobs/collapse.py, collapse_toy.py): a Gaussian refitted to its samples,
-a word bigram model, and byte-level GPTs of ~1M parameters trained from scratch for the same
-tokens every generation on pieces of the default corpus, sampled through the engine.
+a word bigram model, and byte-level GPTs of ~1M parameters trained from scratch on pieces of the
+default corpus, sampled through the engine. By default (`--budget epochs`, Gerstgrasser et al. 2024)
+every generation makes as many passes over its training set as generation 0 made over the human
+set, so accumulate's generation g trains (g+1) x `train_tokens`; `--budget tokens` trains every
+generation for `train_tokens` (Kazdan et al. 2024's accumulate-subsample).
 
 Written to bench/results/collapse.json (and collapse.png beside it):
 
@@ -18,15 +21,17 @@ Written to bench/results/collapse.json (and collapse.png beside it):
   runs themselves, for perplexity (held-out human pieces), tail_coverage (share of the held-out
   text's rarer half of distinct words that the generation's text uses), distinct_1/2/3, unigram
   entropy (bits), unigram_kl (KL(held-out || generated) words, bits) and human_share (of the
-  training documents); `gpt.parameters`, `gpt.model`;
+  training documents); `gpt.parameters`, `gpt.model`; `gpt.budget` and `gpt.train_tokens[sampling][policy]`
+  (each generation's token budget, from the documents the ledger selected);
 - `ngram`: the same for a word bigram model (samples from its counts, perplexity with smoothing);
 - `gaussian[policy]`: fitted variance per generation (mean, median, min, max over 20 seeds);
 - `watermark`: generation 0 writes watermarked documents, mixed with as many human pieces into
   a scraped set; the detector routes each into a ledger; true/false positives, TPR, FPR, mean z,
   and how many synthetic documents remain in the ledger's human selection;
-- `estimate` (measured up front), `work`, `seconds`, `config`.
+- `estimate` (measured up front), `work` (models, tokens trained in all and per generation,
+  documents written), `seconds`, `config`.
 
-    .venv/bin/python bench/collapse.py                # the full run (~30 minutes on 2 cores)
+    .venv/bin/python bench/collapse.py --threads 1    # the full run (~1 hour on one core)
     .venv/bin/python bench/collapse.py --quick        # seconds: tiny models, the shipped sample
 """
 
