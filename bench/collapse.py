@@ -31,7 +31,7 @@ Written to bench/results/collapse.json (and collapse.png beside it):
 - `estimate` (measured up front), `work` (models, tokens trained in all and per generation,
   documents written), `seconds`, `config`.
 
-    .venv/bin/python bench/collapse.py --threads 1    # the full run (~1 hour on one core)
+    .venv/bin/python bench/collapse.py --threads 1    # the full run (~80 minutes on one core)
     .venv/bin/python bench/collapse.py --quick        # seconds: tiny models, the shipped sample
 """
 

@@ -62,7 +62,7 @@ BUDGETS = ("epochs", "tokens")
 
 @dataclass(frozen=True)
 class CollapseConfig:
-    """The lab's sizes. Defaults: the full run (~1 hour on one core); QUICK: seconds."""
+    """The lab's sizes. Defaults: the full run (~80 minutes on one core); QUICK: seconds."""
 
     generations: int = 5
     """Generations per chain, generation 0 (trained on human text) included."""
@@ -99,8 +99,8 @@ class CollapseConfig:
     """Training window (and perplexity window, and the longest prompt + document)."""
     batch_size: int = 16
     """Windows per training step."""
-    train_tokens: int = 100_000
-    """Tokens generation 0 trains on, from scratch, over the human set (~2.2 epochs of 400 x 112 bytes).
+    train_tokens: int = 150_000
+    """Tokens generation 0 trains on, from scratch, over the human set (~3.3 epochs of 400 x 112 bytes).
     Under budget="epochs" a later generation trains train_tokens * len(its training set) / documents
     (accumulate's generation g: (g+1) x train_tokens); under budget="tokens", train_tokens each."""
     budget: str = "epochs"
