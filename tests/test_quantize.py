@@ -38,6 +38,43 @@ def test_int4_pack_unpack_round_trip():
     assert packed[0, 0] == q[0, 0] | (q[0, 16] << 4)  # byte j = column j | column j + 16
 
 
+def test_int8_batch_layout_round_trip_and_state():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (32, 64), generator=g).to(torch.int8)
+    packed = ql.pack_int8(q, 16)
+    assert packed.shape == (2, 16, 16, 4) and packed.dtype == torch.uint8
+    assert packed[1, 2, 3, 1] == q[16 + 3, 2 * 4 + 1].item() + 128  # group 1, columns 8..11, row 3
+    assert torch.equal(ql.unpack_int8(packed, 16), q)
+    m = ql.Int8Linear.from_codes(q, torch.rand(32, generator=g))
+    dense = m.dequantize()
+    m.pack_(16)
+    assert m.packed == 16 and torch.equal(m.dequantize(), dense) and torch.equal(m.codes(), q)
+    saved = m.state_dict()
+    assert torch.equal(saved["qweight"], q)  # checkpoints hold row-major codes whatever the layout
+    other = ql.Int8Linear(64, 32).pack_(16)
+    other.load_state_dict(saved)  # row-major codes into a packed module: repacked
+    assert other.packed == 16 and torch.equal(other.codes(), q)
+    assert torch.equal(other.pack_(0).qweight, q)
+
+
+@needs_kernel
+@pytest.mark.skipif(not (gemv.available() and gemv.load().lib.qgemv_int8_pack()), reason="no AVX-512 VNNI")
+@pytest.mark.parametrize("n,k", [(32, 64), (48, 96), (96, 1536)])
+def test_int8_batch_kernel_matches_row_major_and_is_batch_independent(n, k):
+    g = torch.Generator().manual_seed(n)
+    m = ql.Int8Linear.from_codes(torch.randint(-127, 128, (n, k), generator=g), torch.rand(n, generator=g) / 50)
+    x = torch.randn(21, k, generator=g)
+    m.kernel_variant = "dot"  # row-major, int8 x in blocks of 32: the same arithmetic up to float order
+    ref = m(x)
+    m.kernel_variant = "auto"
+    got = m(x)
+    assert m.packed == 16
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for b in (1, 3, 8, 9):  # a row's result does not depend on the rows beside it
+        assert torch.equal(m(x[:b]), got[:b])
+    assert sqnr_db(x @ m.dequantize().T, got) > 35
+
+
 @pytest.mark.parametrize("bits,group,min_db", [(8, 0, 38.0), (4, 32, 17.0), (4, 128, 15.0)])
 def test_rtn_layer_sqnr(bits, group, min_db):
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))

@@ -57,7 +57,7 @@ def weight_of(module: nn.Module) -> Weight:
     """The matrix of a linear layer, float or quantized."""
     if isinstance(module, Int8Linear):
         s = module.scale.view(torch.float32).float()[:, None]  # (N, 1)
-        return Weight(8, codes=module.qweight.clone(), scale=s, group=module.in_features)
+        return Weight(8, codes=module.codes().clone(), scale=s, group=module.in_features)
     if isinstance(module, Int4Linear):
         return Weight(4, codes=unpack_int4(module.qweight), scale=module.scale.view(torch.float16).float(),
                       zero=module.zero.float(), group=module.group_size)

@@ -107,7 +107,11 @@ class FusedStep:
         descs = [linear_desc(m) for m in linears]
         if any(d is None for d in descs):
             return None  # e.g. a layer type the C step has no kernel for: the torch modules run it
-        return cls(model, kernel, descs)
+        step = cls(model, kernel, descs)
+        # the tensors the descriptors point at, held even if a module later swaps a buffer for
+        # another layout (an int8 layer asked for its row-major kernel unpacks into a new tensor)
+        step._alive = [b for m in linears for b in m.buffers()]
+        return step
 
     def bind(self, state: DecodeState) -> None:
         """Point the step at a decode state's caches (fp32, CPU). Call again after it grows."""

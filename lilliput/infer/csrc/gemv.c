@@ -244,7 +244,7 @@ typedef struct {
     void *y;
     int ydt;
     int64_t N, K;
-    int64_t chunk; /* rows per chunk, multiple of 16 */
+    int64_t chunk; /* rows per chunk */
     int64_t next;  /* next chunk index (atomic) */
     int64_t chunks;
     uint64_t max_inside; /* workers allowed in: threads - 1 (more may exist after set_threads) */
@@ -380,6 +380,32 @@ int gemv_get_threads(void) {
 
 void gemv_set_spin_us(long us) { P.spin_ns = (us < 0 ? 0 : us) * 1000L; }
 
+/* Rows [0, N) by `fn` on the pool in chunks of `chunk` rows (the caller's thread alone when the
+ * pool is busy: one caller owns it at a time). */
+static void pool_run(rows_fn fn, const float *xf, const void *w, void *y, int ydt, int64_t N, int64_t K,
+                     int64_t chunk, int threads) {
+    if (threads < 2 || chunk >= N || pthread_mutex_trylock(&P.call_lock) != 0) {
+        fn(xf, w, y, ydt, N, K, 0, N);
+        return;
+    }
+    ensure_workers(threads);
+    job_t *j = &P.job;
+    *j = (job_t){fn, xf, w, y, ydt, N, K, chunk, 0, (N + chunk - 1) / chunk, (uint64_t)(threads - 1)};
+    uint64_t gen = (__atomic_load_n(&P.state, __ATOMIC_RELAXED) >> 32) + 1;
+    __atomic_store_n(&P.state, (gen & 0xffffffffu) << 32, __ATOMIC_SEQ_CST); /* open */
+    if (__atomic_load_n(&P.sleeping, __ATOMIC_SEQ_CST) > 0) {
+        pthread_mutex_lock(&P.sleep_lock);
+        pthread_cond_broadcast(&P.wake);
+        pthread_mutex_unlock(&P.sleep_lock);
+    }
+    take_chunks(j);
+    __atomic_fetch_or(&P.state, CLOSED, __ATOMIC_ACQ_REL);
+    /* A worker inside finishes its last chunk; if the OS took its core, let it back. */
+    for (int it = 1; __atomic_load_n(&P.state, __ATOMIC_ACQUIRE) & INSIDE_MASK; it++)
+        if (it % 1024 == 0) sched_yield(); else cpu_relax();
+    pthread_mutex_unlock(&P.call_lock);
+}
+
 /*
  * Rows [0, N) of y by `fn` on the pool (or on the caller's thread for small W or a busy pool).
  * Also the entry for the other kernels compiled into this library (csrc/qgemv.c), which pass
@@ -388,33 +414,19 @@ void gemv_set_spin_us(long us) { P.spin_ns = (us < 0 ? 0 : us) * 1000L; }
 int gemv_pool_run(rows_fn fn, const float *xf, const void *w, void *y, int ydt, int64_t N,
                   int64_t K, int64_t row_bytes) {
     int threads = gemv_get_threads();
-    if (threads > 1 && N * row_bytes >= 2 * MIN_BYTES_PER_THREAD &&
-        pthread_mutex_trylock(&P.call_lock) == 0) {
-        ensure_workers(threads);
-        job_t *j = &P.job;
-        *j = (job_t){fn, xf, w, y, ydt, N, K, 16, 0, 0, (uint64_t)(threads - 1)};
-        /* ~CHUNK_BYTES of W per chunk, at least 16 rows, and at least 4 chunks per thread */
-        int64_t rows = CHUNK_BYTES / (row_bytes > 0 ? row_bytes : 1);
-        int64_t fair = N / (4 * (int64_t)threads);
-        if (rows > fair) rows = fair;
-        j->chunk = rows < 16 ? 16 : (rows + 15) & ~(int64_t)15;
-        j->chunks = (N + j->chunk - 1) / j->chunk;
-        uint64_t gen = (__atomic_load_n(&P.state, __ATOMIC_RELAXED) >> 32) + 1;
-        __atomic_store_n(&P.state, (gen & 0xffffffffu) << 32, __ATOMIC_SEQ_CST); /* open */
-        if (__atomic_load_n(&P.sleeping, __ATOMIC_SEQ_CST) > 0) {
-            pthread_mutex_lock(&P.sleep_lock);
-            pthread_cond_broadcast(&P.wake);
-            pthread_mutex_unlock(&P.sleep_lock);
-        }
-        take_chunks(j);
-        __atomic_fetch_or(&P.state, CLOSED, __ATOMIC_ACQ_REL);
-        /* A worker inside finishes its last chunk; if the OS took its core, let it back. */
-        for (int it = 1; __atomic_load_n(&P.state, __ATOMIC_ACQUIRE) & INSIDE_MASK; it++)
-            if (it % 1024 == 0) sched_yield(); else cpu_relax();
-        pthread_mutex_unlock(&P.call_lock);
-    } else {
-        fn(xf, w, y, ydt, N, K, 0, N);
-    }
+    if (threads < 2 || N * row_bytes < 2 * MIN_BYTES_PER_THREAD) threads = 1;
+    /* ~CHUNK_BYTES of W per chunk, at least 16 rows, and at least 4 chunks per thread */
+    int64_t rows = CHUNK_BYTES / (row_bytes > 0 ? row_bytes : 1);
+    int64_t fair = N / (4 * (int64_t)threads);
+    if (rows > fair) rows = fair;
+    pool_run(fn, xf, w, y, ydt, N, K, rows < 16 ? 16 : (rows + 15) & ~(int64_t)15, threads);
+    return 0;
+}
+
+/* Items [0, N) of `fn` (which gets `ctx` as its w, and y and K as given) on the pool, `chunk` items at a time: work
+ * split finer than rows of a matrix (attention's (token, head) items). */
+int gemv_pool_items(rows_fn fn, const void *ctx, void *y, int64_t N, int64_t K, int64_t chunk) {
+    pool_run(fn, NULL, ctx, y, 0, N, K, chunk < 1 ? 1 : chunk, gemv_get_threads());
     return 0;
 }
 

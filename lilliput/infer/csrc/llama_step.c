@@ -60,6 +60,7 @@ int gemv(const void *x, int xdt, const void *w, int wdt, void *y, int ydt, int64
          int64_t K);
 int gemv_pool_run(rows_fn fn, const float *x, const void *w, void *y, int ydt, int64_t N, int64_t K,
                   int64_t row_bytes);
+int gemv_pool_items(rows_fn fn, const void *ctx, void *y, int64_t N, int64_t K, int64_t chunk);
 int rmsnorm_f32(const float *x, const float *w, float *out, int64_t rows, int64_t dim, double eps);
 int qlinear_run_rows(const int64_t *desc, const float *x, float *y, int64_t B) __attribute__((weak));
 
@@ -115,6 +116,28 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 }
 
 typedef int32_t vi8 __attribute__((vector_size(32)));
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define STEP_DOT8 1
+/* Lane r = dot(q, k + r * hd) for 8 consecutive keys (hd % 8 == 0): eight accumulators reduced
+ * together by one transpose-add instead of eight horizontal sums, each a chain of dependent adds
+ * (per key, those chains were most of a batch-8 step's attention). */
+static inline __m256 dot8(const float *q, const float *k, int64_t hd) {
+    __m256 a[8];
+    for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < hd; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + i);
+        for (int r = 0; r < 8; r++) a[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + r * hd + i), a[r]);
+    }
+    const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+#else
+#define STEP_DOT8 0
+#endif
+
 
 /* e^x for 8 floats with x <= 0 (softmax scores minus their max): 2^n e^r with n = round(x / ln 2),
  * |r| <= ln 2 / 2 and e^r by its Taylor series to r^7 (relative error about one ulp); x below -87
@@ -138,6 +161,24 @@ static inline v8 exp_v8(v8 x) {
     return (v8)((vi8)(p * (v8)bits) & ~under);
 }
 
+/* o = silu(g) * u over n values: g sigmoid(g), sigmoid from e = e^-|g| (exp_v8's range) as 1 / (1 + e)
+ * for g >= 0 and e / (1 + e) below. A scalar expf per value cost ~1 ms per token (46k per step).
+ * o may be g itself, or lie below it by at least 8 floats (the step compacts rows in place). */
+static void silu_mul(const float *g, const float *u, float *o, int64_t n) {
+    int64_t i = 0;
+    const v8 one = (v8){0} + 1.0f;
+    for (; i + 8 <= n; i += 8) {
+        v8 gv, uv;
+        memcpy(&gv, g + i, sizeof gv), memcpy(&uv, u + i, sizeof uv);
+        const vi8 neg = gv < 0;
+        const v8 e = exp_v8((v8)((vi8)gv | ((vi8){0} + (-2147483647 - 1)))); /* -|g|: the sign bit set */
+        const v8 num = (v8)(((vi8)e & neg) | ((vi8)one & ~neg));
+        const v8 r = gv * num / (one + e) * uv;
+        memcpy(o + i, &r, sizeof r);
+    }
+    for (; i < n; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
 typedef struct {
     const step_args_t *a;
     const float *qkv; /* (n_tok, (nh + 2 nkv) hd), roped */
@@ -145,7 +186,10 @@ typedef struct {
     float *att;       /* (n_tok, nh hd) */
 } attn_ctx_t;
 
-/* Work items [n0, n1) of (token, head) pairs: softmax(q k^T / sqrt(hd)) v over the row's keys. */
+/* Work items [n0, n1) of (token, kv head) pairs: softmax(q k^T / sqrt(hd)) v over the row's keys
+ * for the g = nh / nkv query heads that share the kv head, so each cached key and value is read
+ * once for all of them (grouped-query attention; per (token, head) the fp32 cache was read g
+ * times, the larger part of a batch-8 step). */
 static void attend_items(const float *unused, const void *ctxv, void *unused_y, int ydt, int64_t N, int64_t K,
                          int64_t n0, int64_t n1) {
     (void)unused, (void)unused_y, (void)ydt, (void)N, (void)K;
@@ -156,34 +200,46 @@ static void attend_items(const float *unused, const void *ctxv, void *unused_y, 
     const int64_t *rows = P(const int64_t, a->rows), *pos = P(const int64_t, a->pos);
     const float scale = 1.0f / sqrtf((float)hd);
     for (int64_t item = n0; item < n1; item++) {
-        const int64_t t = item / nh, h = item % nh, S = pos[t] + 1;
-        const float *q = c->qkv + t * nqkv + h * hd;
-        const float *kh = c->kc + rows[t] * row_stride + (h / g) * L * hd;
-        const float *vh = c->vc + rows[t] * row_stride + (h / g) * L * hd;
-        float sc[S];
-        float mx = -INFINITY;
-        for (int64_t s = 0; s < S; s++) {
-            sc[s] = dot(q, kh + s * hd, hd) * scale;
-            mx = sc[s] > mx ? sc[s] : mx;
+        const int64_t t = item / nkv, j = item % nkv, S = pos[t] + 1;
+        const float *q = c->qkv + t * nqkv + j * g * hd; /* the group's g query heads, contiguous */
+        const float *kh = c->kc + rows[t] * row_stride + j * L * hd;
+        const float *vh = c->vc + rows[t] * row_stride + j * L * hd;
+        float sc[g * S], inv[g]; /* sc: (g, S) */
+        int64_t s0 = 0;
+#if STEP_DOT8
+        if (hd % 8 == 0)
+            for (; s0 + 8 <= S; s0 += 8)
+                for (int64_t h = 0; h < g; h++)
+                    _mm256_storeu_ps(sc + h * S + s0, _mm256_mul_ps(dot8(q + h * hd, kh + s0 * hd, hd),
+                                                                    _mm256_set1_ps(scale)));
+#endif
+        for (int64_t s = s0; s < S; s++)
+            for (int64_t h = 0; h < g; h++) sc[h * S + s] = dot(q + h * hd, kh + s * hd, hd) * scale;
+        for (int64_t h = 0; h < g; h++) {
+            float *e = sc + h * S, mx = -INFINITY, sum = 0.0f;
+            for (int64_t s = 0; s < S; s++) mx = e[s] > mx ? e[s] : mx;
+            int64_t s = 0;
+            v8 vsum = {0};
+            for (; s + 8 <= S; s += 8) {
+                v8 v;
+                memcpy(&v, e + s, sizeof v);
+                v = exp_v8(v - mx);
+                memcpy(e + s, &v, sizeof v);
+                vsum += v;
+            }
+            for (int k = 0; k < 8; k++) sum += vsum[k];
+            for (; s < S; s++) sum += (e[s] = expf(e[s] - mx));
+            inv[h] = 1.0f / sum;
         }
-        float sum = 0.0f;
-        int64_t s = 0;
-        v8 vsum = {0};
-        for (; s + 8 <= S; s += 8) {
-            v8 e;
-            memcpy(&e, sc + s, sizeof e);
-            e = exp_v8(e - mx);
-            memcpy(sc + s, &e, sizeof e);
-            vsum += e;
-        }
-        for (int j = 0; j < 8; j++) sum += vsum[j];
-        for (; s < S; s++) sum += (sc[s] = expf(sc[s] - mx));
-        float *o = c->att + t * nh * hd + h * hd;
-        memset(o, 0, sizeof(float) * hd);
-        const float inv = 1.0f / sum;
+        float *o = c->att + t * nh * hd + j * g * hd; /* (g, hd) */
+        memset(o, 0, sizeof(float) * g * hd);
         for (int64_t s = 0; s < S; s++) {
-            const float p = sc[s] * inv, *vr = vh + s * hd;
-            for (int64_t i = 0; i < hd; i++) o[i] += p * vr[i];
+            const float *vr = vh + s * hd;
+            for (int64_t h = 0; h < g; h++) {
+                const float p = sc[h * S + s] * inv[h];
+                float *oh = o + h * hd;
+                for (int64_t i = 0; i < hd; i++) oh[i] += p * vr[i];
+            }
         }
     }
 }
@@ -227,21 +283,14 @@ int llama_step(const step_args_t *a) {
             }
         }
         attn_ctx_t ctx = {a, qkv, kc, vc, att};
-        int64_t max_s = 0;
-        for (int64_t t = 0; t < n; t++) max_s = pos[t] + 1 > max_s ? pos[t] + 1 : max_s;
-        gemv_pool_run(attend_items, NULL, &ctx, NULL, 0, n * nh, hd, 2 * max_s * hd * 4);
+        gemv_pool_items(attend_items, &ctx, NULL, n * nkv, hd, 1);
         if ((rc = linear_rows(&ly->wo, att, h, n))) return rc;
         for (int64_t i = 0; i < n * dim; i++) x[i] += h[i];
 
         rmsnorm_f32(x, P(const float, ly->ffn_norm), h, n, dim, a->eps);
         if ((rc = linear_rows(&ly->w_gate_up, h, gu, n))) return rc;
-        for (int64_t t = 0; t < n; t++) {
-            float *r = gu + t * 2 * ffn, *o = gu + t * ffn; /* compact in place: row t's ffn outputs */
-            for (int64_t i = 0; i < ffn; i++) {
-                const float g = r[i];
-                o[i] = g / (1.0f + expf(-g)) * r[ffn + i];
-            }
-        }
+        for (int64_t t = 0; t < n; t++) /* compact in place: row t's outputs land below its inputs */
+            silu_mul(gu + t * 2 * ffn, gu + t * 2 * ffn + ffn, gu + t * ffn, ffn);
         if ((rc = linear_rows(&ly->w_down, gu, h, n))) return rc;
         for (int64_t i = 0; i < n * dim; i++) x[i] += h[i];
     }

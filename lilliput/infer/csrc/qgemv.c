@@ -58,8 +58,10 @@
 typedef void (*rows_fn)(const float *, const void *, void *, int, int64_t, int64_t, int64_t, int64_t);
 int gemv_pool_run(rows_fn fn, const float *x, const void *w, void *y, int ydt, int64_t N,
                   int64_t K, int64_t row_bytes);
+int gemv_pool_items(rows_fn fn, const void *ctx, void *y, int64_t N, int64_t K, int64_t chunk);
+int gemv_get_threads(void);
 
-enum { KIND_INT8 = 2, KIND_INT4 = 3 };
+enum { KIND_INT8 = 2, KIND_INT4 = 3, KIND_INT8_P16 = 4 };
 enum { VAR_AUTO = 0, VAR_WIDEN = 1, VAR_DOT = 2 };
 #define QB 32 /* columns per int4 packing block and per int8 block of x */
 #define MAXB 8 /* rows of x per pass over the weights */
@@ -73,7 +75,10 @@ typedef struct {
     int64_t B;          /* rows of x (dot paths): xq (B, K), xd (B, K / 32), xs (B, K / group) */
     const uint8_t *xu;  /* 512-bit paths: x + 128 as unsigned bytes (B, K), int4's in lane order */
     const float *sv;    /* 512-bit paths: x's block scales per fp32 lane, 16 per 64 columns (B, K / 4) */
+    const int32_t *xc;  /* packed int8: -128 * sum of xq over each block of 32 (B, K / 32) */
 } qctx_t;
+
+static void quantize_x(const float *x, int64_t K, int8_t *xq, float *xd);
 
 static float half_to_float(uint16_t h) {
 #if QG_AVX2
@@ -399,6 +404,104 @@ DOT_FNS(int8_dot512_impl, int8_dot512_rows)
 DOT_FNS(int4_dot512_impl, int4_dot512_rows)
 
 /*
+ * Packed int8 (kind 4), the layout for batches: weight rows in groups of 16, each group's K
+ * columns as K / 4 runs of 64 bytes, run j holding columns 4j..4j+3 of the group's 16 rows (row i
+ * at bytes 4i..4i+3), stored as w + 128 (unsigned). One `vpdpbusd` of a run against x's 4 bytes
+ * at those columns broadcast to every lane adds 4 products to each of the 16 rows' sums, so a
+ * block of 32 columns is 8 of them and leaves every lane holding a whole block's dot product: x's
+ * block scale then applies once per 16 weight rows (one cvt + one FMA), where the row-major
+ * layout needs them once per row and 64 columns. sum((w + 128) x) = sum(w x) + 128 sum(x): the
+ * accumulator starts at -128 sum(x) over the block (xc). Groups go to the pool; inside a group,
+ * 8 rows of x at a time against the group's weights (9 KB at K = 576, from L1 after the first
+ * tile), so a prompt chunk of any length reads the weights once. Per row of x the arithmetic is
+ * the same for every B.
+ */
+static inline __attribute__((always_inline)) void int8p_tile(const qctx_t *c, const uint8_t *wg, float *y,
+                                                             int64_t N, int64_t K, int64_t n0, int64_t r0,
+                                                             const int R) {
+    const int64_t nb = K / QB;
+    const int8_t *xq = c->xq;
+    const float *xd = c->xd;
+    const int32_t *xc = c->xc;
+    __m512 acc[MAXB];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *wb = wg + b * 8 * 64;
+        _mm_prefetch((const char *)wb + PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)wb + PREFETCH + 256, _MM_HINT_T0);
+        __m512i wv[8];
+        for (int q = 0; q < 8; q++) wv[q] = _mm512_loadu_si512((const void *)(wb + q * 64));
+        for (int r = 0; r < R; r++) {
+            const int8_t *xr = xq + (r0 + r) * K + b * QB;
+            __m512i ia = _mm512_set1_epi32(xc[(r0 + r) * nb + b]);
+            for (int q = 0; q < 8; q++) {
+                int32_t x4;
+                memcpy(&x4, xr + 4 * q, 4);
+                ia = _mm512_dpbusd_epi32(ia, wv[q], _mm512_set1_epi32(x4));
+            }
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_set1_ps(xd[(r0 + r) * nb + b]), acc[r]);
+        }
+    }
+    const __m512 sc = _mm512_loadu_ps((const float *)(intptr_t)c->d[2] + n0);
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + (r0 + r) * N + n0, _mm512_mul_ps(acc[r], sc));
+}
+
+/* Groups [g0, g1) of 16 weight rows against all B rows of x. */
+static void int8p_groups(const float *unused, const void *ctx, void *yv, int ydt, int64_t N, int64_t K,
+                         int64_t g0, int64_t g1) {
+    (void)unused, (void)ydt;
+    const qctx_t *c = ctx;
+    const uint8_t *w = (const uint8_t *)(intptr_t)c->d[1];
+    const int64_t n = c->d[4];
+    (void)N;
+    for (int64_t gi = g0; gi < g1; gi++) {
+        const uint8_t *wg = w + gi * 16 * K;
+        for (int64_t r0 = 0; r0 < c->B; r0 += MAXB) {
+            switch (c->B - r0 < MAXB ? c->B - r0 : MAXB) {
+            case 1: int8p_tile(c, wg, yv, n, K, gi * 16, r0, 1); break;
+            case 2: int8p_tile(c, wg, yv, n, K, gi * 16, r0, 2); break;
+            case 3: int8p_tile(c, wg, yv, n, K, gi * 16, r0, 3); break;
+            case 4: int8p_tile(c, wg, yv, n, K, gi * 16, r0, 4); break;
+            case 5: int8p_tile(c, wg, yv, n, K, gi * 16, r0, 5); break;
+            case 6: int8p_tile(c, wg, yv, n, K, gi * 16, r0, 6); break;
+            case 7: int8p_tile(c, wg, yv, n, K, gi * 16, r0, 7); break;
+            default: int8p_tile(c, wg, yv, n, K, gi * 16, r0, 8); break;
+            }
+        }
+    }
+}
+
+/* y (B, N) for the packed layout: x quantized once, all B rows in one pass over the weights. */
+static int run_packed(const int64_t *d, const float *x, float *y, int64_t B) {
+    const int64_t N = d[4], K = d[5], nb = K / QB;
+    void *buf = malloc((size_t)(B * (K + 8 * nb)) + 64);
+    if (!buf) return -2;
+    float *xd = buf;
+    int32_t *xc = (int32_t *)(xd + B * nb);
+    int8_t *xq = (int8_t *)(xc + B * nb);
+    for (int64_t r = 0; r < B; r++) {
+        quantize_x(x + r * K, K, xq + r * K, xd + r * nb);
+        for (int64_t b = 0; b < nb; b++) { /* byte pairs, then int16 pairs, then the 8 lanes */
+            const __m256i p = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(_mm256_set1_epi8(1), _mm256_loadu_si256((const __m256i *)(xq + r * K + b * QB))),
+                _mm256_set1_epi16(1));
+            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+            xc[r * nb + b] = -128 * _mm_cvtsi128_si32(h);
+        }
+    }
+    qctx_t c = {d, x, xq, xd, NULL, B, NULL, NULL, xc};
+    const int64_t groups = N / 16, threads = gemv_get_threads();
+    /* about 4 chunks per thread; one thread when the whole product is small */
+    int64_t chunk = groups / (4 * threads);
+    if (N * K * (B < 4 ? B : 4) < 2 * 96 * 1024) chunk = groups;
+    gemv_pool_items(int8p_groups, &c, y, groups, K, chunk < 1 ? 1 : chunk);
+    free(buf);
+    return 0;
+}
+
+/*
  * x for the 512-bit paths, per 64 columns. int8: xu = xq + 128 in column order; sv lanes 0-7
  * take block 0's scale, 8-15 block 1's. int4: the 32 packed bytes unpack (low nibbles of all
  * 32 bytes, then high nibbles) to columns [0-15 | 32-47 | 16-31 | 48-63], so x is stored in that
@@ -467,7 +570,11 @@ static void quantize_x(const float *x, int64_t K, int8_t *xq, float *xd) {
 #endif
 }
 
-int qgemv_abi_version(void) { return 2; }
+int qgemv_abi_version(void) { return 3; }
+
+/* Weight rows per group of the packed int8 layout (kind 4) this build runs; 0: none (no AVX-512
+ * VNNI), int8 layers stay row-major (kind 2). */
+int qgemv_int8_pack(void) { return QG_512 ? 16 : 0; }
 
 int qgemv_avx2(void) { return QG_AVX2; }
 
@@ -488,7 +595,7 @@ static int run_pass(const int64_t *d, const float *x, float *y, int64_t B) {
     if (kind == KIND_INT8 && K % QB) dot = 0;
     if (!dot) { /* the widening paths take one row of x at a time */
         for (int64_t r = 0; r < B; r++) {
-            qctx_t c = {d, x + r * K, NULL, NULL, NULL, 1, NULL, NULL};
+            qctx_t c = {d, x + r * K, NULL, NULL, NULL, 1, NULL, NULL, NULL};
             float *xs = NULL;
             if (kind == KIND_INT4) {
                 xs = malloc(sizeof(float) * (size_t)(K / g));
@@ -519,7 +626,7 @@ static int run_pass(const int64_t *d, const float *x, float *y, int64_t B) {
             xs[r * ng + j] = s;
         }
     }
-    qctx_t c = {d, x, xq, xd, xs, B, NULL, NULL};
+    qctx_t c = {d, x, xq, xd, xs, B, NULL, NULL, NULL};
     rows_fn fn = kind == KIND_INT8 ? int8_dot_rows : int4_dot_rows;
     void *wide = NULL;
 #if QG_512
@@ -546,6 +653,14 @@ int qlinear_run_rows(const int64_t *d, const float *x, float *y, int64_t B) {
     const int64_t kind = d[0], N = d[4], K = d[5], g = d[6];
     if (N < 0 || K <= 0 || B < 0) return -1;
     if (kind == KIND_INT4 && ((g != 32 && g != 64 && g != 128) || K % g)) return -1;
+    if (kind == KIND_INT8_P16) {
+#if QG_512
+        if (N % 16 || K % QB) return -1;
+        return N && B ? run_packed(d, x, y, B) : 0;
+#else
+        return -1;
+#endif
+    }
     if (kind != KIND_INT8 && kind != KIND_INT4) return -1;
     if (N == 0) return 0;
     for (int64_t r = 0; r < B; r += MAXB) {
