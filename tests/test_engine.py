@@ -141,6 +141,16 @@ def test_requests_past_the_context_are_refused(tiny_model, byte_tokenizer):
         engine.add("x" * 30, GenerationConfig(max_new_tokens=5))
     with pytest.raises(ValueError, match="max_batch"):
         EngineConfig(max_batch=0)
+    with pytest.raises(ValueError, match="kv_dtype must be"):
+        EngineConfig(kv_dtype="int8")
+
+
+@pytest.mark.parametrize("kv", ["float32", "float16"])
+def test_cache_dtype_is_the_configured_one(tiny_model, byte_tokenizer, kv):
+    engine = Engine(tiny_model, byte_tokenizer, EngineConfig(kv_dtype=kv))
+    assert engine.state.layers[0].k.dtype == getattr(torch, kv)
+    out = engine.generate(["kv cache"], GenerationConfig(max_new_tokens=6, ignore_eos=True))[0]
+    assert len(out.output) == 6
 
 
 @needs_kernel

@@ -10,11 +10,11 @@ from lilliput.infer.generate import GenerationConfig, generate
 needs_kernel = pytest.mark.skipif(not gemv.available(), reason="no C kernel on this machine")
 
 
-def fused_vs_torch(model, steps=6, prompt_len=5):
+def fused_vs_torch(model, steps=6, prompt_len=5, kv=torch.float32):
     c = model.config
     idx = torch.randint(0, c.vocab_size, (1, prompt_len + steps))
     ref = model(idx)[0].float()  # (T, V) uncached forward
-    state = model.new_state(1, 32, dtype=torch.float32)
+    state = model.new_state(1, 32, dtype=kv)
     model(idx[:, :prompt_len], state)
     step = FusedStep.for_model(model)
     got = [step(state, [int(idx[0, t])], [0]).clone()[0] for t in range(prompt_len, prompt_len + steps)]
@@ -26,6 +26,24 @@ def fused_vs_torch(model, steps=6, prompt_len=5):
 def test_fused_step_matches_model_fp32(tiny_model):
     got, ref = fused_vs_torch(tiny_model)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@torch.inference_mode()
+def test_fused_step_fp16_cache(tiny_model):
+    step = FusedStep.for_model(tiny_model)
+    if not step.kv_f16:
+        pytest.skip("no F16C in this build")
+    got, ref = fused_vs_torch(tiny_model, steps=12, kv=torch.float16)
+    assert (got - ref).abs().max() < 2e-3 * ref.abs().max()  # keys and values rounded to fp16 only
+    # the torch modules over the same fp16 cache agree with the step to float rounding
+    idx = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    a, b = tiny_model.new_state(1, 16, dtype=torch.float16), tiny_model.new_state(1, 16, dtype=torch.float16)
+    tiny_model(idx[:, :4], a), tiny_model(idx[:, :4], b)
+    for t in range(4, 9):
+        torch.testing.assert_close(step(a, [int(idx[0, t])], [0]).clone(), tiny_model(idx[:, t:t + 1], b)[:, -1],
+                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.layers[0].k.float(), b.layers[0].k.float(), atol=1e-3, rtol=1e-3)  # <= 1 ulp
 
 
 @needs_kernel

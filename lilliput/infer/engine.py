@@ -41,6 +41,10 @@ class EngineConfig:
     running row, and prefills only the rest."""
     min_prefix: int = 8
     """Shortest shared prefix worth a row copy (rows that already hold one reuse any length)."""
+    kv_dtype: str | None = None
+    """Keys and values in the cache: "float32", "float16" or "bfloat16"; None: fp16 on CPU where the
+    C step runs (half the bytes a batched step's attention reads, as llama.cpp's default), else the
+    model's dtype."""
 
     def __post_init__(self):
         if self.max_batch < 1:
@@ -49,13 +53,16 @@ class EngineConfig:
             raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.max_len is not None and self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.kv_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ValueError(f"kv_dtype must be float32, float16 or bfloat16, got {self.kv_dtype!r}")
 
 
 class Engine:
     def __init__(self, model: GPT, tokenizer, cfg: EngineConfig = EngineConfig()):
         self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, cfg
         self.max_len = min(cfg.max_len or model.config.max_seq_len, model.config.max_seq_len)
-        self.runner = ModelRunner(model, cfg.max_batch, min(self.max_len, 256))
+        self.runner = ModelRunner(model, cfg.max_batch, min(self.max_len, 256),
+                                  getattr(torch, cfg.kv_dtype) if cfg.kv_dtype else None)
         self.scheduler = Scheduler(cfg.max_batch, cfg.prefill_chunk)
         self.eos = set(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id} - {None})
         self.row_tokens: list[list[int]] = [[] for _ in range(cfg.max_batch)]  # what each free row's state holds

@@ -7,7 +7,8 @@ chunk. Each weight matrix is read once per call.
 `FusedStep.for_model(model)` returns None where it does not apply (no kernel, not CPU, a mixer
 or feed-forward other than attention + SwiGLU, a linear layer the step cannot run); the runner
 then uses the torch modules. The step reads and writes the same `DecodeState` tensors the torch
-prefill fills, which must be fp32.
+prefill fills: fp32, or fp16 where the build has F16C (`kv_f16`; the engine's default there, as
+llama.cpp's: attention in a batched step reads every row's cache, every layer).
 
 The argument block is `StepArgs`, a ctypes.Structure that mirrors `step_args_t` field for field;
 its first field carries `ABI` and the C side refuses any other value. A linear layer is a
@@ -26,7 +27,7 @@ import torch.nn as nn
 from lilliput.core.model import GPT, DecodeState, KVState
 from lilliput.infer import gemv
 
-ABI = 3
+ABI = 4
 _WDT = {torch.float32: 0, torch.bfloat16: 1}
 i64 = ctypes.c_int64
 
@@ -42,7 +43,8 @@ class LayerArgs(ctypes.Structure):
 
 class StepArgs(ctypes.Structure):
     _fields_ = [("abi", i64), ("n_layers", i64), ("dim", i64), ("n_heads", i64), ("n_kv_heads", i64),
-                ("head_dim", i64), ("ffn_dim", i64), ("vocab", i64), ("max_len", i64), ("eps", ctypes.c_double),
+                ("head_dim", i64), ("ffn_dim", i64), ("vocab", i64), ("max_len", i64), ("kv_f16", i64),
+                ("eps", ctypes.c_double),
                 ("n_tok", i64), ("rows", i64), ("pos", i64), ("n_out", i64), ("out_idx", i64), ("x", i64),
                 ("logits", i64), ("cos", i64), ("sin", i64), ("scratch", i64), ("final_norm", i64),
                 ("lm_head", LinearDesc), ("layers", i64)]
@@ -69,6 +71,8 @@ class FusedStep:
         self.fn.restype = ctypes.c_int
         self.max_tokens = lib.llama_step_max_tokens()
         lib.step_scratch_floats.restype = ctypes.c_int64
+        # whether the step can read and write an fp16 cache (F16C, head_dim % 8 == 0)
+        self.kv_f16 = bool(lib.llama_step_kv_f16(ctypes.c_int64(c.hd)))
         self._scratch_floats = lib.step_scratch_floats
         # fp32 copies of the norms (tiny); matrices are used in place
         self.norms = [(blk.attn_norm.weight.float().contiguous(), blk.ffn_norm.weight.float().contiguous())
@@ -114,11 +118,14 @@ class FusedStep:
         return step
 
     def bind(self, state: DecodeState) -> None:
-        """Point the step at a decode state's caches (fp32, CPU). Call again after it grows."""
+        """Point the step at a decode state's caches (fp32, or fp16 where `kv_f16`; CPU). Call again
+        after it grows."""
         first = state.layers[0]
-        if not isinstance(first, KVState) or first.k.dtype != torch.float32 or first.k.device.type != "cpu":
-            raise ValueError("the fused step needs an fp32 CPU attention state")
+        dtypes = (torch.float32, torch.float16) if self.kv_f16 else (torch.float32,)
+        if not isinstance(first, KVState) or first.k.dtype not in dtypes or first.k.device.type != "cpu":
+            raise ValueError(f"the fused step needs a CPU attention state of {' or '.join(map(str, dtypes))}")
         self.args.max_len = first.max_len
+        self.args.kv_f16 = int(first.k.dtype == torch.float16)
         for la, s in zip(self.layer_args, state.layers):
             la.k_cache, la.v_cache = s.k.data_ptr(), s.v.data_ptr()
         self._bound = (id(state), state.generation)

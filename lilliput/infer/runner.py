@@ -18,7 +18,7 @@ whose matrix-matrix products win once every weight is used by that many rows."""
 
 
 class ModelRunner:
-    def __init__(self, model: GPT, rows: int, max_len: int):
+    def __init__(self, model: GPT, rows: int, max_len: int, kv_dtype: torch.dtype | None = None):
         self.model = model
         p = next(model.parameters())
         self.device = p.device
@@ -26,9 +26,13 @@ class ModelRunner:
         if cpu:
             accelerate_(model)
         self.fused = FusedStep.for_model(model) if cpu else None
-        # the fused step keeps an fp32 state; torch paths cast keys and values on read
-        dtype = torch.float32 if self.fused else (p.dtype if p.is_floating_point() else torch.float32)
-        self.state = model.new_state(rows, max_len, self.device, dtype)
+        if kv_dtype is None:  # fp16 where the fused step keeps it, else the model's float dtype
+            kv_dtype = torch.float16 if self.fused and self.fused.kv_f16 else \
+                torch.float32 if self.fused else (p.dtype if p.is_floating_point() else torch.float32)
+        if self.fused and kv_dtype not in ((torch.float32, torch.float16) if self.fused.kv_f16 else (torch.float32,)):
+            self.fused = None  # a cache the C step cannot read: the torch modules run every step
+        # torch paths cast keys and values on read
+        self.state = model.new_state(rows, max_len, self.device, kv_dtype)
 
     def _threads(self):
         """While the C step runs, torch stays single-threaded: the kernel's pool owns the cores."""

@@ -22,7 +22,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define STEP_ABI 3
+#define STEP_ABI 4
 #define MAX_TOK 64
 #define GEMV_ROWS 8
 
@@ -32,7 +32,7 @@ typedef struct {
 
 typedef struct {
     int64_t attn_norm, ffn_norm; /* fp32 (dim,) */
-    int64_t k_cache, v_cache;    /* fp32 (rows, n_kv, max_len, head_dim) */
+    int64_t k_cache, v_cache;    /* fp32 or fp16 (kv_f16) (rows, n_kv, max_len, head_dim) */
     linear_t wqkv, wo, w_gate_up, w_down;
 } layer_t;
 
@@ -40,6 +40,7 @@ typedef struct {
     int64_t abi;
     int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab;
     int64_t max_len;   /* L: positions per row of every cache */
+    int64_t kv_f16;    /* 1: the caches hold fp16 (llama_step_kv_f16() says whether this build can) */
     double eps;
     int64_t n_tok;     /* tokens in this call, 1..MAX_TOK */
     int64_t rows;      /* int64 (n_tok,): cache row of each token */
@@ -116,18 +117,24 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 }
 
 typedef int32_t vi8 __attribute__((vector_size(32)));
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define STEP_DOT8 1
 /* Lane r = dot(q, k + r * hd) for 8 consecutive keys (hd % 8 == 0): eight accumulators reduced
  * together by one transpose-add instead of eight horizontal sums, each a chain of dependent adds
  * (per key, those chains were most of a batch-8 step's attention). */
-static inline __m256 dot8(const float *q, const float *k, int64_t hd) {
+/* 8 cached floats from p + i: fp32, or fp16 widened (F16C) */
+static inline __m256 load8_kv(const void *p, int64_t i, const int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+               : _mm256_loadu_ps((const float *)p + i);
+}
+
+static inline __attribute__((always_inline)) __m256 dot8(const float *q, const void *k, int64_t hd, const int f16) {
     __m256 a[8];
     for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
     for (int64_t i = 0; i < hd; i += 8) {
         const __m256 qv = _mm256_loadu_ps(q + i);
-        for (int r = 0; r < 8; r++) a[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + r * hd + i), a[r]);
+        for (int r = 0; r < 8; r++) a[r] = _mm256_fmadd_ps(qv, load8_kv(k, r * hd + i, f16), a[r]);
     }
     const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
     const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
@@ -182,39 +189,53 @@ static void silu_mul(const float *g, const float *u, float *o, int64_t n) {
 typedef struct {
     const step_args_t *a;
     const float *qkv; /* (n_tok, (nh + 2 nkv) hd), roped */
-    const float *kc, *vc;
+    const void *kc, *vc; /* fp32 or fp16 (a->kv_f16) */
     float *att;       /* (n_tok, nh hd) */
 } attn_ctx_t;
 
+/* q . k for one cached key (fp32, or fp16 in builds with F16C and hd % 8 == 0) */
+static inline __attribute__((always_inline)) float dot_kv(const float *q, const void *k, int64_t hd, const int f16) {
+#if STEP_DOT8
+    if (f16) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8_kv(k, i, 1), acc);
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    }
+#endif
+    (void)f16;
+    return dot(q, (const float *)k, hd);
+}
+
 /* Work items [n0, n1) of (token, kv head) pairs: softmax(q k^T / sqrt(hd)) v over the row's keys
  * for the g = nh / nkv query heads that share the kv head, so each cached key and value is read
- * once for all of them (grouped-query attention; per (token, head) the fp32 cache was read g
- * times, the larger part of a batch-8 step). */
-static void attend_items(const float *unused, const void *ctxv, void *unused_y, int ydt, int64_t N, int64_t K,
-                         int64_t n0, int64_t n1) {
-    (void)unused, (void)unused_y, (void)ydt, (void)N, (void)K;
-    const attn_ctx_t *c = ctxv;
+ * once for all of them (grouped-query attention). The cache is what a batched step waits for
+ * (every row's keys and values, every layer): read once per group, and in fp16 half the bytes. */
+static inline __attribute__((always_inline)) void attend_impl(const attn_ctx_t *c, int64_t n0, int64_t n1,
+                                                              const int f16) {
     const step_args_t *a = c->a;
     const int64_t nh = a->n_heads, nkv = a->n_kv_heads, hd = a->head_dim, L = a->max_len;
     const int64_t g = nh / nkv, nqkv = (nh + 2 * nkv) * hd, row_stride = nkv * L * hd;
     const int64_t *rows = P(const int64_t, a->rows), *pos = P(const int64_t, a->pos);
+    const size_t es = f16 ? 2 : 4; /* bytes per cached value */
     const float scale = 1.0f / sqrtf((float)hd);
     for (int64_t item = n0; item < n1; item++) {
         const int64_t t = item / nkv, j = item % nkv, S = pos[t] + 1;
         const float *q = c->qkv + t * nqkv + j * g * hd; /* the group's g query heads, contiguous */
-        const float *kh = c->kc + rows[t] * row_stride + j * L * hd;
-        const float *vh = c->vc + rows[t] * row_stride + j * L * hd;
+        const char *kh = (const char *)c->kc + (rows[t] * row_stride + j * L * hd) * es;
+        const char *vh = (const char *)c->vc + (rows[t] * row_stride + j * L * hd) * es;
         float sc[g * S], inv[g]; /* sc: (g, S) */
         int64_t s0 = 0;
 #if STEP_DOT8
         if (hd % 8 == 0)
             for (; s0 + 8 <= S; s0 += 8)
                 for (int64_t h = 0; h < g; h++)
-                    _mm256_storeu_ps(sc + h * S + s0, _mm256_mul_ps(dot8(q + h * hd, kh + s0 * hd, hd),
+                    _mm256_storeu_ps(sc + h * S + s0, _mm256_mul_ps(dot8(q + h * hd, kh + s0 * hd * es, hd, f16),
                                                                     _mm256_set1_ps(scale)));
 #endif
         for (int64_t s = s0; s < S; s++)
-            for (int64_t h = 0; h < g; h++) sc[h * S + s] = dot(q + h * hd, kh + s * hd, hd) * scale;
+            for (int64_t h = 0; h < g; h++) sc[h * S + s] = dot_kv(q + h * hd, kh + s * hd * es, hd, f16) * scale;
         for (int64_t h = 0; h < g; h++) {
             float *e = sc + h * S, mx = -INFINITY, sum = 0.0f;
             for (int64_t s = 0; s < S; s++) mx = e[s] > mx ? e[s] : mx;
@@ -234,14 +255,49 @@ static void attend_items(const float *unused, const void *ctxv, void *unused_y, 
         float *o = c->att + t * nh * hd + j * g * hd; /* (g, hd) */
         memset(o, 0, sizeof(float) * g * hd);
         for (int64_t s = 0; s < S; s++) {
-            const float *vr = vh + s * hd;
+            const char *vr = vh + s * hd * es;
             for (int64_t h = 0; h < g; h++) {
                 const float p = sc[h * S + s] * inv[h];
                 float *oh = o + h * hd;
-                for (int64_t i = 0; i < hd; i++) oh[i] += p * vr[i];
+#if STEP_DOT8
+                if (f16) {
+                    const __m256 pv = _mm256_set1_ps(p);
+                    for (int64_t i = 0; i < hd; i += 8)
+                        _mm256_storeu_ps(oh + i, _mm256_fmadd_ps(pv, load8_kv(vr, i, 1), _mm256_loadu_ps(oh + i)));
+                    continue;
+                }
+#endif
+                const float *vf = (const float *)vr;
+                for (int64_t i = 0; i < hd; i++) oh[i] += p * vf[i];
             }
         }
     }
+}
+
+static void attend_items(const float *unused, const void *ctxv, void *unused_y, int ydt, int64_t N, int64_t K,
+                         int64_t n0, int64_t n1) {
+    (void)unused, (void)unused_y, (void)ydt, (void)N, (void)K;
+    const attn_ctx_t *c = ctxv;
+    if (c->a->kv_f16)
+        attend_impl(c, n0, n1, 1);
+    else
+        attend_impl(c, n0, n1, 0);
+}
+
+/* Whether this build's step can keep fp16 caches for heads of hd values (F16C, hd % 8 == 0). */
+int llama_step_kv_f16(int64_t hd) { return STEP_DOT8 && hd % 8 == 0; }
+
+/* n values of x into the cache at dst (fp32, or fp16 rounded to nearest) */
+static void store_kv(void *dst, const float *x, int64_t n, const int f16) {
+#if STEP_DOT8
+    if (f16) {
+        for (int64_t i = 0; i < n; i += 8)
+            _mm_storeu_si128((__m128i *)((uint16_t *)dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+        return;
+    }
+#endif
+    (void)f16;
+    memcpy(dst, x, sizeof(float) * n);
 }
 
 /* Floats of scratch a call of n tokens needs. */
@@ -255,6 +311,7 @@ int llama_step(const step_args_t *a) {
     const int64_t n = a->n_tok, dim = a->dim, nh = a->n_heads, nkv = a->n_kv_heads, hd = a->head_dim,
                   ffn = a->ffn_dim, L = a->max_len;
     if (n < 1 || n > MAX_TOK || a->n_out < 0 || a->n_out > n || nh % nkv || hd % 2) return -1;
+    if (a->kv_f16 && !llama_step_kv_f16(hd)) return -3;
     const int64_t *rows = P(const int64_t, a->rows), *pos = P(const int64_t, a->pos);
     for (int64_t t = 0; t < n; t++)
         if (pos[t] < 0 || pos[t] >= L || rows[t] < 0) return -2;
@@ -269,7 +326,8 @@ int llama_step(const step_args_t *a) {
     int rc;
     for (int64_t l = 0; l < a->n_layers; l++) {
         const layer_t *ly = layers + l;
-        float *kc = P(float, ly->k_cache), *vc = P(float, ly->v_cache);
+        char *kc = P(char, ly->k_cache), *vc = P(char, ly->v_cache);
+        const size_t es = a->kv_f16 ? 2 : 4;
 
         rmsnorm_f32(x, P(const float, ly->attn_norm), h, n, dim, a->eps);
         if ((rc = linear_rows(&ly->wqkv, h, qkv, n))) return rc;
@@ -278,8 +336,9 @@ int llama_step(const step_args_t *a) {
             rope(r, cos + t * hd, sin + t * hd, nh + nkv, hd); /* q and k heads */
             const float *k = r + nh * hd, *v = k + nkv * hd;
             for (int64_t j = 0; j < nkv; j++) {
-                memcpy(kc + rows[t] * row_stride + (j * L + pos[t]) * hd, k + j * hd, sizeof(float) * hd);
-                memcpy(vc + rows[t] * row_stride + (j * L + pos[t]) * hd, v + j * hd, sizeof(float) * hd);
+                const int64_t at = (rows[t] * row_stride + (j * L + pos[t]) * hd) * es;
+                store_kv(kc + at, k + j * hd, hd, (int)a->kv_f16);
+                store_kv(vc + at, v + j * hd, hd, (int)a->kv_f16);
             }
         }
         attn_ctx_t ctx = {a, qkv, kc, vc, att};
