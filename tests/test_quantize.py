@@ -253,3 +253,21 @@ def test_smollm2_int8_perplexity_and_int4_generation(smollm):
     assert groups == {64, 128}  # 576-wide layers fall back to 64, 1536-wide keep 128
     out = generate(q4, tok, "The capital of France is", GenerationConfig(max_new_tokens=8, ignore_eos=True))[0]
     assert len(out.tokens) == 8
+
+
+@needs_kernel
+@pytest.mark.skipif(not (gemv.available() and gemv.load().lib.qgemv_int8_pack()), reason="no AVX-512 VNNI")
+def test_int8_prompt_chunks_run_in_the_fused_step(tiny_model):
+    from lilliput.infer.runner import ModelRunner
+
+    q = quantize_(tiny_model, RTNConfig(bits=8))
+    runner = ModelRunner(q, rows=1, max_len=200, kv_dtype=torch.float32)
+    assert runner.fused.one_pass and runner.fused.max_tokens < 150
+    ids = torch.randint(0, 256, (150,), generator=torch.Generator().manual_seed(0)).tolist()
+    got = runner.extend(0, ids, "all")  # pieces of max_tokens, each one pass over the weights
+    assert got.shape == (150, 256) and runner.state.lengths[0] == 150
+    with torch.no_grad():
+        ref = q(torch.tensor([ids]))[0]
+    assert sqnr_db(ref, got) > 30  # int8 activations in the step, float ones in torch
+    runner.state.free(0)
+    torch.testing.assert_close(runner.extend(0, ids, "last"), got[-1])

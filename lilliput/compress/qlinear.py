@@ -2,8 +2,9 @@
 
 Both keep packed integer codes as buffers (what the checkpoint stores) and run two ways:
 - up to `KERNEL_ROWS` rows of x on CPU (decode, drafts, prompt chunks): the C kernels of
-  `csrc/qgemv.c`, eight rows per pass over the weights, through the same library and thread pool
-  as the fp32 GEMV; the fused step calls them directly through `kernel_desc()`;
+  `csrc/qgemv.c` (int8 x in blocks of 32, integer dot products), through the same library and
+  thread pool as the fp32 GEMV; the fused step calls them directly through `kernel_desc()`. int8
+  codes are repacked in place into the kernels' batch layout where the build has it (Int8Linear);
 - anything else (long evaluation batches, autograd, other devices, no C compiler): dequantize to
   x's dtype and `F.linear`, the same numbers up to float rounding (and int8 activations).
 

@@ -13,8 +13,10 @@ from lilliput.infer.fastpath import accelerate_
 from lilliput.infer.fused import FusedStep
 
 FUSED_EXTEND_MAX = 16
-"""Longest run of one row's tokens sent to the fused step; longer prompt chunks go to torch,
-whose matrix-matrix products win once every weight is used by that many rows."""
+"""Longest run of one row's tokens sent to the fused step when its layers take 8 rows per pass
+over the weights; longer prompt chunks go to torch, whose matrix-matrix products win once every
+weight is used by that many rows. A step whose layers take any number of rows in one pass
+(`FusedStep.one_pass`: int8 in the batch layout) runs every chunk, `max_tokens` at a time."""
 
 
 class ModelRunner:
@@ -55,11 +57,16 @@ class ModelRunner:
         """Append several tokens to one row (a prompt chunk, or drafted tokens to verify).
         logits: "last" -> (V,), "all" -> (T, V), "none" -> None."""
         T = len(tokens)
-        if self.fused and T <= FUSED_EXTEND_MAX:
-            out = {"last": [T - 1], "all": list(range(T)), "none": []}[logits]
+        if self.fused and (T <= FUSED_EXTEND_MAX or self.fused.one_pass):
+            got, P = [], self.fused.max_tokens  # pieces of up to P tokens, each one pass over the weights
             with self._threads():
-                got = self.fused(self.state, tokens, [row] * T, out)
-            return None if logits == "none" else (got[0].clone() if logits == "last" else got.clone())
+                for i in range(0, T, P):
+                    n = min(P, T - i)
+                    out = {"last": [n - 1] if i + n == T else [], "all": list(range(n)), "none": []}[logits]
+                    y = self.fused(self.state, tokens[i:i + n], [row] * n, out)
+                    if out:
+                        got.append(y.clone())
+            return None if logits == "none" else (got[-1][-1] if logits == "last" else torch.cat(got))
         idx = torch.tensor([tokens], device=self.device)  # (1, T)
         h = self.model.features(idx, self.state, rows=[row])[0]  # (T, C)
         if logits == "none":

@@ -9,6 +9,9 @@
  *           column j (low nibble) and column j + 16 (high nibble) - llama.cpp's Q4 order, so one
  *           16-byte load unpacks to 32 columns in order; scale fp16 bits (N, K / group), zero
  *           uint8 (N, K / group) in [0, 15], W = (q - zero) * scale; group in {32, 64, 128}.
+ *   kind 4  int8 in the batch layout (AVX-512 VNNI builds): weight uint8 (N / 16, K / 4, 16, 4)
+ *           of q + 128, scale as kind 2; see int8p_tile below. compress/qlinear.py repacks kind 2
+ *           into it in place when this build has the kernel (qgemv_int8_pack()).
  *   extra   0: the fastest path (measured in bench/quantize.py: the integer dot products),
  *           1: widen weights to fp32 and FMA against fp32 x, 2: integer dot products.
  *
@@ -25,7 +28,8 @@
  * int16 intermediate). Which one the build uses is `qgemv_isa()`.
  *
  * Batches: `qlinear_run_rows` takes up to 8 rows of x per pass over the weights (decode of B
- * sequences, or k + 1 tokens being verified), each weight row loaded once for all of them. Each
+ * sequences, or k + 1 tokens being verified), each weight row loaded once for all of them (kind 4:
+ * any number of rows in one pass, 8 at a time per group of 16 weight rows). Each
  * row of x goes through exactly the arithmetic it would get alone, so a sequence's logits do not
  * depend on what else is in the batch.
  *
