@@ -26,6 +26,8 @@ PROMPTS = ["a", "a much longer prompt than the others here", "mid size", "xyz xy
 def test_continuous_batching_gives_each_row_its_own_greedy_tokens(tiny_model, byte_tokenizer, one_thread):
     """More requests than rows, of mixed prompt and output lengths: each equals its greedy run alone."""
     engine = Engine(tiny_model, byte_tokenizer, EngineConfig(max_batch=3, prefill_chunk=8))
+    mixed, calls = engine.runner.mixed, []
+    engine.runner.mixed = lambda work: calls.append(len(work)) or mixed(work)
     seqs = [engine.add(p, GenerationConfig(max_new_tokens=4 + 3 * i, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
     steps = 0
     while engine.has_work():
@@ -36,6 +38,7 @@ def test_continuous_batching_gives_each_row_its_own_greedy_tokens(tiny_model, by
         assert s.output == naive_greedy(tiny_model, byte_tokenizer.encode(p), 4 + 3 * i), p
         assert s.finish_reason == "length" and s.status is Status.FINISHED
     assert steps < sum(4 + 3 * i for i in range(len(PROMPTS)))  # batched, not one after another
+    assert bool(calls) == (engine.runner.fused is not None)  # decode and prompt chunks in one C call
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(tiny_model, byte_tokenizer, one_thread):

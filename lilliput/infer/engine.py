@@ -128,6 +128,9 @@ class Engine:
         finished = self._retire()  # aborted since the last step
         sched.admit(self._place)
         decode, chunks = sched.schedule()
+        if decode and chunks and runner.can_mix(max(n for _, n in chunks)):
+            self._mixed_step(decode, chunks)
+            return finished + self._retire()
         if decode:
             logits = runner.decode([s.tokens[-1] for s in decode], [s.row for s in decode])
             self._sample_all(decode, logits)
@@ -143,6 +146,23 @@ class Engine:
                 group = [seq] + self._start_followers(seq)
                 self._sample_all(group, out[None].expand(len(group), -1))
         return finished + self._retire()
+
+    def _mixed_step(self, decode: list[Sequence], chunks: list[tuple[Sequence, int]]) -> None:
+        """The step's decode tokens and prompt chunks through the C step together, sharing each
+        pass over the weights; sampled in the same order as the separate path."""
+        work = [(s.row, [s.tokens[-1]], True) for s in decode]
+        for seq, n in chunks:
+            work.append((seq.row, seq.prompt[seq.computed:seq.computed + n], seq.computed + n == len(seq.prompt)))
+        out = self.runner.mixed(work)
+        self._sample_all(decode, torch.stack(out[:len(decode)]))
+        for s in decode:
+            s.computed += 1
+        for (seq, n), logits in zip(chunks, out[len(decode):]):
+            seq.computed += n
+            if logits is not None:
+                seq.status = Status.RUNNING
+                group = [seq] + self._start_followers(seq)
+                self._sample_all(group, logits[None].expand(len(group), -1))
 
     def _start_followers(self, seq: Sequence) -> list[Sequence]:
         """seq's prefill is done: its followers copy the state and decode from here."""

@@ -52,6 +52,32 @@ class ModelRunner:
         idx = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
         return self.model(idx, self.state, rows=rows)[:, -1]
 
+    def can_mix(self, longest: int) -> bool:
+        """Whether `mixed` runs work whose longest run of one row's tokens is `longest` in the C step."""
+        return self.fused is not None and (longest <= FUSED_EXTEND_MAX or self.fused.one_pass)
+
+    @torch.inference_mode()
+    def mixed(self, work: list[tuple[int, list[int], bool]]) -> list[torch.Tensor | None]:
+        """Several rows' tokens in as few fused calls as fit (`max_tokens` each): decode tokens and
+        prompt chunks of one engine step share each pass over the weights. work: (row, tokens,
+        want the last token's logits); returns those logits (V,) or None, per item. Check
+        `can_mix` first."""
+        flat = [(i, row, t) for i, (row, toks, _) in enumerate(work) for t in toks]
+        last = {}
+        for j, (i, _, _) in enumerate(flat):
+            last[i] = j
+        wanted = {last[i]: i for i, (_, toks, want) in enumerate(work) if want and toks}
+        got: list[torch.Tensor | None] = [None] * len(work)
+        P = self.fused.max_tokens
+        with self._threads():
+            for a in range(0, len(flat), P):
+                piece = flat[a:a + P]
+                out = [j - a for j in range(a, a + len(piece)) if j in wanted]
+                y = self.fused(self.state, [t for _, _, t in piece], [r for _, r, _ in piece], out)
+                for k, j in enumerate(out):
+                    got[wanted[j + a]] = y[k].clone()
+        return got
+
     @torch.inference_mode()
     def extend(self, row: int, tokens: list[int], logits: str = "last") -> torch.Tensor | None:
         """Append several tokens to one row (a prompt chunk, or drafted tokens to verify).
