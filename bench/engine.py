@@ -37,9 +37,6 @@ from lilliput.infer.engine import Engine, EngineConfig
 from lilliput.infer.sequence import GenerationConfig, Status
 
 OUT = Path(__file__).parent / "results" / "engine.json"
-ISA_NAMES = {0: "scalar C", 1: "AVX2 (maddubs)", 2: "AVX-VNNI (vpdpbusd, 256-bit)", 3: "AVX-512 VNNI (vpdpbusd, 256-bit)",
-             4: "AVX-512 VNNI (vpdpbusd, 512-bit)"}
-
 
 def engine_decode_tok_s(model, tok, prompt: list[int], batch: int, new: int) -> float:
     """Aggregate decode tokens/s of `batch` sequences decoding together (after all prefills)."""
@@ -154,7 +151,6 @@ def main(argv=None) -> int:
     def ratio(a, b):
         return round(med[a] / med[b], 3) if a in med and b in med else None
 
-    kernel = gemv.load()
     result = {
         "threads": args.threads, "new_tokens": args.new, "prompt_tokens": args.prompt, "repeats": args.repeats,
         "int8_batch8_vs_batch1": ratio("lilliput int8 b8", "lilliput int8 b1"),
@@ -173,9 +169,7 @@ def main(argv=None) -> int:
         "serving": serving,
         "serving_requests": {"n": len(reqs), "rate_per_s": args.rate, "prompt_tokens": [r["prompt"].__len__() for r in reqs],
                              "new_tokens": [r["new"] for r in reqs]},
-        "kernels": {"gemv_fp32_lanes": kernel.lanes if isinstance(kernel, gemv.Kernel) else None,
-                    "int8_int4_dot": ISA_NAMES.get(kernel.lib.qgemv_isa()) if isinstance(kernel, gemv.Kernel) else None,
-                    "fused_step": isinstance(kernel, gemv.Kernel)},
+        "kernels": gemv.describe(),
         "note": "decode tok/s: tokens after the first, over the time after every row's prefill; lilliput and "
                 "transformers on the same fp32 weights (int8/int4: RTN per channel / g128). limit = read "
                 "bandwidth / bytes of every matrix per token (the KV cache ignored).",

@@ -114,9 +114,6 @@ def lilliput_worker(kind: str, args) -> tuple[dict, object]:
 
     from lilliput.eval.efficiency import linear_bytes
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from engine import ISA_NAMES
-
     torch.set_num_threads(args.threads)
     gemv.set_threads(args.threads)
     model, tok = load_model(None, device="cpu")
@@ -132,11 +129,9 @@ def lilliput_worker(kind: str, args) -> tuple[dict, object]:
         g = generate(model, tok, [ids[:args.prompt]], GenerationConfig(max_new_tokens=new, ignore_eos=True))[0]
         return {"decode": g.timings["decode_tok_s"], "pp": pp}
 
-    k = gemv.load()
     info = {"bytes_per_token": linear_bytes(model), "prompt_head": ids[:8],
             "quantization": {"method": "rtn", "bits": cfg.bits, "group_size": cfg.group_size} if cfg else None,
-            "kernels": {"gemv_fp32_lanes": getattr(k, "lanes", None),
-                        "int8_int4_dot": ISA_NAMES.get(k.lib.qgemv_isa()) if isinstance(k, gemv.Kernel) else None}}
+            "kernels": gemv.describe()}
     return info, measure
 
 

@@ -197,6 +197,23 @@ def unavailable_reason() -> str:
     return "" if isinstance(k, Kernel) else k
 
 
+DOT_ISAS = {0: "scalar C", 1: "AVX2 (maddubs)", 2: "AVX-VNNI (vpdpbusd, 256-bit)",
+            3: "AVX-512 VNNI (vpdpbusd, 256-bit)", 4: "AVX-512 VNNI (vpdpbusd, 512-bit)"}
+"""qgemv_isa() codes: the instructions of the int8/int4 integer dot products."""
+
+
+def describe() -> dict:
+    """What this machine's build of the kernels uses (for results files): fp32 lanes, the integer
+    dot products' instructions, the int8 layout and the cache dtype the fused step can keep."""
+    k = load()
+    if not isinstance(k, Kernel):
+        return {"available": False, "reason": k}
+    rows = k.lib.qgemv_int8_pack()
+    return {"available": True, "gemv_fp32_lanes": k.lanes, "int8_int4_dot": DOT_ISAS.get(k.lib.qgemv_isa()),
+            "int8_layout": f"batch: groups of {rows} rows x 4 columns" if rows else "row-major",
+            "fp16_kv_cache": bool(k.lib.llama_step_kv_f16(ctypes.c_int64(64))), "fused_step": True}
+
+
 def set_threads(n: int) -> None:
     """Threads the kernel uses per call, caller included (``n <= 0``: all CPUs in affinity)."""
     k = load()
