@@ -229,10 +229,15 @@ static inline __attribute__((always_inline)) void attend_impl(const attn_ctx_t *
         int64_t s0 = 0;
 #if STEP_DOT8
         if (hd % 8 == 0)
-            for (; s0 + 8 <= S; s0 += 8)
+            for (; s0 + 8 <= S; s0 += 8) {
+                for (int64_t b = 0; b < 8 * hd * (int64_t)es; b += 64) /* the keys two blocks ahead */
+                    _mm_prefetch(kh + (s0 + 16) * hd * es + b, _MM_HINT_T0);
                 for (int64_t h = 0; h < g; h++)
                     _mm256_storeu_ps(sc + h * S + s0, _mm256_mul_ps(dot8(q + h * hd, kh + s0 * hd * es, hd, f16),
                                                                     _mm256_set1_ps(scale)));
+            }
+        for (int64_t b = 0; b < 16 * hd * (int64_t)es; b += 64) /* the first values, while the softmax runs */
+            _mm_prefetch(vh + b, _MM_HINT_T0);
 #endif
         for (int64_t s = s0; s < S; s++)
             for (int64_t h = 0; h < g; h++) sc[h * S + s] = dot_kv(q + h * hd, kh + s * hd * es, hd, f16) * scale;
@@ -253,11 +258,35 @@ static inline __attribute__((always_inline)) void attend_impl(const attn_ctx_t *
             inv[h] = 1.0f / sum;
         }
         float *o = c->att + t * nh * hd + j * g * hd; /* (g, hd) */
+        for (int64_t h = 0; h < g; h++) /* probabilities in place of the scores */
+            for (int64_t s = 0; s < S; s++) sc[h * S + s] *= inv[h];
+#if STEP_DOT8
+        if (hd % 32 == 0) { /* 32 outputs of a head in registers over all keys: no store per key */
+            for (int64_t h = 0; h < g; h++)
+                for (int64_t i = 0; i < hd; i += 32) {
+                    __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+                    for (int64_t s = 0; s < S; s++) {
+                        const char *vr = vh + (s * hd + i) * es;
+                        if (h == 0 && i == 0) /* the value row 16 keys ahead */
+                            for (int64_t b = 0; b < hd * (int64_t)es; b += 64) _mm_prefetch(vr + 16 * hd * es + b, _MM_HINT_T0);
+                        const __m256 p = _mm256_broadcast_ss(sc + h * S + s);
+                        o0 = _mm256_fmadd_ps(p, load8_kv(vr, 0, f16), o0);
+                        o1 = _mm256_fmadd_ps(p, load8_kv(vr, 8, f16), o1);
+                        o2 = _mm256_fmadd_ps(p, load8_kv(vr, 16, f16), o2);
+                        o3 = _mm256_fmadd_ps(p, load8_kv(vr, 24, f16), o3);
+                    }
+                    float *oh = o + h * hd + i;
+                    _mm256_storeu_ps(oh, o0), _mm256_storeu_ps(oh + 8, o1);
+                    _mm256_storeu_ps(oh + 16, o2), _mm256_storeu_ps(oh + 24, o3);
+                }
+            continue;
+        }
+#endif
         memset(o, 0, sizeof(float) * g * hd);
         for (int64_t s = 0; s < S; s++) {
             const char *vr = vh + s * hd * es;
             for (int64_t h = 0; h < g; h++) {
-                const float p = sc[h * S + s] * inv[h];
+                const float p = sc[h * S + s];
                 float *oh = o + h * hd;
 #if STEP_DOT8
                 if (f16) {
