@@ -62,20 +62,20 @@ class ModelRunner:
         prompt chunks of one engine step share each pass over the weights. work: (row, tokens,
         want the last token's logits); returns those logits (V,) or None, per item. Check
         `can_mix` first."""
-        flat = [(i, row, t) for i, (row, toks, _) in enumerate(work) for t in toks]
-        last = {}
-        for j, (i, _, _) in enumerate(flat):
-            last[i] = j
-        wanted = {last[i]: i for i, (_, toks, want) in enumerate(work) if want and toks}
+        flat, wanted = [], {}  # (row, token) in order; index in flat -> item whose logits it gives
+        for i, (row, toks, want) in enumerate(work):
+            flat += [(row, t) for t in toks]
+            if want and toks:
+                wanted[len(flat) - 1] = i
         got: list[torch.Tensor | None] = [None] * len(work)
         P = self.fused.max_tokens
         with self._threads():
             for a in range(0, len(flat), P):
                 piece = flat[a:a + P]
                 out = [j - a for j in range(a, a + len(piece)) if j in wanted]
-                y = self.fused(self.state, [t for _, _, t in piece], [r for _, r, _ in piece], out)
+                y = self.fused(self.state, [t for _, t in piece], [r for r, _ in piece], out)
                 for k, j in enumerate(out):
-                    got[wanted[j + a]] = y[k].clone()
+                    got[wanted[a + j]] = y[k].clone()
         return got
 
     @torch.inference_mode()
