@@ -346,3 +346,12 @@ def test_quantized_paths_of_every_instruction_set_agree(march, tmp_path):
             assert (ys[1] - ref).abs().max() < 0.02 * ref.abs().max()  # int8 activations at most
             if march != "x86-64":  # the same integer dot products: only the float sums' order differs
                 torch.testing.assert_close(ys[1], ys[0], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 33, 64, 1000, 49152])
+def test_argmax_matches_torch_first_on_ties(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(5, n, generator=g)
+    x[1, n // 3] = x[1, n - 1] = 1e9  # a tie: the first wins
+    x[2, -1] = 1e9
+    assert gemv.argmax(x) == x.argmax(-1).tolist()

@@ -303,6 +303,18 @@ def linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) ->
     return out
 
 
+def argmax(logits: torch.Tensor) -> list[int]:
+    """Greedy tokens of logits (B, V): torch.argmax's indices (the first on ties), in C for fp32 CPU."""
+    kernel = load()
+    if kernel.__class__ is not Kernel or logits.dtype != torch.float32 or not logits.is_cpu \
+            or logits.dim() != 2 or not logits.is_contiguous() or logits.requires_grad:
+        return logits.argmax(-1).tolist()
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    kernel.lib.argmax_rows(ctypes.c_void_p(logits.data_ptr()), ctypes.c_int64(logits.shape[0]),
+                           ctypes.c_int64(logits.shape[1]), ctypes.c_void_p(out.data_ptr()))
+    return out.tolist()
+
+
 def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:
     """fp32 RMSNorm over the last dim in C; None where the kernel does not apply (caller uses torch)."""
     kernel = load()

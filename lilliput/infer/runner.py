@@ -48,7 +48,7 @@ class ModelRunner:
             with self._threads():
                 for i in range(0, len(tokens), T):
                     out.append(self.fused(self.state, tokens[i:i + T], rows[i:i + T]).clone())
-            return torch.cat(out)
+            return out[0] if len(out) == 1 else torch.cat(out)
         idx = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
         return self.model(idx, self.state, rows=rows)[:, -1]
 

@@ -30,6 +30,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #define GEMV_ABI_VERSION 2
 #define MAX_B 8
@@ -487,6 +490,39 @@ INLINE float dot_f32(const float *a, const float *b, int64_t n) {
     }
     for (; i < n; i++) d += a[i] * b[i];
     return d;
+}
+
+/*
+ * out[r] = index of the largest value of row r of x (rows, n) fp32, the first on ties (as
+ * torch.argmax, which takes ~250 us for 8 rows of a 49k vocabulary on 2 cores; this ~30 us):
+ * the maximum in one vectorizable pass, then the first position holding it.
+ */
+int argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float m = xr[0];
+        int64_t i = 0;
+        if (n >= 2 * GEMV_LANES) { /* lane-wise maxima, two accumulators */
+            vf m0, m1;
+            memcpy(&m0, xr, sizeof m0), m1 = m0;
+            for (; i + 2 * GEMV_LANES <= n; i += 2 * GEMV_LANES) {
+                vf a, b;
+                memcpy(&a, xr + i, sizeof a), memcpy(&b, xr + i + GEMV_LANES, sizeof b);
+                const vu ga = (vu)(a > m0), gb = (vu)(b > m1);
+                m0 = (vf)(((vu)a & ga) | ((vu)m0 & ~ga)), m1 = (vf)(((vu)b & gb) | ((vu)m1 & ~gb));
+            }
+            for (int k = 0; k < GEMV_LANES; k++) m = m0[k] > m ? m0[k] : m, m = m1[k] > m ? m1[k] : m;
+        }
+        for (; i < n; i++) m = xr[i] > m ? xr[i] : m;
+        i = 0;
+#if defined(__AVX__)
+        const __m256 mv = _mm256_set1_ps(m); /* the first block of 8 holding m, then its lane */
+        while (i + 8 <= n && !_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(xr + i), mv, _CMP_EQ_OQ))) i += 8;
+#endif
+        while (i < n - 1 && xr[i] != m) i++;
+        out[r] = i;
+    }
+    return 0;
 }
 
 /*
