@@ -4,8 +4,9 @@ large model, beside random routing and the oracle, one run.
 Small = a shrunk SmolLM2 (`--small PATH`, or by default the embedded model RTN-quantized to int4
 in this process, output layer included), large = SmolLM2 in float. Both score every choice of
 ARC-Easy, PIQA, HellaSwag and SciQ by log-likelihood (lilliput.eval.tasks, acc_norm: divided by
-the choice's length in characters). The first half of each task's items calibrates, the second
-half is held out for every reported number.
+the choice's length in characters). A seeded random half of each task's items calibrates (the
+sets' files may be ordered: the first half is not a sample of the rest), the other half is held out
+for every reported number.
 
 For each uncertainty signal of the small model's answer (margin between the top two choices,
 entropy over the choices, the chosen answer's normalized log-likelihood, and `learned`: a logistic
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import random
 import sys
 from pathlib import Path
 
@@ -72,6 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=500, help="items per task (half calibrate, half held out)")
     ap.add_argument("--retain", type=float, default=0.95, help="target share of the large model's accuracy")
     ap.add_argument("--escalate", type=float, default=0.3, help="also report a threshold for this share")
+    ap.add_argument("--split-seed", type=int, default=0, help="seed of each task's calibration / held-out split")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="two random tiny models (validation only)")
@@ -112,7 +115,8 @@ def main(argv=None) -> int:
         for it, ss, ls in zip(items, s_scores, l_scores):
             pick = lambda xs: max(range(len(xs)), key=xs.__getitem__)  # noqa: E731
             rows.append((choice_uncertainty(ss), pick(ss) == it.gold, pick(ls) == it.gold))
-        half = len(rows) // 2
+        half = len(rows) // 2  # a seeded random half calibrates: a set's file may be ordered
+        rows = random.Random(f"{name}:{args.split_seed}").sample(rows, len(rows))
         for part, rs in ((cal, rows[:half]), (test, rows[half:])):
             for j in range(3):  # signals, small correct, large correct
                 part[j].extend(r[j] for r in rs)
