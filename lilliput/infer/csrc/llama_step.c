@@ -169,7 +169,7 @@ static inline v8 exp_v8(v8 x) {
 }
 
 /* o = silu(g) * u over n values: g sigmoid(g), sigmoid from e = e^-|g| (exp_v8's range) as 1 / (1 + e)
- * for g >= 0 and e / (1 + e) below. A scalar expf per value cost ~1 ms per token (46k per step).
+ * for g >= 0 and e / (1 + e) below. A scalar expf per value (46k per token) cost ~0.4 ms of an 8.4 ms batch-1 step.
  * o may be g itself, or lie below it by at least 8 floats (the step compacts rows in place). */
 static void silu_mul(const float *g, const float *u, float *o, int64_t n) {
     int64_t i = 0;
