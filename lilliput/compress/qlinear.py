@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from lilliput.core.layers import register_layer
 from lilliput.infer import gemv
 
-KIND_INT8, KIND_INT4, KIND_INT8_PACKED = 2, 3, 4
+KIND_INT8, KIND_INT4 = 2, 3
 GROUP_SIZES = (128, 64, 32)
 """int4 group sizes the kernels run, largest first."""
 VARIANTS = {"auto": 0, "widen": 1, "dot": 2}
@@ -203,7 +203,7 @@ class Int8Linear(QuantLinear):
         self.pack_(rows)
         desc = super().kernel_desc()
         if desc is not None and self.packed:
-            desc[0] = KIND_INT8_PACKED
+            desc[0] = gemv.KIND_INT8_BATCH
         return desc
 
     def _pointers(self):

@@ -151,9 +151,10 @@ class Engine:
     def _mixed_step(self, decode: list[Sequence], chunks: list[tuple[Sequence, int]]) -> None:
         """The step's decode tokens and prompt chunks through the C step together, sharing each
         pass over the weights; sampled in the same order as the separate path."""
-        work = [(s.row, [s.tokens[-1]], True) for s in decode]
+        work = [(s.row, [s.tokens[-1]], "last") for s in decode]
         for seq, n in chunks:
-            work.append((seq.row, seq.prompt[seq.computed:seq.computed + n], seq.computed + n == len(seq.prompt)))
+            done = seq.computed + n == len(seq.prompt)
+            work.append((seq.row, seq.prompt[seq.computed:seq.computed + n], "last" if done else "none"))
         out = self.runner.mixed(work)
         self._sample_all(decode, torch.stack(out[:len(decode)]))
         for s in decode:

@@ -114,7 +114,7 @@ class FusedStep:
         step = cls(model, kernel, descs)
         # every layer reads its weights once for any number of tokens (int8 in the batch layout):
         # prompt chunks then run here too, max_tokens at a time
-        step.one_pass = all(d[0] == 4 for d in descs)
+        step.one_pass = all(d[0] == gemv.KIND_INT8_BATCH for d in descs)
         # the tensors the descriptors point at, held even if a module later swaps a buffer for
         # another layout (an int8 layer asked for its row-major kernel unpacks into a new tensor)
         step._alive = [b for m in linears for b in m.buffers()]

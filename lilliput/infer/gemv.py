@@ -197,6 +197,10 @@ def unavailable_reason() -> str:
     return "" if isinstance(k, Kernel) else k
 
 
+KIND_INT8_BATCH = 4
+"""Descriptor kind of int8 codes in the kernels' batch layout (csrc/qgemv.c): any number of rows of
+x in one pass over the weights. compress/qlinear.py packs into it; the fused step looks for it."""
+
 DOT_ISAS = {0: "scalar C", 1: "AVX2 (maddubs)", 2: "AVX-VNNI (vpdpbusd, 256-bit)",
             3: "AVX-512 VNNI (vpdpbusd, 256-bit)", 4: "AVX-512 VNNI (vpdpbusd, 512-bit)"}
 """qgemv_isa() codes: the instructions of the int8/int4 integer dot products."""

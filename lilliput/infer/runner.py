@@ -57,42 +57,34 @@ class ModelRunner:
         return self.fused is not None and (longest <= FUSED_EXTEND_MAX or self.fused.one_pass)
 
     @torch.inference_mode()
-    def mixed(self, work: list[tuple[int, list[int], bool]]) -> list[torch.Tensor | None]:
+    def mixed(self, work: list[tuple[int, list[int], str]]) -> list[torch.Tensor | None]:
         """Several rows' tokens in as few fused calls as fit (`max_tokens` each): decode tokens and
         prompt chunks of one engine step share each pass over the weights. work: (row, tokens,
-        want the last token's logits); returns those logits (V,) or None, per item. Check
+        logits) with logits "last" -> (V,), "all" -> (T, V), "none" -> None, per item. Check
         `can_mix` first."""
-        flat, wanted = [], {}  # (row, token) in order; index in flat -> item whose logits it gives
-        for i, (row, toks, want) in enumerate(work):
+        flat, owner = [], {}  # (row, token) in order; index in flat -> (item, position in the item)
+        for i, (row, toks, logits) in enumerate(work):
+            keep = {"last": [len(toks) - 1] if toks else [], "all": range(len(toks)), "none": []}[logits]
+            owner.update({len(flat) + k: (i, k) for k in keep})
             flat += [(row, t) for t in toks]
-            if want and toks:
-                wanted[len(flat) - 1] = i
-        got: list[torch.Tensor | None] = [None] * len(work)
+        rows_of: list[list[torch.Tensor]] = [[] for _ in work]
         P = self.fused.max_tokens
         with self._threads():
             for a in range(0, len(flat), P):
                 piece = flat[a:a + P]
-                out = [j - a for j in range(a, a + len(piece)) if j in wanted]
+                out = [j - a for j in range(a, a + len(piece)) if j in owner]
                 y = self.fused(self.state, [t for _, t in piece], [r for r, _ in piece], out)
                 for k, j in enumerate(out):
-                    got[wanted[a + j]] = y[k].clone()
-        return got
+                    rows_of[owner[a + j][0]].append(y[k].clone())
+        return [None if logits == "none" or not got else got[-1] if logits == "last" else torch.stack(got)
+                for (_, _, logits), got in zip(work, rows_of)]
 
     @torch.inference_mode()
     def extend(self, row: int, tokens: list[int], logits: str = "last") -> torch.Tensor | None:
         """Append several tokens to one row (a prompt chunk, or drafted tokens to verify).
         logits: "last" -> (V,), "all" -> (T, V), "none" -> None."""
-        T = len(tokens)
-        if self.fused and (T <= FUSED_EXTEND_MAX or self.fused.one_pass):
-            got, P = [], self.fused.max_tokens  # pieces of up to P tokens, each one pass over the weights
-            with self._threads():
-                for i in range(0, T, P):
-                    n = min(P, T - i)
-                    out = {"last": [n - 1] if i + n == T else [], "all": list(range(n)), "none": []}[logits]
-                    y = self.fused(self.state, tokens[i:i + n], [row] * n, out)
-                    if out:
-                        got.append(y.clone())
-            return None if logits == "none" else (got[-1][-1] if logits == "last" else torch.cat(got))
+        if self.can_mix(len(tokens)):
+            return self.mixed([(row, tokens, logits)])[0]
         idx = torch.tensor([tokens], device=self.device)  # (1, T)
         h = self.model.features(idx, self.state, rows=[row])[0]  # (T, C)
         if logits == "none":
