@@ -435,15 +435,24 @@ _COLUMNS = ("id", "sha256", "bytes", "tokens", "tokenizer", "source", "package",
             "generator", "generation", "created", "text")
 
 
+def mix_sizes(n_human: int, n_synthetic: int, fraction: float) -> tuple[int, int]:
+    """(human, synthetic) documents a `fraction`-human selection keeps: all of the side that binds,
+    the other cut to fit."""
+    if fraction >= 1.0 or not n_synthetic:
+        return n_human, 0
+    if fraction <= 0.0 or not n_human:
+        return 0, n_synthetic
+    if n_human / (n_human + n_synthetic) > fraction:  # too much human text: keep all synthetic
+        return min(n_human, round(n_synthetic * fraction / (1 - fraction))), n_synthetic
+    return n_human, min(n_synthetic, round(n_human * (1 - fraction) / fraction))
+
+
 def _mix(human: list, synthetic: list, fraction: float, seed: int) -> list:
-    """Documents with `fraction` of them human: keep all of the side that binds, cut the other at random."""
+    """Documents with `fraction` of them human (`mix_sizes`), each side cut at random."""
     if fraction >= 1.0 or not synthetic:
         return human
     if fraction <= 0.0 or not human:
         return synthetic
+    n_h, n_s = mix_sizes(len(human), len(synthetic), fraction)
     rng = random.Random(seed)
-    if len(human) / (len(human) + len(synthetic)) > fraction:  # too much human text: keep all synthetic
-        n_h, n_s = round(len(synthetic) * fraction / (1 - fraction)), len(synthetic)
-    else:
-        n_h, n_s = len(human), round(len(human) * (1 - fraction) / fraction)
-    return rng.sample(human, min(n_h, len(human))) + rng.sample(synthetic, min(n_s, len(synthetic)))
+    return rng.sample(human, n_h) + rng.sample(synthetic, n_s)

@@ -45,7 +45,7 @@ import torch
 from lilliput.core.config import ModelConfig
 from lilliput.core.model import GPT
 from lilliput.core.tokenizer import ByteTokenizer
-from lilliput.data.ledger import Entry, Generator, Ledger, SelectionConfig, model_fingerprint
+from lilliput.data.ledger import Entry, Generator, Ledger, SelectionConfig, mix_sizes, model_fingerprint
 from lilliput.data.watermark import Detector, Watermark, WatermarkConfig, key_id
 from lilliput.eval.efficiency import parameter_count
 from lilliput.eval.perplexity import PerplexityConfig, perplexity
@@ -209,16 +209,13 @@ class GPTLearner:
 
 def train_documents(cfg: CollapseConfig, policy: str, generation: int) -> int:
     """Documents the ledger selects for `policy` at `generation` (each generation writes `documents`):
-    replace the latest ones, accumulate all, fraction all of the side that binds (as Ledger.select)."""
+    replace the latest ones, accumulate all, fraction as `Ledger.select` mixes them."""
     human, synthetic = cfg.documents, generation * cfg.documents
     if generation == 0 or policy == "replace":
         return cfg.documents
     if policy == "accumulate":
         return human + synthetic
-    f = cfg.human_fraction
-    if human / (human + synthetic) > f:  # too much human text: all synthetic, part of the human
-        return min(human, round(synthetic * f / (1 - f))) + synthetic
-    return human + min(synthetic, round(human * (1 - f) / f))
+    return sum(mix_sizes(human, synthetic, cfg.human_fraction))
 
 
 def work(cfg: CollapseConfig) -> dict[str, Any]:
