@@ -30,14 +30,10 @@ def pair(request):
     return request.param, hf, zoo.to_lilliput(hf, request.param)
 
 
-def prompt_ids(n: int, seed: int = 1, batch: int = 1) -> torch.Tensor:
-    return torch.randint(3, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
 @torch.no_grad()
 def test_logits_match_transformers(pair):
     name, hf, ours = pair
-    ids = prompt_ids(SEQ, batch=2)
+    ids = zoo.prompt_ids(SEQ, batch=2)
     theirs = hf(ids).logits.float()
     assert (theirs - ours(ids)).abs().max().item() <= 1e-4
     peak = theirs.softmax(-1).max(-1).values.mean().item()
@@ -49,7 +45,7 @@ def test_decode_state_matches_transformers_cache(pair):
     """Prefill then one token at a time through the decode state, against transformers' own cache
     (LongRoPE switches frequencies past the original context in both)."""
     name, hf, ours = pair
-    ids = prompt_ids(SEQ)
+    ids = zoo.prompt_ids(SEQ)
     out = hf(ids[:, :20], use_cache=True)
     theirs, past = [out.logits], out.past_key_values
     for t in range(20, SEQ):
@@ -59,19 +55,6 @@ def test_decode_state_matches_transformers_cache(pair):
     state = ours.new_state(1, SEQ)
     mine = [ours(ids[:, :20], state)] + [ours(ids[:, t:t + 1], state) for t in range(20, SEQ)]
     assert (torch.cat(theirs, 1).float() - torch.cat(mine, 1)).abs().max().item() <= 1e-4
-
-
-def _hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    """transformers' greedy tokens through its own cache. Not `generate`: its min_new_tokens bans
-    EOS (ours ignores it and goes on), and for Phi-3 it re-prefills the whole sequence with the long
-    LongRoPE factors when a sequence crosses the original context, where lilliput (like vLLM and
-    transformers' own cached forward) keeps the keys already cached."""
-    out = hf(torch.tensor([prompt]), use_cache=True)
-    tokens = []
-    for _ in range(n):
-        tokens.append(int(out.logits[0, -1].argmax()))
-        out = hf(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-    return tokens
 
 
 def _greedy(model, prompts, fused: bool, monkeypatch) -> list[list[int]]:
@@ -85,10 +68,10 @@ def _greedy(model, prompts, fused: bool, monkeypatch) -> list[list[int]]:
 @torch.no_grad()
 def test_greedy_32_tokens_equal_transformers_and_batch_equals_alone(pair, monkeypatch):
     name, hf, ours = pair
-    prompts = [prompt_ids(n, seed=n)[0].tolist() for n in (5, 12, 20)]
+    prompts = [zoo.prompt_ids(n, seed=n)[0].tolist() for n in (5, 12, 20)]
     alone = [_greedy(ours, [p], False, monkeypatch)[0] for p in prompts]
     for p, mine in zip(prompts, alone):
-        assert mine == _hf_greedy(hf, p, 32), f"{name}: greedy tokens differ from transformers"
+        assert mine == zoo.hf_greedy(hf, p, 32), f"{name}: greedy tokens differ from transformers"
     assert _greedy(ours, prompts, False, monkeypatch) == alone, f"{name}: a batch differs from its rows alone"
 
 
@@ -97,7 +80,7 @@ def test_fused_step_greedy_equals_torch_path(pair, monkeypatch):
     name, hf, ours = pair
     if FusedStep.for_model(ours) is None:
         pytest.skip(f"{name}: the fused C step does not run this family here")
-    prompts = [prompt_ids(n, seed=n)[0].tolist() for n in (5, 20)]
+    prompts = [zoo.prompt_ids(n, seed=n)[0].tolist() for n in (5, 20)]
     assert _greedy(ours, prompts, True, monkeypatch) == _greedy(ours, prompts, False, monkeypatch)
 
 
@@ -110,7 +93,7 @@ def test_hugging_face_folder_round_trip(pair, tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
     ByteTokenizer().save(tmp_path)
     loaded, _ = load_model(str(tmp_path), device="cpu")
-    ids = prompt_ids(SEQ)
+    ids = zoo.prompt_ids(SEQ)
     assert (loaded(ids) - ours(ids)).abs().max().item() <= 1e-5
     assert loaded.config.replace(name="x") == ours.config.replace(name="x")
     back = to_transformers(ours)  # a fresh model: transformers' dynamic NTK keeps state between calls

@@ -330,8 +330,47 @@ def throughput(model, tokenizer, prompt: list[int], batch: int, new_tokens: int,
             "joules_per_token": spread(joules)}
 
 
+def last_level_cache_bytes() -> int | None:
+    """Size of the largest CPU cache (sysfs, then lscpu's L3/L2), or None where neither says."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * mult)
+        except ValueError:
+            pass
+    if sizes:
+        return max(sizes)
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu", "-B"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if line.startswith(("L3 cache", "L2 cache")):
+            try:
+                return int(line.split(":")[1].split()[0])
+            except (IndexError, ValueError):
+                continue
+    return None
+
+
+def memory_bandwidth() -> dict[str, float | int | None]:
+    """The memory-read limit: bandwidth summing a buffer of at least 4x the last-level cache (and 1 GiB),
+    so no figure measured against it can exceed it from cache hits. Returns the bandwidth, the buffer
+    and cache sizes and their ratio, for the results file."""
+    llc = last_level_cache_bytes()
+    buffer = max(2**30, 4 * llc) if llc else 2**30
+    bw = read_bandwidth_gb_s(gib=buffer / 2**30)
+    return {"read_bandwidth_gb_s": round(bw, 2), "bandwidth_buffer_bytes": buffer, "last_level_cache_bytes": llc,
+            "bandwidth_buffer_vs_llc": round(buffer / llc, 2) if llc else None}
+
+
 def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
-    """Plain memory-read bandwidth: summing a buffer far larger than the caches (best of `repeats`)."""
+    """Plain memory-read bandwidth: summing a buffer of `gib` GiB (best of `repeats`). Use
+    `memory_bandwidth()` for the limit: a buffer smaller than the caches measures the caches."""
     x = torch.ones(int(gib * 2**30) // 4)
     times = []
     for _ in range(repeats):

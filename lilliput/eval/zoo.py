@@ -126,3 +126,22 @@ def to_lilliput(hf, name: str = "specimen") -> GPT:
     config = families.config_from_hf(hf.config.to_dict(), name=name)
     sd = families.from_hf_state_dict({k: v.detach().clone() for k, v in hf.state_dict().items()}, config)
     return GPT.from_state_dict(config, sd).eval()
+
+
+@torch.no_grad()
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy tokens through its own cache. Not `generate`: its min_new_tokens bans
+    EOS (lilliput's ignore_eos goes on past it), and for Phi-3 it re-prefills the whole sequence
+    with the long LongRoPE factors when a sequence crosses the original context, where lilliput
+    (like vLLM and transformers' own cached forward) keeps the keys already cached."""
+    out = hf(torch.tensor([prompt]), use_cache=True)
+    tokens: list[int] = []
+    for _ in range(n):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = hf(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+def prompt_ids(n: int, seed: int = 1, batch: int = 1) -> torch.Tensor:
+    """(batch, n) random token ids of the tiny vocabulary (above the special ids 0-2)."""
+    return torch.randint(3, _BASE["vocab_size"], (batch, n), generator=torch.Generator().manual_seed(seed))
