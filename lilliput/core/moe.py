@@ -88,11 +88,15 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def moe_aux_loss(model: nn.Module) -> torch.Tensor | float:
-    """The sum of every MoE layer's auxiliary loss from its last forward (0.0 for a dense model):
+def moe_aux_loss(model: nn.Module) -> torch.Tensor:
+    """The sum of every MoE layer's auxiliary loss from its last forward (a zero tensor for a dense
+    model, or after an eval-mode forward):
     add it to the training loss."""
     losses = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
-    return torch.stack(losses).sum() if losses else 0.0
+    if losses:
+        return torch.stack(losses).sum()
+    p = next(model.parameters(), None)  # none in eval mode (or a dense model): a zero the caller can .detach()
+    return p.new_zeros(()) if p is not None else torch.zeros(())
 
 
 def expert_load(model: nn.Module) -> list[list[float]]:
