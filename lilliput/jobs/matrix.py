@@ -378,6 +378,6 @@ def markdown(table: dict) -> str:
             else:
                 cells.append(v.get("status", "-"))
         lines.append(f"| {name} ({row['family']}) | " + " | ".join(cells) + " |")
-    lines += [""] + [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
+    lines += [""] + [f"- [{i + 1}] {n}" for i, n in enumerate(notes)]
     return "\n".join(lines)
 
