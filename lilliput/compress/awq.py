@@ -8,8 +8,11 @@ to minimise the layer's output error on calibration tokens (alpha = 0 is plain r
 search never does worse than RTN on them). 1/s is folded into what produces X, so the model
 computes the same function before rounding:
   wqkv      <- attn_norm weight,   w_gate_up <- ffn_norm weight,
-  w_down    <- the up-projection rows of w_gate_up,  lm_head <- the final norm weight.
-wo (after attention) is rounded plainly. The weight-clipping search of the reference is not done.
+  w_down    <- the up-projection rows (and biases) of w_gate_up (of each expert in MoE),
+  lm_head   <- the final norm weight.
+A (1 + w) norm (Gemma) folds into 1 + w. wo (after attention) is rounded plainly; so are wqkv without
+a pre-norm (OLMo 2) and MoE experts' w_gate_up (their norm also feeds the router, left in float). Biases
+are unchanged by the scaling and kept. The weight-clipping search of the reference is not done.
 """
 
 from __future__ import annotations
@@ -58,6 +61,26 @@ def _capture(modules: dict[str, nn.Module], run) -> dict[str, torch.Tensor]:
     return {n: torch.cat([t.reshape(-1, t.shape[-1]) for t in v]) for n, v in seen.items()}
 
 
+def _fold_norm(norm, s: torch.Tensor) -> None:
+    """Divide what an RMSNorm applies, offset + weight (Gemma's 1 + w), by s."""
+    norm.weight.data = (norm.offset + norm.weight.data) / s - norm.offset
+
+
+def _fold_up(mlp, s: torch.Tensor) -> None:
+    """Divide the up-projection's outputs (rows, and their biases) by s: act(gate) * up / s feeds w_down."""
+    f = mlp.ffn_dim
+    mlp.w_gate_up.weight.data[f:].div_(s[:, None])
+    if mlp.w_gate_up.bias is not None:
+        mlp.w_gate_up.bias.data[f:].div_(s)
+
+
+def _swiglus(block) -> list[str]:
+    """Prefixes ("ffn." or "ffn.experts.3.") of the gated MLPs of a block."""
+    from lilliput.core.model import SwiGLU
+
+    return [n + "." for n, m in block.named_modules() if isinstance(m, SwiGLU)]
+
+
 @QUANTIZERS.register(AWQConfig)
 def _awq(model, cfg: AWQConfig, calibration: torch.Tensor) -> None:
     targets = dict(target_linears(model, cfg.lm_head))
@@ -74,17 +97,16 @@ def _awq(model, cfg: AWQConfig, calibration: torch.Tensor) -> None:
         local = {n[len(p):]: m for n, m in targets.items() if n.startswith(p)}
         feats = {n: _subsample(v, cfg.max_tokens, i) for n, v in
                  _capture(local, lambda: run_block(block, x)).items()}
-        if "mixer.wqkv" in feats and hasattr(block, "attn_norm"):
-            scale_(p + "mixer.wqkv", feats["mixer.wqkv"], lambda s: block.attn_norm.weight.data.div_(s))
-        if "ffn.w_gate_up" in feats and hasattr(block, "ffn_norm"):
-            scale_(p + "ffn.w_gate_up", feats["ffn.w_gate_up"], lambda s: block.ffn_norm.weight.data.div_(s))
-        if "ffn.w_down" in feats and "ffn.w_gate_up" in local:
-            ffn = block.ffn.ffn_dim
-            scale_(p + "ffn.w_down", feats["ffn.w_down"],
-                   lambda s: block.ffn.w_gate_up.weight.data[ffn:].div_(s[:, None]))
+        if "mixer.wqkv" in feats and hasattr(block, "attn_norm"):  # no pre-norm (OLMo 2): nothing to fold into
+            scale_(p + "mixer.wqkv", feats["mixer.wqkv"], lambda s: _fold_norm(block.attn_norm, s))
+        if "ffn.w_gate_up" in feats and hasattr(block, "ffn_norm"):  # MoE: the norm also feeds the router
+            scale_(p + "ffn.w_gate_up", feats["ffn.w_gate_up"], lambda s: _fold_norm(block.ffn_norm, s))
+        for e in _swiglus(block):  # the dense MLP, or each expert
+            if f"{e}w_down" in feats and f"{e}w_gate_up" in local:
+                scale_(p + f"{e}w_down", feats[f"{e}w_down"], lambda s, e=e: _fold_up(block.get_submodule(e[:-1]), s))
         for n, m in local.items():
             w = m.weight.detach().float()
-            set_layer(model, p + n, grid_for(p + n, w, layer_bits(cfg, p + n), cfg.group_size).module(w))
+            set_layer(model, p + n, grid_for(p + n, w, layer_bits(cfg, p + n), cfg.group_size).module(w, m.bias))
 
     h = layerwise(model, calibration, per_block)
     if "lm_head" in targets:
@@ -92,6 +114,6 @@ def _awq(model, cfg: AWQConfig, calibration: torch.Tensor) -> None:
         head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
         head.weight.data = model.lm_head.weight.detach().float().clone()  # untie before scaling
         model.lm_head = head
-        scale_("lm_head", x, lambda s: model.norm.weight.data.div_(s))
+        scale_("lm_head", x, lambda s: _fold_norm(model.norm, s))
         w = model.lm_head.weight.detach()
         model.lm_head = grid_for("lm_head", w, layer_bits(cfg, "lm_head"), cfg.group_size).module(w)

@@ -120,7 +120,7 @@ def _gptq(model, cfg: GPTQConfig, calibration: torch.Tensor) -> None:
             w = m.weight.detach().float()
             grid = grid_for(name, w, layer_bits(cfg, name), cfg.group_size)
             q = gptq_quantize(w, H[name], grid, cfg.block_size, cfg.damp, cfg.act_order)
-            set_layer(model, name, grid.module(q))
+            set_layer(model, name, grid.module(q, m.bias))
 
     def per_block(i: int, block: nn.Module, x: torch.Tensor) -> None:
         named = {n: m for n, m in targets.items() if n.startswith(f"layers.{i}.")}

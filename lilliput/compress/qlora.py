@@ -20,9 +20,12 @@ from lilliput.train.lora import register_merge_rule
 @register_merge_rule(QuantLinear)
 def merge_quantized(base: QuantLinear, delta: torch.Tensor, dequantize: bool) -> tuple[nn.Module, torch.Tensor | None]:
     w = base.dequantize(torch.float32) + delta.float().to(base.qweight.device)  # (N, K) the exact merge
+    bias = getattr(base, "bias", None)  # a float bias (Qwen2's q/k/v) is carried over as it is
     if dequantize:
-        layer = nn.Linear(base.in_features, base.out_features, bias=False, device=w.device)
+        layer = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=w.device)
         layer.weight = nn.Parameter(w, requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         return layer, None
     if isinstance(base, Int8Linear):
         scale = int8_scale(w)
@@ -33,6 +36,8 @@ def merge_quantized(base: QuantLinear, delta: torch.Tensor, dequantize: bool) ->
         merged = Int4Linear.from_codes(quantize_int4(w, expand(scale, g), expand(zero, g)), scale, zero, g)
     else:
         raise ValueError(f"cannot re-quantize a {type(base).__name__}: merge with dequantize=True")
+    if bias is not None:
+        merged.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
     merged = merged.to(base.qweight.device)
     merged.kernel_variant = base.kernel_variant
     return merged, merged.dequantize(torch.float32) - w

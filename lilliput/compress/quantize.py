@@ -162,12 +162,21 @@ class Grid:
             s, z = s[:, cols], z[:, cols]
         return (self.codes(w, cols) - z) * s
 
-    def module(self, w: torch.Tensor) -> QuantLinear:
-        """The quantized layer of w on this grid (w already rounded or not)."""
+    def module(self, w: torch.Tensor, bias: torch.Tensor | None = None) -> QuantLinear:
+        """The quantized layer of w on this grid (w already rounded or not), keeping a float bias."""
         q = self.codes(w.float())
         if self.bits == 8:
-            return Int8Linear.from_codes(q, self.scale)
-        return Int4Linear.from_codes(q, self.scale, self.zero, self.group)
+            m = Int8Linear.from_codes(q, self.scale)
+        else:
+            m = Int4Linear.from_codes(q, self.scale, self.zero, self.group)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        return m
+
+
+def layers_carry_bias() -> bool:
+    """Whether this build's int8/int4 layers add a bias (a layer without the attribute would drop it)."""
+    return hasattr(Int8Linear(32, 32), "bias") and hasattr(Int4Linear(32, 32, 32), "bias")
 
 
 def target_linears(model: nn.Module, lm_head: bool) -> list[tuple[str, nn.Linear]]:
@@ -175,9 +184,10 @@ def target_linears(model: nn.Module, lm_head: bool) -> list[tuple[str, nn.Linear
     out = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("layers.")]
     if lm_head and isinstance(getattr(model, "lm_head", None), nn.Linear):
         out.append(("lm_head", model.lm_head))
-    for name, m in out:
-        if m.bias is not None:
-            raise ValueError(f"{name} has a bias: lilliput quantizes bias-free linear layers only")
+    biased = [name for name, m in out if m.bias is not None]
+    if biased and not layers_carry_bias():
+        raise ValueError(f"{biased[0]} has a bias and this build's int8/int4 layers carry none "
+                         f"({len(biased)} biased layers): quantizing would drop them")
     return out
 
 
@@ -197,7 +207,7 @@ def grid_for(name: str, w: torch.Tensor, bits: int, group_size: int) -> Grid:
 def _rtn(model: nn.Module, cfg: RTNConfig, calibration: torch.Tensor | None) -> None:
     for name, m in target_linears(model, cfg.lm_head):
         w = m.weight.detach().float()
-        set_layer(model, name, grid_for(name, w, layer_bits(cfg, name), cfg.group_size).module(w))
+        set_layer(model, name, grid_for(name, w, layer_bits(cfg, name), cfg.group_size).module(w, m.bias))
 
 
 # --- the entry point -----------------------------------------------------------------------------------

@@ -12,7 +12,12 @@ loads, exports and decodes with the fused C step like any other checkpoint):
 - **embedding width** (`dim`): channels of the residual stream, everywhere (embedding, norms,
   every projection). RMSNorm weights are scaled by sqrt(dim / new_dim) and its epsilon by
   dim / new_dim, so that the result equals the original with those channels zeroed exactly
-  (RMSNorm now averages over fewer channels).
+  (RMSNorm now averages over fewer channels); a (1 + w) norm (Gemma) scales 1 + w.
+- **the families' extras** follow their rows and columns: q/k/v, output and MLP biases; qk-norm
+  per head is kept whole, qk-norm over the whole projection (OLMo 2) keeps its kept heads' values,
+  scaled like a residual norm; post-norms are residual norms; sliding-window and NoPE layers keep
+  their kind when layers are dropped. (The one epsilon, scaled with dim, also reaches per-head
+  qk-norms, whose width does not change: a shift of epsilon's size.) MoE feed-forwards are refused.
 - **layers** (`n_layers`): whole blocks with the lowest block influence
   BI = 1 - cos(block input, block output), averaged over tokens (ShortGPT, Men et al. 2024).
 
@@ -106,7 +111,7 @@ class _Importance:
                            blk.ffn.w_down.register_forward_pre_hook(self._channel_hook(i)),
                            blk.register_forward_hook(self._block_hook(i))]
         for m in model.modules():
-            if isinstance(m, RMSNorm):
+            if isinstance(m, RMSNorm) and m.weight.shape[0] == c.dim:  # the residual's norms, not qk-norms
                 self.hooks.append(m.register_forward_hook(self._norm_hook))
 
     def _head_hook(self, i, nh, hs):
@@ -159,6 +164,11 @@ def importance(model: GPT, batches: torch.Tensor, batch_size: int = 4, gram: boo
     if gram:
         out["gram_o"], out["gram_d"] = imp.gram_o, imp.gram_d
     return out
+
+
+def _norm(w: torch.Tensor, offset: float, scale: float) -> torch.Tensor:
+    """The stored weight of an RMSNorm whose applied weight (offset + w) is multiplied by scale."""
+    return (offset + w) * scale - offset
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -217,7 +227,7 @@ def structured_prune(model: GPT, cfg: StructuredConfig, tokenizer=None, batches:
     scale = math.sqrt(c.dim / t["dim"])  # RMSNorm now averages over dim' channels
     sd = model.state_dict()
     new: dict[str, torch.Tensor] = {"tok_emb.weight": sd["tok_emb.weight"][:, emb],
-                                    "norm.weight": sd["norm.weight"][emb] * scale}
+                                    "norm.weight": _norm(sd["norm.weight"][emb], c.norm_offset, scale)}
     if not c.tie_embeddings:
         new["lm_head.weight"] = sd["lm_head.weight"][:, emb]
     for j, i in enumerate(layers):
@@ -233,14 +243,40 @@ def structured_prune(model: GPT, cfg: StructuredConfig, tokenizer=None, batches:
             wd = _refit(wd, imp["gram_d"][i], ch, cfg.ridge) if len(ch) < wd.shape[1] else wd[:, ch]
         else:
             wo, wd = wo[:, o_cols], wd[:, ch]
-        new[q + "attn_norm.weight"] = sd[p + "attn_norm.weight"][emb] * scale
-        new[q + "ffn_norm.weight"] = sd[p + "ffn_norm.weight"][emb] * scale
-        new[q + "mixer.wqkv.weight"] = sd[p + "mixer.wqkv.weight"][qkv_rows][:, emb]
-        new[q + "mixer.wo.weight"] = wo[emb]
-        new[q + "ffn.w_gate_up.weight"] = sd[p + "ffn.w_gate_up.weight"][torch.cat([ch, c.ffn_dim + ch])][:, emb]
-        new[q + "ffn.w_down.weight"] = wd[emb]
+        gate_up = torch.cat([ch, c.ffn_dim + ch])
+        kv_rows = _rows(groups, hs)
+        proj = math.sqrt(c.n_heads / t["n_heads"]), math.sqrt(c.n_kv_heads / t["n_kv_heads"])
+        for name, v in sd.items():  # every tensor of the block, sliced by what its rows and columns are
+            if not name.startswith(p):
+                continue
+            leaf = name[len(p):]
+            if leaf.endswith("norm.weight") and not leaf.startswith("mixer."):  # pre- and post-norms
+                out = _norm(v[emb], c.norm_offset, scale)
+            elif leaf == "mixer.q_norm.weight":  # per head: as is; over the projection: the kept heads'
+                out = v if c.qk_norm == "head" else _norm(v[o_cols], c.norm_offset, proj[0])
+            elif leaf == "mixer.k_norm.weight":
+                out = v if c.qk_norm == "head" else _norm(v[kv_rows], c.norm_offset, proj[1])
+            elif leaf == "mixer.wqkv.weight":
+                out = v[qkv_rows][:, emb]
+            elif leaf == "mixer.wqkv.bias":
+                out = v[qkv_rows]
+            elif leaf == "mixer.wo.weight":
+                out = wo[emb]
+            elif leaf == "ffn.w_gate_up.weight":
+                out = v[gate_up][:, emb]
+            elif leaf == "ffn.w_gate_up.bias":
+                out = v[gate_up]
+            elif leaf == "ffn.w_down.weight":
+                out = wd[emb]
+            elif leaf in ("mixer.wo.bias", "ffn.w_down.bias"):
+                out = v[emb]
+            else:
+                raise ValueError(f"structured pruning does not know how to slice {name}")
+            new[q + leaf] = out
+    kept = lambda layers_of: tuple(j for j, i in enumerate(layers) if i in layers_of)  # noqa: E731
     head_dim = None if t["dim"] == t["n_heads"] * hs else hs
-    config = c.replace(head_dim=head_dim, norm_eps=c.norm_eps * c.dim / t["dim"], **t)
+    config = c.replace(head_dim=head_dim, norm_eps=c.norm_eps * c.dim / t["dim"],
+                       sliding_layers=kept(c.sliding_layers), nope_layers=kept(c.nope_layers), **t)
     new = {k: v.clone().contiguous() for k, v in new.items()}
     pruned = GPT.from_state_dict(config, new)
     pruned.train(was_training)

@@ -18,7 +18,7 @@ import torch
 
 from lilliput.core import families
 from lilliput.export.target import FORMATS, ExportFormat, export
-from lilliput.export.weights import agreement, llama_weights, output_is_tied, probe_ids, require, source_logits
+from lilliput.export.weights import agreement, hf_weights, output_is_tied, probe_ids, require, source_logits
 
 TYPES = ("float32", "float16", "bfloat16")
 TOLERANCE = {"float32": 1e-6, "float16": 1e-3, "bfloat16": 1e-2}
@@ -33,14 +33,21 @@ def default_type(model) -> str:
 
 
 def hf_config(model, type: str, tokenizer) -> dict:
-    """config.json: LlamaConfig fields, untied when the output layer is its own (quantized) copy."""
-    cfg = families.hf_config(model.config)
+    """config.json: the family's config fields (`families.hf_config`), untied when the output layer is its
+    own (quantized) copy; special token ids from the tokenizer (null where it has none, so no family's
+    default id past a small vocabulary is taken)."""
+    c = model.config
+    cfg = families.hf_config(c)
     cfg["tie_word_embeddings"] = output_is_tied(model)
     cfg["torch_dtype"] = type
+    if (c.rope_scaling or {}).get("rope_type") == "dynamic":  # lilliput's context is the scaled one
+        cfg["max_position_embeddings"] = c.rope_scaling["max_position_embeddings"]
+    scalar = cfg.get("query_pre_attn_scalar")
+    if scalar is not None and abs(scalar - round(scalar)) < 1e-6:  # transformers wants an int
+        cfg["query_pre_attn_scalar"] = int(round(scalar))
     for key, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
                        ("pad_token_id", tokenizer.pad_id)):
-        if value is not None:
-            cfg[key] = value
+        cfg[key] = value
     return cfg
 
 
@@ -61,14 +68,14 @@ def write_hf(model, tokenizer, path: Path, type: str, source: Path | str | None 
     path.mkdir(parents=True)
     dtype = getattr(torch, type)
     state = {name: (t if isinstance(t, torch.Tensor) else t.dequantize()).to(dtype).contiguous()
-             for name, t in llama_weights(model).items()}
+             for name, t in hf_weights(model).items()}
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     write_json(path / "config.json", hf_config(model, type, tok))
     write_json(path / "generation_config.json", generation_config(tok))
     tok.save(path)
     (path / "README.md").write_text(model_card(model, source, "hf", type))
     return {"tensors": len(state), "dequantized": any(not isinstance(t, torch.Tensor) and t.bits
-                                                      for t in llama_weights(model).values())}
+                                                      for t in hf_weights(model).values())}
 
 
 def check_hf(model, tokenizer, path: Path, type: str) -> dict:
@@ -117,7 +124,7 @@ def model_card(model, source: Path | str | None, format: str, type: str) -> str:
     run = _read_json(folder / "run.json") if folder else {}
     cfg = _read_json(folder / "config.json") if folder else {}
     lines = [f"# {c.name}: a lilliput model, exported to {format} ({type})", "",
-             f"A Llama-architecture decoder: {c.n_layers} layers, width {c.dim}, {c.n_heads} query heads / "
+             f"A {c.family}-architecture decoder: {c.n_layers} layers, width {c.dim}, {c.n_heads} query heads / "
              f"{c.n_kv_heads} KV heads of {c.hd}, MLP {c.ffn_dim}, vocabulary {c.vocab_size}, context {c.max_seq_len}; "
              f"{model.num_params() / 1e6:.1f}M parameters. Source: `{source or 'the embedded SmolLM2-135M-Instruct'}`.", ""]
     lines += ["## How it was shrunk", ""]
@@ -143,7 +150,7 @@ def model_card(model, source: Path | str | None, format: str, type: str) -> str:
 
 FORMATS.register("hf")(ExportFormat(
     name="hf", types=TYPES, writes_folder=True, write=write_hf, check=check_hf, default_type=default_type,
-    runtime="transformers, vLLM, TGI"))
+    runtime="transformers, vLLM, TGI", moe=True))
 
 
 def export_hf(model, tokenizer, path: Path | str, type: str | None = None, force: bool = False,

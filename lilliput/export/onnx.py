@@ -5,7 +5,11 @@ The graph is built node by node with `onnx.helper` from the model's own weights 
     inputs   input_ids (B, T) int64; past_key_values.{i}.key / .value (B, n_kv_heads, P, head_dim)
     outputs  logits (B, T, vocab) float32; present.{i}.key / .value (B, n_kv_heads, P + T, head_dim)
 
-Positions are P .. P+T-1 (no padding: batch rows share one length). RMSNorm is written as the
+Positions are P .. P+T-1 (no padding: batch rows share one length). The families' switches are in the
+graph: q/k/v, output and MLP biases; qk-norm per head or over the projection; pre- and/or post-norms
+and (1 + w) norms; GeGLU (tanh GELU); embedding scale, attention scale and soft-caps; sliding-window
+layers; partial rotary and NoPE layers; rotary tables from lilliput's own (linear, yarn, llama3 scalings).
+Refused by name: dynamic and LongRoPE scalings (their tables change with the sequence length) and MoE. RMSNorm is written as the
 Pow/ReduceMean/Add/Sqrt/Div/Mul pattern ONNX Runtime fuses into SimplifiedLayerNormalization.
 
 Types: float32 (MatMul), int8 and int4 (ONNX Runtime's `MatMulNBits`, com.microsoft).
@@ -204,12 +208,25 @@ class _Graph:
         return self.op("Mul", [self.op("Div", [x, rms]), self.const(weight.detach().float().numpy(), hint)], hint)
 
 
+def refuse(c) -> None:
+    """One line naming a switch the graph cannot express: rotary tables that change with the sequence
+    length (the graph holds one table), or MoE feed-forwards."""
+    kind = (c.rope_scaling or {}).get("rope_type", "default")
+    if kind in ("dynamic", "longrope"):
+        raise ValueError(f"ONNX export of {c.family}: rope scaling {kind!r} picks its frequencies by the sequence "
+                         "length, and the graph holds one rotary table; export --format hf instead")
+    if c.ffn != "swiglu":
+        raise ValueError(f"ONNX export of {c.family}: {c.ffn} feed-forwards are not in the graph builder; "
+                         "export --format hf instead")
+
+
 def build_graph(model, grids: dict[str, Weight] | None = None):
     """The ONNX ModelProto of `model` (its quantized layers as MatMulNBits, the rest float32); `grids` gives
     the matrices of the layers it names (by module name) instead of their own weights."""
     from onnx import TensorProto, helper
 
     grids = grids or {}
+    refuse(model.config)
     weight = lambda name: grids[name] if name in grids else weight_of(model.get_submodule(name))  # noqa: E731
     c = model.config
     nh, nkv, hs = c.n_heads, c.n_kv_heads, c.hd
@@ -224,25 +241,43 @@ def build_graph(model, grids: dict[str, Weight] | None = None):
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
                                                          ["batch", nkv, "total", hs]))
 
-    # positions P .. P+T-1, rotary tables, and the additive causal mask (T, P+T)
+    # positions P .. P+T-1, each layer's rotary tables, and the additive masks (T, P+T): causal, and sliding
     past = g.op("Shape", ["past_key_values.0.key"], start=2, end=3)  # [P]
     seq = g.op("Shape", ["input_ids"], start=1, end=2)  # [T]
     total = g.op("Add", [past, seq])
     scalar = lambda t: g.op("Squeeze", [t, i64(0)])  # noqa: E731
     pos = g.op("Range", [scalar(past), scalar(total), g.const(np.array(1, np.int64))])  # (T,)
-    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs))
-    freqs = torch.outer(torch.arange(c.max_seq_len, dtype=torch.float32), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (L, hs): rotate-half convention
-    cos = g.op("Gather", [g.const(emb.cos().numpy(), "rope_cos"), pos], axis=0)  # (T, hs)
-    sin = g.op("Gather", [g.const(emb.sin().numpy(), "rope_sin"), pos], axis=0)
     keys = g.op("Range", [g.const(np.array(0, np.int64)), scalar(total), g.const(np.array(1, np.int64))])  # (S,)
-    allowed = g.op("LessOrEqual", [g.op("Unsqueeze", [keys, i64(0)]), g.op("Unsqueeze", [pos, i64(1)])])  # (T, S)
-    mask = g.op("Where", [allowed, g.const(np.array(0.0, np.float32)), g.const(np.array(-1e30, np.float32))])
+    kq = g.op("Sub", [g.op("Unsqueeze", [pos, i64(1)]), g.op("Unsqueeze", [keys, i64(0)])])  # (T, S): q - k
+    zero, neg = g.const(np.array(0.0, np.float32)), g.const(np.array(-1e30, np.float32))
+    masks: dict[int | None, str] = {}
 
-    def rotate(x: str) -> str:  # x (B, H, T, hs) in the rotate-half convention
-        x1, x2 = g.op("Split", [x, i64(hs // 2, hs // 2)], outputs=2, axis=-1)
-        rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
-        return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rot, sin])])
+    def mask(window: int | None) -> str:  # keys with 0 <= q - k (< window)
+        if window not in masks:
+            seen = g.op("GreaterOrEqual", [kq, g.const(np.array(0, np.int64))])
+            if window is not None:
+                seen = g.op("And", [seen, g.op("Less", [kq, g.const(np.array(window, np.int64))])])
+            masks[window] = g.op("Where", [seen, zero, neg])
+        return masks[window]
+
+    tables: dict[tuple, tuple[str, str]] = {}
+
+    def rope(rotary) -> tuple[str, str]:  # (T, rot) cos and sin at the positions, from lilliput's own tables
+        if rotary.key not in tables:
+            cos_t, sin_t = rotary.tables(c.max_seq_len, "cpu")
+            tables[rotary.key] = (g.op("Gather", [g.const(cos_t[:c.max_seq_len].numpy(), "rope_cos"), pos], axis=0),
+                                  g.op("Gather", [g.const(sin_t[:c.max_seq_len].numpy(), "rope_sin"), pos], axis=0))
+        return tables[rotary.key]
+
+    def rotate(x: str, rotary) -> str:  # x (B, H, T, hs), rotate-half over its first rot values
+        cos, sin = rope(rotary)
+        rot = c.rot_dim
+        if rot < hs:
+            x, rest = g.op("Split", [x, i64(rot, hs - rot)], outputs=2, axis=-1)
+        x1, x2 = g.op("Split", [x, i64(rot // 2, rot // 2)], outputs=2, axis=-1)
+        turned = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+        y = g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [turned, sin])])
+        return y if rot == hs else g.op("Concat", [y, rest], axis=-1)
 
     def repeat_kv(x: str) -> str:  # (B, nkv, S, hs) -> (B, nh, S, hs), query head h reads kv head h // (nh/nkv)
         if nh == nkv:
@@ -250,35 +285,69 @@ def build_graph(model, grids: dict[str, Weight] | None = None):
         x = g.op("Expand", [g.op("Unsqueeze", [x, i64(2)]), i64(1, 1, nh // nkv, 1, 1)])
         return g.op("Reshape", [x, i64(0, nh, -1, hs)])
 
+    def norm(x: str, module, hint: str) -> str:  # RMSNorm applying offset + weight
+        return g.rms_norm(x, module.weight.detach().float() + module.offset, c.norm_eps, hint)
+
+    def softcap(x: str, cap: float | None) -> str:
+        if cap is None:
+            return x
+        return g.op("Mul", [g.op("Tanh", [g.op("Div", [x, g.const(np.array(cap, np.float32))])]),
+                            g.const(np.array(cap, np.float32))])
+
+    def linear(x: str, name: str, hint: str) -> str:
+        y = g.linear(x, weight(name), hint)
+        bias = model.get_submodule(name).bias if hasattr(model.get_submodule(name), "bias") else None
+        return y if bias is None else g.op("Add", [y, g.const(bias.detach().float().numpy(), hint + ".bias")])
+
+    def act(x: str) -> str:
+        if c.act == "silu":
+            return g.op("Mul", [x, g.op("Sigmoid", [x])])
+        f = lambda v: g.const(np.array(v, np.float32))  # noqa: E731  tanh GELU (opset 17 has no Gelu)
+        inner = g.op("Mul", [f(math.sqrt(2 / math.pi)), g.op("Add", [x, g.op("Mul", [f(0.044715),
+                                                                                     g.op("Pow", [x, f(3.0)])])])])
+        return g.op("Mul", [g.op("Mul", [f(0.5), x]), g.op("Add", [f(1.0), g.op("Tanh", [inner])])])
+
+    scale = c.attn_scale if c.attn_scale is not None else 1 / math.sqrt(hs)
     embed = g.const(model.tok_emb.weight.detach().float().numpy(), "embed_tokens")  # (V, C)
     x = g.op("Gather", [embed, "input_ids"], axis=0)  # (B, T, C)
+    if c.emb_scale is not None:
+        x = g.op("Mul", [x, g.const(np.array(c.emb_scale, np.float32), "emb_scale")])
     for i, block in enumerate(model.layers):
-        p = f"layers.{i}"
-        h = g.rms_norm(x, block.attn_norm.weight, c.norm_eps, f"{p}.attn_norm")
-        qkv = g.linear(h, weight(f"{p}.mixer.wqkv"), f"{p}.wqkv")  # (B, T, (nh+2nkv)*hs)
+        p, mixer = f"layers.{i}", block.mixer
+        h = norm(x, block.attn_norm, f"{p}.attn_norm") if c.pre_norms else x
+        qkv = linear(h, f"{p}.mixer.wqkv", f"{p}.wqkv")  # (B, T, (nh+2nkv)*hs)
+        if c.qk_norm == "proj":  # over the whole projection (OLMo 2)
+            q, k, v = g.op("Split", [qkv, i64(nh * hs, nkv * hs, nkv * hs)], outputs=3, axis=-1)
+            qkv = g.op("Concat", [norm(q, mixer.q_norm, f"{p}.q_norm"), norm(k, mixer.k_norm, f"{p}.k_norm"), v],
+                       axis=-1)
         qkv = g.op("Transpose", [g.op("Reshape", [qkv, i64(0, 0, nh + 2 * nkv, hs)])], perm=[0, 2, 1, 3])
         q, k, v = g.op("Split", [qkv, i64(nh, nkv, nkv)], outputs=3, axis=1)  # (B, nh|nkv|nkv, T, hs)
-        k = g.op("Concat", [f"past_key_values.{i}.key", rotate(k)], outputs=[f"present.{i}.key"], axis=2)
+        if c.qk_norm == "head":
+            q, k = norm(q, mixer.q_norm, f"{p}.q_norm"), norm(k, mixer.k_norm, f"{p}.k_norm")
+        if mixer.rotary is not None:
+            q, k = rotate(q, mixer.rotary), rotate(k, mixer.rotary)
+        k = g.op("Concat", [f"past_key_values.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
         v = g.op("Concat", [f"past_key_values.{i}.value", v], outputs=[f"present.{i}.value"], axis=2)
         kt = g.op("Transpose", [repeat_kv(k)], perm=[0, 1, 3, 2])  # (B, nh, hs, S)
-        scores = g.op("Mul", [g.op("MatMul", [rotate(q), kt]), g.const(np.array(1 / math.sqrt(hs), np.float32))])
-        probs = g.op("Softmax", [g.op("Add", [scores, mask])], axis=-1)  # (B, nh, T, S)
+        scores = softcap(g.op("Mul", [g.op("MatMul", [q, kt]), g.const(np.array(scale, np.float32))]), c.attn_softcap)
+        probs = g.op("Softmax", [g.op("Add", [scores, mask(mixer.window)])], axis=-1)  # (B, nh, T, S)
         y = g.op("Transpose", [g.op("MatMul", [probs, repeat_kv(v)])], perm=[0, 2, 1, 3])  # (B, T, nh, hs)
-        y = g.op("Reshape", [y, i64(0, 0, nh * hs)])
-        x = g.op("Add", [x, g.linear(y, weight(f"{p}.mixer.wo"), f"{p}.wo")])
-        h = g.rms_norm(x, block.ffn_norm.weight, c.norm_eps, f"{p}.ffn_norm")
-        gate, up = g.op("Split", [g.linear(h, weight(f"{p}.ffn.w_gate_up"), f"{p}.w_gate_up"),
-                                  i64(c.ffn_dim, c.ffn_dim)], outputs=2, axis=-1)
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
-        x = g.op("Add", [x, g.linear(act, weight(f"{p}.ffn.w_down"), f"{p}.w_down")])
-    x = g.rms_norm(x, model.norm.weight, c.norm_eps, "norm")
+        y = linear(g.op("Reshape", [y, i64(0, 0, nh * hs)]), f"{p}.mixer.wo", f"{p}.wo")
+        x = g.op("Add", [x, norm(y, block.attn_post_norm, f"{p}.attn_post_norm") if c.post_norms else y])
+        h = norm(x, block.ffn_norm, f"{p}.ffn_norm") if c.pre_norms else x
+        gate, up = g.op("Split", [linear(h, f"{p}.ffn.w_gate_up", f"{p}.w_gate_up"), i64(c.ffn_dim, c.ffn_dim)],
+                        outputs=2, axis=-1)
+        y = linear(g.op("Mul", [act(gate), up]), f"{p}.ffn.w_down", f"{p}.w_down")  # act(gate) * up
+        x = g.op("Add", [x, norm(y, block.ffn_post_norm, f"{p}.ffn_post_norm") if c.post_norms else y])
+    x = norm(x, model.norm, "norm")
     if output_is_tied(model):  # the embedding table read transposed: no second copy of it
         flat = g.op("Reshape", [x, i64(-1, c.dim)])
         logits = g.op("Gemm", [flat, embed], transB=1)  # (B*T, V)
-        g.op("Reshape", [logits, g.op("Concat", [g.op("Shape", [x], start=0, end=2), i64(c.vocab_size)], axis=0)],
-             outputs=["logits"])
+        logits = g.op("Reshape", [logits, g.op("Concat", [g.op("Shape", [x], start=0, end=2), i64(c.vocab_size)],
+                                                          axis=0)])
     else:
-        g.op("Identity", [g.linear(x, weight("lm_head"), "lm_head")], outputs=["logits"])
+        logits = g.linear(x, weight("lm_head"), "lm_head")
+    g.op("Identity", [softcap(logits, c.final_softcap)], outputs=["logits"])
     graph = helper.make_graph(g.nodes, c.name, inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets, producer_name="lilliput", ir_version=9)

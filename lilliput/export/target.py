@@ -38,6 +38,8 @@ class ExportFormat:
     """The type closest to a model's own weights (float32 -> F32, int8 -> Q8_0, ...)."""
     runtime: str = ""
     """Who reads it, for messages and the model card."""
+    moe: bool = False
+    """It expresses mixture-of-experts feed-forwards (Hugging Face's Qwen3-MoE and OLMoE)."""
 
     def canonical_type(self, type: str | None, model) -> str:
         if type is None:
@@ -107,7 +109,7 @@ def export(model, tokenizer, format: str, out: Path | str, type: str | None = No
     type = fmt.canonical_type(type, model)
     out = Path(out)
     check_output_path(out, force)
-    check_llama(model, fmt.name)
+    check_llama(model, fmt.name, moe=fmt.moe)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     _remove(tmp)

@@ -96,33 +96,55 @@ def output_is_tied(model: GPT) -> bool:
     return isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.tok_emb.weight
 
 
-def llama_weights(model: GPT) -> dict[str, Weight | torch.Tensor]:
-    """Hugging Face Llama names -> Weight (matrices) or float32 tensor (norms, embedding).
+def hf_weights(model: GPT) -> dict[str, Weight | torch.Tensor]:
+    """The model's family's Hugging Face names -> Weight (matrices) or float32 tensor (norms, biases,
+    embedding, MoE router), through `families.to_hf_state_dict` (the one mapping loading uses too).
 
-    q and k rows are in Hugging Face's rotate-half order; `lm_head.weight` is present only when
-    the output layer is not the token embedding.
+    q and k rows are in Hugging Face's rotate-half order, as lilliput stores them; `lm_head.weight`
+    is present only when the output layer is not the token embedding.
     """
-    c = model.config
-    f32 = lambda t: t.detach().float()  # noqa: E731
-    out: dict[str, Weight | torch.Tensor] = {"model.embed_tokens.weight": f32(model.tok_emb.weight),
-                                              "model.norm.weight": f32(model.norm.weight)}
-    q, kv = c.n_heads * c.hd, c.n_kv_heads * c.hd
-    for i, block in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = f32(block.attn_norm.weight)
-        out[p + "post_attention_layernorm.weight"] = f32(block.ffn_norm.weight)
-        qkv = weight_of(block.mixer.wqkv)
-        out[p + "self_attn.q_proj.weight"] = qkv.rows(0, q)
-        out[p + "self_attn.k_proj.weight"] = qkv.rows(q, q + kv)
-        out[p + "self_attn.v_proj.weight"] = qkv.rows(q + kv, q + 2 * kv)
-        out[p + "self_attn.o_proj.weight"] = weight_of(block.mixer.wo)
-        gate_up = weight_of(block.ffn.w_gate_up)
-        out[p + "mlp.gate_proj.weight"] = gate_up.rows(0, c.ffn_dim)
-        out[p + "mlp.up_proj.weight"] = gate_up.rows(c.ffn_dim, 2 * c.ffn_dim)
-        out[p + "mlp.down_proj.weight"] = weight_of(block.ffn.w_down)
-    if not output_is_tied(model):
-        out["lm_head.weight"] = weight_of(model.lm_head)
+    from lilliput.core import families
+
+    # each matrix goes through the mapping as a range of row ids, so a fused q|k|v or gate|up split
+    # by the family comes back as the row range of its part; every other tensor goes through as is
+    matrices: dict[str, Weight] = {}
+    sd: dict[str, torch.Tensor] = {}
+    start = 0
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, QuantLinear)):
+            w = weight_of(m)
+            matrices[name] = w
+            sd[name + ".weight"] = torch.arange(start, start + w.shape[0])
+            start += w.shape[0]
+    for name, t in model.state_dict().items():
+        if name not in sd and not isinstance(model.get_submodule(name.rsplit(".", 1)[0]), QuantLinear):
+            sd[name] = t.detach().float()
+    owner = {}
+    for name, w in matrices.items():
+        first = int(sd[name + ".weight"][0])
+        owner[first] = (name, first)
+    bounds = sorted(owner)
+    out: dict[str, Weight | torch.Tensor] = {}
+    for hf_name, t in families.to_hf_state_dict(sd, model.config).items():
+        if t.dtype != torch.int64:
+            out[hf_name] = t
+            continue
+        lo, hi = int(t[0]), int(t[-1]) + 1
+        name, first = owner[bounds[_last_at_most(bounds, lo)]]
+        out[hf_name] = matrices[name].rows(lo - first, hi - first)
+    if output_is_tied(model):
+        out.pop("lm_head.weight", None)
     return out
+
+
+def _last_at_most(sorted_values: list[int], x: int) -> int:
+    import bisect
+
+    return bisect.bisect_right(sorted_values, x) - 1
+
+
+llama_weights = hf_weights
+"""The Llama name of `hf_weights` (GGUF's writer reads it)."""
 
 
 def weight_bits(model: GPT) -> int:
@@ -156,17 +178,21 @@ def float_copy(model: GPT) -> GPT:
     return GPT.from_state_dict(config, state).eval()
 
 
-def check_llama(model: GPT, target: str) -> None:
-    """Raise one line naming the first block the format cannot express (Llama: attention + SwiGLU)."""
+def check_llama(model: GPT, target: str, moe: bool = False) -> None:
+    """Raise one line naming the first block the format cannot express (attention + SwiGLU, or + MoE
+    where the format has experts)."""
+    from lilliput.core.moe import MoE
+
     if not isinstance(model, GPT):
         raise ValueError(f"{target} export takes a lilliput GPT, got {type(model).__name__}")
     for i, block in enumerate(model.layers):
         if not isinstance(block.mixer, Attention):
             raise ValueError(f"layer {i} has mixer {type(block.mixer).__name__} ({model.config.mixer!r}): {target} "
                              f"expresses only Llama attention blocks; export to lilliput's own checkpoint instead")
-        if not isinstance(block.ffn, SwiGLU):
+        if not isinstance(block.ffn, SwiGLU) and not (moe and isinstance(block.ffn, MoE)):
             raise ValueError(f"layer {i} has feed-forward {type(block.ffn).__name__} ({model.config.ffn!r}): "
-                             f"{target} expresses only Llama SwiGLU blocks; export to lilliput's own checkpoint instead")
+                             f"{target} expresses only {'SwiGLU and MoE' if moe else 'SwiGLU'} feed-forwards; "
+                             "export to lilliput's own checkpoint instead")
 
 
 # --- the self-check every writer runs ----------------------------------------------------------------
