@@ -203,7 +203,7 @@ def test_from_gguf_fake_reader():
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"tokenizer.ggml.model": "llama"}, "tokenizer.ggml.model='llama'"),
+        ({"tokenizer.ggml.model": "bert"}, "tokenizer.ggml.model='bert'"),
         ({"tokenizer.ggml.pre": "chatglm-bpe"}, "tokenizer.ggml.pre='chatglm-bpe'"),
     ],
 )

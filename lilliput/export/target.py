@@ -38,6 +38,9 @@ class ExportFormat:
     """The type closest to a model's own weights (float32 -> F32, int8 -> Q8_0, ...)."""
     runtime: str = ""
     """Who reads it, for messages and the model card."""
+    expresses: Callable[[Any], None] | None = None
+    """expresses(model) raises one line when the format cannot express the model; None: Llama blocks
+    only (`weights.check_llama`)."""
 
     def canonical_type(self, type: str | None, model) -> str:
         if type is None:
@@ -107,7 +110,10 @@ def export(model, tokenizer, format: str, out: Path | str, type: str | None = No
     type = fmt.canonical_type(type, model)
     out = Path(out)
     check_output_path(out, force)
-    check_llama(model, fmt.name)
+    if fmt.expresses is not None:
+        fmt.expresses(model)
+    else:
+        check_llama(model, fmt.name)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     _remove(tmp)
