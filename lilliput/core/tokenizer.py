@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken
+
+from lilliput.core.gguf_vocab import (CONTROL, UNKNOWN, USER_DEFINED, byte_level_bpe, gguf_value,
+                                      sentencepiece_bpe)
 
 __all__ = [
     "ByteTokenizer",
@@ -36,20 +39,6 @@ __all__ = [
 # also its eos). `<|endoftext|>` counts only where a template writes it.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
-# GGUF `tokenizer.ggml.token_type` values (llama.cpp's llama_token_type).
-_GGUF_NORMAL = 1
-_GGUF_UNKNOWN = 2
-_GGUF_CONTROL = 3
-_GGUF_USER_DEFINED = 4
-
-# The split regex of Llama 3 style BPE vocabularies (llama.cpp's LLAMA_VOCAB_PRE_TYPE_LLAMA3), as
-# their tokenizer.json spells it.
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# Qwen2's (LLAMA_VOCAB_PRE_TYPE_QWEN2): Llama 3's with digits one by one.
-QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 # A byte tokenizer has no chat format of its own: this plain one lets tests exercise chat paths.
 BYTE_CHAT_TEMPLATE = (
@@ -57,54 +46,6 @@ BYTE_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
-
-
-# --------------------------------------------------------------------------- pre-tokenizers
-
-
-def _digits_then_gpt2(add_prefix_space: bool) -> pre_tokenizers.PreTokenizer:
-    # llama.cpp: regexes "\p{N}" then the GPT-2 regex; HF (SmolLM2's and StarCoder's
-    # tokenizer.json): Digits(individual_digits=True) then ByteLevel(use_regex=True). Same split.
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=True),
-        ]
-    )
-
-
-def _gpt2(add_prefix_space: bool) -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=True)
-
-
-def _split_then_bytes(regex: str):
-    def build(add_prefix_space: bool) -> pre_tokenizers.PreTokenizer:
-        return pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
-            ]
-        )
-
-    return build
-
-
-_llama3 = _split_then_bytes(LLAMA3_SPLIT)
-_qwen2 = _split_then_bytes(QWEN2_SPLIT)
-
-
-# `tokenizer.ggml.pre` -> pre-tokenizer builder, grouped as llama.cpp's llama-vocab.cpp groups them.
-# "default" (and a missing key) is read as plain GPT-2, as transformers' GGUF reader does.
-GGUF_PRE_TOKENIZERS = {
-    **dict.fromkeys(
-        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
-        _digits_then_gpt2,
-    ),
-    # "gpt2" is what lilliput wrote before it used llama.cpp's own name, "gpt-2"
-    **dict.fromkeys(("gpt-2", "gpt2", "default", "mpt", "olmo", "jais", "phi-2"), _gpt2),
-    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3"), _llama3),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _qwen2),
-}
 
 
 # --------------------------------------------------------------------------- chat templates
@@ -367,39 +308,39 @@ class Tokenizer:
         metadata dict of `lilliput.core.gguf_file.GGUFFile`).
 
         Supports byte-level BPE (`tokenizer.ggml.model == "gpt2"`) with the pre-tokenizers of
-        `GGUF_PRE_TOKENIZERS`, and SentencePiece (`"llama"`: Llama 2, Gemma), which llama.cpp
+        `core.gguf_vocab.GGUF_PRE_TOKENIZERS`, and SentencePiece (`"llama"`: Llama 2, Gemma), which llama.cpp
         tokenizes by merging the adjacent pair whose result has the highest score, with byte
         fallback: a BPE whose merges are ranked by those scores. Control tokens (type 3) become
         special added tokens and user-defined ones (type 4) plain added tokens, so both stay whole
         when written in text.
         """
-        model = _gguf_value(reader, "tokenizer.ggml.model")
+        model = gguf_value(reader, "tokenizer.ggml.model")
         if model not in ("gpt2", "llama"):
             raise ValueError(
                 f"GGUF tokenizer.ggml.model={model!r} is not supported (byte-level BPE 'gpt2' and "
                 "SentencePiece 'llama' are); load the model's Hugging Face folder with "
                 "Tokenizer.from_folder instead"
             )
-        tokens: list[str] = _gguf_value(reader, "tokenizer.ggml.tokens")
+        tokens: list[str] = gguf_value(reader, "tokenizer.ggml.tokens")
         if tokens is None:
             raise ValueError("GGUF has no tokenizer.ggml.tokens: no tokenizer in it")
-        types: list[int] = _gguf_value(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
+        types: list[int] = gguf_value(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
         vocab = {token: i for i, token in enumerate(tokens)}
         if len(vocab) != len(tokens):
             raise ValueError("GGUF tokenizer.ggml.tokens repeats tokens: not a BPE vocabulary")
 
         def token_id(key: str) -> int | None:
-            value = _gguf_value(reader, f"tokenizer.ggml.{key}")
+            value = gguf_value(reader, f"tokenizer.ggml.{key}")
             return None if value is None else int(value)
 
-        specials = (_GGUF_CONTROL,)
+        specials = (CONTROL,)
         if model == "gpt2":
-            backend = _byte_level_bpe(reader, vocab)
+            backend = byte_level_bpe(reader, vocab)
         else:
-            backend = _sentencepiece_bpe(reader, tokens, types, vocab, token_id("unknown_token_id"))
-            specials = (_GGUF_CONTROL, _GGUF_UNKNOWN)  # llama.cpp matches <unk> in text too
+            backend = sentencepiece_bpe(reader, tokens, types, vocab, token_id("unknown_token_id"))
+            specials = (CONTROL, UNKNOWN)  # llama.cpp matches <unk> in text too
         control = [t for t, k in zip(tokens, types) if k in specials]
-        user = [t for t, k in zip(tokens, types) if k == _GGUF_USER_DEFINED]
+        user = [t for t, k in zip(tokens, types) if k == USER_DEFINED]
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
         backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
         if backend.get_vocab_size(with_added_tokens=True) != len(tokens):
@@ -413,71 +354,10 @@ class Tokenizer:
             eos_id=eos_id,
             pad_id=token_id("padding_token_id"),
             unk_id=token_id("unknown_token_id"),
-            add_bos=bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", model == "llama")),
-            add_eos=bool(_gguf_value(reader, "tokenizer.ggml.add_eos_token", False)) and eos_id is not None,
-            chat_template=_gguf_value(reader, "tokenizer.chat_template"),
+            add_bos=bool(gguf_value(reader, "tokenizer.ggml.add_bos_token", model == "llama")),
+            add_eos=bool(gguf_value(reader, "tokenizer.ggml.add_eos_token", False)) and eos_id is not None,
+            chat_template=gguf_value(reader, "tokenizer.chat_template"),
         )
-
-
-def _byte_level_bpe(reader, vocab: dict[str, int]) -> tokenizers.Tokenizer:
-    pre = _gguf_value(reader, "tokenizer.ggml.pre", "default")
-    if pre not in GGUF_PRE_TOKENIZERS:
-        raise ValueError(
-            f"GGUF tokenizer.ggml.pre={pre!r} is not supported; supported: "
-            f"{sorted(GGUF_PRE_TOKENIZERS)}. Load the model's Hugging Face folder with "
-            "Tokenizer.from_folder instead"
-        )
-    merges: list[str] = _gguf_value(reader, "tokenizer.ggml.merges")
-    if merges is None:
-        raise ValueError("GGUF has no tokenizer.ggml.merges: no BPE tokenizer in it")
-    # The GGUF spells byte-level tokens exactly as tokenizer.json does ("Ġthe"): use verbatim.
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
-    prefix = bool(_gguf_value(reader, "tokenizer.ggml.add_space_prefix", False))
-    backend.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre](prefix)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    return backend
-
-
-def _sentencepiece_bpe(reader, tokens: list[str], types: list[int], vocab: dict[str, int],
-                       unk_id: int | None) -> tokenizers.Tokenizer:
-    """llama.cpp's SentencePiece tokenizer as a BPE: spaces become "▁" (and one is prepended when
-    `add_space_prefix`), pairs merge by the score of their result, unknown characters become
-    their <0xNN> byte tokens."""
-    scores: list[float] | None = _gguf_value(reader, "tokenizer.ggml.scores")
-    if scores is None:
-        raise ValueError("GGUF SentencePiece tokenizer has no tokenizer.ggml.scores")
-    merges = []  # (-score of the result, result id, left id, right id)
-    for i, (t, kind) in enumerate(zip(tokens, types)):
-        if kind != _GGUF_NORMAL:
-            continue
-        for cut in range(1, len(t)):
-            left, right = vocab.get(t[:cut]), vocab.get(t[cut:])
-            if left is not None and right is not None:
-                merges.append((-scores[i], i, left, right))
-    merges.sort()
-    pairs = [(tokens[a], tokens[b]) for _, _, a, b in merges]
-    unk = tokens[unk_id] if unk_id is not None else None
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, byte_fallback=True, unk_token=unk,
-                                              fuse_unk=True))
-    prefix = bool(_gguf_value(reader, "tokenizer.ggml.add_space_prefix", True))
-    backend.normalizer = normalizers.Sequence(
-        ([normalizers.Prepend("▁")] if prefix else []) + [normalizers.Replace(" ", "▁")]
-    )
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-        + ([decoders.Strip(" ", 1, 0)] if prefix else [])
-    )
-    return backend
-
-
-def _gguf_value(reader, key: str, default: Any = None) -> Any:
-    if isinstance(reader, dict):  # GGUFFile.metadata: already plain Python values
-        return reader.get(key, default)
-    # ReaderField.contents() slices the memory map once per array: ~35 ms for 49k strings.
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
 
 
 def _read_json(path: Path) -> dict:

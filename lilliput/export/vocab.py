@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
-from lilliput.core.tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT, ByteTokenizer, Tokenizer
+from lilliput.core.gguf_vocab import (BYTE, CONTROL, LLAMA3_SPLIT, NORMAL, QWEN2_SPLIT, UNKNOWN, UNUSED,
+                                      USER_DEFINED)
+from lilliput.core.tokenizer import ByteTokenizer, Tokenizer
 
 _BYTE = re.compile(r"<0x[0-9A-F]{2}>")
 
-# llama.cpp's llama_token_type (gguf.TokenType)
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 def bytes_to_unicode() -> dict[int, str]:
