@@ -24,7 +24,7 @@ class GemvLinear(nn.Linear):
 
 class KernelRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] <= gemv.MAX_ROWS:
+        if not self.offset and x.numel() // x.shape[-1] <= gemv.MAX_ROWS:  # the C norm has no (offset + w)
             y = gemv.rmsnorm(x, self.weight, self.eps)  # None: not fp32 / needs autograd
             if y is not None:
                 return y
