@@ -117,23 +117,25 @@ def test_what_llama_cpp_cannot_express_is_refused_in_one_line(name, why, bpe, tm
     assert not list(tmp_path.iterdir())
 
 
-def test_family_conventions_in_the_file(bpe, tmp_path):
-    """Gemma's norms are stored as 1 + w; llama permutes q rows, qwen3 does not; phi3 fuses q|k|v and gate|up;
-    MoE experts are stacked (E, N, K)."""
-    for name, check in (
-        ("gemma2", lambda f, m: torch.equal(f.tensor("blk.0.attn_norm.weight"), m.layers[0].attn_norm.weight + 1)),
-        ("llama-linear", lambda f, m: not torch.equal(f.tensor("blk.0.attn_q.weight"),
-                                                      m.layers[0].mixer.wqkv.weight[:64])),
-        ("qwen3", lambda f, m: torch.equal(f.tensor("blk.0.attn_q.weight"), m.layers[0].mixer.wqkv.weight[:128])),
-        ("phi3", lambda f, m: torch.equal(f.tensor("blk.0.ffn_up.weight"), m.layers[0].ffn.w_gate_up.weight)
-         and "blk.0.attn_qkv.weight" in f.tensors and "rope_factors_long.weight" in f.tensors),
-        ("olmoe", lambda f, m: f.tensors["blk.1.ffn_down_exps.weight"].shape == (4, 64, 64)
-         and torch.equal(f.tensor("blk.1.ffn_down_exps.weight")[3], m.layers[1].ffn.experts[3].w_down.weight)),
-        ("llama3", lambda f, m: "rope_freqs.weight" in f.tensors),
-    ):
-        model = specimen(name)
-        path = export(model, bpe, "gguf", tmp_path / f"{name}.gguf", "F32").path
-        assert check(GGUFFile(path), model), name
+CONVENTIONS = {
+    "gemma2": lambda f, m: torch.equal(f.tensor("blk.0.attn_norm.weight"), m.layers[0].attn_norm.weight + 1),
+    "llama-linear": lambda f, m: not torch.equal(f.tensor("blk.0.attn_q.weight"), m.layers[0].mixer.wqkv.weight[:64]),
+    "qwen3": lambda f, m: torch.equal(f.tensor("blk.0.attn_q.weight"), m.layers[0].mixer.wqkv.weight[:128]),
+    "phi3": lambda f, m: torch.equal(f.tensor("blk.0.ffn_up.weight"), m.layers[0].ffn.w_gate_up.weight)
+    and "blk.0.attn_qkv.weight" in f.tensors and "rope_factors_long.weight" in f.tensors,
+    "olmoe": lambda f, m: f.tensors["blk.1.ffn_down_exps.weight"].shape == (4, 64, 64)
+    and torch.equal(f.tensor("blk.1.ffn_down_exps.weight")[3], m.layers[1].ffn.experts[3].w_down.weight),
+    "llama3": lambda f, m: "rope_freqs.weight" in f.tensors,
+}
+"""Gemma's norms are stored as 1 + w; llama permutes q rows, qwen3 does not; phi3 fuses q|k|v and gate|up and
+stores its LongRoPE factors; MoE experts are stacked (E, N, K); Llama 3's rope is a rope_freqs tensor."""
+
+
+@pytest.mark.parametrize("name", CONVENTIONS)
+def test_family_conventions_in_the_file(name, bpe, tmp_path, one_thread):
+    model = specimen(name)
+    path = export(model, bpe, "gguf", tmp_path / "m.gguf", "F32", check=False).path
+    assert CONVENTIONS[name](GGUFFile(path), model)
 
 
 def test_an_unknown_architecture_is_refused_in_one_line(tmp_path):
