@@ -12,6 +12,7 @@ import pytest
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
+from lilliput.core.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT
 from lilliput.core.tokenizer import (
     ByteTokenizer,
     StreamDecoder,
@@ -203,7 +204,7 @@ def test_from_gguf_fake_reader():
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"tokenizer.ggml.model": "llama"}, "tokenizer.ggml.model='llama'"),
+        ({"tokenizer.ggml.model": "bert"}, "tokenizer.ggml.model='bert'"),
         ({"tokenizer.ggml.pre": "chatglm-bpe"}, "tokenizer.ggml.pre='chatglm-bpe'"),
     ],
 )
@@ -313,3 +314,119 @@ def test_smollm2_stream_decoder(smol):
     pieces = [stream.push(i) for i in ids]
     assert "".join(pieces) + stream.flush() == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+# --------------------------------------------------------------------------- GGUF tokenizers, written and read
+
+MIXED = ("Crème brûlée à São Paulo, naïve Zoë! 🙂🚀 emoji; 日本語のテキスト 中文 한국어\n"
+         "def f(x):\n    return {'a': [1, 22, 333, 4444]}  # code\n\tif x != 0: print(f\"{x!r}\")\n"
+         "<|im_start|>user\nI'm sure they'll've done it<|im_end|>  end  ")
+"""Accents, emoji, CJK, code, digits, tabs, runs of spaces and special tokens."""
+
+
+def _corpus() -> list[str]:
+    from pathlib import Path
+
+    import lilliput
+
+    text = (Path(lilliput.__file__).parent / "data/sample/texts/shakespeare/sonnets.txt").read_text()[:30000]
+    return [text, MIXED]
+
+
+def _byte_level(pre: pre_tokenizers.PreTokenizer) -> Tokenizer:
+    from tokenizers import trainers
+
+    backend = tokenizers.Tokenizer(models.BPE(fuse_unk=False))
+    backend.pre_tokenizer = pre
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(_corpus(), trainer)
+    return Tokenizer(backend, bos_id=None, eos_id=2)
+
+
+def _sentencepiece(prefix: bool) -> Tokenizer:
+    """Llama 2 style (prefix) or Gemma style (no prefix, BOS always): a BPE over "▁"-escaped text whose
+    characters outside its alphabet fall back to <0xNN> byte tokens."""
+    from tokenizers import normalizers, trainers
+
+    norm = normalizers.Sequence(([normalizers.Prepend("▁")] if prefix else []) + [normalizers.Replace(" ", "▁")])
+    trainer = tokenizers.Tokenizer(models.BPE())
+    trainer.normalizer = norm
+    trainer.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=500, limit_alphabet=70,
+                                                               show_progress=False))
+    spec = json.loads(trainer.to_str())["model"]
+    specials = ["<unk>", "<s>", "</s>", "<start_of_turn>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for t in sorted(spec["vocab"], key=spec["vocab"].get):
+        vocab.setdefault(t, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>",
+                                              fuse_unk=True))
+    backend.normalizer = norm
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                        + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return Tokenizer(backend, bos_id=1, eos_id=2, unk_id=0, add_bos=not prefix)
+
+
+def _through_gguf(tok: Tokenizer, tmp_path) -> tuple[Tokenizer, dict]:
+    import gguf
+
+    from lilliput.core.gguf_file import GGUFFile
+    from lilliput.export.vocab import gguf_vocab
+
+    w = gguf.GGUFWriter(tmp_path / "t.gguf", "llama")
+    gguf_vocab(tok, tok.vocab_size).write(w)
+    for key, value in (("bos", tok.bos_id), ("eos", tok.eos_id), ("unk", tok.unk_id)):
+        if value is not None:
+            getattr(w, f"add_{key}_token_id")(value)
+    w.add_add_bos_token(tok.add_bos)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    meta = GGUFFile(tmp_path / "t.gguf").metadata
+    return Tokenizer.from_gguf(meta), meta
+
+
+@pytest.mark.parametrize("pre,name", [
+    (pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), "gpt-2"),
+    (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]), "smollm"),
+    (pre_tokenizers.Sequence([pre_tokenizers.Split(tokenizers.Regex(LLAMA3_SPLIT), "isolated"),
+                              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), "llama-bpe"),
+    (pre_tokenizers.Sequence([pre_tokenizers.Split(tokenizers.Regex(QWEN2_SPLIT), "isolated"),
+                              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), "qwen2"),
+])
+def test_byte_level_bpe_through_gguf_encodes_like_the_original(pre, name, tmp_path):
+    tok = _byte_level(pre)
+    back, meta = _through_gguf(tok, tmp_path)
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == name
+    for text in (MIXED, *MIXED.split("\n"), "12345 678", "  x"):
+        assert back.encode(text) == tok.backend.encode(text, add_special_tokens=False).ids, text
+    assert back.decode(back.encode(MIXED)) == MIXED
+
+
+@pytest.mark.parametrize("prefix", [True, False], ids=["llama2-style", "gemma-style"])
+def test_sentencepiece_through_gguf_encodes_like_the_original(prefix, tmp_path):
+    tok = _sentencepiece(prefix)
+    back, meta = _through_gguf(tok, tmp_path)
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is prefix
+    assert meta["tokenizer.ggml.token_type"][3 + 0x41] == 6  # <0x41>: a byte token
+    byte_fallback = [i for i in tok.encode(MIXED, bos=False) if 3 < i < 260]
+    assert byte_fallback, "the text must exercise byte fallback"
+    for text in (MIXED, *MIXED.split("\n"), "<start_of_turn>user hi", "  two  spaces "):
+        assert back.encode(text, bos=False) == tok.backend.encode(text, add_special_tokens=False).ids, text
+    assert back.add_bos is (not prefix) and back.encode("hi")[:1] == ([1] if not prefix else back.encode("hi")[:1])
+    assert back.decode(back.encode(MIXED, bos=False)) == tok.decode(tok.encode(MIXED, bos=False))
+
+
+def test_a_unigram_tokenizer_is_refused_for_gguf_in_one_line():
+    from lilliput.export.vocab import gguf_vocab
+
+    backend = tokenizers.Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0), ("b", -2.0)], 0))
+    with pytest.raises(ValueError, match="not Unigram: llama.cpp would tokenize"):
+        gguf_vocab(Tokenizer(backend), 3)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import time
 from pathlib import Path
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from lilliput.core import families
 from lilliput.core.config import ModelConfig
 from lilliput.core.device import pick_device, pick_dtype
+from lilliput.core.gguf import gguf_config, read_gguf  # noqa: F401  (read_gguf: part of this module's interface)
 from lilliput.core.layers import build_layer, kind_of, layer_specs, set_layer
 from lilliput.core.model import GPT
 from lilliput.core.record import read_json, run_record, write_json
@@ -43,12 +43,6 @@ def embedded_model_path() -> Path:
 
 # --- Hugging Face <-> lilliput parameter names -------------------------------------------------
 
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's convert-time reordering of q/k rows (interleaved -> rotate-half RoPE)."""
-    out = w.shape[0]
-    return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Hugging Face names -> lilliput names for the config's family (core.families)."""
     return families.from_hf_state_dict(hf, config)
@@ -59,57 +53,16 @@ def to_hf_state_dict(model: GPT, fused_experts: bool = False) -> dict[str, torch
     return families.to_hf_state_dict(model.state_dict(), model.config, fused_experts)
 
 
-# --- GGUF -------------------------------------------------------------------------------------
+# --- GGUF ---------------------------------------------------------------------------------------
 
 def _gguf_config(meta: dict[str, Any], tensor_names: set[str], name: str) -> ModelConfig:
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (only llama)")
-    n_heads, dim = meta["llama.attention.head_count"], meta["llama.embedding_length"]
-    rope_dim = meta.get("llama.rope.dimension_count", dim // n_heads)
-    return ModelConfig(
-        name=name, vocab_size=meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"]), dim=dim,
-        n_layers=meta["llama.block_count"], n_heads=n_heads,
-        n_kv_heads=meta.get("llama.attention.head_count_kv", n_heads),
-        head_dim=rope_dim if rope_dim != dim // n_heads else None,
-        ffn_dim=meta["llama.feed_forward_length"], max_seq_len=meta.get("llama.context_length", 2048),
-        norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-        tie_embeddings="output.weight" not in tensor_names,
-    )
-
-
-def read_gguf(path: Path | str):
-    """Open a llama GGUF and dequantize every tensor to float32: (GGUFFile, config, lilliput state dict)."""
-    from lilliput.core.gguf_file import GGUFFile
-
-    path = Path(path)
-    f = GGUFFile(path)
-    try:
-        config = _gguf_config(f.metadata, set(f.tensors), name=path.stem)
-    except KeyError as e:
-        raise ValueError(f"{path} lacks GGUF metadata {e}") from None
-    top = {"token_embd": "tok_emb", "output_norm": "norm", "output": "lm_head"}
-    per_layer = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn_output": "mixer.wo", "ffn_down": "ffn.w_down"}
-    sd: dict[str, torch.Tensor] = {}
-    for key, ours in top.items():
-        if f"{key}.weight" in f.tensors:
-            sd[f"{ours}.weight"] = f.tensor(f"{key}.weight")
-    try:
-        for i in range(config.n_layers):
-            w = lambda n: f.tensor(f"blk.{i}.{n}.weight")  # noqa: E731
-            for key, ours in per_layer.items():
-                sd[f"layers.{i}.{ours}.weight"] = w(key)
-            q, k = _unpermute(w("attn_q"), config.n_heads), _unpermute(w("attn_k"), config.n_kv_heads)
-            sd[f"layers.{i}.mixer.wqkv.weight"] = torch.cat([q, k, w("attn_v")])
-            sd[f"layers.{i}.ffn.w_gate_up.weight"] = torch.cat([w("ffn_gate"), w("ffn_up")])
-    except KeyError as e:
-        raise ValueError(f"{path} lacks tensor {e}: not a complete llama GGUF") from None
-    return f, config, sd
+    """The config of a GGUF's metadata, without the rope scalings stored as tensors (core.gguf)."""
+    return gguf_config(meta, tensor_names, name)
 
 
 def load_gguf(path: Path | str, device=None, dtype=None):
-    """A llama GGUF as (model, tokenizer); the tokenizer and chat template come from its metadata."""
+    """A GGUF of any architecture core.gguf reads, as (model, tokenizer); the tokenizer and chat
+    template come from its metadata."""
     from lilliput.core.tokenizer import Tokenizer
 
     f, config, sd = read_gguf(path)

@@ -1,5 +1,5 @@
-"""Tokenizers: byte-level BPE (SmolLM2's, read from a GGUF or a Hugging Face folder) and a byte
-tokenizer for tests.
+"""Tokenizers: BPE (SmolLM2's byte-level one, read from a GGUF or a Hugging Face folder; the
+SentencePiece-style BPE with byte fallback of Llama 2 and Gemma GGUFs) and a byte tokenizer for tests.
 
 Both classes share one interface: `encode`, `decode`, `apply_chat_template`, `save`, and the
 attributes `vocab_size`, `bos_id`, `eos_id`, `pad_id`, `add_bos`, `chat_template`, `eos_ids`.
@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken
+
+from lilliput.core.gguf_vocab import (CONTROL, UNKNOWN, USER_DEFINED, byte_level_bpe, gguf_value,
+                                      sentencepiece_bpe)
 
 __all__ = [
     "ByteTokenizer",
@@ -36,15 +39,6 @@ __all__ = [
 # also its eos). `<|endoftext|>` counts only where a template writes it.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
-# GGUF `tokenizer.ggml.token_type` values (llama.cpp's llama_token_type).
-_GGUF_CONTROL = 3
-_GGUF_USER_DEFINED = 4
-
-# The split regex of Llama 3 style BPE vocabularies (llama.cpp's LLAMA_VOCAB_PRE_TYPE_LLAMA3).
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 
 # A byte tokenizer has no chat format of its own: this plain one lets tests exercise chat paths.
 BYTE_CHAT_TEMPLATE = (
@@ -52,45 +46,6 @@ BYTE_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
-
-
-# --------------------------------------------------------------------------- pre-tokenizers
-
-
-def _digits_then_gpt2(add_prefix_space: bool) -> pre_tokenizers.PreTokenizer:
-    # llama.cpp: regexes "\p{N}" then the GPT-2 regex; HF (SmolLM2's and StarCoder's
-    # tokenizer.json): Digits(individual_digits=True) then ByteLevel(use_regex=True). Same split.
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=True),
-        ]
-    )
-
-
-def _gpt2(add_prefix_space: bool) -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=True)
-
-
-def _llama3(add_prefix_space: bool) -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
-        ]
-    )
-
-
-# `tokenizer.ggml.pre` -> pre-tokenizer builder, grouped as llama.cpp's llama-vocab.cpp groups them.
-# "default" (and a missing key) is read as plain GPT-2, as transformers' GGUF reader does.
-GGUF_PRE_TOKENIZERS = {
-    **dict.fromkeys(
-        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
-        _digits_then_gpt2,
-    ),
-    **dict.fromkeys(("gpt2", "default", "mpt", "olmo", "jais"), _gpt2),
-    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3"), _llama3),
-}
 
 
 # --------------------------------------------------------------------------- chat templates
@@ -188,6 +143,7 @@ class Tokenizer:
         vocab_size: ids are in [0, vocab_size), added tokens included.
         bos_id, eos_id, pad_id: special ids, or None when the tokenizer has none.
         add_bos: whether the tokenizer's own config prepends BOS when encoding.
+        add_eos: whether it appends EOS (with `bos=None`: both follow the tokenizer's config).
         chat_template: the Jinja chat template, or None.
         eos_ids: ids that end generation: `eos_id` plus the end-of-turn special tokens of
             `END_OF_TURN_TOKENS` that the chat template writes.
@@ -202,6 +158,7 @@ class Tokenizer:
         pad_id: int | None = None,
         unk_id: int | None = None,
         add_bos: bool = False,
+        add_eos: bool = False,
         chat_template: str | None = None,
     ):
         self.backend = backend
@@ -214,6 +171,9 @@ class Tokenizer:
         self.pad_id = pad_id
         self.unk_id = unk_id
         self.add_bos = add_bos
+        self.add_eos = add_eos
+        if add_eos and eos_id is None:
+            raise ValueError("add_eos=True but the tokenizer has no EOS token")
         self.chat_template = chat_template
         special = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
         self.eos_ids: set[int] = _eos_ids(eos_id, chat_template, special)
@@ -240,6 +200,8 @@ class Tokenizer:
         return [self._with_bos(e.ids, bos) for e in encodings]
 
     def _with_bos(self, ids: list[int], bos: bool | None) -> list[int]:
+        if bos is None and self.add_eos:
+            ids = [*ids, self.eos_id]
         if not (self.add_bos if bos is None else bos):
             return ids
         if self.bos_id is None:
@@ -289,7 +251,7 @@ class Tokenizer:
             # rebuild the pre-tokenizer from its own defaults).
             "tokenizer_class": "PreTrainedTokenizerFast",
             "add_bos_token": self.add_bos,
-            "add_eos_token": False,
+            "add_eos_token": self.add_eos,
             "clean_up_tokenization_spaces": False,
             **self.special_tokens,
             "chat_template": self.chat_template,
@@ -336,6 +298,7 @@ class Tokenizer:
             pad_id=special_id("pad_token"),
             unk_id=special_id("unk_token"),
             add_bos=bool(add_bos),
+            add_eos=bool(config.get("add_eos_token")) and special_id("eos_token") is not None,
             chat_template=_chat_template_of(config, folder),
         )
 
@@ -345,66 +308,56 @@ class Tokenizer:
         metadata dict of `lilliput.core.gguf_file.GGUFFile`).
 
         Supports byte-level BPE (`tokenizer.ggml.model == "gpt2"`) with the pre-tokenizers of
-        `GGUF_PRE_TOKENIZERS`. Control tokens (type 3) become special added tokens and
-        user-defined ones (type 4) plain added tokens, so both stay whole when written in text.
+        `core.gguf_vocab.GGUF_PRE_TOKENIZERS`, and SentencePiece (`"llama"`: Llama 2, Gemma), which llama.cpp
+        tokenizes by merging the adjacent pair whose result has the highest score, with byte
+        fallback: a BPE whose merges are ranked by those scores. Control tokens (type 3) become
+        special added tokens and user-defined ones (type 4) plain added tokens, so both stay whole
+        when written in text.
         """
-        model = _gguf_value(reader, "tokenizer.ggml.model")
-        if model != "gpt2":
+        model = gguf_value(reader, "tokenizer.ggml.model")
+        if model not in ("gpt2", "llama"):
             raise ValueError(
-                f"GGUF tokenizer.ggml.model={model!r} is not supported (only byte-level BPE "
-                "'gpt2'); load the model's Hugging Face folder with Tokenizer.from_folder instead"
-            )
-        pre = _gguf_value(reader, "tokenizer.ggml.pre", "default")
-        if pre not in GGUF_PRE_TOKENIZERS:
-            raise ValueError(
-                f"GGUF tokenizer.ggml.pre={pre!r} is not supported; supported: "
-                f"{sorted(GGUF_PRE_TOKENIZERS)}. Load the model's Hugging Face folder with "
+                f"GGUF tokenizer.ggml.model={model!r} is not supported (byte-level BPE 'gpt2' and "
+                "SentencePiece 'llama' are); load the model's Hugging Face folder with "
                 "Tokenizer.from_folder instead"
             )
-        # The GGUF spells byte-level tokens exactly as tokenizer.json does ("Ġthe"): use verbatim.
-        tokens: list[str] = _gguf_value(reader, "tokenizer.ggml.tokens")
-        merges: list[str] = _gguf_value(reader, "tokenizer.ggml.merges")
-        if tokens is None or merges is None:
-            raise ValueError("GGUF has no tokenizer.ggml.tokens/merges: no BPE tokenizer in it")
-        types: list[int] = _gguf_value(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
+        tokens: list[str] = gguf_value(reader, "tokenizer.ggml.tokens")
+        if tokens is None:
+            raise ValueError("GGUF has no tokenizer.ggml.tokens: no tokenizer in it")
+        types: list[int] = gguf_value(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
         vocab = {token: i for i, token in enumerate(tokens)}
         if len(vocab) != len(tokens):
             raise ValueError("GGUF tokenizer.ggml.tokens repeats tokens: not a BPE vocabulary")
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
-        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
-        prefix = bool(_gguf_value(reader, "tokenizer.ggml.add_space_prefix", False))
-        backend.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre](prefix)
-        backend.decoder = decoders.ByteLevel()
-        backend.post_processor = processors.ByteLevel(trim_offsets=False)
-        control = [t for t, k in zip(tokens, types) if k == _GGUF_CONTROL]
-        user = [t for t, k in zip(tokens, types) if k == _GGUF_USER_DEFINED]
+
+        def token_id(key: str) -> int | None:
+            value = gguf_value(reader, f"tokenizer.ggml.{key}")
+            return None if value is None else int(value)
+
+        specials = (CONTROL,)
+        if model == "gpt2":
+            backend = byte_level_bpe(reader, vocab)
+        else:
+            backend = sentencepiece_bpe(reader, tokens, types, vocab, token_id("unknown_token_id"))
+            specials = (CONTROL, UNKNOWN)  # llama.cpp matches <unk> in text too
+        control = [t for t, k in zip(tokens, types) if k in specials]
+        user = [t for t, k in zip(tokens, types) if k == USER_DEFINED]
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
         backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
         if backend.get_vocab_size(with_added_tokens=True) != len(tokens):
             raise ValueError("GGUF added tokens grew the vocabulary: token list inconsistent")
-
-        def token_id(key: str) -> int | None:
-            value = _gguf_value(reader, f"tokenizer.ggml.{key}")
-            return None if value is None else int(value)
-
+        eos_id = token_id("eos_token_id")
+        # llama.cpp's keys; missing means BOS for SentencePiece (llama.cpp's default) and none for
+        # byte-level BPE (as transformers reads it), and never EOS
         return cls(
             backend,
             bos_id=token_id("bos_token_id"),
-            eos_id=token_id("eos_token_id"),
+            eos_id=eos_id,
             pad_id=token_id("padding_token_id"),
             unk_id=token_id("unknown_token_id"),
-            # llama.cpp's key; missing means no BOS for byte-level BPE, as transformers reads it.
-            add_bos=bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", False)),
-            chat_template=_gguf_value(reader, "tokenizer.chat_template"),
+            add_bos=bool(gguf_value(reader, "tokenizer.ggml.add_bos_token", model == "llama")),
+            add_eos=bool(gguf_value(reader, "tokenizer.ggml.add_eos_token", False)) and eos_id is not None,
+            chat_template=gguf_value(reader, "tokenizer.chat_template"),
         )
-
-
-def _gguf_value(reader, key: str, default: Any = None) -> Any:
-    if isinstance(reader, dict):  # GGUFFile.metadata: already plain Python values
-        return reader.get(key, default)
-    # ReaderField.contents() slices the memory map once per array: ~35 ms for 49k strings.
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
 
 
 def _read_json(path: Path) -> dict:

@@ -40,6 +40,9 @@ class ExportFormat:
     """Who reads it, for messages and the model card."""
     moe: bool = False
     """It expresses mixture-of-experts feed-forwards (Hugging Face's Qwen3-MoE and OLMoE)."""
+    expresses: Callable[[Any], None] | None = None
+    """expresses(model) raises one line when the format cannot express the model; None: attention
+    blocks only (`weights.check_llama`, MoE where `moe`)."""
 
     def canonical_type(self, type: str | None, model) -> str:
         if type is None:
@@ -109,7 +112,10 @@ def export(model, tokenizer, format: str, out: Path | str, type: str | None = No
     type = fmt.canonical_type(type, model)
     out = Path(out)
     check_output_path(out, force)
-    check_llama(model, fmt.name, moe=fmt.moe)
+    if fmt.expresses is not None:
+        fmt.expresses(model)
+    else:
+        check_llama(model, fmt.name, moe=fmt.moe)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     _remove(tmp)

@@ -1,0 +1,169 @@
+"""GGUF for every family llama.cpp runs: lilliput exports each zoo specimen with llama.cpp's
+architecture, keys and tensor names, reads it back to the same config and logits (F32 within 1e-5,
+Q8_0 within a stated tolerance), and refuses in one line what llama.cpp would compute differently.
+
+Specimens whose switches llama.cpp hard-codes otherwise get a variant that llama.cpp can run (its
+Gemma 3 sliding pattern and attention scale, SmolLM3's NoPE period of 4, Qwen3-MoE's renormalised
+top-k); the zoo's own specimens are then the refusal cases."""
+
+import numpy as np
+import pytest
+import tokenizers
+import torch
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+
+from lilliput.core.checkpoint import load_model
+from lilliput.core.gguf import read_gguf
+from lilliput.core.gguf_file import GGUFFile
+from lilliput.core.model import GPT
+from lilliput.core.tokenizer import Tokenizer
+from lilliput.eval import zoo
+from lilliput.export import export
+from lilliput.export.vocab import bytes_to_unicode
+from lilliput.export.weights import agreement
+
+pytest.importorskip("transformers")
+
+IDS = [3, 17, 250, 9, 101, 42, 7, 199, 64, 5, 88, 130, 12, 240, 33, 71, 2, 150, 98, 11]
+"""20 positions: past the specimens' sliding window of 8 and Phi-3's original context of 32 is not needed
+(LongRoPE's short factors) but its partial rotary is."""
+
+VARIANTS = {
+    # llama.cpp: Gemma 3 slides 5 layers of 6 with a local base of 10000, scales attention by 1/sqrt(head_dim)
+    "gemma3-llamacpp": ("Gemma3TextConfig", dict(
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=zoo.WINDOW, num_hidden_layers=6,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}})),
+    "smollm3-llamacpp": ("SmolLM3Config", dict(no_rope_layer_interval=4, tie_word_embeddings=True)),  # NoPE: 4th
+    "qwen3_moe-llamacpp": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                                  norm_topk_prob=True)),  # llama.cpp renormalises the top-k
+}
+TABLE = {**{k: (cls, {**zoo._BASE, **kw}) for k, (cls, kw) in zoo.TINY.items()},
+         **{k: (cls, {**zoo._BASE, **kw}) for k, (cls, kw) in VARIANTS.items()}}
+
+EXPORTED = ["llama3", "llama-yarn", "llama-linear", "qwen2", "qwen3", "gemma2", "gemma3-llamacpp", "phi3", "olmo2",
+            "smollm3-llamacpp", "qwen3_moe-llamacpp", "olmoe"]
+REFUSED = {
+    "llama-dynamic": "dynamic rope scaling",
+    "mistral": "a sliding window",
+    "gemma3": "attention scale",
+    "smollm3": "NoPE layers",
+    "qwen3_moe": "moe_norm_topk=False",
+}
+ARCH = {"llama3": "llama", "llama-yarn": "llama", "llama-linear": "llama", "gemma3-llamacpp": "gemma3",
+        "smollm3-llamacpp": "smollm3", "qwen3_moe-llamacpp": "qwen3moe"}
+Q8_0_RELATIVE_ERROR, Q8_0_MEAN_KL = 0.08, 0.02
+"""Q8_0 (blocks of 32, fp16 scales) on the specimens, whose large random weights amplify rounding through 4
+layers: relative logit error measured 0.008 (Gemma) to 0.03 (dense) and 0.06 (MoE, where a routing choice
+flips); mean KL at most 0.015, under the export check's own 0.02."""
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """A byte-level BPE of 100 tokens (printable ASCII, a newline, 3 merges, 2 specials): fits the
+    specimens' 256 ids, padded by the export."""
+    enc = bytes_to_unicode()
+    alphabet = [enc[b] for b in range(32, 127)] + [enc[10]]
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
+    return Tokenizer(backend, eos_id=len(vocab) + 1)
+
+
+def specimen(name):
+    return zoo.to_lilliput(zoo.hf_model(name, table=TABLE), name=name)
+
+
+def logits(model, ids=IDS):
+    with torch.inference_mode():
+        return model(torch.tensor([ids]))[0]
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_f32_export_reads_back_to_the_same_config_and_logits(name, bpe, tmp_path, one_thread):
+    model = specimen(name)
+    result = export(model, bpe, "gguf", tmp_path / "m.gguf", "F32")
+    meta = GGUFFile(result.path).metadata
+    assert meta["general.architecture"] == result.written["architecture"] == ARCH.get(name, name.replace("_", ""))
+    back, tok = load_model(str(result.path), device="cpu")
+    assert back.config == model.config.replace(name="m")
+    assert (logits(back) - logits(model)).abs().max() <= 1e-5
+    assert tok.encode("the thin <|im_end|>") == bpe.encode("the thin <|im_end|>")
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_q8_0_export_reads_back_within_tolerance(name, bpe, tmp_path, one_thread):
+    model = specimen(name)
+    result = export(model, bpe, "gguf", tmp_path / "m.gguf", "Q8_0")
+    _, config, sd = read_gguf(result.path)
+    back = GPT.from_state_dict(config, sd).eval()
+    got = agreement(logits(model), logits(back))
+    assert got["relative_error"] <= Q8_0_RELATIVE_ERROR and got["mean_kl"] <= Q8_0_MEAN_KL
+    assert config == model.config.replace(name="m") and result.written["tensor_types"]["Q8_0"] > 0
+
+
+@pytest.mark.parametrize("name,why", REFUSED.items())
+def test_what_llama_cpp_cannot_express_is_refused_in_one_line(name, why, bpe, tmp_path):
+    with pytest.raises(ValueError, match=why) as e:
+        export(specimen(name), bpe, "gguf", tmp_path / "m.gguf", "F32")
+    assert "\n" not in str(e.value) and "--format hf" in str(e.value)
+    assert not list(tmp_path.iterdir())
+
+
+CONVENTIONS = {
+    "gemma2": lambda f, m: torch.equal(f.tensor("blk.0.attn_norm.weight"), m.layers[0].attn_norm.weight + 1),
+    "llama-linear": lambda f, m: not torch.equal(f.tensor("blk.0.attn_q.weight"), m.layers[0].mixer.wqkv.weight[:64]),
+    "qwen3": lambda f, m: torch.equal(f.tensor("blk.0.attn_q.weight"), m.layers[0].mixer.wqkv.weight[:128]),
+    "phi3": lambda f, m: torch.equal(f.tensor("blk.0.ffn_up.weight"), m.layers[0].ffn.w_gate_up.weight)
+    and "blk.0.attn_qkv.weight" in f.tensors and "rope_factors_long.weight" in f.tensors,
+    "olmoe": lambda f, m: f.tensors["blk.1.ffn_down_exps.weight"].shape == (4, 64, 64)
+    and torch.equal(f.tensor("blk.1.ffn_down_exps.weight")[3], m.layers[1].ffn.experts[3].w_down.weight),
+    "llama3": lambda f, m: "rope_freqs.weight" in f.tensors,
+}
+"""Gemma's norms are stored as 1 + w; llama permutes q rows, qwen3 does not; phi3 fuses q|k|v and gate|up and
+stores its LongRoPE factors; MoE experts are stacked (E, N, K); Llama 3's rope is a rope_freqs tensor."""
+
+
+@pytest.mark.parametrize("name", CONVENTIONS)
+def test_family_conventions_in_the_file(name, bpe, tmp_path, one_thread):
+    model = specimen(name)
+    path = export(model, bpe, "gguf", tmp_path / "m.gguf", "F32", check=False).path
+    assert CONVENTIONS[name](GGUFFile(path), model)
+
+
+def test_an_unknown_architecture_is_refused_in_one_line(tmp_path):
+    import gguf
+
+    w = gguf.GGUFWriter(tmp_path / "m.gguf", "mamba")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="GGUF architecture 'mamba' is not supported; lilliput reads llama, ") as e:
+        load_model(str(tmp_path / "m.gguf"), device="cpu")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_llama_cpp_gives_the_same_greedy_tokens(name, bpe, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from lilliput.export.runtimes import LlamaCppModel
+
+    model = specimen(name)
+    path = export(model, bpe, "gguf", tmp_path / "m.gguf", "F32").path
+    runner = LlamaCppModel(path, threads=1, n_ctx=64)
+    ids = list(IDS[:8])
+    ours, theirs = list(ids), list(ids)
+    for _ in range(8):
+        ours.append(int(logits(model, ours)[-1].argmax()))
+        theirs.append(int(np.argmax(runner.logits(theirs)[-1])))
+    assert theirs == ours
