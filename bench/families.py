@@ -72,7 +72,7 @@ def parity(name: str) -> dict:
         try:
             from lilliput.export.gguf import export_gguf
 
-            path = export_gguf(ours, ByteTokenizer(), Path(tmp) / "m.gguf", "F32", check=False)
+            path = export_gguf(ours, zoo.byte_bpe(), Path(tmp) / "m.gguf", "F32", check=False)
             back, _ = load_model(str(path), device="cpu")
             row["gguf_max_diff"] = (back(ids) - ours(ids)).abs().max().item()
         except (ValueError, NotImplementedError) as e:
@@ -144,13 +144,6 @@ def main(argv=None) -> int:
     by_family: dict[str, list[dict]] = {}
     for r in rows.values():
         by_family.setdefault(r["family"], []).append(r)
-    matrix = None
-    try:
-        from lilliput.eval import matrix as capability_matrix
-
-        matrix = capability_matrix.run()
-    except ImportError:
-        pass
     real = speeds([n for n in args.real.split(",") if n], args.repeats, args.new_tokens)
     families_fast = sorted(f for f, rs in by_family.items() if all(r["fast_path"] for r in rs))
     real_fractions = {n: r["int8_fraction_of_limit"] for n, r in real["models"].items() if n != "smollm2-135m"}

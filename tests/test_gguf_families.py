@@ -2,15 +2,13 @@
 architecture, keys and tensor names, reads it back to the same config and logits (F32 within 1e-5,
 Q8_0 within a stated tolerance), and refuses in one line what llama.cpp would compute differently.
 
-Specimens whose switches llama.cpp hard-codes otherwise get a variant that llama.cpp can run (its
-Gemma 3 sliding pattern and attention scale, SmolLM3's NoPE period of 4, Qwen3-MoE's renormalised
-top-k); the zoo's own specimens are then the refusal cases."""
+The zoo's specimens follow the public members, which llama.cpp runs; variants past what its archs
+hard-code (Gemma 3's attention scale, SmolLM3's NoPE period, Qwen3-MoE's renormalised top-k) and
+switches it lacks (dynamic NTK, Mistral's window) are the refusal cases."""
 
 import numpy as np
 import pytest
-import tokenizers
 import torch
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
 from lilliput.core.checkpoint import load_model
 from lilliput.core.gguf import read_gguf
@@ -19,7 +17,6 @@ from lilliput.core.model import GPT
 from lilliput.core.tokenizer import Tokenizer
 from lilliput.eval import zoo
 from lilliput.export import export
-from lilliput.export.vocab import bytes_to_unicode
 from lilliput.export.weights import agreement
 
 pytest.importorskip("transformers")
@@ -29,30 +26,25 @@ IDS = [3, 17, 250, 9, 101, 42, 7, 199, 64, 5, 88, 130, 12, 240, 33, 71, 2, 150, 
 (LongRoPE's short factors) but its partial rotary is."""
 
 VARIANTS = {
-    # llama.cpp: Gemma 3 slides 5 layers of 6 with a local base of 10000, scales attention by 1/sqrt(head_dim)
-    "gemma3-llamacpp": ("Gemma3TextConfig", dict(
-        head_dim=16, query_pre_attn_scalar=16, sliding_window=zoo.WINDOW, num_hidden_layers=6,
-        layer_types=["sliding_attention"] * 5 + ["full_attention"],
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                         "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}})),
-    "smollm3-llamacpp": ("SmolLM3Config", dict(no_rope_layer_interval=4, tie_word_embeddings=True)),  # NoPE: 4th
-    "qwen3_moe-llamacpp": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                                                  norm_topk_prob=True)),  # llama.cpp renormalises the top-k
+    # variants past what llama.cpp's archs hard-code (zoo's specimens follow the public members)
+    "gemma3-scaled": ("Gemma3TextConfig", {**zoo.TINY["gemma3"][1], "query_pre_attn_scalar": 24}),
+    "smollm3-nope2": ("SmolLM3Config", dict(no_rope_layer_interval=2, tie_word_embeddings=True)),
+    "qwen3_moe-raw": ("Qwen3MoeConfig", {**zoo.TINY["qwen3_moe"][1], "norm_topk_prob": False}),
 }
 TABLE = {**{k: (cls, {**zoo._BASE, **kw}) for k, (cls, kw) in zoo.TINY.items()},
          **{k: (cls, {**zoo._BASE, **kw}) for k, (cls, kw) in VARIANTS.items()}}
 
-EXPORTED = ["llama3", "llama-yarn", "llama-linear", "qwen2", "qwen3", "gemma2", "gemma3-llamacpp", "phi3", "olmo2",
-            "smollm3-llamacpp", "qwen3_moe-llamacpp", "olmoe"]
+EXPORTED = ["llama3", "llama-yarn", "llama-linear", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2",
+            "smollm3", "qwen3_moe", "olmoe"]
 REFUSED = {
     "llama-dynamic": "dynamic rope scaling",
     "mistral": "a sliding window",
-    "gemma3": "attention scale",
-    "smollm3": "NoPE layers",
-    "qwen3_moe": "moe_norm_topk=False",
+    "gemma3-scaled": "attention scale",
+    "smollm3-nope2": "NoPE layers",
+    "qwen3_moe-raw": "moe_norm_topk=False",
 }
-ARCH = {"llama3": "llama", "llama-yarn": "llama", "llama-linear": "llama", "gemma3-llamacpp": "gemma3",
-        "smollm3-llamacpp": "smollm3", "qwen3_moe-llamacpp": "qwen3moe"}
+ARCH = {"llama3": "llama", "llama-yarn": "llama", "llama-linear": "llama", "gemma3": "gemma3",
+        "smollm3": "smollm3", "qwen3_moe": "qwen3moe"}
 Q8_0_RELATIVE_ERROR, Q8_0_MEAN_KL = 0.08, 0.02
 """Q8_0 (blocks of 32, fp16 scales) on the specimens, whose large random weights amplify rounding through 4
 layers: relative logit error measured 0.008 (Gemma) to 0.03 (dense) and 0.06 (MoE, where a routing choice
@@ -61,20 +53,7 @@ flips); mean KL at most 0.015, under the export check's own 0.02."""
 
 @pytest.fixture(scope="module")
 def bpe():
-    """A byte-level BPE of 100 tokens (printable ASCII, a newline, 3 merges, 2 specials): fits the
-    specimens' 256 ids, padded by the export."""
-    enc = bytes_to_unicode()
-    alphabet = [enc[b] for b in range(32, 127)] + [enc[10]]
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
-    return Tokenizer(backend, eos_id=len(vocab) + 1)
+    return zoo.byte_bpe()
 
 
 def specimen(name):

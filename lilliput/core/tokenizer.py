@@ -136,6 +136,20 @@ def _chat_template_of(config: dict, folder: Path) -> str | None:
     return template
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable spelling of each byte (what byte-level BPE vocabularies are written in)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+
 class Tokenizer:
     """A Hugging Face fast (Rust) tokenizer plus the facts generation needs.
 

@@ -37,8 +37,8 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, rope_parameters={"rope_type": "default",
                                                                              "rope_theta": 1000000.0})),
     "qwen3": ("Qwen3Config", dict(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
-    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
-                                        layer_types=["sliding_attention", "full_attention"] * 2,
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
+                                        num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"],
                                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                                          "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0,
                                                                             "factor": 8.0}})),
@@ -48,13 +48,15 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
         "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
         "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [1.0, 2.0, 4.0, 8.0]})),
     "olmo2": ("Olmo2Config", {}),
-    "smollm3": ("SmolLM3Config", dict(no_rope_layer_interval=2, tie_word_embeddings=True)),
+    "smollm3": ("SmolLM3Config", dict(no_rope_layer_interval=4, tie_word_embeddings=True)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                                         norm_topk_prob=False)),
+                                         norm_topk_prob=True)),
     "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=64)),
 }
-"""Tiny specimens: 4 layers, width 64, vocabulary 256, each family's quirks on (llama3 and the other
-rope scalings, biases, qk-norm, sliding windows of 8, LongRoPE with partial rotary, NoPE layers)."""
+"""Tiny specimens: 4 layers (Gemma 3: 6, its five-local-one-global pattern), width 64, vocabulary 256,
+each family's quirks on as its public members set them (llama3 and the other rope scalings, biases,
+qk-norm, sliding windows of 8, LongRoPE with partial rotary, NoPE every fourth layer, Qwen3-MoE's
+renormalised top-k and OLMoE's raw one)."""
 
 FAMILY_OF = {"llama3": "llama", "llama-yarn": "llama", "llama-linear": "llama", "llama-dynamic": "llama",
              "gemma3": "gemma3_text"}
@@ -115,7 +117,7 @@ def hf_model(name: str, seed: int = 0, table: dict = TINY, std: float = 0.15):
         if "norm" in pname:
             p.copy_((0.0 if gemma else 1.0) + 0.2 * noise)
         elif "embed" in pname or "lm_head" in pname:
-            p.copy_(noise)  # unit-scale embeddings (Gemma scales them up by sqrt(dim) itself)
+            p.copy_((0.5 if gemma else 1.0) * noise)  # Gemma scales its embeddings up by sqrt(dim) itself
         else:
             p.copy_(std * noise)
     return model
@@ -145,3 +147,26 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
 def prompt_ids(n: int, seed: int = 1, batch: int = 1) -> torch.Tensor:
     """(batch, n) random token ids of the tiny vocabulary (above the special ids 0-2)."""
     return torch.randint(3, _BASE["vocab_size"], (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def byte_bpe():
+    """A byte-level BPE of 100 tokens (printable ASCII, a newline, 3 merges, 2 specials): fits the
+    specimens' 256 ids (exports pad the vocabulary) and, unlike the byte tokenizer, has the merges
+    GGUF needs."""
+    import tokenizers
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+
+    from lilliput.core.tokenizer import Tokenizer, bytes_to_unicode
+
+    enc = bytes_to_unicode()
+    alphabet = [enc[b] for b in range(32, 127)] + [enc[10]]
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
+    return Tokenizer(backend, eos_id=len(vocab) + 1)

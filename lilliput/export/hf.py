@@ -36,15 +36,9 @@ def hf_config(model, type: str, tokenizer) -> dict:
     """config.json: the family's config fields (`families.hf_config`), untied when the output layer is its
     own (quantized) copy; special token ids from the tokenizer (null where it has none, so no family's
     default id past a small vocabulary is taken)."""
-    c = model.config
-    cfg = families.hf_config(c)
+    cfg = families.hf_config(model.config)
     cfg["tie_word_embeddings"] = output_is_tied(model)
     cfg["torch_dtype"] = type
-    if (c.rope_scaling or {}).get("rope_type") == "dynamic":  # lilliput's context is the scaled one
-        cfg["max_position_embeddings"] = c.rope_scaling["max_position_embeddings"]
-    scalar = cfg.get("query_pre_attn_scalar")
-    if scalar is not None and abs(scalar - round(scalar)) < 1e-6:  # transformers wants an int
-        cfg["query_pre_attn_scalar"] = int(round(scalar))
     for key, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
                        ("pad_token_id", tokenizer.pad_id)):
         cfg[key] = value

@@ -18,23 +18,10 @@ from tokenizers import decoders, models, pre_tokenizers, processors
 
 from lilliput.core.gguf_vocab import (BYTE, CONTROL, LLAMA3_SPLIT, NORMAL, QWEN2_SPLIT, UNKNOWN, UNUSED,
                                       USER_DEFINED)
-from lilliput.core.tokenizer import ByteTokenizer, Tokenizer
+from lilliput.core.tokenizer import ByteTokenizer, Tokenizer, bytes_to_unicode
 
 _BYTE = re.compile(r"<0x[0-9A-F]{2}>")
 
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable spelling of each byte (what byte-level BPE vocabularies are written in)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def as_bpe(tokenizer) -> Tokenizer:
