@@ -2,8 +2,9 @@
 
 Both keep packed integer codes as buffers (what the checkpoint stores) and run two ways:
 - up to `KERNEL_ROWS` rows of x on CPU (decode, drafts, prompt chunks): the C kernels of
-  `csrc/qgemv.c` (int8 x in blocks of 32, integer dot products), through the same library and
-  thread pool as the fp32 GEMV; the fused step calls them directly through `kernel_desc()`. int8
+  `lilliput.infer.kernels` (int8 x in blocks of 32, integer dot products), through the same library
+  and thread pool as the fp32 GEMV; the fused step runs them through the descriptor that
+  `kernel_desc()` asks `kernels.descriptor.make` for. int8
   codes are repacked in place into the kernels' batch layout where the build has it (Int8Linear);
 - anything else (long evaluation batches, autograd, other devices, no C compiler): dequantize to
   x's dtype and `F.linear`, the same numbers up to float rounding (and int8 activations).
@@ -19,19 +20,16 @@ records each layer's kind and `spec()`, and core rebuilds it with `from_spec()` 
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lilliput.core.layers import register_layer
-from lilliput.infer import gemv
+from lilliput.infer.kernels import Kind, Variant, descriptor, ops
 
-KIND_INT8, KIND_INT4 = 2, 3
 GROUP_SIZES = (128, 64, 32)
 """int4 group sizes the kernels run, largest first."""
-VARIANTS = {"auto": 0, "widen": 1, "dot": 2}
+VARIANTS = {"auto": Variant.AUTO, "widen": Variant.WIDEN, "dot": Variant.DOT}
 """Kernel paths: auto (the measured fastest: dot), widen (int -> fp32, FMA), dot (int8 x, integer dot)."""
 BLOCK = 32  # columns per int4 packing block
 KERNEL_ROWS = 256
@@ -90,7 +88,7 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
 class QuantLinear(nn.Module):
     """Common part of the quantized layers: kernel dispatch and the torch fallback."""
 
-    kind = -1
+    kind: Kind
     bits = 0
 
     def __init__(self, in_features: int, out_features: int):
@@ -101,16 +99,16 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
 
-    def _pointers(self) -> tuple[int, int, int, int]:
+    def _tensors(self) -> dict:
+        """The descriptor's tensors and group: weight, scale and (int4) zero, group."""
         raise NotImplementedError
 
-    def kernel_desc(self) -> list[int] | None:
-        """int64[8] {kind, weight, scale, zero, N, K, group, variant} for the C kernels; None off CPU."""
-        weight, scale, zero, group = self._pointers()
+    def kernel_desc(self) -> "descriptor.Linear | None":
+        """This layer's descriptor for the C kernels (`kernels.descriptor.make`); None off CPU."""
         if self.qweight.device.type != "cpu":
             return None
-        return [self.kind, weight, scale, zero, self.out_features, self.in_features, group,
-                VARIANTS[self.kernel_variant]]
+        return descriptor.make(self.kind, n=self.out_features, k=self.in_features,
+                               variant=VARIANTS[self.kernel_variant], **self._tensors())
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -130,19 +128,9 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.dequantize(x.dtype))
 
     def _kernel(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
-        kernel = gemv.load()
         desc = self.kernel_desc()
-        if not isinstance(kernel, gemv.Kernel) or desc is None:
-            return None
-        xf = x.reshape(rows, self.in_features).to(torch.float32).contiguous()
-        y = torch.empty(rows, self.out_features)
-        fn = kernel.lib.qlinear_run_rows
-        fn.restype = ctypes.c_int
-        rc = fn((ctypes.c_int64 * 8)(*desc), ctypes.c_void_p(xf.data_ptr()), ctypes.c_void_p(y.data_ptr()),
-                ctypes.c_int64(rows))
-        if rc != 0:
-            raise RuntimeError(f"qlinear_run rejected {type(self).__name__} {desc[4:7]} (code {rc})")
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = None if desc is None else ops.run(desc, x.reshape(rows, self.in_features))
+        return None if y is None else y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
@@ -154,12 +142,12 @@ class Int8Linear(QuantLinear):
 
     For the C kernels of a machine with AVX-512 VNNI, `kernel_desc()` repacks the codes in place
     into the batch layout (`pack_`: groups of 16 rows, 4 columns of each row side by side, + 128;
-    see csrc/qgemv.c, kind 4), which reads the same bytes per token and runs batches and prompt
+    see kernels/csrc/qgemv_int8.c, `Kind.INT8_BATCH`), which reads the same bytes per token and runs batches and prompt
     chunks ~2x faster. The module still behaves as row-major everywhere else: `codes()`,
     `dequantize()` and the state dict (a checkpoint stores row-major codes, and loading row-major
     codes into a packed module repacks them)."""
 
-    kind, bits = KIND_INT8, 8
+    kind, bits = Kind.INT8, 8
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features)
@@ -196,18 +184,18 @@ class Int8Linear(QuantLinear):
             self.packed = rows
         return self
 
-    def kernel_desc(self) -> list[int] | None:
-        rows = _int8_pack_rows() if self.kernel_variant == "auto" else 0
+    def kernel_desc(self) -> "descriptor.Linear | None":
+        rows = ops.int8_batch_rows() if self.kernel_variant == "auto" else 0
         if rows and (self.out_features % rows or self.in_features % BLOCK or not self.qweight.is_cpu):
             rows = 0
         self.pack_(rows)
         desc = super().kernel_desc()
         if desc is not None and self.packed:
-            desc[0] = gemv.KIND_INT8_BATCH
+            desc.kind = Kind.INT8_BATCH
         return desc
 
-    def _pointers(self):
-        return self.qweight.data_ptr(), self.scale.data_ptr(), 0, 0
+    def _tensors(self) -> dict:
+        return {"weight": self.qweight, "scale": self.scale}
 
 
 def pack_int8(q: torch.Tensor, rows: int) -> torch.Tensor:
@@ -221,11 +209,6 @@ def unpack_int8(p: torch.Tensor, rows: int) -> torch.Tensor:
     """The inverse of pack_int8: codes (N, K) int8."""
     g, k4 = p.shape[0], p.shape[1]
     return (p.transpose(1, 2).reshape(g * rows, k4 * 4).to(torch.int16) - 128).to(torch.int8)
-
-
-def _int8_pack_rows() -> int:
-    kernel = gemv.load()
-    return kernel.lib.qgemv_int8_pack() if isinstance(kernel, gemv.Kernel) else 0
 
 
 def _row_major_state(module: Int8Linear, state: dict, prefix: str, local_metadata) -> None:
@@ -243,7 +226,7 @@ def _load_into_layout(module: Int8Linear, state: dict, prefix: str, *args) -> No
 class Int4Linear(QuantLinear):
     """W (N, K) = (codes - zero) * scale per group of `group_size` columns; codes packed 2 a byte."""
 
-    kind, bits = KIND_INT4, 4
+    kind, bits = Kind.INT4, 4
 
     def __init__(self, in_features: int, out_features: int, group_size: int):
         super().__init__(in_features, out_features)
@@ -275,8 +258,8 @@ class Int4Linear(QuantLinear):
         z = expand(self.zero.float(), self.group_size)
         return ((q - z) * s).to(dtype)
 
-    def _pointers(self):
-        return self.qweight.data_ptr(), self.scale.data_ptr(), self.zero.data_ptr(), self.group_size
+    def _tensors(self) -> dict:
+        return {"weight": self.qweight, "scale": self.scale, "zero": self.zero, "group": self.group_size}
 
     def spec(self) -> dict:
         return {**super().spec(), "group_size": self.group_size}

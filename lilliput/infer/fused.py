@@ -10,11 +10,9 @@ then uses the torch modules. The step reads and writes the same `DecodeState` te
 prefill fills: fp32, or fp16 where the build has F16C (`kv_f16`; the engine's default there, as
 llama.cpp's: attention in a batched step reads every row's cache, every layer).
 
-The argument block is `StepArgs`, a ctypes.Structure that mirrors `step_args_t` field for field;
-its first field carries `ABI` and the C side refuses any other value. A linear layer is a
-`LinearDesc` {kind, weight, scale, zero, N, K, group, variant}: plain fp32/bf16 `nn.Linear`
-layers get kinds 0/1 here; a quantized module joins by defining `kernel_desc() -> list[int]`
-(kind >= 2, run by the C `qlinear_run_rows`) and keeping the tensors it points at alive.
+The argument block is `abi.Step` (step_args_t of kernels/csrc/lilliput.h, checked at load) and
+every linear layer is described by `kernels.descriptor.for_module`: plain fp32/bf16 `nn.Linear`
+layers, and quantized modules through their `kernel_desc()`.
 """
 
 from __future__ import annotations
@@ -22,85 +20,48 @@ from __future__ import annotations
 import ctypes
 
 import torch
-import torch.nn as nn
 
 from lilliput.core.model import GPT, DecodeState, KVState
-from lilliput.infer import gemv
-
-ABI = 4
-_WDT = {torch.float32: 0, torch.bfloat16: 1}
-i64 = ctypes.c_int64
-
-
-class LinearDesc(ctypes.Structure):
-    _fields_ = [(name, i64) for name in ("kind", "weight", "scale", "zero", "n", "k", "group", "variant")]
-
-
-class LayerArgs(ctypes.Structure):
-    _fields_ = [("attn_norm", i64), ("ffn_norm", i64), ("k_cache", i64), ("v_cache", i64),
-                ("wqkv", LinearDesc), ("wo", LinearDesc), ("w_gate_up", LinearDesc), ("w_down", LinearDesc)]
-
-
-class StepArgs(ctypes.Structure):
-    _fields_ = [("abi", i64), ("n_layers", i64), ("dim", i64), ("n_heads", i64), ("n_kv_heads", i64),
-                ("head_dim", i64), ("ffn_dim", i64), ("vocab", i64), ("max_len", i64), ("kv_f16", i64),
-                ("eps", ctypes.c_double),
-                ("n_tok", i64), ("rows", i64), ("pos", i64), ("n_out", i64), ("out_idx", i64), ("x", i64),
-                ("logits", i64), ("cos", i64), ("sin", i64), ("scratch", i64), ("final_norm", i64),
-                ("lm_head", LinearDesc), ("layers", i64)]
-
-
-def linear_desc(m: nn.Module) -> list[int] | None:
-    """The C descriptor of a linear layer, or None when the fused step cannot run it."""
-    if hasattr(m, "kernel_desc"):
-        return m.kernel_desc()
-    if not isinstance(m, nn.Linear) or m.bias is not None or m.weight.dtype not in _WDT \
-            or not m.weight.is_contiguous() or m.weight.device.type != "cpu":
-        return None
-    n, k = m.weight.shape
-    return [_WDT[m.weight.dtype], m.weight.data_ptr(), 0, 0, n, k, 0, 0]
+from lilliput.infer.kernels import abi, build, descriptor
+from lilliput.infer.kernels.build import Kernel
 
 
 class FusedStep:
-    def __init__(self, model: GPT, kernel: gemv.Kernel, descs: list[list[int]]):
+    def __init__(self, model: GPT, kernel: Kernel, descs: list[abi.Linear]):
         c = model.config
         lib = kernel.lib
-        if lib.llama_step_abi() != ABI:
-            raise RuntimeError(f"llama_step ABI {lib.llama_step_abi()} != {ABI}: stale kernel build")
         self.model, self.config, self.fn = model, c, lib.llama_step
-        self.fn.restype = ctypes.c_int
         self.max_tokens = lib.llama_step_max_tokens()
-        lib.step_scratch_floats.restype = ctypes.c_int64
         # whether the step can read and write an fp16 cache (F16C, head_dim % 8 == 0)
-        self.kv_f16 = bool(lib.llama_step_kv_f16(ctypes.c_int64(c.hd)))
-        self._scratch_floats = lib.step_scratch_floats
+        self.kv_f16 = bool(lib.llama_step_kv_f16(c.hd))
         # fp32 copies of the norms (tiny); matrices are used in place
         self.norms = [(blk.attn_norm.weight.float().contiguous(), blk.ffn_norm.weight.float().contiguous())
                       for blk in model.layers]
         self.final_norm = model.norm.weight.float().contiguous()
-        a = self.args = StepArgs(abi=ABI, n_layers=c.n_layers, dim=c.dim, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
+        a = self.args = abi.Step(n_layers=c.n_layers, dim=c.dim, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
                                  head_dim=c.hd, ffn_dim=c.ffn_dim, vocab=c.vocab_size, eps=c.norm_eps)
         a.final_norm = self.final_norm.data_ptr()
-        a.lm_head = LinearDesc(*descs[0])
-        self.layer_args = (LayerArgs * c.n_layers)()
+        a.lm_head = descs[0]
+        self.layer_args = (abi.Layer * c.n_layers)()
         for i, (n1, n2) in enumerate(self.norms):
             la = self.layer_args[i]
             la.attn_norm, la.ffn_norm = n1.data_ptr(), n2.data_ptr()
-            la.wqkv, la.wo, la.w_gate_up, la.w_down = (LinearDesc(*d) for d in descs[1 + 4 * i: 5 + 4 * i])
+            la.wqkv, la.wo, la.w_gate_up, la.w_down = descs[1 + 4 * i: 5 + 4 * i]
         a.layers = ctypes.addressof(self.layer_args)
+        self._ref = ctypes.byref(a)
         T = self.max_tokens
         self.x = torch.empty(T, c.dim)
         self.logits = torch.empty(T, c.vocab_size)
         self.meta = torch.zeros(3, T, dtype=torch.long)  # rows, positions, output indices
-        self.scratch = torch.empty(self._scratch_floats(ctypes.byref(a), T))
+        self.scratch = torch.empty(lib.step_scratch_floats(ctypes.byref(a), T))
         a.x, a.logits, a.scratch = self.x.data_ptr(), self.logits.data_ptr(), self.scratch.data_ptr()
         a.rows, a.pos, a.out_idx = (self.meta[i].data_ptr() for i in range(3))
         self._bound: tuple[int, int] | None = None
 
     @classmethod
     def for_model(cls, model: GPT) -> "FusedStep | None":
-        kernel = gemv.load()
-        if not isinstance(kernel, gemv.Kernel) or not isinstance(model, GPT):
+        kernel = build.load()
+        if not isinstance(kernel, Kernel) or not isinstance(model, GPT):
             return None
         c = model.config
         if c.ffn != "swiglu" or any(c.mixer_at(i) != "attention" for i in range(c.n_layers)) \
@@ -108,13 +69,13 @@ class FusedStep:
             return None
         linears = [model.lm_head] + [m for blk in model.layers for m in
                                      (blk.mixer.wqkv, blk.mixer.wo, blk.ffn.w_gate_up, blk.ffn.w_down)]
-        descs = [linear_desc(m) for m in linears]
+        descs = [descriptor.for_module(m) for m in linears]
         if any(d is None for d in descs):
             return None  # e.g. a layer type the C step has no kernel for: the torch modules run it
         step = cls(model, kernel, descs)
         # every layer reads its weights once for any number of tokens (int8 in the batch layout):
         # prompt chunks then run here too, max_tokens at a time
-        step.one_pass = all(d[0] == gemv.KIND_INT8_BATCH for d in descs)
+        step.one_pass = all(d.kind == abi.Kind.INT8_BATCH for d in descs)
         # the tensors the descriptors point at, held even if a module later swaps a buffer for
         # another layout (an int8 layer asked for its row-major kernel unpacks into a new tensor)
         step._alive = [b for m in linears for b in m.buffers()]
@@ -163,7 +124,7 @@ class FusedStep:
         cos, sin = model.rotary.tables(max(pos) + 1, self.x.device)
         cos, sin = cos[meta[1, :n]], sin[meta[1, :n]]  # (n, hs), contiguous
         a.n_tok, a.n_out, a.cos, a.sin = n, len(out), cos.data_ptr(), sin.data_ptr()
-        rc = self.fn(ctypes.byref(a))
+        rc = self.fn(self._ref)
         if rc != 0:
             raise RuntimeError(f"llama_step failed (code {rc}) for rows {rows} at positions {pos}")
         for r, k in seen.items():

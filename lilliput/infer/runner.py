@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from lilliput.core.model import GPT
-from lilliput.infer import gemv
+from lilliput.infer import kernels
 from lilliput.infer.fastpath import accelerate_
 from lilliput.infer.fused import FusedStep
 
@@ -38,7 +38,7 @@ class ModelRunner:
 
     def _threads(self):
         """While the C step runs, torch stays single-threaded: the kernel's pool owns the cores."""
-        return gemv.decode_threads() if self.fused else contextlib.nullcontext()
+        return kernels.decode_threads() if self.fused else contextlib.nullcontext()
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], rows: list[int]) -> torch.Tensor:

@@ -10,11 +10,8 @@
  * taken 8 at a time). Tokens of one row must come in position order: a token attends to its
  * row's keys up to its own position, written by this call's earlier tokens or by earlier calls.
  *
- * Arguments come in one struct, `step_args_t`, mirrored by a ctypes.Structure in fused.py; its
- * first field is STEP_ABI and the call refuses any other value, so the two sides cannot drift.
- * A linear layer is a descriptor {kind, weight, scale, zero, N, K, group, variant}: kind 0 is an
- * fp32 and 1 a bf16 (N, K) weight, run by gemv(); kinds >= 2 are quantized formats run by
- * qlinear_run_rows() (csrc/qgemv.c).
+ * Arguments come in one struct, `step_args_t` (lilliput.h, mirrored and checked at load by
+ * infer/kernels/abi.py); every linear layer is a `linear_t` run by linear_run() (qgemv.c).
  *
  * Attention runs on the GEMV thread pool, one (token, head) pair per work item.
  */
@@ -22,65 +19,11 @@
 #include <stdint.h>
 #include <string.h>
 
-#define STEP_ABI 4
+#include "lilliput.h"
+
 #define MAX_TOK 64
-#define GEMV_ROWS 8
-
-typedef struct {
-    int64_t kind, weight, scale, zero, n, k, group, variant;
-} linear_t;
-
-typedef struct {
-    int64_t attn_norm, ffn_norm; /* fp32 (dim,) */
-    int64_t k_cache, v_cache;    /* fp32 or fp16 (kv_f16) (rows, n_kv, max_len, head_dim) */
-    linear_t wqkv, wo, w_gate_up, w_down;
-} layer_t;
-
-typedef struct {
-    int64_t abi;
-    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab;
-    int64_t max_len;   /* L: positions per row of every cache */
-    int64_t kv_f16;    /* 1: the caches hold fp16 (llama_step_kv_f16() says whether this build can) */
-    double eps;
-    int64_t n_tok;     /* tokens in this call, 1..MAX_TOK */
-    int64_t rows;      /* int64 (n_tok,): cache row of each token */
-    int64_t pos;       /* int64 (n_tok,): position of each token in its row */
-    int64_t n_out;     /* tokens whose logits are wanted */
-    int64_t out_idx;   /* int64 (n_out,): which tokens, in the order the logits come out */
-    int64_t x;         /* fp32 (n_tok, dim): the tokens' embeddings; overwritten */
-    int64_t logits;    /* fp32 (n_out, vocab) out */
-    int64_t cos, sin;  /* fp32 (n_tok, head_dim): rotary rows at each token's position */
-    int64_t scratch;   /* fp32, step_scratch_floats() */
-    int64_t final_norm;
-    linear_t lm_head;
-    int64_t layers;    /* layer_t (n_layers,) */
-} step_args_t;
-
-typedef void (*rows_fn)(const float *, const void *, void *, int, int64_t, int64_t, int64_t, int64_t);
-int gemv(const void *x, int xdt, const void *w, int wdt, void *y, int ydt, int64_t B, int64_t N,
-         int64_t K);
-int gemv_pool_run(rows_fn fn, const float *x, const void *w, void *y, int ydt, int64_t N, int64_t K,
-                  int64_t row_bytes);
-int gemv_pool_items(rows_fn fn, const void *ctx, void *y, int64_t N, int64_t K, int64_t chunk);
-int rmsnorm_f32(const float *x, const float *w, float *out, int64_t rows, int64_t dim, double eps);
-int qlinear_run_rows(const int64_t *desc, const float *x, float *y, int64_t B) __attribute__((weak));
-
-#define P(T, v) ((T *)(intptr_t)(v))
-
-int llama_step_abi(void) { return STEP_ABI; }
 
 int llama_step_max_tokens(void) { return MAX_TOK; }
-
-/* y (n, N) = x (n, K) W^T, in batches of GEMV_ROWS rows of x */
-static int linear_rows(const linear_t *d, const float *x, float *y, int64_t n) {
-    if (d->kind >= 2) return qlinear_run_rows ? qlinear_run_rows((const int64_t *)d, x, y, n) : -3;
-    for (int64_t i = 0; i < n; i += GEMV_ROWS) {
-        int64_t b = n - i < GEMV_ROWS ? n - i : GEMV_ROWS;
-        int rc = gemv(x + i * d->k, 0, P(const void, d->weight), (int)d->kind, y + i * d->n, 0, b, d->n, d->k);
-        if (rc) return rc;
-    }
-    return 0;
-}
 
 static void rope(float *x, const float *cos, const float *sin, int64_t heads, int64_t hd) {
     const int64_t h2 = hd / 2;
@@ -217,7 +160,7 @@ static inline __attribute__((always_inline)) void attend_impl(const attn_ctx_t *
     const step_args_t *a = c->a;
     const int64_t nh = a->n_heads, nkv = a->n_kv_heads, hd = a->head_dim, L = a->max_len;
     const int64_t g = nh / nkv, nqkv = (nh + 2 * nkv) * hd, row_stride = nkv * L * hd;
-    const int64_t *rows = P(const int64_t, a->rows), *pos = P(const int64_t, a->pos);
+    const int64_t *rows = a->rows, *pos = a->pos;
     const size_t es = f16 ? 2 : 4; /* bytes per cached value */
     const float scale = 1.0f / sqrtf((float)hd);
     for (int64_t item = n0; item < n1; item++) {
@@ -336,30 +279,29 @@ int64_t step_scratch_floats(const step_args_t *a, int64_t n) {
 }
 
 int llama_step(const step_args_t *a) {
-    if (a->abi != STEP_ABI) return -10;
     const int64_t n = a->n_tok, dim = a->dim, nh = a->n_heads, nkv = a->n_kv_heads, hd = a->head_dim,
                   ffn = a->ffn_dim, L = a->max_len;
     if (n < 1 || n > MAX_TOK || a->n_out < 0 || a->n_out > n || nh % nkv || hd % 2) return -1;
     if (a->kv_f16 && !llama_step_kv_f16(hd)) return -3;
-    const int64_t *rows = P(const int64_t, a->rows), *pos = P(const int64_t, a->pos);
+    const int64_t *rows = a->rows, *pos = a->pos;
     for (int64_t t = 0; t < n; t++)
         if (pos[t] < 0 || pos[t] >= L || rows[t] < 0) return -2;
     const int64_t nqkv = (nh + 2 * nkv) * hd, row_stride = nkv * L * hd;
-    float *x = P(float, a->x);
-    const float *cos = P(const float, a->cos), *sin = P(const float, a->sin);
-    float *h = P(float, a->scratch);  /* (n, dim) */
+    float *x = a->x;
+    const float *cos = a->cos, *sin = a->sin;
+    float *h = a->scratch;            /* (n, dim) */
     float *qkv = h + n * dim;         /* (n, nqkv) */
     float *att = qkv + n * nqkv;      /* (n, nh hd) */
     float *gu = att + n * nh * hd;    /* (n, 2 ffn) */
-    const layer_t *layers = P(const layer_t, a->layers);
+    const layer_t *layers = a->layers;
     int rc;
     for (int64_t l = 0; l < a->n_layers; l++) {
         const layer_t *ly = layers + l;
-        char *kc = P(char, ly->k_cache), *vc = P(char, ly->v_cache);
+        char *kc = ly->k_cache, *vc = ly->v_cache;
         const size_t es = a->kv_f16 ? 2 : 4;
 
-        rmsnorm_f32(x, P(const float, ly->attn_norm), h, n, dim, a->eps);
-        if ((rc = linear_rows(&ly->wqkv, h, qkv, n))) return rc;
+        rmsnorm_f32(x, ly->attn_norm, h, n, dim, a->eps);
+        if ((rc = linear_run(&ly->wqkv, h, qkv, n))) return rc;
         for (int64_t t = 0; t < n; t++) {
             float *r = qkv + t * nqkv;
             rope(r, cos + t * hd, sin + t * hd, nh + nkv, hd); /* q and k heads */
@@ -372,21 +314,21 @@ int llama_step(const step_args_t *a) {
         }
         attn_ctx_t ctx = {a, qkv, kc, vc, att};
         gemv_pool_items(attend_items, &ctx, NULL, n * nkv, hd, 1);
-        if ((rc = linear_rows(&ly->wo, att, h, n))) return rc;
+        if ((rc = linear_run(&ly->wo, att, h, n))) return rc;
         for (int64_t i = 0; i < n * dim; i++) x[i] += h[i];
 
-        rmsnorm_f32(x, P(const float, ly->ffn_norm), h, n, dim, a->eps);
-        if ((rc = linear_rows(&ly->w_gate_up, h, gu, n))) return rc;
+        rmsnorm_f32(x, ly->ffn_norm, h, n, dim, a->eps);
+        if ((rc = linear_run(&ly->w_gate_up, h, gu, n))) return rc;
         for (int64_t t = 0; t < n; t++) /* compact in place: row t's outputs land below its inputs */
             silu_mul(gu + t * 2 * ffn, gu + t * 2 * ffn + ffn, gu + t * ffn, ffn);
-        if ((rc = linear_rows(&ly->w_down, gu, h, n))) return rc;
+        if ((rc = linear_run(&ly->w_down, gu, h, n))) return rc;
         for (int64_t i = 0; i < n * dim; i++) x[i] += h[i];
     }
     if (a->n_out == 0) return 0;
-    const int64_t *out = P(const int64_t, a->out_idx);
+    const int64_t *out = a->out_idx;
     for (int64_t i = 0; i < a->n_out; i++) {
         if (out[i] < 0 || out[i] >= n) return -2;
-        rmsnorm_f32(x + out[i] * dim, P(const float, a->final_norm), h + i * dim, 1, dim, a->eps);
+        rmsnorm_f32(x + out[i] * dim, a->final_norm, h + i * dim, 1, dim, a->eps);
     }
-    return linear_rows(&a->lm_head, h, P(float, a->logits), a->n_out);
+    return linear_run(&a->lm_head, h, a->logits, a->n_out);
 }
