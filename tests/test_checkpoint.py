@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from lilliput.core import families
 from lilliput.core.checkpoint import load_model, save_checkpoint, to_hf_state_dict, to_transformers
 from lilliput.core.config import ModelConfig
 
@@ -76,7 +77,7 @@ def write_hf_folder(folder, model, config_changes=None, extra=None):
     from safetensors.torch import save_file
 
     folder.mkdir()
-    config = {**model.config.to_hf(), **(config_changes or {})}
+    config = {**families.hf_config(model.config), **(config_changes or {})}
     (folder / "config.json").write_text(json.dumps(config))
     weights = {k: v.clone() for k, v in to_hf_state_dict(model).items()}  # lm_head shares tok_emb
     save_file({**weights, **(extra or {})}, folder / "model.safetensors")
@@ -89,22 +90,14 @@ def qkv_biases(config):
             for i in range(config.n_layers) for n, size in (("q", q), ("k", kv), ("v", kv))}
 
 
-def test_qwen2_folder_with_attention_biases_is_refused(tiny_model, tmp_path):
-    qwen = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
-    for key in ("attention_bias", "mlp_bias", "head_dim"):
-        qwen[key] = None  # Qwen2's config.json has none of these
-    folder = write_hf_folder(tmp_path / "qwen2", tiny_model, qwen, qkv_biases(tiny_model.config))
-    with pytest.raises(ValueError, match=r"q_proj\.bias.*only bias-free Llama-style attention"):
-        load_model(str(folder))
-
-
 @pytest.mark.parametrize("changes,extra,match", [
     # a Llama-typed folder whose weights carry biases its config.json does not announce
     ({}, "qkv", r"6 tensors lilliput cannot use \(model\.layers\.\*\.self_attn\.k_proj\.bias, "
                 r"model\.layers\.\*\.self_attn\.q_proj\.bias, model\.layers\.\*\.self_attn\.v_proj\.bias\)"),
-    ({}, {"model.layers.0.mlp.down_proj.bias": torch.zeros(32)}, r"1 tensors .*down_proj\.bias.*bias-free"),
-    ({"attention_bias": True}, None, "sets attention_bias: lilliput supports only bias-free"),
-    ({"mlp_bias": True}, None, "sets mlp_bias"),
+    ({}, {"model.layers.0.mlp.down_proj.bias": torch.zeros(32)}, r"1 tensors .*down_proj\.bias.*not a llama model"),
+    # biases announced but missing from the weights
+    ({"attention_bias": True}, None, r"lack model\.layers\.0\.self_attn\.q_proj\.bias"),
+    ({"mlp_bias": True}, None, r"lack model\.layers\.0\.mlp\.gate_proj\.bias"),
 ])
 def test_hugging_face_biases_are_refused_not_dropped(tiny_model, tmp_path, changes, extra, match):
     extra = qkv_biases(tiny_model.config) if extra == "qkv" else extra

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from lilliput.core import families
 from lilliput.core.config import ModelConfig, preset
 from lilliput.core.model import FFNS, GPT, MIXERS
 
@@ -84,7 +85,7 @@ def test_layer_pattern_is_config(tiny_config):
     if "test-zero" not in MIXERS:
         @MIXERS.register("test-zero")
         class Zero(torch.nn.Module):
-            def __init__(self, config):
+            def __init__(self, config, layer=0):
                 super().__init__()
 
             def forward(self, x, state=None, step=None):
@@ -95,7 +96,7 @@ def test_layer_pattern_is_config(tiny_config):
     assert [type(b.mixer).__name__ for b in model.layers] == ["Zero", "Attention"] * 2
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="only attention"):
-        cfg.to_hf()
+        families.hf_config(cfg)
 
 
 def test_tied_embeddings_share_storage(tiny_model):
@@ -128,4 +129,4 @@ def test_config_dict_roundtrip_and_unknown_field():
     assert ModelConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="unknown model config fields"):
         ModelConfig.from_dict({**c.to_dict(), "bogus": 1})
-    assert ModelConfig.from_hf(c.to_hf(), name=c.name) == c
+    assert families.config_from_hf(families.hf_config(c), name=c.name) == c

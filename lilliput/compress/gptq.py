@@ -83,7 +83,7 @@ def layerwise(model, ids: torch.Tensor, quantize_block: Callable[[int, nn.Module
               batch: int = 8) -> torch.Tensor:
     """Calls quantize_block(i, block, inputs) block by block, feeding each block's outputs (after
     it was quantized) to the next; returns the final hidden states (n, T, C)."""
-    x = model.tok_emb(ids)
+    x = model.embed(ids)
     for i, block in enumerate(model.layers):
         quantize_block(i, block, x)
         x = run_block(block, x, batch)

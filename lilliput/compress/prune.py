@@ -149,7 +149,7 @@ def _blockwise(model: GPT, batches: torch.Tensor, batch_size: int, hessian: bool
                prune_layer: Callable[[nn.Linear, _InputStats], None]) -> None:
     """Prune block by block: capture the linear inputs of block i, prune it, feed its outputs on."""
     N, device = batches.shape[0], batches.device
-    xs = [model.tok_emb(batches[j:j + batch_size]) for j in range(0, N, batch_size)]  # (b, T, C) each
+    xs = [model.embed(batches[j:j + batch_size]) for j in range(0, N, batch_size)]  # (b, T, C) each
     for i, block in enumerate(model.layers):
         linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
         stats = [_InputStats(m.in_features, hessian, device) for m in linears]

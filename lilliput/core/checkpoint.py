@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lilliput.core import families
 from lilliput.core.config import ModelConfig
 from lilliput.core.device import pick_device, pick_dtype
 from lilliput.core.layers import build_layer, kind_of, layer_specs, set_layer
@@ -48,60 +49,14 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-# buffers that older transformers versions saved; lilliput recomputes them from the config
-_HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
 def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face Llama names -> lilliput names, fusing q|k|v and gate|up.
-
-    A tensor this mapping does not use (a bias, an unknown module) is refused, not dropped."""
-    used = set()
-
-    def take(name: str) -> torch.Tensor:
-        if name not in hf:
-            raise ValueError(f"the Hugging Face weights lack {name}: not a complete Llama checkpoint for its config.json")
-        used.add(name)
-        return hf[name]
-
-    sd = {"tok_emb.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
-    if not config.tie_embeddings:
-        sd["lm_head.weight"] = take("lm_head.weight")
-    else:
-        used.add("lm_head.weight")  # a saved copy of the tied embedding: transformers ignores it too
-    for i in range(config.n_layers):
-        p = f"model.layers.{i}."
-        sd[f"layers.{i}.attn_norm.weight"] = take(p + "input_layernorm.weight")
-        sd[f"layers.{i}.ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
-        sd[f"layers.{i}.mixer.wqkv.weight"] = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-        sd[f"layers.{i}.mixer.wo.weight"] = take(p + "self_attn.o_proj.weight")
-        sd[f"layers.{i}.ffn.w_gate_up.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-        sd[f"layers.{i}.ffn.w_down.weight"] = take(p + "mlp.down_proj.weight")
-    unused = [k for k in hf if k not in used and not k.endswith(_HF_IGNORED_SUFFIXES)]
-    if unused:
-        kinds = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", k) for k in unused))  # one entry per layer pattern
-        raise ValueError(f"the Hugging Face weights hold {len(unused)} tensors lilliput cannot use ({', '.join(kinds)}): "
-                         "only bias-free Llama-style attention and MLPs are supported")
-    return sd
+    """Hugging Face names -> lilliput names for the config's family (core.families)."""
+    return families.from_hf_state_dict(hf, config)
 
 
-def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """lilliput names -> Hugging Face Llama names (for export and parity checks)."""
-    c, sd = model.config, model.state_dict()
-    hf = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm.weight"],
-          "lm_head.weight": sd["lm_head.weight"]}
-    q, kv = c.n_heads * c.hd, c.n_kv_heads * c.hd
-    for i in range(c.n_layers):
-        p = f"model.layers.{i}."
-        hf[p + "input_layernorm.weight"] = sd[f"layers.{i}.attn_norm.weight"]
-        hf[p + "post_attention_layernorm.weight"] = sd[f"layers.{i}.ffn_norm.weight"]
-        wq, wk, wv = sd[f"layers.{i}.mixer.wqkv.weight"].split([q, kv, kv])
-        hf[p + "self_attn.q_proj.weight"], hf[p + "self_attn.k_proj.weight"], hf[p + "self_attn.v_proj.weight"] = wq, wk, wv
-        hf[p + "self_attn.o_proj.weight"] = sd[f"layers.{i}.mixer.wo.weight"]
-        gate, up = sd[f"layers.{i}.ffn.w_gate_up.weight"].split(c.ffn_dim)
-        hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"] = gate, up
-        hf[p + "mlp.down_proj.weight"] = sd[f"layers.{i}.ffn.w_down.weight"]
-    return {k: v.contiguous() for k, v in hf.items()}
+def to_hf_state_dict(model: GPT, fused_experts: bool = False) -> dict[str, torch.Tensor]:
+    """lilliput names -> the Hugging Face names of the model's family (for export and parity checks)."""
+    return families.to_hf_state_dict(model.state_dict(), model.config, fused_experts)
 
 
 # --- GGUF -------------------------------------------------------------------------------------
@@ -196,7 +151,7 @@ def load_folder(folder: Path | str, device=None, dtype=None):
     if cfg.get("format") == FORMAT:
         config = ModelConfig.from_dict(cfg["model"])
     else:
-        config = ModelConfig.from_hf(cfg, name=folder.name)
+        config = families.config_from_hf(cfg, name=folder.name)
         sd = from_hf_state_dict(sd, config)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # packed codes stay ints
     try:
@@ -319,11 +274,12 @@ class LoadConfig:
 
 
 def to_transformers(model: GPT):
-    """The same weights as a Hugging Face `LlamaForCausalLM` (reference logits, peer benchmarks)."""
+    """The same weights as the family's Hugging Face model (reference logits, peer benchmarks)."""
     import transformers
 
-    fields = {k: v for k, v in model.config.to_hf().items() if k not in ("architectures", "model_type")}
+    hf_cfg = families.hf_config(model.config)
     param = next(model.parameters())
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
-    hf.load_state_dict({k: v.float() for k, v in to_hf_state_dict(model).items()})
+    cfg = transformers.AutoConfig.for_model(**hf_cfg)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg)
+    hf.load_state_dict({k: v.float() for k, v in to_hf_state_dict(model, fused_experts=True).items()})
     return hf.to(device=param.device, dtype=param.dtype).eval()

@@ -6,6 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+ACTIVATIONS = ("silu", "gelu_tanh")
+"""Gate activations of the gated feed-forward."""
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+"""Rotary scalings lilliput computes (lilliput.core.rope)."""
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -63,6 +68,53 @@ class ModelConfig:
     """MoE: weight of the Switch load-balancing loss in `moe_aux_loss`."""
     moe_z_coef: float = 0.001
     """MoE: weight of the router z-loss (mean squared log-sum-exp of the router logits)."""
+    moe_norm_topk: bool = True
+    """MoE: renormalise the top-k router probabilities to sum to 1 (with k > 1); Qwen3-MoE and OLMoE
+    checkpoints that set norm_topk_prob false weight experts by their raw softmax probabilities."""
+    family: str = "llama"
+    """The architecture family the weights follow (a key of lilliput.core.families.FAMILIES):
+    decides the Hugging Face and GGUF names on load and export, never the math, which the
+    switches below spell out."""
+    attn_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2)."""
+    attn_out_bias: bool = False
+    """A bias on the attention output projection (Llama's attention_bias sets both)."""
+    mlp_bias: bool = False
+    """Biases on the feed-forward projections."""
+    qk_norm: str | None = None
+    """RMSNorm of queries and keys before rotary: "head" over each head (Qwen3, Gemma 3), "proj" over
+    the whole projection (OLMo 2, OLMoE); None: off."""
+    norm_offset: float = 0.0
+    """Every RMSNorm multiplies by (norm_offset + weight): 1.0 for Gemma, whose weights are stored
+    around zero."""
+    pre_norms: bool = True
+    """RMSNorm of the residual stream before attention and before the feed-forward."""
+    post_norms: bool = False
+    """RMSNorm of the attention and feed-forward outputs before they join the residual (Gemma 2/3,
+    OLMo 2)."""
+    act: str = "silu"
+    """The gate's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU with tanh GELU, Gemma)."""
+    emb_scale: float | None = None
+    """Embeddings are multiplied by this (Gemma: sqrt(dim)); None: 1."""
+    attn_scale: float | None = None
+    """Softmax scale of attention scores; None: 1 / sqrt(head_dim) (Gemma: query_pre_attn_scalar^-0.5)."""
+    attn_softcap: float | None = None
+    """Attention scores become cap * tanh(score / cap) (Gemma 2); None: off."""
+    final_softcap: float | None = None
+    """Logits become cap * tanh(logit / cap) (Gemma 2); None: off."""
+    sliding_window: int | None = None
+    """Keys a query sees in a sliding-window layer: its own position and the window - 1 before it."""
+    sliding_layers: tuple[int, ...] = ()
+    """Layers that use the sliding window (Gemma: five of six; Mistral: all); the rest see every key."""
+    rope_scaling: dict[str, Any] | None = None
+    """Rotary scaling as Hugging Face writes it: {"rope_type": "linear" | "dynamic" | "yarn" |
+    "longrope" | "llama3", ...its parameters}; None: plain rotary."""
+    rope_local_theta: float | None = None
+    """Rotary base of the sliding-window layers (Gemma 3); None: rope_theta."""
+    rotary_dim: int | None = None
+    """Partial rotary: only the first rotary_dim values of each head rotate (Phi-3); None: all."""
+    nope_layers: tuple[int, ...] = ()
+    """Layers without rotary position embedding (SmolLM3: every fourth)."""
     name: str = "custom"
     """A label for reports."""
 
@@ -74,8 +126,9 @@ class ModelConfig:
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         if self.head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must divide dim ({self.dim}) unless head_dim is set")
-        if isinstance(self.layer_mixers, list):
-            object.__setattr__(self, "layer_mixers", tuple(self.layer_mixers))
+        for field in ("layer_mixers", "sliding_layers", "nope_layers"):
+            if isinstance(getattr(self, field), list):  # JSON gives lists
+                object.__setattr__(self, field, tuple(getattr(self, field)))
         for field in ("ssm_state", "ssm_expand", "ssm_head_dim", "ssm_conv", "ssm_chunk", "mlstm_chunk",
                       "moe_experts", "moe_top_k"):
             if getattr(self, field) <= 0:
@@ -89,10 +142,32 @@ class ModelConfig:
             raise ValueError(f"moe_capacity must be positive or None (dropless), got {self.moe_capacity}")
         if self.hd % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.hd}")
+        if self.qk_norm not in (None, "head", "proj"):
+            raise ValueError(f"qk_norm must be 'head', 'proj' or None, got {self.qk_norm!r}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {', '.join(ACTIVATIONS)}, got {self.act!r}")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.hd and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim must be even and in (0, head_dim={self.hd}], got {self.rotary_dim}")
+        if self.sliding_layers and not self.sliding_window:
+            raise ValueError("sliding_layers needs a sliding_window")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
+        for field in ("sliding_layers", "nope_layers"):
+            bad = [i for i in getattr(self, field) if not 0 <= i < self.n_layers]
+            if bad:
+                raise ValueError(f"{field} names layers {bad} outside 0..{self.n_layers - 1}")
+        kind = (self.rope_scaling or {}).get("rope_type", "default")
+        if kind not in ROPE_TYPES:
+            raise ValueError(f"rope scaling {kind!r} is not supported; lilliput runs {', '.join(ROPE_TYPES)}")
 
     def mixer_at(self, layer: int) -> str:
         """The sequence mixer of layer `layer`."""
         return self.layer_mixers[layer % len(self.layer_mixers)] if self.layer_mixers else self.mixer
+
+    @property
+    def rot_dim(self) -> int:
+        """Values of each head that rotate."""
+        return self.rotary_dim if self.rotary_dim is not None else self.hd
 
     @property
     def hd(self) -> int:
@@ -114,63 +189,6 @@ class ModelConfig:
         if "layer_mixers" in d:  # JSON gives a list
             d = {**d, "layer_mixers": tuple(d["layer_mixers"])}
         return cls(**d)
-
-    def to_hf(self) -> dict[str, Any]:
-        """The equivalent Hugging Face LlamaConfig fields (for export and parity tests)."""
-        if self.mixer != "attention" or self.ffn != "swiglu" or set(self.layer_mixers) - {"attention"}:
-            raise ValueError(f"only attention+swiglu models map to Llama, not {self.mixer}+{self.ffn}")
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.dim,
-            "intermediate_size": self.ffn_dim,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.hd,
-            "max_position_embeddings": self.max_seq_len,
-            "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,
-            "tie_word_embeddings": self.tie_embeddings,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-        }
-
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any], name: str = "custom") -> "ModelConfig":
-        """Read a Hugging Face Llama-family config.json."""
-        if hf.get("model_type") == "qwen2":  # Qwen2Attention always has biased q/k/v projections
-            raise ValueError("a Qwen2 model's attention has biases (self_attn.q_proj.bias, k_proj.bias, "
-                             "v_proj.bias): lilliput supports only bias-free Llama-style attention")
-        if hf.get("model_type") not in ("llama", "mistral", None):
-            raise ValueError(f"model_type {hf.get('model_type')!r} is not a Llama-style model lilliput can load")
-        biased = [key for key in ("attention_bias", "mlp_bias") if hf.get(key)]
-        if biased:
-            raise ValueError(f"config.json sets {' and '.join(biased)}: lilliput supports only bias-free "
-                             "Llama-style attention and MLPs")
-        rope = hf.get("rope_parameters") or {}
-        scaling = hf.get("rope_scaling") or {}
-        kind = scaling.get("rope_type", scaling.get("type", rope.get("rope_type", "default")))
-        if kind not in ("default", None):
-            raise ValueError(f"rope scaling {kind!r} is not supported yet")
-        n_heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim")
-        return cls(
-            vocab_size=hf["vocab_size"],
-            dim=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=head_dim if head_dim not in (None, hf["hidden_size"] // n_heads) else None,
-            ffn_dim=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 2048),
-            norm_eps=hf.get("rms_norm_eps", 1e-5),
-            rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-            name=name,
-        )
 
 
 _ARENA = dict(vocab_size=256, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=16384, ssm_head_dim=32)

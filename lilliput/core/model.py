@@ -1,7 +1,7 @@
 """A Llama-style decoder in plain PyTorch: RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
 Blocks look up their sequence mixer and feed-forward by name in `MIXERS` and `FFNS`. A new mixer
-(Mamba, xLSTM) is a module registered under a name that defines `forward(x, state=None, step=None)`
+(Mamba, xLSTM) is a module registered under a name, built as `cls(config, layer)`, that defines `forward(x, state=None, step=None)`
 and `new_state(rows, max_len, device, dtype) -> MixerState`; a new feed-forward (MoE) defines
 `forward(x)`. Neither touches this file: the config names them (`mixer`, or `layer_mixers` for a
 per-layer pattern such as attention every 4th layer), and the model asks each layer's mixer for
@@ -22,60 +22,42 @@ import torch.nn.functional as F
 
 from lilliput.core.config import ModelConfig
 from lilliput.core.registry import Registry
+from lilliput.core.rope import Rotary, apply_rotary
 
 MIXERS: Registry[type[nn.Module]] = Registry("sequence mixer")
 FFNS: Registry[type[nn.Module]] = Registry("feed-forward")
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) * (offset + weight); offset 1 for Gemma, whose weights are stored around zero
+    (and so initialised at zero here: the same function as a fresh Llama norm)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in float32 whatever the storage dtype, as Hugging Face's LlamaRMSNorm does
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        w = self.weight + self.offset if self.offset else self.weight
+        return w * h.to(x.dtype)
 
 
-class Rotary:
-    """Rotary position embedding in the rotate-half convention of Hugging Face Llama.
-
-    Tables are shared by every layer of the same head width and base (one copy per device)."""
-
-    _tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __init__(self, config: ModelConfig):
-        self.hd, self.theta = config.hd, config.rope_theta
-
-    def tables(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin tables (>= n, hs) fp32."""
-        device = torch.device(device)
-        key = (self.hd, self.theta, device)
-        cos = self._tables.get(key, (None,))[0]
-        if cos is None or cos.shape[0] < n:
-            n = max(n, 256 if cos is None else 2 * cos.shape[0])
-            inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
-            freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv_freq)
-            emb = torch.cat((freqs, freqs), dim=-1).to(device)  # (n, hs)
-            self._tables[key] = (emb.cos(), emb.sin())
-        return self._tables[key]
-
-    def __call__(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin at integer positions pos (T,) or (B, T): (T, hs) or (B, 1, T, hs)."""
-        cos, sin = self.tables(int(pos.max()) + 1 if pos.numel() else 1, pos.device)
-        cos, sin = cos[pos].to(dtype), sin[pos].to(dtype)
-        if cos.dim() == 3:
-            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs): broadcast over heads
-        return cos, sin
+def rms_norm(config: ModelConfig, dim: int | None = None) -> RMSNorm:
+    """The model's RMSNorm over `dim` values (default: the residual width)."""
+    return RMSNorm(config.dim if dim is None else dim, config.norm_eps, config.norm_offset)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, T, hs) rotated in the rotate-half convention."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def layer_rotary(config: ModelConfig, layer: int) -> Rotary | None:
+    """The rotary embedding of layer `layer`: None for a NoPE layer; sliding-window layers of a model
+    with a local base (Gemma 3) use that base unscaled."""
+    if layer in config.nope_layers:
+        return None
+    if layer in config.sliding_layers and config.rope_local_theta is not None:
+        return Rotary.shared(config.rot_dim, config.rope_local_theta)
+    return Rotary.shared(config.rot_dim, config.rope_theta, config.rope_scaling)
 
 
 # --- decode state: owned by each mixer, held per layer by the model --------------------------------
@@ -226,44 +208,74 @@ class Step:
         self.span = int(start.max()) + T  # keys any query may see
         self.uniform = bool((start == start[0]).all())
         self._rope: dict = {}
-        self._mask = None
+        self._mask: dict = {}
 
     def rope(self, rotary: Rotary, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (rotary.hd, rotary.theta, dtype)
+        key = (rotary.key, dtype)
         if key not in self._rope:
-            self._rope[key] = rotary(self.pos if not self.uniform else self.pos[0], dtype)
+            self._rope[key] = rotary(self.pos if not self.uniform else self.pos[0], dtype, n=self.span)
         return self._rope[key]
 
-    def mask(self) -> torch.Tensor | None:
-        """(B, 1, T, span) keys each query may attend to, or None when a causal slice suffices."""
-        if self.uniform and self.T == 1:
+    def mask(self, window: int | None = None) -> torch.Tensor | None:
+        """(B, 1, T, span) keys each query may attend to (the last `window` of them, itself included,
+        in a sliding-window layer), or None when a causal slice suffices."""
+        if self.uniform and self.T == 1 and (window is None or self.span <= window):
             return None
-        if self._mask is None:
-            k = torch.arange(self.span, device=self.pos.device)
-            self._mask = (k[None, None, :] <= self.pos[:, :, None])[:, None]  # (B, 1, T, S)
-        return self._mask
+        if window not in self._mask:
+            k = torch.arange(self.span, device=self.pos.device)[None, None, :]
+            q = self.pos[:, :, None]
+            seen = (k <= q) if window is None else (k <= q) & (k > q - window)
+            self._mask[window] = seen[:, None]  # (B, 1, T, S)
+        return self._mask[window]
 
 
 @MIXERS.register("attention")
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Grouped-query attention with the families' switches: q/k/v and output biases, RMSNorm of
+    queries and keys (per head or over the projection), partial or no rotary, a sliding window,
+    a softmax scale and soft-capped scores."""
+
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.hd = config.n_heads, config.n_kv_heads, config.hd
-        self.wqkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.hd, bias=False)
-        self.wo = nn.Linear(config.n_heads * config.hd, config.dim, bias=False)
-        self.rotary = Rotary(config)
+        c = config
+        self.n_heads, self.n_kv_heads, self.hd = c.n_heads, c.n_kv_heads, c.hd
+        self.wqkv = nn.Linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.hd, bias=c.attn_bias)
+        self.wo = nn.Linear(c.n_heads * c.hd, c.dim, bias=c.attn_out_bias)
+        self.qk_norm = c.qk_norm
+        if c.qk_norm is not None:
+            per_head = c.qk_norm == "head"
+            self.q_norm = rms_norm(c, c.hd if per_head else c.n_heads * c.hd)
+            self.k_norm = rms_norm(c, c.hd if per_head else c.n_kv_heads * c.hd)
+        self.rotary = layer_rotary(c, layer)
+        self.window = c.sliding_window if layer in c.sliding_layers else None
+        self.scale = c.attn_scale
+        self.softcap = c.attn_softcap
 
     def new_state(self, rows: int, max_len: int, device, dtype) -> KVState:
         return KVState(rows, self.n_kv_heads, self.hd, max_len, device, dtype)
 
-    def forward(self, x: torch.Tensor, state: KVState | None = None, step: Step | None = None) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, nh, T, hs), k and v (B, nkv, T, hs), normed, not yet rotated."""
         B, T, _ = x.shape
         nh, nkv, hs = self.n_heads, self.n_kv_heads, self.hd
-        qkv = self.wqkv(x).view(B, T, nh + 2 * nkv, hs).transpose(1, 2)  # (B, nh+2nkv, T, hs)
-        rope = step.rope(self.rotary, x.dtype) if step is not None else \
-            self.rotary(torch.arange(T, device=x.device), x.dtype)
-        qk = apply_rotary(qkv[:, :nh + nkv], *rope)  # rotate q and k in one go
-        q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]  # (B, nh|nkv|nkv, T, hs)
+        qkv = self.wqkv(x)  # (B, T, (nh+2nkv) hs)
+        if self.qk_norm == "proj":  # OLMo 2: over the whole projection
+            q, k, v = qkv.split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+            qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-1)
+        qkv = qkv.view(B, T, nh + 2 * nkv, hs).transpose(1, 2)  # (B, nh+2nkv, T, hs)
+        q, k, v = qkv[:, :nh], qkv[:, nh:nh + nkv], qkv[:, nh + nkv:]
+        if self.qk_norm == "head":  # Qwen3, Gemma 3: over each head
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, state: KVState | None = None, step: Step | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        nh, hs = self.n_heads, self.hd
+        q, k, v = self.project(x)
+        if self.rotary is not None:
+            cos, sin = step.rope(self.rotary, x.dtype) if step is not None else \
+                self.rotary(torch.arange(T, device=x.device), x.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         mask = None
         if state is not None:
             S = step.span
@@ -278,42 +290,79 @@ class Attention(nn.Module):
                 state.v[rows, :, pos] = v.transpose(1, 2).to(state.v.dtype)
                 k, v = state.k[step.rows, :, :S], state.v[step.rows, :, :S]  # (B, nkv, S, hs)
             k, v = k.to(q.dtype), v.to(q.dtype)  # the fused decode path keeps an fp32 cache
-            mask = step.mask()
+            mask = step.mask(self.window)
+        elif self.window is not None and T > self.window:
+            pos = torch.arange(T, device=x.device)
+            mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.window)  # (T, T)
         causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        if self.softcap is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                               enable_gqa=True)
+        else:
+            y = self._capped(q, k, v, mask, causal)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh*hs)
         return self.wo(y)
+
+    def _capped(self, q, k, v, mask, causal) -> torch.Tensor:
+        """Attention with scores soft-capped before the softmax (Gemma 2), which SDPA cannot do."""
+        g = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (B, nh, S, hs)
+        scale = self.scale if self.scale is not None else self.hd ** -0.5
+        s = (q @ k.transpose(-1, -2)) * scale  # (B, nh, T, S)
+        s = torch.tanh(s / self.softcap) * self.softcap
+        if causal:
+            T, S = s.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=s.device).tril(S - T)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        return s.softmax(-1).to(v.dtype) @ v
+
+
+_ACT = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 @FFNS.register("swiglu")
 class SwiGLU(nn.Module):
+    """The gated feed-forward: down(act(gate(x)) * up(x)), SiLU (SwiGLU) or tanh GELU (GeGLU)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.ffn_dim = config.ffn_dim
-        self.w_gate_up = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
-        self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        self.w_gate_up = nn.Linear(config.dim, 2 * config.ffn_dim, bias=config.mlp_bias)
+        self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=config.mlp_bias)
+        self.act = _ACT[config.act]
 
     def forward(self, x):
         gate, up = self.w_gate_up(x).split(self.ffn_dim, dim=-1)
-        return self.w_down(F.silu(gate) * up)
+        return self.w_down(self.act(gate) * up)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)).
+    """Residual block: x + post(mixer(pre(x))), then x + post(ffn(pre(x))), where pre is the
+    pre-norm (Llama; none in OLMo 2) and post the output norm (Gemma, OLMo 2; none in Llama).
 
     `block(x)` runs it on whole sequences with no state (calibration, GPTQ, pruning);
     `block(x, state, step)` appends to a decode state."""
 
     def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
-        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.mixer = MIXERS[config.mixer_at(layer)](config)
-        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        if config.pre_norms:
+            self.attn_norm = rms_norm(config)
+        self.mixer = MIXERS[config.mixer_at(layer)](config, layer)
+        if config.post_norms:
+            self.attn_post_norm = rms_norm(config)
+        if config.pre_norms:
+            self.ffn_norm = rms_norm(config)
         self.ffn = FFNS[config.ffn](config)
+        if config.post_norms:
+            self.ffn_post_norm = rms_norm(config)
+        self.pre, self.post = config.pre_norms, config.post_norms
 
     def forward(self, x: torch.Tensor, state: MixerState | None = None, step: Step | None = None) -> torch.Tensor:
-        x = x + self.mixer(self.attn_norm(x), state, step)
-        return x + self.ffn(self.ffn_norm(x))
+        a = self.mixer(self.attn_norm(x) if self.pre else x, state, step)
+        x = x + (self.attn_post_norm(a) if self.post else a)
+        f = self.ffn(self.ffn_norm(x) if self.pre else x)
+        return x + (self.ffn_post_norm(f) if self.post else f)
 
 
 class GPT(nn.Module):
@@ -322,16 +371,17 @@ class GPT(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.norm = rms_norm(config)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.rotary = Rotary(config)
         self.apply(self._init)
 
     def _init(self, m: nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
         for name, p in m.named_parameters(recurse=False):
             if name in ("wo.weight", "w_down.weight"):  # scaled residual projections (GPT-2)
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layers))
@@ -349,6 +399,20 @@ class GPT(nn.Module):
             model.lm_head.weight = model.tok_emb.weight
         return model
 
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, C), scaled where the family scales them (Gemma: sqrt(dim), rounded
+        to the weights' dtype as Hugging Face does)."""
+        x = self.tok_emb(idx)
+        s = self.config.emb_scale
+        return x if s is None else x * torch.tensor(s, dtype=x.dtype)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (..., C) -> fp32 logits (..., V), soft-capped where the family
+        caps them (Gemma 2)."""
+        y = self.lm_head(h).float()
+        cap = self.config.final_softcap
+        return y if cap is None else torch.tanh(y / cap) * cap
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights count once
 
@@ -364,7 +428,7 @@ class GPT(nn.Module):
         With a state, idx's tokens are appended to state rows `rows` (default 0..B-1), each at its
         own length, and those lengths advance by T."""
         B, T = idx.shape
-        x = self.tok_emb(idx)  # (B, T, C)
+        x = self.embed(idx)  # (B, T, C)
         if state is None:
             for block in self.layers:
                 x = block(x)
@@ -387,7 +451,7 @@ class GPT(nn.Module):
         x = self.features(idx, state, rows)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(x).float()  # (B, T, V)
+        return self.logits(x)  # (B, T, V)
 
 
 # Mixers and feed-forwards beyond attention and SwiGLU register themselves when their module is

@@ -2,7 +2,7 @@
 
 The router runs in float32 whatever the model's dtype (its softmax decides which expert runs, and
 bfloat16 flips near-ties). Each token goes to its `moe_top_k` most probable experts, weighted by
-their probabilities (renormalised over the k when k > 1; with k = 1 the raw probability, as in
+their probabilities (renormalised over the k when k > 1 and `moe_norm_topk`, as Mixtral; with k = 1 the raw probability, as in
 Switch, so the router still gets a gradient). Dropless by default: every expert takes every token
 sent to it. With `moe_capacity` set, an expert takes at most capacity * tokens * k / experts tokens
 per forward, in token order; the rest of its tokens are dropped (their other experts and the
@@ -48,6 +48,7 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.E, self.k, self.capacity = config.moe_experts, config.moe_top_k, config.moe_capacity
+        self.norm_topk = config.moe_norm_topk
         self.balance_coef, self.z_coef = config.moe_balance_coef, config.moe_z_coef
         self.router = nn.Parameter(torch.randn(self.E, config.dim) * 0.02)  # (E, C)
         self.experts = nn.ModuleList(SwiGLU(config) for _ in range(self.E))
@@ -62,7 +63,7 @@ class MoE(nn.Module):
         logits = x.float() @ self.router.float().t()  # (N, E) fp32
         probs = logits.softmax(-1)
         weight, chosen = probs.topk(self.k, dim=-1)  # (N, k)
-        if self.k > 1:
+        if self.k > 1 and self.norm_topk:
             weight = weight / weight.sum(-1, keepdim=True)
         self.aux_loss = self.balance_coef * load_balancing_loss(probs, chosen) + self.z_coef * router_z_loss(logits) \
             if self.training else None

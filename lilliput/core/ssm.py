@@ -100,7 +100,7 @@ class Mamba(nn.Module):
     Decode state per row: the SSD state (nh, hs, N) and the convolution's last ssm_conv - 1 inputs
     (ssm_conv - 1, d_inner + 2N); see `RecurrentState` for what truncation and copies cost."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.d_inner = config.ssm_expand * config.dim
         self.hs, self.N, self.K, self.chunk = config.ssm_head_dim, config.ssm_state, config.ssm_conv, config.ssm_chunk

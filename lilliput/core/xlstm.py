@@ -112,7 +112,7 @@ class MLSTM(nn.Module):
     Decode state per row: C (nh, d, d), n (nh, d), m (nh); see `RecurrentState` for what
     truncation and copies cost."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.nh, self.d, self.chunk = config.n_heads, config.hd, config.mlstm_chunk
         self.eps, self.max_len = config.norm_eps, config.max_seq_len

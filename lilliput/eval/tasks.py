@@ -95,7 +95,7 @@ def loglikelihoods(
                 n = len(inp)
                 scored = feats[b, n - len(cont) : n]
                 if hasattr(model, "features"):
-                    scored = model.lm_head(scored)
+                    scored = model.logits(scored)
                 logp = torch.log_softmax(scored.float(), dim=-1)  # (C, V)
                 target = torch.tensor(cont, device=logp.device)
                 score = logp.gather(1, target[:, None]).sum().item()

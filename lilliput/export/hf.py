@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lilliput.core import families
 from lilliput.export.target import FORMATS, ExportFormat, export
 from lilliput.export.weights import agreement, llama_weights, output_is_tied, probe_ids, require, source_logits
 
@@ -33,7 +34,7 @@ def default_type(model) -> str:
 
 def hf_config(model, type: str, tokenizer) -> dict:
     """config.json: LlamaConfig fields, untied when the output layer is its own (quantized) copy."""
-    cfg = model.config.to_hf()
+    cfg = families.hf_config(model.config)
     cfg["tie_word_embeddings"] = output_is_tied(model)
     cfg["torch_dtype"] = type
     for key, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from lilliput.core import families
 from lilliput.core.config import ModelConfig
 
 
@@ -42,7 +43,7 @@ class OnnxModel(_Runtime):
         from lilliput.export.onnx import MODEL_FILE
 
         folder = Path(folder)
-        super().__init__(ModelConfig.from_hf(json.loads((folder / "config.json").read_text()), name=folder.name))
+        super().__init__(families.config_from_hf(json.loads((folder / "config.json").read_text()), name=folder.name))
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -122,7 +123,7 @@ class TransformersModel(_Runtime):
         import transformers
 
         folder = Path(folder)
-        super().__init__(ModelConfig.from_hf(json.loads((folder / "config.json").read_text()), name=folder.name))
+        super().__init__(families.config_from_hf(json.loads((folder / "config.json").read_text()), name=folder.name))
         if threads:
             torch.set_num_threads(threads)
         t0 = time.perf_counter()

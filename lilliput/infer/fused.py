@@ -21,6 +21,7 @@ import ctypes
 
 import torch
 
+from lilliput.core.config import ModelConfig
 from lilliput.core.model import GPT, DecodeState, KVState
 from lilliput.infer.kernels import abi, build, descriptor
 from lilliput.infer.kernels.build import Kernel
@@ -67,6 +68,12 @@ class FusedStep:
         if c.ffn != "swiglu" or any(c.mixer_at(i) != "attention" for i in range(c.n_layers)) \
                 or model.norm.weight.device.type != "cpu":
             return None
+        plain = ModelConfig(vocab_size=c.vocab_size)
+        quirks = ("attn_bias", "attn_out_bias", "mlp_bias", "qk_norm", "norm_offset", "pre_norms", "post_norms", "act",
+                  "emb_scale", "attn_scale", "attn_softcap", "final_softcap", "sliding_window", "rope_scaling",
+                  "rope_local_theta", "rotary_dim", "nope_layers")
+        if any(getattr(c, q) != getattr(plain, q) for q in quirks):
+            return None  # the C step runs plain Llama blocks only
         linears = [model.lm_head] + [m for blk in model.layers for m in
                                      (blk.mixer.wqkv, blk.mixer.wo, blk.ffn.w_gate_up, blk.ffn.w_down)]
         descs = [descriptor.for_module(m) for m in linears]
@@ -121,7 +128,7 @@ class FusedStep:
             torch.index_select(emb, 0, ids, out=self.x[:n])
         else:
             self.x[:n] = emb[ids]
-        cos, sin = model.rotary.tables(max(pos) + 1, self.x.device)
+        cos, sin = model.layers[0].mixer.rotary.tables(max(pos) + 1, self.x.device)
         cos, sin = cos[meta[1, :n]], sin[meta[1, :n]]  # (n, hs), contiguous
         a.n_tok, a.n_out, a.cos, a.sin = n, len(out), cos.data_ptr(), sin.data_ptr()
         rc = self.fn(self._ref)

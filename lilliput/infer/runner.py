@@ -89,4 +89,4 @@ class ModelRunner:
         h = self.model.features(idx, self.state, rows=[row])[0]  # (T, C)
         if logits == "none":
             return None
-        return self.model.lm_head(h[-1] if logits == "last" else h).float()
+        return self.model.logits(h[-1] if logits == "last" else h)

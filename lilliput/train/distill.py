@@ -240,7 +240,7 @@ class Distillation(nn.Module):
         self.teacher.eval()
         if features:
             h = self.teacher.features(idx)  # (B, T, Ct)
-            return self.teacher.lm_head(h).float(), h.float()
+            return self.teacher.logits(h), h.float()
         return self.teacher(idx), None
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -285,7 +285,7 @@ class Distillation(nn.Module):
             teacher, h_t = self._teacher(inp, features=c.mode == "feature")
         if c.mode == "feature":
             h_s = self.student.features(inp)  # (B, T, Cs)
-            s_logits = self.student.lm_head(h_s).float()
+            s_logits = self.student.logits(h_s)
         else:
             s_logits = self.student(inp)
         kd = self._divergence(s_logits, teacher) if need_kd and teacher is not None else None
