@@ -12,7 +12,8 @@ Both keep packed integer codes as buffers (what the checkpoint stores) and run t
 int4 layout (shared with the kernel): each block of 32 columns of a row is 16 bytes, byte j
 holding column j in its low nibble and column j + 16 in its high nibble. Scales are fp16 (int4) or
 fp32 (int8), kept as their int16 / int32 bits so that `model.to(dtype)` leaves them alone;
-zeros are uint8 in [0, 15].
+zeros are uint8 in [0, 15]. A layer quantized from a biased `nn.Linear` keeps its bias in float
+(`bias`, (N,); None without), added by the kernels and by the torch path alike.
 
 Both register with core as layer kinds `int8` and `int4` (`lilliput.core.layers`): a checkpoint
 records each layer's kind and `spec()`, and core rebuilds it with `from_spec()` before loading.
@@ -91,10 +92,15 @@ class QuantLinear(nn.Module):
     kind: Kind
     bits = 0
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.kernel_variant = "auto"  # not saved: a runtime choice (bench/quantize.py compares them)
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    def _set_bias(self, bias: torch.Tensor | None) -> None:
+        if bias is not None:
+            self.bias = bias.detach().float().reshape(self.out_features).clone()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
@@ -107,7 +113,7 @@ class QuantLinear(nn.Module):
         """This layer's descriptor for the C kernels (`kernels.descriptor.make`); None off CPU."""
         if self.qweight.device.type != "cpu":
             return None
-        return descriptor.make(self.kind, n=self.out_features, k=self.in_features,
+        return descriptor.make(self.kind, n=self.out_features, k=self.in_features, bias=self.bias,
                                variant=VARIANTS[self.kernel_variant], **self._tensors())
 
     @property
@@ -117,7 +123,8 @@ class QuantLinear(nn.Module):
 
     def spec(self) -> dict:
         """What config.json records for this layer (enough to rebuild it empty)."""
-        return {"bits": self.bits, "in_features": self.in_features, "out_features": self.out_features}
+        spec = {"bits": self.bits, "in_features": self.in_features, "out_features": self.out_features}
+        return {**spec, "bias": True} if self.bias is not None else spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features if self.in_features else 0
@@ -125,7 +132,7 @@ class QuantLinear(nn.Module):
             y = self._kernel(x, rows)
             if y is not None:
                 return y
-        return F.linear(x, self.dequantize(x.dtype))
+        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _kernel(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
         desc = self.kernel_desc()
@@ -149,8 +156,8 @@ class Int8Linear(QuantLinear):
 
     kind, bits = Kind.INT8, 8
 
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32).view(torch.int32))
         self.packed = 0  # rows per packed group; 0 = row-major (not saved: a runtime layout)
@@ -158,16 +165,24 @@ class Int8Linear(QuantLinear):
         self.register_load_state_dict_pre_hook(_load_into_layout)
 
     @classmethod
-    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor) -> "Int8Linear":
-        """Codes (N, K) in [-127, 127] and per-row scale (N,) or (N, 1)."""
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+        """Codes (N, K) in [-127, 127], per-row scale (N,) or (N, 1) and an optional float bias (N,)."""
         m = cls(q.shape[1], q.shape[0])
+        m._set_bias(bias)
         m.qweight.copy_(q.to(torch.int8))
         m.scale.copy_(scale.reshape(-1).float().view(torch.int32))
         return m
 
     @classmethod
     def from_spec(cls, spec: dict) -> "Int8Linear":
-        return cls(spec["in_features"], spec["out_features"])
+        return cls(spec["in_features"], spec["out_features"], spec.get("bias", False))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        """Round-to-nearest int8 of an nn.Linear, its bias kept in float."""
+        w = linear.weight.detach().float()
+        scale = int8_scale(w)
+        return cls.from_codes(quantize_int8(w, scale), scale, linear.bias)
 
     def codes(self) -> torch.Tensor:
         """The codes (N, K) int8, row-major, whatever the layout in memory."""
@@ -228,8 +243,8 @@ class Int4Linear(QuantLinear):
 
     kind, bits = Kind.INT4, 4
 
-    def __init__(self, in_features: int, out_features: int, group_size: int):
-        super().__init__(in_features, out_features)
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias)
         if group_size not in GROUP_SIZES or in_features % group_size:
             raise ValueError(f"int4 group_size must be one of {GROUP_SIZES} and divide in_features="
                              f"{in_features}, got {group_size}")
@@ -240,9 +255,11 @@ class Int4Linear(QuantLinear):
         self.register_buffer("zero", torch.zeros(out_features, ng, dtype=torch.uint8))
 
     @classmethod
-    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> "Int4Linear":
-        """Codes (N, K) in [0, 15]; scale and zero (N, K/group_size)."""
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                   bias: torch.Tensor | None = None) -> "Int4Linear":
+        """Codes (N, K) in [0, 15]; scale and zero (N, K/group_size); an optional float bias (N,)."""
         m = cls(q.shape[1], q.shape[0], group_size)
+        m._set_bias(bias)
         m.qweight.copy_(pack_int4(q))
         m.scale.copy_(scale.half().view(torch.int16))
         m.zero.copy_(zero.to(torch.uint8))
@@ -250,7 +267,15 @@ class Int4Linear(QuantLinear):
 
     @classmethod
     def from_spec(cls, spec: dict) -> "Int4Linear":
-        return cls(spec["in_features"], spec["out_features"], spec["group_size"])
+        return cls(spec["in_features"], spec["out_features"], spec["group_size"], spec.get("bias", False))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> "Int4Linear":
+        """Round-to-nearest int4 (min/max grid per group) of an nn.Linear, its bias kept in float."""
+        w = linear.weight.detach().float()
+        scale, zero = int4_params(w, group_size)
+        q = quantize_int4(w, expand(scale, group_size), expand(zero, group_size))
+        return cls.from_codes(q, scale, zero, group_size, linear.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = unpack_int4(self.qweight).float()  # (N, K)

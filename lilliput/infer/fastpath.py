@@ -25,7 +25,8 @@ class GemvLinear(nn.Linear):
 class KernelRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() // x.shape[-1] <= kernels.MAX_ROWS:
-            y = kernels.rmsnorm(x, self.weight, self.eps)  # None: not fp32 / needs autograd
+            w = self.weight + self.offset if self.offset else self.weight  # Gemma: (1 + weight)
+            y = kernels.rmsnorm(x, w, self.eps)  # None: not fp32 / needs autograd
             if y is not None:
                 return y
         return super().forward(x)

@@ -35,6 +35,21 @@ class Variant(IntEnum):
     DOT = 2
 
 
+class Act(IntEnum):
+    """ll_act: the gate's activation of the gated feed-forward."""
+
+    SILU = 0
+    GELU_TANH = 1
+
+
+class QkNorm(IntEnum):
+    """ll_qk_norm: where queries and keys are RMS-normed."""
+
+    NONE = 0
+    HEAD = 1
+    PROJ = 2
+
+
 class DType(IntEnum):
     """ll_dtype: element types of gemv()'s operands."""
 
@@ -43,7 +58,8 @@ class DType(IntEnum):
 
 
 ENUMS: dict[str, tuple[type[IntEnum], str]] = {
-    "ll_kind": (Kind, "LL_KIND_"), "ll_variant": (Variant, "LL_VARIANT_"), "ll_dtype": (DType, "LL_DT_")}
+    "ll_kind": (Kind, "LL_KIND_"), "ll_variant": (Variant, "LL_VARIANT_"), "ll_dtype": (DType, "LL_DT_"),
+    "ll_act": (Act, "LL_ACT_"), "ll_qk_norm": (QkNorm, "LL_QK_NORM_")}
 """C enum name -> (its mirror, the prefix of its constants' C names)."""
 
 
@@ -51,8 +67,8 @@ class Linear(ctypes.Structure):
     """linear_t: one linear layer. Made by `descriptor.make` / `descriptor.for_module` only."""
 
     _c_name_ = "linear_t"
-    _fields_ = [("kind", i64), ("weight", vp), ("scale", vp), ("zero", vp), ("n", i64), ("k", i64),
-                ("group", i64), ("variant", i64)]
+    _fields_ = [("kind", i64), ("weight", vp), ("scale", vp), ("zero", vp), ("bias", vp), ("n", i64),
+                ("k", i64), ("group", i64), ("variant", i64)]
 
 
 class GemvArgs(ctypes.Structure):
@@ -62,12 +78,20 @@ class GemvArgs(ctypes.Structure):
     _fields_ = [("x", vp), ("w", vp), ("y", vp), ("code", i64), ("n", i64), ("k", i64)]
 
 
+class Moe(ctypes.Structure):
+    """moe_t: a layer's mixture-of-experts feed-forward (router NULL: dense)."""
+
+    _c_name_ = "moe_t"
+    _fields_ = [("router", vp), ("gate_up", vp), ("down", vp)]
+
+
 class Layer(ctypes.Structure):
     """layer_t: one layer of the fused step."""
 
     _c_name_ = "layer_t"
-    _fields_ = [("attn_norm", vp), ("ffn_norm", vp), ("k_cache", vp), ("v_cache", vp),
-                ("wqkv", Linear), ("wo", Linear), ("w_gate_up", Linear), ("w_down", Linear)]
+    _fields_ = [("attn_norm", vp), ("attn_post_norm", vp), ("ffn_norm", vp), ("ffn_post_norm", vp),
+                ("q_norm", vp), ("k_norm", vp), ("rope", i64), ("window", i64), ("k_cache", vp), ("v_cache", vp),
+                ("wqkv", Linear), ("wo", Linear), ("w_gate_up", Linear), ("w_down", Linear), ("moe", Moe)]
 
 
 class Step(ctypes.Structure):
@@ -76,6 +100,8 @@ class Step(ctypes.Structure):
     _c_name_ = "step_args_t"
     _fields_ = [("n_layers", i64), ("dim", i64), ("n_heads", i64), ("n_kv_heads", i64), ("head_dim", i64),
                 ("ffn_dim", i64), ("vocab", i64), ("max_len", i64), ("kv_f16", i64), ("eps", f64),
+                ("act", i64), ("qk_norm", i64), ("attn_scale", f64), ("attn_softcap", f64),
+                ("final_softcap", f64), ("rot_dim", i64), ("n_experts", i64), ("top_k", i64), ("norm_topk", i64),
                 ("n_tok", i64), ("rows", vp), ("pos", vp), ("n_out", i64), ("out_idx", vp), ("x", vp),
                 ("logits", vp), ("cos", vp), ("sin", vp), ("scratch", vp), ("final_norm", vp),
                 ("lm_head", Linear), ("layers", vp)]
@@ -88,7 +114,7 @@ class AbiEntry(ctypes.Structure):
     _fields_ = [("name", ctypes.c_char_p), ("value", i64)]
 
 
-STRUCTS: tuple[type[ctypes.Structure], ...] = (Linear, GemvArgs, Layer, Step, AbiEntry)
+STRUCTS: tuple[type[ctypes.Structure], ...] = (Linear, GemvArgs, Moe, Layer, Step, AbiEntry)
 
 _int, _P = ctypes.c_int, ctypes.POINTER
 PROTOTYPES: dict[str, tuple[object, tuple | None]] = {

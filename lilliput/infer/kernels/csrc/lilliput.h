@@ -33,6 +33,19 @@ typedef enum {
     LL_VARIANT_DOT = 2,   /* x quantized to int8 per block of 32, integer dot products */
 } ll_variant;
 
+/* The gate's activation of the gated feed-forward (step_args_t.act). */
+typedef enum {
+    LL_ACT_SILU = 0,      /* SwiGLU: silu(gate) * up */
+    LL_ACT_GELU_TANH = 1, /* GeGLU: gelu(gate), tanh approximation, * up (Gemma) */
+} ll_act;
+
+/* Where queries and keys are RMS-normed, after the projection and before rotary (step_args_t.qk_norm). */
+typedef enum {
+    LL_QK_NORM_NONE = 0,
+    LL_QK_NORM_HEAD = 1, /* over each head's head_dim values (Qwen3, Gemma 3); weights (head_dim,) */
+    LL_QK_NORM_PROJ = 2, /* over the whole q (n_heads head_dim) and k (n_kv_heads head_dim) projections (OLMo 2) */
+} ll_qk_norm;
+
 /* Element types of gemv()'s x, w and y (the same codes as LL_KIND_F32 / LL_KIND_BF16). */
 typedef enum { LL_DT_F32 = 0, LL_DT_BF16 = 1 } ll_dtype;
 
@@ -44,6 +57,7 @@ typedef struct {
     const void *weight; /* see ll_kind */
     const void *scale;  /* quantized kinds; NULL otherwise */
     const void *zero;   /* LL_KIND_INT4; NULL otherwise */
+    const float *bias;  /* fp32 (N,) added to every row of y; NULL: none */
     int64_t n, k;       /* N outputs, K inputs */
     int64_t group;      /* LL_KIND_INT4: columns per scale; 0 otherwise */
     int64_t variant;    /* ll_variant (quantized kinds) */
@@ -58,27 +72,52 @@ typedef struct {
     int64_t n, k;
 } gemv_args_t;
 
-/* One attention + SwiGLU layer of the fused step. */
+/* A mixture-of-experts feed-forward: each token goes to its top_k experts by router softmax (fp32),
+ * each a gated feed-forward of step_args_t.ffn_dim; every expert runs once per call over the tokens
+ * routed to it. */
 typedef struct {
-    const float *attn_norm, *ffn_norm; /* fp32 (dim,) */
-    void *k_cache, *v_cache;           /* fp32 or fp16 (kv_f16) (rows, n_kv, max_len, head_dim) */
-    linear_t wqkv, wo, w_gate_up, w_down;
+    const float *router;      /* fp32 (n_experts, dim); NULL: the layer's feed-forward is dense */
+    const linear_t *gate_up;  /* (n_experts,): each (2 ffn_dim, dim), gate then up */
+    const linear_t *down;     /* (n_experts,): each (dim, ffn_dim) */
+} moe_t;
+
+/* One attention layer of the fused step and its feed-forward. Norm weights are fp32 and already
+ * hold (norm_offset + weight); a NULL norm is not applied. */
+typedef struct {
+    const float *attn_norm, *attn_post_norm; /* (dim,): before attention / on its output */
+    const float *ffn_norm, *ffn_post_norm;   /* (dim,): before the feed-forward / on its output */
+    const float *q_norm, *k_norm;            /* step_args_t.qk_norm's weights: (head_dim,) per head,
+                                                or (n_heads head_dim,) and (n_kv_heads head_dim,) */
+    int64_t rope;                            /* which of the call's rotary tables (step_args_t.cos); -1: none (NoPE) */
+    int64_t window;                          /* keys a query sees: the last `window`, itself included; 0: all */
+    void *k_cache, *v_cache;                 /* fp32 or fp16 (kv_f16) (rows, n_kv, max_len, head_dim) */
+    linear_t wqkv, wo;                       /* q|k|v (optionally biased) and the output projection */
+    linear_t w_gate_up, w_down;              /* the dense gated feed-forward (unused with moe.router) */
+    moe_t moe;
 } layer_t;
 
-/* The fused step's arguments: the model's shape, this call's tokens and where results go. */
+/* The fused step's arguments: the model's shape and switches, this call's tokens and where results go. */
 typedef struct {
     int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab;
     int64_t max_len;          /* L: positions per row of every cache */
     int64_t kv_f16;           /* 1: the caches hold fp16 (llama_step_kv_f16() says whether this build can) */
-    double eps;
+    double eps;               /* of every RMSNorm */
+    int64_t act;              /* ll_act */
+    int64_t qk_norm;          /* ll_qk_norm */
+    double attn_scale;        /* softmax scale of scores; 0: 1 / sqrt(head_dim) */
+    double attn_softcap;      /* scores -> cap tanh(scores / cap) after scaling; 0: off */
+    double final_softcap;     /* logits -> cap tanh(logits / cap); 0: off */
+    int64_t rot_dim;          /* values of each head that rotate (rotate-half over them), <= head_dim */
+    int64_t n_experts, top_k; /* MoE layers */
+    int64_t norm_topk;        /* 1: the top_k probabilities are renormalised to sum to 1 */
     int64_t n_tok;            /* tokens in this call, 1..llama_step_max_tokens() */
     const int64_t *rows;      /* (n_tok,): cache row of each token */
     const int64_t *pos;       /* (n_tok,): position of each token in its row */
     int64_t n_out;            /* tokens whose logits are wanted */
     const int64_t *out_idx;   /* (n_out,): which tokens, in the order the logits come out */
-    float *x;                 /* (n_tok, dim): the tokens' embeddings; overwritten */
+    float *x;                 /* (n_tok, dim): the tokens' (scaled) embeddings; overwritten */
     float *logits;            /* (n_out, vocab) out */
-    const float *cos, *sin;   /* (n_tok, head_dim): rotary rows at each token's position */
+    const float *cos, *sin;   /* (n_rope, n_tok, rot_dim): each rotary table's rows at the tokens' positions */
     float *scratch;           /* step_scratch_floats() floats */
     const float *final_norm;  /* fp32 (dim,) */
     linear_t lm_head;

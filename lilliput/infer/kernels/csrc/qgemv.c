@@ -204,13 +204,20 @@ int qlinear_run_rows(const linear_t *d, const float *x, float *y, int64_t B) {
     return 0;
 }
 
-/* y (B, N) = x (B, K) W^T for any kind: fp32 / bf16 weights through gemv(), MAX_B rows at a time. */
+/* y (B, N) = x (B, K) W^T + bias for any kind: fp32 / bf16 weights through gemv(), MAXB rows at a time. */
 int linear_run(const linear_t *d, const float *x, float *y, int64_t B) {
-    if (d->kind != LL_KIND_F32 && d->kind != LL_KIND_BF16) return qlinear_run_rows(d, x, y, B);
-    for (int64_t i = 0; i < B; i += MAXB) {
-        const int64_t b = B - i < MAXB ? B - i : MAXB;
-        const int rc = gemv(x + i * d->k, LL_DT_F32, d->weight, (int)d->kind, y + i * d->n, LL_DT_F32, b, d->n, d->k);
+    if (d->kind != LL_KIND_F32 && d->kind != LL_KIND_BF16) {
+        const int rc = qlinear_run_rows(d, x, y, B);
         if (rc) return rc;
+    } else {
+        for (int64_t i = 0; i < B; i += MAXB) {
+            const int64_t b = B - i < MAXB ? B - i : MAXB;
+            const int rc = gemv(x + i * d->k, LL_DT_F32, d->weight, (int)d->kind, y + i * d->n, LL_DT_F32, b, d->n, d->k);
+            if (rc) return rc;
+        }
     }
+    if (d->bias)
+        for (int64_t r = 0; r < B; r++)
+            for (int64_t n = 0; n < d->n; n++) y[r * d->n + n] += d->bias[n];
     return 0;
 }
