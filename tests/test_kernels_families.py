@@ -105,3 +105,13 @@ def test_fast_path_reason_names_what_cannot_run(tiny_model):
     assert "capacity" in fast_path_reason(capped)
     tiny_model.layers[0].mixer.wo = torch.nn.Linear(32, 32).half()  # fp16: no descriptor
     assert "layers.0.mixer.wo" in fast_path_reason(tiny_model)
+
+
+def test_runner_says_once_why_the_torch_modules_run(tiny_model):
+    from lilliput.infer.runner import ModelRunner
+
+    assert ModelRunner(tiny_model, 1, 16, torch.float32).fused_reason == ""
+    assert "bfloat16" in ModelRunner(tiny_model, 1, 16, torch.bfloat16).fused_reason
+    mamba = GPT(ModelConfig(vocab_size=256, dim=32, n_layers=2, n_heads=2, max_seq_len=64,
+                            layer_mixers=("attention", "mamba")))
+    assert "mamba" in ModelRunner(mamba, 1, 16).fused_reason
