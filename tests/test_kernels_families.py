@@ -72,22 +72,24 @@ def test_greedy_tokens_identical_through_engine(name, byte_tokenizer, monkeypatc
     assert fast == slow and len(fast[0]) == 32
 
 
-@pytest.mark.parametrize("name", ["gemma2", "qwen3_moe", "phi3"])
+@pytest.mark.parametrize("name", ["gemma2", "qwen3_moe", "phi3", "llama-dynamic"])
 @torch.inference_mode()
 def test_a_batch_of_rows_equals_each_row_alone(name):
     """Rows of different lengths in one call (several tokens of one row among them) give each row
-    what it gets alone: per row, the same arithmetic (MoE experts see a different set of tokens)."""
+    what it gets alone: per row, the same arithmetic (MoE experts see a different set of tokens), and
+    its own rotary frequencies where they depend on the length (the 31-token row passes Phi-3's
+    original context of 32 and the dynamic specimen's 24; the others do not)."""
     model = specimen(name)
     step = FusedStep.for_model(model)
     g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(0, 256, (1, n), generator=g) for n in (3, 9, 14)]
+    prompts = [torch.randint(0, 256, (1, n), generator=g) for n in (3, 9, 31)]
     nxt = torch.randint(0, 256, (4,), generator=g).tolist()
-    together = model.new_state(3, 32, dtype=torch.float32)
+    together = model.new_state(3, 40, dtype=torch.float32)
     for r, p in enumerate(prompts):
         model(p, together, rows=[r])
     got = step(together, [nxt[0], nxt[1], nxt[2], nxt[3]], [0, 1, 2, 2]).clone()
     for r, p in enumerate(prompts):
-        alone = model.new_state(1, 32, dtype=torch.float32)
+        alone = model.new_state(1, 40, dtype=torch.float32)
         model(p, alone)
         toks = [nxt[r]] if r < 2 else nxt[2:]
         want = step(alone, toks, [0] * len(toks))

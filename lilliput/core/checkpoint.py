@@ -147,12 +147,12 @@ def load_folder(folder: Path | str, device=None, dtype=None):
 
     folder = Path(folder)
     cfg = read_json(folder / "config.json", "not a model folder")
-    sd = _read_safetensors(folder)
     if cfg.get("format") == FORMAT:
         config = ModelConfig.from_dict(cfg["model"])
+        sd = _read_safetensors(folder)
     else:
         config = families.config_from_hf(cfg, name=folder.name)
-        sd = from_hf_state_dict(sd, config)
+        sd = from_hf_state_dict(_read_safetensors(folder), config)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # packed codes stay ints
     try:
         if cfg.get("quantization"):  # rebuild the layers config.json lists, then load
@@ -277,7 +277,7 @@ def to_transformers(model: GPT):
     """The same weights as the family's Hugging Face model (reference logits, peer benchmarks)."""
     import transformers
 
-    hf_cfg = families.hf_config(model.config)
+    hf_cfg = {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None, **families.hf_config(model.config)}
     param = next(model.parameters())
     cfg = transformers.AutoConfig.for_model(**hf_cfg)
     hf = transformers.AutoModelForCausalLM.from_config(cfg)

@@ -259,12 +259,12 @@ def hf_config(c: ModelConfig) -> dict[str, Any]:
     rope: dict[str, Any] = {"rope_theta": c.rope_theta, **(c.rope_scaling or {"rope_type": "default"})}
     if c.rotary_dim is not None:
         rope["partial_rotary_factor"] = c.rotary_dim / c.hd
-    rope.pop("max_position_embeddings", None)
+    top = rope.pop("max_position_embeddings", None)  # dynamic NTK: the context it was trained for
     hf: dict[str, Any] = {
         "architectures": [fam.architecture], "model_type": c.family, "vocab_size": c.vocab_size,
         "hidden_size": c.dim, "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers,
         "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.hd,
-        "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
+        "max_position_embeddings": top or c.max_seq_len, "rms_norm_eps": c.norm_eps,
         "tie_word_embeddings": c.tie_embeddings, "rope_parameters": rope,
         "attention_bias": c.attn_bias, "mlp_bias": c.mlp_bias,
     }
@@ -276,7 +276,8 @@ def hf_config(c: ModelConfig) -> dict[str, Any]:
                              for i in range(c.n_layers)]
         hf["use_sliding_window"] = True
     if c.family.startswith("gemma"):
-        hf["query_pre_attn_scalar"] = (c.attn_scale or c.hd ** -0.5) ** -2
+        scalar = (c.attn_scale or c.hd ** -0.5) ** -2
+        hf["query_pre_attn_scalar"] = round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar
         hf["attn_logit_softcapping"], hf["final_logit_softcapping"] = c.attn_softcap, c.final_softcap
         if c.rope_local_theta is not None:
             hf["rope_parameters"] = {"full_attention": rope,

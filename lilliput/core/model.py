@@ -213,7 +213,11 @@ class Step:
     def rope(self, rotary: Rotary, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (rotary.key, dtype)
         if key not in self._rope:
-            self._rope[key] = rotary(self.pos if not self.uniform else self.pos[0], dtype, n=self.span)
+            if self.uniform or not rotary.length_dependent:
+                self._rope[key] = rotary(self.pos if not self.uniform else self.pos[0], dtype, n=self.span)
+            else:  # each row's own length picks its frequencies (LongRoPE, dynamic NTK), as when it runs alone
+                rows = [rotary(self.pos[b], dtype, n=int(self.start[b]) + self.T) for b in range(len(self.pos))]
+                self._rope[key] = tuple(torch.stack(t)[:, None] for t in zip(*rows))  # (B, 1, T, rot) each
         return self._rope[key]
 
     def mask(self, window: int | None = None) -> torch.Tensor | None:

@@ -48,6 +48,11 @@ class Rotary:
         return cls._instances[key]
 
     @property
+    def length_dependent(self) -> bool:
+        """Whether the frequencies depend on the sequence length (each row then uses its own)."""
+        return self.kind in ("dynamic", "longrope")
+
+    @property
     def key(self) -> tuple:
         return (self.dim, self.theta, _freeze(self.scaling))
 

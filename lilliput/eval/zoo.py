@@ -31,7 +31,7 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
                                                         "original_max_position_embeddings": 16})),
     "llama-linear": ("LlamaConfig", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
                                                           "factor": 2.0})),
-    "llama-dynamic": ("LlamaConfig", dict(max_position_embeddings=24, rope_parameters={
+    "llama-dynamic": ("LlamaConfig", dict(max_position_embeddings=32, rope_parameters={
         "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})),
     "mistral": ("MistralConfig", dict(sliding_window=WINDOW, head_dim=16)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, rope_parameters={"rope_type": "default",

@@ -181,6 +181,24 @@ class FusedStep:
             la.k_cache, la.v_cache = s.k.data_ptr(), s.v.data_ptr()
         self._bound = (id(state), state.generation)
 
+    def _rotary_rows(self, n: int, pos: list[int], rows: list[int], ends: dict[int, int]) -> None:
+        """Each rotary's cos and sin rows at the tokens' positions into the step's (n_rope, n, rot_dim)
+        buffers, as the torch path picks them: from the tables for a sequence of max(pos) + 1
+        positions, or, where the frequencies depend on the length (dynamic NTK, LongRoPE), of each
+        token's row's own length after the call (`ends`)."""
+        rot, at = self.config.rot_dim, self.meta[1, :n]
+        for j, rotary in enumerate(self.rotaries):
+            out = [self.rope[i, j * n * rot:(j + 1) * n * rot].view(n, rot) for i in (0, 1)]
+            lengths = {ends[r] for r in rows} if rotary.length_dependent else {max(pos) + 1}
+            if len(lengths) == 1:
+                for table, o in zip(rotary.tables(lengths.pop(), self.x.device), out):
+                    torch.index_select(table, 0, at, out=o)
+                continue
+            for length in lengths:  # rows of different lengths in one call
+                idx = torch.tensor([t for t, r in enumerate(rows) if ends[r] == length])
+                for table, o in zip(rotary.tables(length, self.x.device), out):
+                    o[idx] = table[at[idx]]
+
     def __call__(self, state: DecodeState, tokens: list[int], rows: list[int], out: list[int] | None = None
                  ) -> torch.Tensor:
         """Append token t to state row rows[t] (at that row's length; a row may appear several times,
@@ -210,14 +228,7 @@ class FusedStep:
                 self.x[:n].mul_(self.emb_scale)
         else:  # scaled in the weights' dtype first, as GPT.embed does
             self.x[:n] = emb[ids] if self.emb_scale is None else emb[ids] * self.emb_scale
-        # each rotary's rows at the tokens' positions, from its tables for a sequence of max(pos) + 1
-        # positions (what the torch path uses: dynamic and LongRoPE tables depend on it)
-        rot, at = self.config.rot_dim, meta[1, :n]
-        cos_all, sin_all = self.rope[0, :len(self.rotaries) * n * rot], self.rope[1, :len(self.rotaries) * n * rot]
-        for j, rotary in enumerate(self.rotaries):
-            cos, sin = rotary.tables(max(pos) + 1, self.x.device)
-            torch.index_select(cos, 0, at, out=cos_all[j * n * rot:(j + 1) * n * rot].view(n, rot))
-            torch.index_select(sin, 0, at, out=sin_all[j * n * rot:(j + 1) * n * rot].view(n, rot))
+        self._rotary_rows(n, pos, rows, {r: lengths[r] + k for r, k in seen.items()})
         a.n_tok, a.n_out = n, len(out)
         rc = self.fn(self._ref)
         if rc != 0:
