@@ -32,7 +32,7 @@ from lilliput.core.checkpoint import load_model, to_transformers
 from lilliput.core.record import run_record, write_json
 from lilliput.eval.efficiency import interleave, linear_bytes, read_bandwidth_gb_s, spread
 from lilliput.eval.tasks import lambada_passages
-from lilliput.infer import gemv
+from lilliput.infer import kernels
 from lilliput.infer.engine import Engine, EngineConfig
 from lilliput.infer.sequence import GenerationConfig, Status
 
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    gemv.set_threads(args.threads)
+    kernels.set_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
 
     model, tok = load_model(None, device="cpu")
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
         "serving": serving,
         "serving_requests": {"n": len(reqs), "rate_per_s": args.rate, "prompt_tokens": [r["prompt"].__len__() for r in reqs],
                              "new_tokens": [r["new"] for r in reqs]},
-        "kernels": gemv.describe(),
+        "kernels": kernels.describe(),
         "note": "decode tok/s: tokens after the first, over the time after every row's prefill; lilliput and "
                 "transformers on the same fp32 weights (int8/int4: RTN per channel / g128). limit = read "
                 "bandwidth / bytes of every matrix per token (the KV cache ignored).",

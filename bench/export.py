@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     torch.set_num_threads(args.threads)
-    from lilliput.infer import gemv
+    from lilliput.infer import kernels
 
-    gemv.set_threads(args.threads)
+    kernels.set_threads(args.threads)
     missing: dict[str, str] = {}
     try:
         from lilliput.eval.peers import ensure_llama_cpp, llama_cpp_build_options

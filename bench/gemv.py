@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from lilliput.core.record import machine, run_record, write_json
 from lilliput.eval.efficiency import interleave
-from lilliput.infer import gemv
+from lilliput.infer import kernels
 
 LAYERS = 30
 DIM, HIDDEN, QKV, VOCAB = 576, 1536, 960, 49152
@@ -111,7 +111,7 @@ def time_rounds(fns: dict[str, Callable[[], object]], cfg: BenchConfig) -> dict[
 def with_threads(torch_threads: int, kernel_threads: int, fn: Callable[[], object]) -> Callable[[], object]:
     def run() -> object:
         torch.set_num_threads(torch_threads)
-        gemv.set_threads(kernel_threads)
+        kernels.set_threads(kernel_threads)
         return fn()
 
     return run
@@ -130,13 +130,13 @@ def bench_dtype(dtype: torch.dtype, x_dtype: torch.dtype, cfg: BenchConfig) -> d
     if dtype == x_dtype:  # torch has no mixed-dtype linear; its peer is the same-dtype model
         fns[f"torch(t={ncpu})"] = with_threads(ncpu, 1, step(F.linear))
         fns["torch(t=1)"] = with_threads(1, 1, step(F.linear))
-    fns[f"kernel(torch t=1, kernel t={ncpu})"] = with_threads(1, ncpu, step(gemv.linear))
-    fns[f"kernel(torch t={ncpu}, kernel t={ncpu})"] = with_threads(ncpu, ncpu, step(gemv.linear))
-    fns["kernel(torch t=1, kernel t=1)"] = with_threads(1, 1, step(gemv.linear))
+    fns[f"kernel(torch t=1, kernel t={ncpu})"] = with_threads(1, ncpu, step(kernels.linear))
+    fns[f"kernel(torch t={ncpu}, kernel t={ncpu})"] = with_threads(ncpu, ncpu, step(kernels.linear))
+    fns["kernel(torch t=1, kernel t=1)"] = with_threads(1, 1, step(kernels.linear))
     with torch.inference_mode():
         samples = time_rounds(fns, cfg)
     torch.set_num_threads(ncpu)
-    gemv.set_threads(ncpu)
+    kernels.set_threads(ncpu)
     table = {name: {"step_ms": min(s) * 1e3, "median_step_ms": statistics.median(s) * 1e3,
                     "gb_s": nbytes / min(s) / 1e9} for name, s in samples.items()}
     kernel_best = f"kernel(torch t=1, kernel t={ncpu})"  # the documented decode policy
@@ -160,8 +160,8 @@ def per_shape(layers: Weights, out_w: torch.Tensor, x: torch.Tensor, cfg: BenchC
     for name, ws in groups.items():
         xs = torch.randn(1, ws[0].shape[1]).to(x.dtype)
         nbytes = sum(w.numel() * w.element_size() for w in ws)
-        fns = {f"kernel(t={ncpu})": with_threads(1, ncpu, lambda: [gemv.linear(xs, w) for w in ws]),
-               "kernel(t=1)": with_threads(1, 1, lambda: [gemv.linear(xs, w) for w in ws])}
+        fns = {f"kernel(t={ncpu})": with_threads(1, ncpu, lambda: [kernels.linear(xs, w) for w in ws]),
+               "kernel(t=1)": with_threads(1, 1, lambda: [kernels.linear(xs, w) for w in ws])}
         if ws[0].dtype == x.dtype:
             fns[f"torch(t={ncpu})"] = with_threads(ncpu, 1, lambda: [F.linear(xs, w) for w in ws])
             fns["torch(t=1)"] = with_threads(1, 1, lambda: [F.linear(xs, w) for w in ws])
@@ -188,13 +188,13 @@ def bench_attention(cfg: BenchConfig, context: int = 512) -> dict:
 
     fns = {f"torch(t={ncpu})": with_threads(ncpu, 1, step(F.linear)),
            "torch(t=1)": with_threads(1, 1, step(F.linear)),
-           f"kernel(torch t=1, kernel t={ncpu})": with_threads(1, ncpu, step(gemv.linear)),
-           f"kernel(torch t={ncpu}, kernel t={ncpu})": with_threads(ncpu, ncpu, step(gemv.linear)),
-           "kernel(torch t=1, kernel t=1)": with_threads(1, 1, step(gemv.linear))}
+           f"kernel(torch t=1, kernel t={ncpu})": with_threads(1, ncpu, step(kernels.linear)),
+           f"kernel(torch t={ncpu}, kernel t={ncpu})": with_threads(ncpu, ncpu, step(kernels.linear)),
+           "kernel(torch t=1, kernel t=1)": with_threads(1, 1, step(kernels.linear))}
     with torch.inference_mode():
         samples = time_rounds(fns, cfg)
     torch.set_num_threads(ncpu)
-    gemv.set_threads(ncpu)
+    kernels.set_threads(ncpu)
     return {"context": context, "note": "step_ms includes attention; gb_s counts weight bytes only",
             "policies": {name: {"step_ms": min(v) * 1e3, "median_step_ms": statistics.median(v) * 1e3,
                                 "gb_s": nbytes / min(v) / 1e9} for name, v in samples.items()}}
@@ -203,7 +203,7 @@ def bench_attention(cfg: BenchConfig, context: int = 512) -> dict:
 def call_overhead_us() -> dict[str, float]:
     """Microseconds per call on a 16x16 weight, where the arithmetic is negligible."""
     x, w, out = torch.randn(1, 16), torch.randn(16, 16), torch.empty(1, 16)
-    fns = {"kernel": lambda: gemv.linear(x, w), "kernel_out": lambda: gemv.linear(x, w, out=out),
+    fns = {"kernel": lambda: kernels.linear(x, w), "kernel_out": lambda: kernels.linear(x, w, out=out),
            "torch": lambda: F.linear(x, w)}
     res = {}
     with torch.inference_mode():
@@ -220,11 +220,11 @@ def call_overhead_us() -> dict[str, float]:
 
 def fresh_build_s() -> float:
     """Seconds to compile the kernel from scratch (into a throwaway cache)."""
-    compiler = gemv.find_compiler()
+    compiler = kernels.build.find_compiler()
     if compiler is None:
         return float("nan")
     with tempfile.TemporaryDirectory() as d:
-        return gemv.build(compiler, Path(d) / "gemv.so")
+        return kernels.build.build(compiler, Path(d) / "gemv.so")
 
 
 def cpu_details() -> dict:
@@ -243,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         default = getattr(BenchConfig, f)
         parser.add_argument(f"--{f}", type=type(default), default=default)
     cfg = BenchConfig(**vars(parser.parse_args(argv)))
-    if not gemv.available():
-        raise SystemExit(f"kernel unavailable: {gemv.unavailable_reason()}")
-    kernel = gemv.load()
+    if not kernels.available():
+        raise SystemExit(f"kernel unavailable: {kernels.unavailable_reason()}")
+    kernel = kernels.build.load()
     record = run_record("bench/gemv.py " + " ".join(sys.argv[1:] if argv is None else argv), config=asdict(cfg),
                         machine=cpu_details(), kernel_lanes=kernel.lanes, build_s=fresh_build_s(), call_overhead_us=call_overhead_us())
     cases = [("fp32", torch.float32, torch.float32), ("bf16", torch.bfloat16, torch.bfloat16),

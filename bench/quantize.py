@@ -189,7 +189,7 @@ def smollm2_part(args, groups, calibrated, text, ccfg, log) -> dict:
 
 def speed_rows(models: dict, rows: dict, tok, groups, args, log) -> dict:
     """Decode tok/s of every model in the same interleaved rounds, plus both kernel paths of
-    qgemv.c, written into `rows`; a row with no model of its own (GPTQ/AWQ in `--part speed`)
+    qgemv*.c, written into `rows`; a row with no model of its own (GPTQ/AWQ in `--part speed`)
     takes the timing of the RTN model of its format: same bits, groups and kernel, so the same
     bytes and work per token."""
     from lilliput.eval.tasks import lambada_passages

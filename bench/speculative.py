@@ -24,7 +24,7 @@ from lilliput.compress.quantize import RTNConfig, quantize_
 from lilliput.core.checkpoint import load_model
 from lilliput.core.record import run_record, write_json
 from lilliput.eval.tasks import lambada_passages
-from lilliput.infer import gemv
+from lilliput.infer import kernels
 from lilliput.infer.engine import Engine, EngineConfig
 from lilliput.infer.sequence import GenerationConfig
 from lilliput.infer.speculative import DraftModel, PromptLookup, SpeculationConfig, SpeculativeDecoder
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    gemv.set_threads(args.threads)
+    kernels.set_threads(args.threads)
     ks = [int(k) for k in args.ks.split(",")]
 
     model, tok = load_model(None, device="cpu")

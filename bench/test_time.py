@@ -26,7 +26,7 @@ from lilliput.compress.quantize import RTNConfig, quantize_
 from lilliput.core.checkpoint import load_model
 from lilliput.core.record import run_record, write_json
 from lilliput.eval.short_answer import arc_letters, extract, is_correct, synthetic
-from lilliput.infer import gemv
+from lilliput.infer import kernels
 from lilliput.infer.engine import Engine, EngineConfig
 from lilliput.infer.search import choose, mean_logprob, sample_n
 from lilliput.infer.sequence import GenerationConfig
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    gemv.set_threads(args.threads)
+    kernels.set_threads(args.threads)
 
     fp32, tok = load_model(None, device="cpu")
     int8 = quantize_(copy.deepcopy(fp32), RTNConfig(bits=8))

@@ -44,12 +44,12 @@ def prompt_ids(tok_fn, n: int) -> list[int]:
 def gguf_for(kind: str, threads: int) -> tuple[Path, str]:
     """The GGUF file of a llama.cpp row and who wrote it."""
     from lilliput.core.checkpoint import embedded_model_path
-    from lilliput.infer import gemv
+    from lilliput.infer import kernels
 
     src = embedded_model_path()
     if kind == "Q4_1":
         return src, "shipped"
-    folder = gemv.cache_dir() / "gguf"
+    folder = kernels.build.cache_dir() / "gguf"
     try:
         from lilliput.core.checkpoint import load_model
         from lilliput.export.gguf import export_gguf
@@ -109,13 +109,13 @@ def lilliput_worker(kind: str, args) -> tuple[dict, object]:
 
     from lilliput.compress.quantize import RTNConfig, quantize_
     from lilliput.core.checkpoint import load_model
-    from lilliput.infer import gemv
+    from lilliput.infer import kernels
     from lilliput.infer.generate import GenerationConfig, generate
 
     from lilliput.eval.efficiency import linear_bytes
 
     torch.set_num_threads(args.threads)
-    gemv.set_threads(args.threads)
+    kernels.set_threads(args.threads)
     model, tok = load_model(None, device="cpu")
     cfg = {"int8": RTNConfig(bits=8), "int4": RTNConfig(bits=4, group_size=128)}.get(kind)
     if cfg:
@@ -131,7 +131,7 @@ def lilliput_worker(kind: str, args) -> tuple[dict, object]:
 
     info = {"bytes_per_token": linear_bytes(model), "prompt_head": ids[:8],
             "quantization": {"method": "rtn", "bits": cfg.bits, "group_size": cfg.group_size} if cfg else None,
-            "kernels": gemv.describe()}
+            "kernels": kernels.describe()}
     return info, measure
 
 

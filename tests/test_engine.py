@@ -3,13 +3,13 @@ import torch
 
 from lilliput.compress import qlinear as ql
 from lilliput.compress.quantize import Grid, RTNConfig, quantize_
-from lilliput.infer import gemv
+from lilliput.infer import kernels
 from lilliput.infer.engine import Engine, EngineConfig
 from lilliput.infer.fused import FusedStep
 from lilliput.infer.sampling import LogitsProcessor
 from lilliput.infer.sequence import GenerationConfig, Status
 
-needs_kernel = pytest.mark.skipif(not gemv.available(), reason="no C kernel on this machine")
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C kernel on this machine")
 
 
 def naive_greedy(model, ids, n):

@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from lilliput.core.checkpoint import to_transformers
-from lilliput.infer import gemv
+from lilliput.infer import kernels
 from lilliput.infer.fastpath import accelerate_
 from lilliput.infer.fused import FusedStep
 from lilliput.infer.generate import GenerationConfig, generate
 
-needs_kernel = pytest.mark.skipif(not gemv.available(), reason="no C kernel on this machine")
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C kernel on this machine")
 
 
 def fused_vs_torch(model, steps=6, prompt_len=5, kv=torch.float32):
@@ -63,7 +63,7 @@ def test_fused_step_declines_what_it_cannot_run(tiny_model):
 def test_generation_identical_without_kernels(tiny_model, byte_tokenizer, monkeypatch):
     cfg = GenerationConfig(max_new_tokens=12)
     fast = generate(tiny_model, byte_tokenizer, ["kernel check"], cfg)[0].tokens
-    monkeypatch.setattr(gemv, "load", lambda: "disabled for the test")
+    monkeypatch.setattr(kernels.build, "load", lambda: "disabled for the test")
     assert FusedStep.for_model(tiny_model) is None
     assert generate(tiny_model, byte_tokenizer, ["kernel check"], cfg)[0].tokens == fast
 

@@ -1,5 +1,6 @@
-"""Parity of the C GEMV kernel with torch, its fallbacks, and its build cache."""
+"""Parity of the C GEMV kernel with torch, its fallbacks, its build cache and its ABI check."""
 
+import ctypes
 import multiprocessing
 import threading
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lilliput.infer import gemv
+from lilliput.infer import kernels
+from lilliput.infer.kernels import abi, build
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -17,23 +19,23 @@ def kernel_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("lilliput_cache")
     mp.setenv("LILLIPUT_CACHE", str(cache))
     mp.delenv("LILLIPUT_NO_KERNEL", raising=False)
-    gemv.load.cache_clear()
+    build.load.cache_clear()
     yield cache
     mp.undo()
-    gemv.load.cache_clear()
+    build.load.cache_clear()
 
 
 @pytest.fixture
 def fresh_load():
     """Forgets the loaded kernel before and after a test that changes how it loads."""
-    gemv.load.cache_clear()
+    build.load.cache_clear()
     yield
-    gemv.load.cache_clear()
+    build.load.cache_clear()
 
 
 def _require_kernel():
-    if not gemv.available():
-        pytest.skip(f"kernel unavailable: {gemv.unavailable_reason()}")
+    if not kernels.available():
+        pytest.skip(f"kernel unavailable: {kernels.unavailable_reason()}")
 
 
 SHAPES = [(37, 61), (16, 16), (130, 200), (960, 576)]  # (N, K), odd ones not multiples of 16
@@ -45,7 +47,7 @@ def test_fp32_matches_torch(n, k, b):
     _require_kernel()
     g = torch.Generator().manual_seed(n * k + b)
     x, w = torch.randn(b, k, generator=g), torch.randn(n, k, generator=g)
-    y = gemv.linear(x, w)
+    y = kernels.linear(x, w)
     assert y.shape == (b, n) and y.dtype == torch.float32
     ref = F.linear(x.double(), w.double())
     # fp32 rounding over K terms of size ~1: well inside 1e-4 relative to the row scale
@@ -59,7 +61,7 @@ def test_bf16_weights_fp32_x_match_fp32_math(n, k, b):
     _require_kernel()
     g = torch.Generator().manual_seed(7 + n + k + b)
     x, w = torch.randn(b, k, generator=g), torch.randn(n, k, generator=g).bfloat16()
-    y = gemv.linear(x, w)
+    y = kernels.linear(x, w)
     assert y.dtype == torch.float32
     # bf16 -> fp32 is exact, so this is the fp32 GEMV of the same numbers
     torch.testing.assert_close(y, F.linear(x, w.float()), rtol=1e-5, atol=1e-4 * k**0.5)
@@ -72,7 +74,7 @@ def test_bf16_x_and_weights_match_torch_bf16(n, k, b):
     g = torch.Generator().manual_seed(11 + n + k + b)
     x = torch.randn(b, k, generator=g).bfloat16()
     w = torch.randn(n, k, generator=g).bfloat16()
-    y = gemv.linear(x, w)
+    y = kernels.linear(x, w)
     assert y.dtype == torch.bfloat16
     exact = F.linear(x.double(), w.double())
     # fp32 accumulation then one rounding to bf16: within one bf16 ulp (2**-8 relative)
@@ -85,11 +87,11 @@ def test_one_dim_x_and_leading_dims():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(61, 37, generator=g)
     x1 = torch.randn(37, generator=g)
-    y1 = gemv.linear(x1, w)
+    y1 = kernels.linear(x1, w)
     assert y1.shape == (61,)
     torch.testing.assert_close(y1, F.linear(x1, w))
     x3 = torch.randn(2, 1, 37, generator=g)  # (B, T, K) as a model passes it
-    y3 = gemv.linear(x3, w)
+    y3 = kernels.linear(x3, w)
     assert y3.shape == (2, 1, 61)
     torch.testing.assert_close(y3, F.linear(x3, w))
 
@@ -99,7 +101,7 @@ def test_non_contiguous_x_is_copied():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(40, 24, generator=g)
     x = torch.randn(24, 3, generator=g).t()  # (3, 24), strided
-    torch.testing.assert_close(gemv.linear(x, w), F.linear(x, w))
+    torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w))
 
 
 def test_out_argument_is_filled_and_returned():
@@ -107,7 +109,7 @@ def test_out_argument_is_filled_and_returned():
     g = torch.Generator().manual_seed(2)
     x, w = torch.randn(3, 61, generator=g), torch.randn(37, 61, generator=g)
     out = torch.full((3, 37), float("nan"))
-    y = gemv.linear(x, w, out=out)
+    y = kernels.linear(x, w, out=out)
     assert y is out
     torch.testing.assert_close(out, F.linear(x, w))
 
@@ -116,18 +118,18 @@ def test_out_with_wrong_shape_raises_with_fix():
     _require_kernel()
     x, w = torch.randn(2, 8), torch.randn(5, 8)
     with pytest.raises(ValueError, match=r"\(2, 5\)"):
-        gemv.linear(x, w, out=torch.empty(2, 6))
+        kernels.linear(x, w, out=torch.empty(2, 6))
 
 
 def test_feature_mismatch_raises():
     _require_kernel()
     with pytest.raises(ValueError, match="features"):
-        gemv.linear(torch.randn(1, 7), torch.randn(5, 8))
+        kernels.linear(torch.randn(1, 7), torch.randn(5, 8))
 
 
 def test_empty_output_rows():
     _require_kernel()
-    y = gemv.linear(torch.randn(2, 8), torch.randn(0, 8))
+    y = kernels.linear(torch.randn(2, 8), torch.randn(0, 8))
     assert y.shape == (2, 0)
 
 
@@ -146,7 +148,7 @@ def test_unsupported_inputs_fall_back_to_torch(case):
         w = torch.randn(24, 16, generator=g).t()
     elif case == "autograd":
         w.requires_grad_(True)
-    y = gemv.linear(x, w)
+    y = kernels.linear(x, w)
     torch.testing.assert_close(y, F.linear(x, w))
     if case == "autograd":
         y.sum().backward()
@@ -156,40 +158,40 @@ def test_unsupported_inputs_fall_back_to_torch(case):
 def test_env_var_forces_fallback_with_same_result(monkeypatch, fresh_load):
     g = torch.Generator().manual_seed(4)
     x, w = torch.randn(3, 61, generator=g), torch.randn(37, 61, generator=g)
-    fast = gemv.linear(x, w)
+    fast = kernels.linear(x, w)
     monkeypatch.setenv("LILLIPUT_NO_KERNEL", "1")
-    gemv.load.cache_clear()
-    assert not gemv.available()
-    assert "LILLIPUT_NO_KERNEL" in gemv.unavailable_reason()
-    slow = gemv.linear(x, w)
+    build.load.cache_clear()
+    assert not kernels.available()
+    assert "LILLIPUT_NO_KERNEL" in kernels.unavailable_reason()
+    slow = kernels.linear(x, w)
     torch.testing.assert_close(slow, fast, rtol=1e-5, atol=1e-4)
     out = torch.empty(3, 37)
-    assert gemv.linear(x, w, out=out) is out
+    assert kernels.linear(x, w, out=out) is out
     torch.testing.assert_close(out, slow)
     # mixed dtypes in the fallback accumulate in fp32 too
-    torch.testing.assert_close(gemv.linear(x, w.bfloat16()), F.linear(x, w.bfloat16().float()))
+    torch.testing.assert_close(kernels.linear(x, w.bfloat16()), F.linear(x, w.bfloat16().float()))
 
 
 def test_no_compiler_warns_once_and_falls_back(monkeypatch, fresh_load):
-    monkeypatch.setattr(gemv, "find_compiler", lambda: None)
+    monkeypatch.setattr(build, "find_compiler", lambda: None)
     with pytest.warns(RuntimeWarning, match="no C compiler"):
-        assert not gemv.available()
-    assert "no C compiler" in gemv.unavailable_reason()
+        assert not kernels.available()
+    assert "no C compiler" in kernels.unavailable_reason()
     x, w = torch.randn(2, 8), torch.randn(5, 8)
-    torch.testing.assert_close(gemv.linear(x, w), F.linear(x, w))
+    torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w))
 
 
 def test_compile_error_warns_and_falls_back(monkeypatch, tmp_path, fresh_load):
     bad = tmp_path / "gemv.c"
     bad.write_text("this is not C;\n")
-    monkeypatch.setattr(gemv, "SOURCES", (bad,))
+    monkeypatch.setattr(build, "SOURCES", (bad,))
     with pytest.warns(RuntimeWarning, match="failed"):
-        assert not gemv.available()
-    assert not list(gemv.cache_dir().glob("*.tmp"))  # no half-written files left behind
+        assert not kernels.available()
+    assert not list(build.cache_dir().glob("*.tmp"))  # no half-written files left behind
 
 
 def test_second_load_uses_cache_without_compiling(monkeypatch, kernel_cache, fresh_load):
-    first = gemv.load()
+    first = build.load()
     if isinstance(first, str):
         pytest.skip(first)
     assert first.path.parent == kernel_cache / "kernels"
@@ -198,38 +200,38 @@ def test_second_load_uses_cache_without_compiling(monkeypatch, kernel_cache, fre
     def no_build(*args, **kwargs):
         raise AssertionError("rebuilt although the cache holds the kernel")
 
-    monkeypatch.setattr(gemv, "build", no_build)
-    gemv.load.cache_clear()
-    second = gemv.load()
+    monkeypatch.setattr(build, "build", no_build)
+    build.load.cache_clear()
+    second = build.load()
     assert not isinstance(second, str)
     assert second.path == first.path and not second.built and second.build_s == 0.0
 
 
 def test_source_change_changes_cache_key(monkeypatch, tmp_path):
-    compiler = gemv.find_compiler()
+    compiler = build.find_compiler()
     if compiler is None:
         pytest.skip("no C compiler")
     other = tmp_path / "gemv.c"
-    other.write_text(gemv.SOURCE.read_text() + "\n/* changed */\n")
-    before = gemv.build_key(compiler)
-    monkeypatch.setattr(gemv, "SOURCES", (other, *gemv.SOURCES[1:]))
-    assert gemv.build_key(compiler) != before
+    other.write_text(build.SOURCES[0].read_text() + "\n/* changed */\n")
+    before = build.build_key(compiler)
+    monkeypatch.setattr(build, "SOURCES", (other, *build.SOURCES[1:]))
+    assert build.build_key(compiler) != before
 
 
 def test_threads_setting_round_trips_and_keeps_results():
     _require_kernel()
     g = torch.Generator().manual_seed(5)
     x, w = torch.randn(2, 576, generator=g), torch.randn(960, 576, generator=g)
-    before = gemv.get_threads()
+    before = kernels.get_threads()
     try:
-        gemv.set_threads(1)
-        assert gemv.get_threads() == 1
-        one = gemv.linear(x, w)
-        gemv.set_threads(2)
-        assert gemv.get_threads() == 2
-        two = gemv.linear(x, w)
+        kernels.set_threads(1)
+        assert kernels.get_threads() == 1
+        one = kernels.linear(x, w)
+        kernels.set_threads(2)
+        assert kernels.get_threads() == 2
+        two = kernels.linear(x, w)
     finally:
-        gemv.set_threads(before)
+        kernels.set_threads(before)
     torch.testing.assert_close(one, two, rtol=0, atol=0)  # same rows, same order per row
 
 
@@ -243,7 +245,7 @@ def test_concurrent_callers_get_their_own_results():
 
     def run(i):
         for _ in range(50):
-            y = gemv.linear(xs[i], w)
+            y = kernels.linear(xs[i], w)
             if not torch.allclose(y, refs[i], rtol=1e-5, atol=1e-3):
                 errors.append(i)
 
@@ -256,7 +258,7 @@ def test_concurrent_callers_get_their_own_results():
 
 
 def _child_gemv(conn, x, w):
-    conn.send(gemv.linear(x, w).tolist())  # plain lists: torch's tensor pickling needs sockets
+    conn.send(kernels.linear(x, w).tolist())  # plain lists: torch's tensor pickling needs sockets
     conn.close()
 
 
@@ -264,7 +266,7 @@ def test_pool_works_in_forked_child():
     _require_kernel()
     g = torch.Generator().manual_seed(8)
     x, w = torch.randn(1, 576, generator=g), torch.randn(960, 576, generator=g)
-    gemv.linear(x, w)  # parent starts its workers before forking
+    kernels.linear(x, w)  # parent starts its workers before forking
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe()
     p = ctx.Process(target=_child_gemv, args=(child, x, w))
@@ -278,29 +280,29 @@ def test_pool_works_in_forked_child():
 @pytest.mark.parametrize("lanes", [4, 16])
 def test_other_vector_widths_match_torch(lanes, tmp_path):
     """The 16-lane (AVX-512) and 4-lane (portable) builds, forced on this CPU."""
-    compiler = gemv.find_compiler()
+    compiler = build.find_compiler()
     if compiler is None:
         pytest.skip("no C compiler")
     path = tmp_path / f"gemv{lanes}.so"
-    gemv.build(compiler, path, extra_flags=(f"-DGEMV_LANES={lanes}", "-Wno-psabi"))
-    kernel = gemv._open(path, built=True, build_s=0.0)
+    build.build(compiler, path, extra_flags=(f"-DGEMV_LANES={lanes}", "-Wno-psabi"))
+    kernel = build.open_library(path, built=True, build_s=0.0)
     assert kernel.lanes == lanes
     g = torch.Generator().manual_seed(lanes)
     for n, k, b in [(37, 61, 1), (130, 200, 3), (67, 576, 8)]:
         x, w = torch.randn(b, k, generator=g), torch.randn(n, k, generator=g)
         for wt in (w, w.bfloat16()):
             y = torch.empty(b, n)
-            a = (gemv.ctypes.c_int64 * 6)(x.data_ptr(), wt.data_ptr(), y.data_ptr(),
-                                          0 | gemv._DTYPE_CODE[wt.dtype] << 4 | b << 16, n, k)
-            assert kernel.fn(a) == 0
+            a = abi.GemvArgs(x.data_ptr(), wt.data_ptr(), y.data_ptr(),
+                             abi.DType.F32 | kernels.ops._DTYPE_CODE[wt.dtype] << 4 | b << 16, n, k)
+            assert kernel.fn(ctypes.byref(a)) == 0
             torch.testing.assert_close(y, F.linear(x, wt.float()), rtol=1e-5, atol=1e-4 * k**0.5)
 
 
 def test_the_kernel_builds_where_a_compiler_exists():
     """A compile error must fail here, not fall back to torch and skip every kernel test."""
-    if gemv.find_compiler() is None:
+    if build.find_compiler() is None:
         pytest.skip("no C compiler")
-    assert gemv.available(), gemv.unavailable_reason()
+    assert kernels.available(), kernels.unavailable_reason()
 
 
 ISAS = {"x86-64": set(), "haswell": {"avx2", "fma", "f16c"}, "alderlake": {"avx2", "avx_vnni"},
@@ -312,35 +314,33 @@ def test_quantized_paths_of_every_instruction_set_agree(march, tmp_path):
     """The int8/int4 kernels built for other instruction sets (scalar, AVX2 maddubs, AVX-VNNI,
     AVX-512 without VNNI) run where this CPU can: every one is within int8-activation error of
     the float product, and the integer paths give what the native build gives."""
-    import ctypes
-
     from lilliput.compress.quantize import Grid
     from lilliput.eval.peers import cpu_flags
 
-    compiler = gemv.find_compiler()
-    if compiler is None or not gemv.available():
+    compiler = build.find_compiler()
+    if compiler is None or not kernels.available():
         pytest.skip("no C compiler")
     if not ISAS[march] <= cpu_flags():
         pytest.skip(f"this CPU cannot run a {march} build")
     path = tmp_path / f"gemv-{march}.so"
     try:
-        gemv.build(compiler, path, extra_flags=(f"-march={march}", "-Wno-psabi"))
+        build.build(compiler, path, extra_flags=(f"-march={march}", "-Wno-psabi"))
     except RuntimeError as e:
         pytest.skip(f"{compiler} cannot target {march}: {e}")
     other = ctypes.CDLL(str(path))
-    native = gemv.load().lib
+    native = build.load().lib
+    abi.bind(other)
     g = torch.Generator().manual_seed(1)
     for bits, group in ((8, 576), (4, 64), (4, 32)):
         w = torch.randn(40, 576, generator=g)
         layer = Grid.fit(w, bits, group).module(w)
-        desc = (ctypes.c_int64 * 8)(*layer.kernel_desc())
+        desc = layer.kernel_desc()
         for b in (1, 5, 8):
             x = torch.randn(b, 576, generator=g)
             ys = []
             for lib in (native, other):
                 y = torch.empty(b, 40)
-                assert lib.qlinear_run_rows(desc, ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr()),
-                                            ctypes.c_int64(b)) == 0
+                assert lib.qlinear_run_rows(ctypes.byref(desc), x.data_ptr(), y.data_ptr(), b) == 0
                 ys.append(y)
             ref = x @ layer.dequantize().T
             assert (ys[1] - ref).abs().max() < 0.02 * ref.abs().max()  # int8 activations at most
@@ -354,4 +354,4 @@ def test_argmax_matches_torch_first_on_ties(n):
     x = torch.randn(5, n, generator=g)
     x[1, n // 3] = x[1, n - 1] = 1e9  # a tie: the first wins
     x[2, -1] = 1e9
-    assert gemv.argmax(x) == x.argmax(-1).tolist()
+    assert kernels.argmax(x) == x.argmax(-1).tolist()

@@ -222,8 +222,8 @@ def test_structured_shrinks_saves_loads_generates(gqa_model, batches, byte_token
     for _ in range(8):
         ids.append(int(pruned(torch.tensor([ids]))[0, -1].argmax()))
     assert out == ids[3:]
-    from lilliput.infer import gemv
-    if isinstance(gemv.load(), gemv.Kernel):
+    from lilliput.infer import kernels
+    if isinstance(kernels.build.load(), kernels.Kernel):
         assert FusedStep.for_model(loaded) is not None
 
 

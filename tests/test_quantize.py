@@ -11,12 +11,12 @@ from lilliput.compress.gptq import gptq_quantize
 from lilliput.compress.quantize import AWQConfig, GPTQConfig, Grid, RTNConfig, layer_group, quantize_
 from lilliput.core.checkpoint import load_folder, quantization_section, save_checkpoint
 from lilliput.eval.efficiency import model_bytes
-from lilliput.infer import gemv
+from lilliput.infer import kernels
 from lilliput.infer.fused import FusedStep
 from lilliput.infer.generate import GenerationConfig, generate
 from lilliput.jobs.quantize import QuantizeJob
 
-needs_kernel = pytest.mark.skipif(not gemv.available(), reason="no C compiler")
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C compiler")
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -58,7 +58,7 @@ def test_int8_batch_layout_round_trip_and_state():
 
 
 @needs_kernel
-@pytest.mark.skipif(not (gemv.available() and gemv.load().lib.qgemv_int8_pack()), reason="no AVX-512 VNNI")
+@pytest.mark.skipif(not (kernels.available() and kernels.build.load().lib.qgemv_int8_pack()), reason="no AVX-512 VNNI")
 @pytest.mark.parametrize("n,k", [(32, 64), (48, 96), (96, 1536)])
 def test_int8_batch_kernel_matches_row_major_and_is_batch_independent(n, k):
     g = torch.Generator().manual_seed(n)
@@ -256,7 +256,7 @@ def test_smollm2_int8_perplexity_and_int4_generation(smollm):
 
 
 @needs_kernel
-@pytest.mark.skipif(not (gemv.available() and gemv.load().lib.qgemv_int8_pack()), reason="no AVX-512 VNNI")
+@pytest.mark.skipif(not (kernels.available() and kernels.build.load().lib.qgemv_int8_pack()), reason="no AVX-512 VNNI")
 def test_int8_prompt_chunks_run_in_the_fused_step(tiny_model):
     from lilliput.infer.runner import ModelRunner
 

@@ -2,8 +2,9 @@
 
 Both keep packed integer codes as buffers (what the checkpoint stores) and run two ways:
 - up to `KERNEL_ROWS` rows of x on CPU (decode, drafts, prompt chunks): the C kernels of
-  `csrc/qgemv.c` (int8 x in blocks of 32, integer dot products), through the same library and
-  thread pool as the fp32 GEMV; the fused step calls them directly through `kernel_desc()`. int8
+  `lilliput.infer.kernels` (int8 x in blocks of 32, integer dot products), through the same library
+  and thread pool as the fp32 GEMV; the fused step runs them through the descriptor that
+  `kernel_desc()` asks `kernels.descriptor.make` for. int8
   codes are repacked in place into the kernels' batch layout where the build has it (Int8Linear);
 - anything else (long evaluation batches, autograd, other devices, no C compiler): dequantize to
   x's dtype and `F.linear`, the same numbers up to float rounding (and int8 activations).
@@ -11,7 +12,8 @@ Both keep packed integer codes as buffers (what the checkpoint stores) and run t
 int4 layout (shared with the kernel): each block of 32 columns of a row is 16 bytes, byte j
 holding column j in its low nibble and column j + 16 in its high nibble. Scales are fp16 (int4) or
 fp32 (int8), kept as their int16 / int32 bits so that `model.to(dtype)` leaves them alone;
-zeros are uint8 in [0, 15].
+zeros are uint8 in [0, 15]. A layer quantized from a biased `nn.Linear` keeps its bias in float
+(`bias`, (N,); None without), added by the kernels and by the torch path alike.
 
 Both register with core as layer kinds `int8` and `int4` (`lilliput.core.layers`): a checkpoint
 records each layer's kind and `spec()`, and core rebuilds it with `from_spec()` before loading.
@@ -19,19 +21,16 @@ records each layer's kind and `spec()`, and core rebuilds it with `from_spec()` 
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lilliput.core.layers import register_layer
-from lilliput.infer import gemv
+from lilliput.infer.kernels import Kind, Variant, descriptor, ops
 
-KIND_INT8, KIND_INT4 = 2, 3
 GROUP_SIZES = (128, 64, 32)
 """int4 group sizes the kernels run, largest first."""
-VARIANTS = {"auto": 0, "widen": 1, "dot": 2}
+VARIANTS = {"auto": Variant.AUTO, "widen": Variant.WIDEN, "dot": Variant.DOT}
 """Kernel paths: auto (the measured fastest: dot), widen (int -> fp32, FMA), dot (int8 x, integer dot)."""
 BLOCK = 32  # columns per int4 packing block
 KERNEL_ROWS = 256
@@ -90,27 +89,32 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
 class QuantLinear(nn.Module):
     """Common part of the quantized layers: kernel dispatch and the torch fallback."""
 
-    kind = -1
+    kind: Kind
     bits = 0
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.kernel_variant = "auto"  # not saved: a runtime choice (bench/quantize.py compares them)
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    def _set_bias(self, bias: torch.Tensor | None) -> None:
+        if bias is not None:
+            self.bias = bias.detach().float().reshape(self.out_features).clone()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
 
-    def _pointers(self) -> tuple[int, int, int, int]:
+    def _tensors(self) -> dict:
+        """The descriptor's tensors and group: weight, scale and (int4) zero, group."""
         raise NotImplementedError
 
-    def kernel_desc(self) -> list[int] | None:
-        """int64[8] {kind, weight, scale, zero, N, K, group, variant} for the C kernels; None off CPU."""
-        weight, scale, zero, group = self._pointers()
+    def kernel_desc(self) -> "descriptor.Linear | None":
+        """This layer's descriptor for the C kernels (`kernels.descriptor.make`); None off CPU."""
         if self.qweight.device.type != "cpu":
             return None
-        return [self.kind, weight, scale, zero, self.out_features, self.in_features, group,
-                VARIANTS[self.kernel_variant]]
+        return descriptor.make(self.kind, n=self.out_features, k=self.in_features, bias=self.bias,
+                               variant=VARIANTS[self.kernel_variant], **self._tensors())
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -119,7 +123,8 @@ class QuantLinear(nn.Module):
 
     def spec(self) -> dict:
         """What config.json records for this layer (enough to rebuild it empty)."""
-        return {"bits": self.bits, "in_features": self.in_features, "out_features": self.out_features}
+        spec = {"bits": self.bits, "in_features": self.in_features, "out_features": self.out_features}
+        return {**spec, "bias": True} if self.bias is not None else spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features if self.in_features else 0
@@ -127,22 +132,12 @@ class QuantLinear(nn.Module):
             y = self._kernel(x, rows)
             if y is not None:
                 return y
-        return F.linear(x, self.dequantize(x.dtype))
+        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _kernel(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
-        kernel = gemv.load()
         desc = self.kernel_desc()
-        if not isinstance(kernel, gemv.Kernel) or desc is None:
-            return None
-        xf = x.reshape(rows, self.in_features).to(torch.float32).contiguous()
-        y = torch.empty(rows, self.out_features)
-        fn = kernel.lib.qlinear_run_rows
-        fn.restype = ctypes.c_int
-        rc = fn((ctypes.c_int64 * 8)(*desc), ctypes.c_void_p(xf.data_ptr()), ctypes.c_void_p(y.data_ptr()),
-                ctypes.c_int64(rows))
-        if rc != 0:
-            raise RuntimeError(f"qlinear_run rejected {type(self).__name__} {desc[4:7]} (code {rc})")
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = None if desc is None else ops.run(desc, x.reshape(rows, self.in_features))
+        return None if y is None else y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
@@ -154,15 +149,15 @@ class Int8Linear(QuantLinear):
 
     For the C kernels of a machine with AVX-512 VNNI, `kernel_desc()` repacks the codes in place
     into the batch layout (`pack_`: groups of 16 rows, 4 columns of each row side by side, + 128;
-    see csrc/qgemv.c, kind 4), which reads the same bytes per token and runs batches and prompt
+    see kernels/csrc/qgemv_int8.c, `Kind.INT8_BATCH`), which reads the same bytes per token and runs batches and prompt
     chunks ~2x faster. The module still behaves as row-major everywhere else: `codes()`,
     `dequantize()` and the state dict (a checkpoint stores row-major codes, and loading row-major
     codes into a packed module repacks them)."""
 
-    kind, bits = KIND_INT8, 8
+    kind, bits = Kind.INT8, 8
 
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32).view(torch.int32))
         self.packed = 0  # rows per packed group; 0 = row-major (not saved: a runtime layout)
@@ -170,16 +165,24 @@ class Int8Linear(QuantLinear):
         self.register_load_state_dict_pre_hook(_load_into_layout)
 
     @classmethod
-    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor) -> "Int8Linear":
-        """Codes (N, K) in [-127, 127] and per-row scale (N,) or (N, 1)."""
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+        """Codes (N, K) in [-127, 127], per-row scale (N,) or (N, 1) and an optional float bias (N,)."""
         m = cls(q.shape[1], q.shape[0])
+        m._set_bias(bias)
         m.qweight.copy_(q.to(torch.int8))
         m.scale.copy_(scale.reshape(-1).float().view(torch.int32))
         return m
 
     @classmethod
     def from_spec(cls, spec: dict) -> "Int8Linear":
-        return cls(spec["in_features"], spec["out_features"])
+        return cls(spec["in_features"], spec["out_features"], spec.get("bias", False))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        """Round-to-nearest int8 of an nn.Linear, its bias kept in float."""
+        w = linear.weight.detach().float()
+        scale = int8_scale(w)
+        return cls.from_codes(quantize_int8(w, scale), scale, linear.bias)
 
     def codes(self) -> torch.Tensor:
         """The codes (N, K) int8, row-major, whatever the layout in memory."""
@@ -196,18 +199,18 @@ class Int8Linear(QuantLinear):
             self.packed = rows
         return self
 
-    def kernel_desc(self) -> list[int] | None:
-        rows = _int8_pack_rows() if self.kernel_variant == "auto" else 0
+    def kernel_desc(self) -> "descriptor.Linear | None":
+        rows = ops.int8_batch_rows() if self.kernel_variant == "auto" else 0
         if rows and (self.out_features % rows or self.in_features % BLOCK or not self.qweight.is_cpu):
             rows = 0
         self.pack_(rows)
         desc = super().kernel_desc()
         if desc is not None and self.packed:
-            desc[0] = gemv.KIND_INT8_BATCH
+            desc.kind = Kind.INT8_BATCH
         return desc
 
-    def _pointers(self):
-        return self.qweight.data_ptr(), self.scale.data_ptr(), 0, 0
+    def _tensors(self) -> dict:
+        return {"weight": self.qweight, "scale": self.scale}
 
 
 def pack_int8(q: torch.Tensor, rows: int) -> torch.Tensor:
@@ -221,11 +224,6 @@ def unpack_int8(p: torch.Tensor, rows: int) -> torch.Tensor:
     """The inverse of pack_int8: codes (N, K) int8."""
     g, k4 = p.shape[0], p.shape[1]
     return (p.transpose(1, 2).reshape(g * rows, k4 * 4).to(torch.int16) - 128).to(torch.int8)
-
-
-def _int8_pack_rows() -> int:
-    kernel = gemv.load()
-    return kernel.lib.qgemv_int8_pack() if isinstance(kernel, gemv.Kernel) else 0
 
 
 def _row_major_state(module: Int8Linear, state: dict, prefix: str, local_metadata) -> None:
@@ -243,10 +241,10 @@ def _load_into_layout(module: Int8Linear, state: dict, prefix: str, *args) -> No
 class Int4Linear(QuantLinear):
     """W (N, K) = (codes - zero) * scale per group of `group_size` columns; codes packed 2 a byte."""
 
-    kind, bits = KIND_INT4, 4
+    kind, bits = Kind.INT4, 4
 
-    def __init__(self, in_features: int, out_features: int, group_size: int):
-        super().__init__(in_features, out_features)
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias)
         if group_size not in GROUP_SIZES or in_features % group_size:
             raise ValueError(f"int4 group_size must be one of {GROUP_SIZES} and divide in_features="
                              f"{in_features}, got {group_size}")
@@ -257,9 +255,11 @@ class Int4Linear(QuantLinear):
         self.register_buffer("zero", torch.zeros(out_features, ng, dtype=torch.uint8))
 
     @classmethod
-    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> "Int4Linear":
-        """Codes (N, K) in [0, 15]; scale and zero (N, K/group_size)."""
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                   bias: torch.Tensor | None = None) -> "Int4Linear":
+        """Codes (N, K) in [0, 15]; scale and zero (N, K/group_size); an optional float bias (N,)."""
         m = cls(q.shape[1], q.shape[0], group_size)
+        m._set_bias(bias)
         m.qweight.copy_(pack_int4(q))
         m.scale.copy_(scale.half().view(torch.int16))
         m.zero.copy_(zero.to(torch.uint8))
@@ -267,7 +267,15 @@ class Int4Linear(QuantLinear):
 
     @classmethod
     def from_spec(cls, spec: dict) -> "Int4Linear":
-        return cls(spec["in_features"], spec["out_features"], spec["group_size"])
+        return cls(spec["in_features"], spec["out_features"], spec["group_size"], spec.get("bias", False))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> "Int4Linear":
+        """Round-to-nearest int4 (min/max grid per group) of an nn.Linear, its bias kept in float."""
+        w = linear.weight.detach().float()
+        scale, zero = int4_params(w, group_size)
+        q = quantize_int4(w, expand(scale, group_size), expand(zero, group_size))
+        return cls.from_codes(q, scale, zero, group_size, linear.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = unpack_int4(self.qweight).float()  # (N, K)
@@ -275,8 +283,8 @@ class Int4Linear(QuantLinear):
         z = expand(self.zero.float(), self.group_size)
         return ((q - z) * s).to(dtype)
 
-    def _pointers(self):
-        return self.qweight.data_ptr(), self.scale.data_ptr(), self.zero.data_ptr(), self.group_size
+    def _tensors(self) -> dict:
+        return {"weight": self.qweight, "scale": self.scale, "zero": self.zero, "group": self.group_size}
 
     def spec(self) -> dict:
         return {**super().spec(), "group_size": self.group_size}

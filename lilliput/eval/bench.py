@@ -158,11 +158,11 @@ def measure_model(spec: str | None, cfg: BenchConfig) -> dict[str, Any]:
 
     from lilliput.core.checkpoint import load_model
     from lilliput.eval import efficiency as eff
-    from lilliput.infer import gemv
+    from lilliput.infer import kernels
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-        gemv.set_threads(cfg.threads)
+        kernels.set_threads(cfg.threads)
     meter = eff.EnergyMeter(cfg.watts_per_core or eff.DEFAULT_WATTS_PER_CORE)
     rss_before = eff.rss_bytes()
     model, tok = load_model(spec or None, device="cpu")
@@ -175,8 +175,8 @@ def measure_model(spec: str | None, cfg: BenchConfig) -> dict[str, Any]:
         "size_on_disk_bytes": eff.size_on_disk(path) if path else None,
         "load_seconds": getattr(model, "load_seconds", None),
         "quantization": getattr(model, "quantization", None),
-        "threads": {"torch": torch.get_num_threads(), "kernel": gemv.get_threads(),
-                    "kernel_unavailable": gemv.unavailable_reason() or None},
+        "threads": {"torch": torch.get_num_threads(), "kernel": kernels.get_threads(),
+                    "kernel_unavailable": kernels.unavailable_reason() or None},
         "energy_method": meter.method(), "notes": [],
     }
     if path and str(path).endswith(".gguf"):

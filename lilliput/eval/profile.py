@@ -77,7 +77,7 @@ def breakdown(events) -> dict[str, float]:
 
 
 def _decode_steps(model, tok, prompt: list[int], steps: int, fused_path: bool, trace: Path) -> dict:
-    from lilliput.infer import gemv
+    from lilliput.infer import kernels
     from lilliput.infer.fastpath import accelerate_
     from lilliput.infer.fused import FusedStep
 
@@ -93,7 +93,7 @@ def _decode_steps(model, tok, prompt: list[int], steps: int, fused_path: bool, t
         return model(torch.tensor([[token]]), state)[0, -1]
 
     try:
-        with torch.inference_mode(), gemv.decode_threads():
+        with torch.inference_mode(), kernels.decode_threads():
             logits = model(torch.tensor([prompt]), state, last_only=True)[0, -1]
             for _ in range(WARMUP_STEPS):  # first calls pay for lazy setup: not what we profile
                 logits = step(int(logits.argmax()))
@@ -134,14 +134,14 @@ def profile_decode(spec: str | None, out: Path | str, steps: int = 16, threads: 
     """Profile `steps` decode steps on both paths; writes profile_{fused,torch}.json (chrome traces)
     and profile.txt into `out`; returns the figures and the summary text."""
     from lilliput.core.checkpoint import load_model
-    from lilliput.infer import gemv
+    from lilliput.infer import kernels
     from lilliput.infer.fused import FusedStep
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
-        gemv.set_threads(threads)
+        kernels.set_threads(threads)
     if model is None:
         model, tokenizer = load_model(spec or None, device="cpu")
     prompt_len = max(1, min(prompt_len, model.config.max_seq_len - steps - WARMUP_STEPS - 2))

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 import torch
 
 from lilliput.core.model import GPT
-from lilliput.infer import gemv
+from lilliput.infer import kernels
 from lilliput.infer.runner import ModelRunner
 from lilliput.infer.sampling import LogitsProcessor, filtered_logits
 from lilliput.infer.scheduler import Scheduler
@@ -235,7 +235,7 @@ class Engine:
     def _sample_all(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample each sequence's next token from its row of logits (B, V) and append it."""
         plain = all(s.cfg.temperature <= 0 and not s.processors and s.cfg.logprobs is None for s in seqs)
-        tokens = gemv.argmax(logits) if plain else [self.sample(s, logits[i]) for i, s in enumerate(seqs)]
+        tokens = kernels.argmax(logits) if plain else [self.sample(s, logits[i]) for i, s in enumerate(seqs)]
         for s, tok in zip(seqs, tokens):
             if s.first_token_at is None:
                 s.first_token_at = time.perf_counter()

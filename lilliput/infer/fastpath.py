@@ -2,7 +2,7 @@
 
 `accelerate_(model)` swaps the class of every plain `nn.Linear` to `GemvLinear` in place: the
 parameters, state dict and `isinstance(m, nn.Linear)` stay exactly as they were, so training,
-saving and quantization see an ordinary model. Inputs with more than `gemv.MAX_ROWS` rows
+saving and quantization see an ordinary model. Inputs with more than `kernels.MAX_ROWS` rows
 (prefill, evaluation batches) still go to torch.
 """
 
@@ -12,20 +12,21 @@ import torch
 import torch.nn as nn
 
 from lilliput.core.model import RMSNorm
-from lilliput.infer import gemv
+from lilliput.infer import kernels
 
 
 class GemvLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is None and x.shape[-1] and x.numel() // x.shape[-1] <= gemv.MAX_ROWS:
-            return gemv.linear(x, self.weight)
+        if self.bias is None and x.shape[-1] and x.numel() // x.shape[-1] <= kernels.MAX_ROWS:
+            return kernels.linear(x, self.weight)
         return super().forward(x)
 
 
 class KernelRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.offset and x.numel() // x.shape[-1] <= gemv.MAX_ROWS:  # the C norm has no (offset + w)
-            y = gemv.rmsnorm(x, self.weight, self.eps)  # None: not fp32 / needs autograd
+        if x.numel() // x.shape[-1] <= kernels.MAX_ROWS:
+            w = self.weight + self.offset if self.offset else self.weight  # Gemma: (1 + weight)
+            y = kernels.rmsnorm(x, w, self.eps)  # None: not fp32 / needs autograd
             if y is not None:
                 return y
         return super().forward(x)
@@ -33,7 +34,7 @@ class KernelRMSNorm(RMSNorm):
 
 def accelerate_(model: nn.Module) -> nn.Module:
     """Route few-row products and norms of `model` to the C kernels (in place)."""
-    if not gemv.available():
+    if not kernels.available():
         return model
     for m in model.modules():
         if type(m) is nn.Linear and m.bias is None:

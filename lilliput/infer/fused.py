@@ -1,20 +1,22 @@
-"""The fused step: one C call runs a Llama model over a few tokens on CPU (csrc/llama_step.c).
+"""The fused step: one C call runs a whole model over a few tokens on CPU (kernels/csrc/llama_step.c).
 
-A call takes up to `MAX_TOKENS` tokens, each with its own cache row and position: one token for
+A call takes up to `max_tokens` tokens, each with its own cache row and position: one token for
 each of B decoding sequences, the k + 1 tokens of a sequence being verified, or a short prefill
-chunk. Each weight matrix is read once per call.
+chunk. Each weight matrix is read once per call (each expert's once, for the tokens routed to it).
 
-`FusedStep.for_model(model)` returns None where it does not apply (no kernel, not CPU, a mixer
-or feed-forward other than attention + SwiGLU, a linear layer the step cannot run); the runner
-then uses the torch modules. The step reads and writes the same `DecodeState` tensors the torch
-prefill fills: fp32, or fp16 where the build has F16C (`kv_f16`; the engine's default there, as
-llama.cpp's: attention in a batched step reads every row's cache, every layer).
+It runs every family `lilliput.core.model` builds from attention blocks: biases, qk-norm (per head
+or over the projection), (offset + weight) norms, pre- and post-norms, SwiGLU or GeGLU, embedding
+scale, attention scale and soft-caps, sliding-window layers, per-layer rotary tables (partial, NoPE,
+local bases, every scaling: the tables come from each layer's `rotary`), and MoE feed-forwards.
+`fast_path_reason(model)` says why a model cannot run here ("" when it can); `FusedStep.for_model`
+then returns None and the runner uses the torch modules. The step reads and writes the same
+`DecodeState` tensors the torch prefill fills: fp32, or fp16 where the build has F16C (`kv_f16`;
+the engine's default there, as llama.cpp's: attention in a batched step reads every row's cache,
+every layer).
 
-The argument block is `StepArgs`, a ctypes.Structure that mirrors `step_args_t` field for field;
-its first field carries `ABI` and the C side refuses any other value. A linear layer is a
-`LinearDesc` {kind, weight, scale, zero, N, K, group, variant}: plain fp32/bf16 `nn.Linear`
-layers get kinds 0/1 here; a quantized module joins by defining `kernel_desc() -> list[int]`
-(kind >= 2, run by the C `qlinear_run_rows`) and keeping the tensors it points at alive.
+The argument block is `abi.Step` (step_args_t of kernels/csrc/lilliput.h, checked at load) and
+every linear layer is described by `kernels.descriptor.for_module`: plain fp32/bf16 `nn.Linear`
+layers (with or without bias), and quantized modules through their `kernel_desc()`.
 """
 
 from __future__ import annotations
@@ -24,107 +26,146 @@ import ctypes
 import torch
 import torch.nn as nn
 
-from lilliput.core.config import ModelConfig
 from lilliput.core.model import GPT, DecodeState, KVState
-from lilliput.infer import gemv
+from lilliput.infer.kernels import abi, build, descriptor
+from lilliput.infer.kernels.build import Kernel
 
-ABI = 4
-_WDT = {torch.float32: 0, torch.bfloat16: 1}
-i64 = ctypes.c_int64
-
-
-class LinearDesc(ctypes.Structure):
-    _fields_ = [(name, i64) for name in ("kind", "weight", "scale", "zero", "n", "k", "group", "variant")]
+_QK = {None: abi.QkNorm.NONE, "head": abi.QkNorm.HEAD, "proj": abi.QkNorm.PROJ}
+_ACT = {"silu": abi.Act.SILU, "gelu_tanh": abi.Act.GELU_TANH}
 
 
-class LayerArgs(ctypes.Structure):
-    _fields_ = [("attn_norm", i64), ("ffn_norm", i64), ("k_cache", i64), ("v_cache", i64),
-                ("wqkv", LinearDesc), ("wo", LinearDesc), ("w_gate_up", LinearDesc), ("w_down", LinearDesc)]
+def _linears(model: GPT) -> list[tuple[str, nn.Module]]:
+    """Every linear layer the step runs, named: the output layer, then per layer q|k|v, output, and
+    gate|up, down of the dense feed-forward or of each expert."""
+    out = [("lm_head", model.lm_head)]
+    for i, blk in enumerate(model.layers):
+        out += [(f"layers.{i}.mixer.wqkv", blk.mixer.wqkv), (f"layers.{i}.mixer.wo", blk.mixer.wo)]
+        experts = getattr(blk.ffn, "experts", None)
+        for j, ffn in enumerate(experts if experts is not None else [blk.ffn]):
+            p = f"layers.{i}.ffn." + (f"experts.{j}." if experts is not None else "")
+            out += [(p + "w_gate_up", ffn.w_gate_up), (p + "w_down", ffn.w_down)]
+    return out
 
 
-class StepArgs(ctypes.Structure):
-    _fields_ = [("abi", i64), ("n_layers", i64), ("dim", i64), ("n_heads", i64), ("n_kv_heads", i64),
-                ("head_dim", i64), ("ffn_dim", i64), ("vocab", i64), ("max_len", i64), ("kv_f16", i64),
-                ("eps", ctypes.c_double),
-                ("n_tok", i64), ("rows", i64), ("pos", i64), ("n_out", i64), ("out_idx", i64), ("x", i64),
-                ("logits", i64), ("cos", i64), ("sin", i64), ("scratch", i64), ("final_norm", i64),
-                ("lm_head", LinearDesc), ("layers", i64)]
+def _reason(model: nn.Module) -> tuple[str, list[abi.Linear]]:
+    """Why the step cannot run `model` ("" when it can), and the descriptors of `_linears(model)`."""
+    kernel = build.load()
+    if not isinstance(kernel, Kernel):
+        return f"the C kernels are unavailable ({kernel})", []
+    if not isinstance(model, GPT):
+        return f"{type(model).__name__} is not a lilliput GPT", []
+    c = model.config
+    if model.norm.weight.device.type != "cpu":
+        return f"the model is on {model.norm.weight.device.type}, the fused step runs on CPU", []
+    mixers = sorted({c.mixer_at(i) for i in range(c.n_layers)} - {"attention"})
+    if mixers:
+        return f"the fused step runs attention layers only, not {', '.join(mixers)}", []
+    if c.ffn not in ("swiglu", "moe"):
+        return f"the fused step runs gated and MoE feed-forwards, not {c.ffn!r}", []
+    if c.ffn == "moe" and c.moe_capacity is not None:
+        return "MoE with a capacity (dropped tokens) runs in torch only", []
+    descs = []
+    for name, m in _linears(model):
+        d = descriptor.for_module(m)
+        if d is None:
+            return f"{name} ({type(m).__name__}) has no kernel descriptor", []
+        descs.append(d)
+    return "", descs
 
 
-def linear_desc(m: nn.Module) -> list[int] | None:
-    """The C descriptor of a linear layer, or None when the fused step cannot run it."""
-    if hasattr(m, "kernel_desc"):
-        return m.kernel_desc()
-    if not isinstance(m, nn.Linear) or m.bias is not None or m.weight.dtype not in _WDT \
-            or not m.weight.is_contiguous() or m.weight.device.type != "cpu":
+def fast_path_reason(model: nn.Module) -> str:
+    """Why the fused C step cannot run `model` (one line to show once); "" when it can."""
+    return _reason(model)[0]
+
+
+def _norm(m: nn.Module | None) -> torch.Tensor | None:
+    """An RMSNorm's fp32 (offset + weight), what the step multiplies by; None for no norm."""
+    if m is None:
         return None
-    n, k = m.weight.shape
-    return [_WDT[m.weight.dtype], m.weight.data_ptr(), 0, 0, n, k, 0, 0]
+    return (m.weight.detach().float() + m.offset).contiguous() if m.offset else m.weight.detach().float().contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 class FusedStep:
-    def __init__(self, model: GPT, kernel: gemv.Kernel, descs: list[list[int]]):
+    def __init__(self, model: GPT, kernel: Kernel, descs: list[abi.Linear]):
         c = model.config
         lib = kernel.lib
-        if lib.llama_step_abi() != ABI:
-            raise RuntimeError(f"llama_step ABI {lib.llama_step_abi()} != {ABI}: stale kernel build")
         self.model, self.config, self.fn = model, c, lib.llama_step
-        self.fn.restype = ctypes.c_int
         self.max_tokens = lib.llama_step_max_tokens()
-        lib.step_scratch_floats.restype = ctypes.c_int64
         # whether the step can read and write an fp16 cache (F16C, head_dim % 8 == 0)
-        self.kv_f16 = bool(lib.llama_step_kv_f16(ctypes.c_int64(c.hd)))
-        self._scratch_floats = lib.step_scratch_floats
-        # fp32 copies of the norms (tiny); matrices are used in place
-        self.norms = [(blk.attn_norm.weight.float().contiguous(), blk.ffn_norm.weight.float().contiguous())
-                      for blk in model.layers]
-        self.final_norm = model.norm.weight.float().contiguous()
-        a = self.args = StepArgs(abi=ABI, n_layers=c.n_layers, dim=c.dim, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
-                                 head_dim=c.hd, ffn_dim=c.ffn_dim, vocab=c.vocab_size, eps=c.norm_eps)
+        self.kv_f16 = bool(lib.llama_step_kv_f16(c.hd))
+        self._descs = descs  # they hold converted copies (bf16 biases as fp32)
+        moe = c.ffn == "moe"
+        a = self.args = abi.Step(
+            n_layers=c.n_layers, dim=c.dim, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.hd,
+            ffn_dim=c.ffn_dim, vocab=c.vocab_size, eps=c.norm_eps, act=_ACT[c.act], qk_norm=_QK[c.qk_norm],
+            attn_scale=c.attn_scale or 0.0, attn_softcap=c.attn_softcap or 0.0, final_softcap=c.final_softcap or 0.0,
+            rot_dim=c.rot_dim, n_experts=c.moe_experts if moe else 0, top_k=c.moe_top_k if moe else 0,
+            norm_topk=int(c.moe_norm_topk))
+        self.final_norm = _norm(model.norm)
         a.final_norm = self.final_norm.data_ptr()
-        a.lm_head = LinearDesc(*descs[0])
-        self.layer_args = (LayerArgs * c.n_layers)()
-        for i, (n1, n2) in enumerate(self.norms):
-            la = self.layer_args[i]
-            la.attn_norm, la.ffn_norm = n1.data_ptr(), n2.data_ptr()
-            la.wqkv, la.wo, la.w_gate_up, la.w_down = (LinearDesc(*d) for d in descs[1 + 4 * i: 5 + 4 * i])
+        a.lm_head = descs[0]
+        # rotary: one table per distinct Rotary of the model (shared by every layer with its parameters)
+        self.rotaries: list = []
+        self.layer_args = (abi.Layer * c.n_layers)()
+        self._keep: list = []  # fp32 norms, routers and expert descriptor arrays the structs point at
+        it = iter(descs[1:])
+        for i, blk in enumerate(model.layers):
+            la, mix = self.layer_args[i], blk.mixer
+            norms = [_norm(getattr(blk, n, None)) for n in ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm")]
+            qk = [_norm(getattr(mix, n, None)) for n in ("q_norm", "k_norm")] if c.qk_norm else [None, None]
+            self._keep += norms + qk
+            la.attn_norm, la.attn_post_norm, la.ffn_norm, la.ffn_post_norm = map(_ptr, norms)
+            la.q_norm, la.k_norm = map(_ptr, qk)
+            if mix.rotary is None:
+                la.rope = -1
+            else:
+                if all(r is not mix.rotary for r in self.rotaries):
+                    self.rotaries.append(mix.rotary)
+                la.rope = next(j for j, r in enumerate(self.rotaries) if r is mix.rotary)
+            la.window = mix.window or 0
+            la.wqkv, la.wo = next(it), next(it)
+            if moe:
+                E = c.moe_experts
+                gate_up, down = (abi.Linear * E)(), (abi.Linear * E)()
+                for e in range(E):
+                    gate_up[e], down[e] = next(it), next(it)
+                router = blk.ffn.router.detach().float().contiguous()
+                self._keep += [gate_up, down, router]
+                la.moe = abi.Moe(router=router.data_ptr(), gate_up=ctypes.addressof(gate_up),
+                                 down=ctypes.addressof(down))
+            else:
+                la.w_gate_up, la.w_down = next(it), next(it)
         a.layers = ctypes.addressof(self.layer_args)
+        self._ref = ctypes.byref(a)
         T = self.max_tokens
+        self.emb_scale = None if c.emb_scale is None else torch.tensor(c.emb_scale, dtype=model.tok_emb.weight.dtype)
         self.x = torch.empty(T, c.dim)
         self.logits = torch.empty(T, c.vocab_size)
         self.meta = torch.zeros(3, T, dtype=torch.long)  # rows, positions, output indices
-        self.scratch = torch.empty(self._scratch_floats(ctypes.byref(a), T))
+        self.rope = torch.empty(2, max(len(self.rotaries), 1) * T * c.rot_dim)  # cos, sin: (n_rope, n, rot_dim)
+        self.scratch = torch.empty(lib.step_scratch_floats(ctypes.byref(a), T))
         a.x, a.logits, a.scratch = self.x.data_ptr(), self.logits.data_ptr(), self.scratch.data_ptr()
+        a.cos, a.sin = self.rope[0].data_ptr(), self.rope[1].data_ptr()
         a.rows, a.pos, a.out_idx = (self.meta[i].data_ptr() for i in range(3))
         self._bound: tuple[int, int] | None = None
 
     @classmethod
     def for_model(cls, model: GPT) -> "FusedStep | None":
-        kernel = gemv.load()
-        if not isinstance(kernel, gemv.Kernel) or not isinstance(model, GPT):
+        """The step for `model`, or None where it cannot run it (`fast_path_reason` says why)."""
+        reason, descs = _reason(model)
+        if reason:
             return None
-        c = model.config
-        if c.ffn != "swiglu" or any(c.mixer_at(i) != "attention" for i in range(c.n_layers)) \
-                or model.norm.weight.device.type != "cpu":
-            return None
-        plain = ModelConfig(vocab_size=c.vocab_size)
-        quirks = ("attn_bias", "attn_out_bias", "mlp_bias", "qk_norm", "norm_offset", "pre_norms", "post_norms", "act",
-                  "emb_scale", "attn_scale", "attn_softcap", "final_softcap", "sliding_window", "rope_scaling",
-                  "rope_local_theta", "rotary_dim", "nope_layers")
-        if any(getattr(c, q) != getattr(plain, q) for q in quirks):
-            return None  # the C step runs plain Llama blocks only
-        linears = [model.lm_head] + [m for blk in model.layers for m in
-                                     (blk.mixer.wqkv, blk.mixer.wo, blk.ffn.w_gate_up, blk.ffn.w_down)]
-        descs = [linear_desc(m) for m in linears]
-        if any(d is None for d in descs):
-            return None  # e.g. a layer type the C step has no kernel for: the torch modules run it
-        step = cls(model, kernel, descs)
+        step = cls(model, build.load(), descs)
         # every layer reads its weights once for any number of tokens (int8 in the batch layout):
         # prompt chunks then run here too, max_tokens at a time
-        step.one_pass = all(d[0] == gemv.KIND_INT8_BATCH for d in descs)
+        step.one_pass = all(d.kind == abi.Kind.INT8_BATCH for d in descs)
         # the tensors the descriptors point at, held even if a module later swaps a buffer for
         # another layout (an int8 layer asked for its row-major kernel unpacks into a new tensor)
-        step._alive = [b for m in linears for b in m.buffers()]
+        step._alive = [b for _, m in _linears(model) for b in m.buffers()]
         return step
 
     def bind(self, state: DecodeState) -> None:
@@ -139,6 +180,24 @@ class FusedStep:
         for la, s in zip(self.layer_args, state.layers):
             la.k_cache, la.v_cache = s.k.data_ptr(), s.v.data_ptr()
         self._bound = (id(state), state.generation)
+
+    def _rotary_rows(self, n: int, pos: list[int], rows: list[int], ends: dict[int, int]) -> None:
+        """Each rotary's cos and sin rows at the tokens' positions into the step's (n_rope, n, rot_dim)
+        buffers, as the torch path picks them: from the tables for a sequence of max(pos) + 1
+        positions, or, where the frequencies depend on the length (dynamic NTK, LongRoPE), of each
+        token's row's own length after the call (`ends`)."""
+        rot, at = self.config.rot_dim, self.meta[1, :n]
+        for j, rotary in enumerate(self.rotaries):
+            out = [self.rope[i, j * n * rot:(j + 1) * n * rot].view(n, rot) for i in (0, 1)]
+            lengths = {ends[r] for r in rows} if rotary.length_dependent else {max(pos) + 1}
+            if len(lengths) == 1:
+                for table, o in zip(rotary.tables(lengths.pop(), self.x.device), out):
+                    torch.index_select(table, 0, at, out=o)
+                continue
+            for length in lengths:  # rows of different lengths in one call
+                idx = torch.tensor([t for t, r in enumerate(rows) if ends[r] == length])
+                for table, o in zip(rotary.tables(length, self.x.device), out):
+                    o[idx] = table[at[idx]]
 
     def __call__(self, state: DecodeState, tokens: list[int], rows: list[int], out: list[int] | None = None
                  ) -> torch.Tensor:
@@ -165,12 +224,13 @@ class FusedStep:
         emb, ids = model.tok_emb.weight, meta[0, :n].new_tensor(tokens)
         if emb.dtype == torch.float32:
             torch.index_select(emb, 0, ids, out=self.x[:n])
-        else:
-            self.x[:n] = emb[ids]
-        cos, sin = model.layers[0].mixer.rotary.tables(max(pos) + 1, self.x.device)
-        cos, sin = cos[meta[1, :n]], sin[meta[1, :n]]  # (n, hs), contiguous
-        a.n_tok, a.n_out, a.cos, a.sin = n, len(out), cos.data_ptr(), sin.data_ptr()
-        rc = self.fn(ctypes.byref(a))
+            if self.emb_scale is not None:
+                self.x[:n].mul_(self.emb_scale)
+        else:  # scaled in the weights' dtype first, as GPT.embed does
+            self.x[:n] = emb[ids] if self.emb_scale is None else emb[ids] * self.emb_scale
+        self._rotary_rows(n, pos, rows, {r: lengths[r] + k for r, k in seen.items()})
+        a.n_tok, a.n_out = n, len(out)
+        rc = self.fn(self._ref)
         if rc != 0:
             raise RuntimeError(f"llama_step failed (code {rc}) for rows {rows} at positions {pos}")
         for r, k in seen.items():

@@ -8,9 +8,9 @@ import contextlib
 import torch
 
 from lilliput.core.model import GPT
-from lilliput.infer import gemv
+from lilliput.infer import kernels
 from lilliput.infer.fastpath import accelerate_
-from lilliput.infer.fused import FusedStep
+from lilliput.infer.fused import FusedStep, fast_path_reason
 
 FUSED_EXTEND_MAX = 16
 """Longest run of one row's tokens sent to the fused step when its layers take 8 rows per pass
@@ -33,12 +33,19 @@ class ModelRunner:
                 torch.float32 if self.fused else (p.dtype if p.is_floating_point() else torch.float32)
         if self.fused and kv_dtype not in ((torch.float32, torch.float16) if self.fused.kv_f16 else (torch.float32,)):
             self.fused = None  # a cache the C step cannot read: the torch modules run every step
+        # why the torch modules run every step: one line for the caller to show once ("" when fused)
+        if self.fused is not None:
+            self.fused_reason = ""
+        elif not cpu:
+            self.fused_reason = f"the model is on {self.device.type}; the fused step runs on CPU"
+        else:
+            self.fused_reason = fast_path_reason(model) or f"the fused step cannot read a {kv_dtype} cache"
         # torch paths cast keys and values on read
         self.state = model.new_state(rows, max_len, self.device, kv_dtype)
 
     def _threads(self):
         """While the C step runs, torch stays single-threaded: the kernel's pool owns the cores."""
-        return gemv.decode_threads() if self.fused else contextlib.nullcontext()
+        return kernels.decode_threads() if self.fused else contextlib.nullcontext()
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], rows: list[int]) -> torch.Tensor:

@@ -21,7 +21,7 @@
  * then sleep on a condition variable. One caller at a time owns the pool; a concurrent
  * caller runs single-threaded instead of waiting. pthread_atfork resets the pool in a
  * forked child. Nothing here uses OpenMP, so it cannot fight torch's bundled libgomp over
- * runtime state; it still competes for cores, hence the policy in gemv.py.
+ * runtime state; it still competes for cores, hence the policy in infer/kernels/ops.py.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -30,11 +30,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include "lilliput.h"
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
-#define GEMV_ABI_VERSION 2
 #define MAX_B 8
 #define MAX_THREADS 64
 /* Below 2x this many weight bytes the pool handoff costs more than a second core saves. */
@@ -60,7 +61,7 @@
 typedef float vf __attribute__((vector_size(GEMV_LANES * 4)));
 typedef uint32_t vu __attribute__((vector_size(GEMV_LANES * 4)));
 
-enum { DT_F32 = 0, DT_BF16 = 1 };
+enum { DT_F32 = LL_DT_F32, DT_BF16 = LL_DT_BF16 };
 
 /* ---------------------------------------------------------------- scalar helpers */
 
@@ -193,8 +194,6 @@ static void split_x(const void *x, int xdt, int wdt, float *out, int64_t B, int6
     }
 }
 
-typedef void (*rows_fn)(const float *, const void *, void *, int, int64_t, int64_t, int64_t,
-                        int64_t);
 
 #define ROWS_FN(B, WDT, NAME)                                                                  \
     static void NAME(const float *x, const void *w, void *y, int ydt, int64_t N, int64_t K,    \
@@ -367,8 +366,6 @@ static int ensure_workers(int want) {
 
 /* ---------------------------------------------------------------- public API */
 
-int gemv_abi_version(void) { return GEMV_ABI_VERSION; }
-
 int gemv_lanes(void) { return GEMV_LANES; }
 
 void gemv_set_threads(int n) {
@@ -411,7 +408,7 @@ static void pool_run(rows_fn fn, const float *xf, const void *w, void *y, int yd
 
 /*
  * Rows [0, N) of y by `fn` on the pool (or on the caller's thread for small W or a busy pool).
- * Also the entry for the other kernels compiled into this library (csrc/qgemv.c), which pass
+ * Also the entry for the other kernels compiled into this library (qgemv*.c), which pass
  * their own row function and context through `x` and `w`; row_bytes = weight bytes per row.
  */
 int gemv_pool_run(rows_fn fn, const float *xf, const void *w, void *y, int ydt, int64_t N,
@@ -460,15 +457,13 @@ int gemv(const void *x, int xdt, const void *w, int wdt, void *y, int ydt, int64
 }
 
 /*
- * The same call with its arguments in one int64 array, so Python converts one argument
- * instead of nine (ctypes charges ~0.2 us per argument):
- * a = {x, w, y, xdt | wdt << 4 | ydt << 8 | B << 16, N, K}.
+ * The same call with its arguments in one struct, so Python converts one argument instead of
+ * nine (ctypes charges ~0.2 us per argument).
  */
-int gemv_packed(const int64_t *a) {
-    int64_t code = a[3];
-    return gemv((const void *)(intptr_t)a[0], (int)(code & 15), (const void *)(intptr_t)a[1],
-                (int)((code >> 4) & 15), (void *)(intptr_t)a[2], (int)((code >> 8) & 15),
-                code >> 16, a[4], a[5]);
+int gemv_packed(const gemv_args_t *a) {
+    const int64_t code = a->code;
+    return gemv(a->x, (int)(code & 15), a->w, (int)((code >> 4) & 15), a->y, (int)((code >> 8) & 15), code >> 16,
+                a->n, a->k);
 }
 
 /* ---------------------------------------------------------------- decode helpers */

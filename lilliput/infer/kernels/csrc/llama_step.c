@@ -1,7 +1,12 @@
 /*
- * One forward of a Llama-style model (RMSNorm, RoPE rotate-half, grouped-query attention,
- * SwiGLU) for a handful of tokens, entirely in C: the torch version spends ~7 ms per token of a
- * 30-layer model in op dispatch alone, a quarter of the step.
+ * One forward of a decoder (RMSNorm, RoPE rotate-half, grouped-query attention, a gated or MoE
+ * feed-forward) for a handful of tokens, entirely in C: the torch version spends ~7 ms per token of
+ * a 30-layer model in op dispatch alone, a quarter of the step. The families' switches (core/model.py
+ * is the reference): biases (in each linear_t), qk-norm per head or over the projection, pre- and
+ * post-norms (a NULL norm is skipped; weights arrive as offset + weight), SiLU or tanh-GELU gates,
+ * a softmax scale and soft-capped scores and logits, sliding-window layers, per-layer rotary tables
+ * (partial rotary: the first rot_dim values of each head; none: NoPE), and MoE layers whose experts
+ * each run once per call over the tokens routed to them.
  *
  * The n tokens of a call each belong to a row of the KV cache at a position of their own: B
  * sequences decoding one token each (continuous batching), or the k + 1 tokens of one sequence
@@ -10,11 +15,8 @@
  * taken 8 at a time). Tokens of one row must come in position order: a token attends to its
  * row's keys up to its own position, written by this call's earlier tokens or by earlier calls.
  *
- * Arguments come in one struct, `step_args_t`, mirrored by a ctypes.Structure in fused.py; its
- * first field is STEP_ABI and the call refuses any other value, so the two sides cannot drift.
- * A linear layer is a descriptor {kind, weight, scale, zero, N, K, group, variant}: kind 0 is an
- * fp32 and 1 a bf16 (N, K) weight, run by gemv(); kinds >= 2 are quantized formats run by
- * qlinear_run_rows() (csrc/qgemv.c).
+ * Arguments come in one struct, `step_args_t` (lilliput.h, mirrored and checked at load by
+ * infer/kernels/abi.py); every linear layer is a `linear_t` run by linear_run() (qgemv.c).
  *
  * Attention runs on the GEMV thread pool, one (token, head) pair per work item.
  */
@@ -22,68 +24,15 @@
 #include <stdint.h>
 #include <string.h>
 
-#define STEP_ABI 4
+#include "lilliput.h"
+
 #define MAX_TOK 64
-#define GEMV_ROWS 8
-
-typedef struct {
-    int64_t kind, weight, scale, zero, n, k, group, variant;
-} linear_t;
-
-typedef struct {
-    int64_t attn_norm, ffn_norm; /* fp32 (dim,) */
-    int64_t k_cache, v_cache;    /* fp32 or fp16 (kv_f16) (rows, n_kv, max_len, head_dim) */
-    linear_t wqkv, wo, w_gate_up, w_down;
-} layer_t;
-
-typedef struct {
-    int64_t abi;
-    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab;
-    int64_t max_len;   /* L: positions per row of every cache */
-    int64_t kv_f16;    /* 1: the caches hold fp16 (llama_step_kv_f16() says whether this build can) */
-    double eps;
-    int64_t n_tok;     /* tokens in this call, 1..MAX_TOK */
-    int64_t rows;      /* int64 (n_tok,): cache row of each token */
-    int64_t pos;       /* int64 (n_tok,): position of each token in its row */
-    int64_t n_out;     /* tokens whose logits are wanted */
-    int64_t out_idx;   /* int64 (n_out,): which tokens, in the order the logits come out */
-    int64_t x;         /* fp32 (n_tok, dim): the tokens' embeddings; overwritten */
-    int64_t logits;    /* fp32 (n_out, vocab) out */
-    int64_t cos, sin;  /* fp32 (n_tok, head_dim): rotary rows at each token's position */
-    int64_t scratch;   /* fp32, step_scratch_floats() */
-    int64_t final_norm;
-    linear_t lm_head;
-    int64_t layers;    /* layer_t (n_layers,) */
-} step_args_t;
-
-typedef void (*rows_fn)(const float *, const void *, void *, int, int64_t, int64_t, int64_t, int64_t);
-int gemv(const void *x, int xdt, const void *w, int wdt, void *y, int ydt, int64_t B, int64_t N,
-         int64_t K);
-int gemv_pool_run(rows_fn fn, const float *x, const void *w, void *y, int ydt, int64_t N, int64_t K,
-                  int64_t row_bytes);
-int gemv_pool_items(rows_fn fn, const void *ctx, void *y, int64_t N, int64_t K, int64_t chunk);
-int rmsnorm_f32(const float *x, const float *w, float *out, int64_t rows, int64_t dim, double eps);
-int qlinear_run_rows(const int64_t *desc, const float *x, float *y, int64_t B) __attribute__((weak));
-
-#define P(T, v) ((T *)(intptr_t)(v))
-
-int llama_step_abi(void) { return STEP_ABI; }
 
 int llama_step_max_tokens(void) { return MAX_TOK; }
 
-/* y (n, N) = x (n, K) W^T, in batches of GEMV_ROWS rows of x */
-static int linear_rows(const linear_t *d, const float *x, float *y, int64_t n) {
-    if (d->kind >= 2) return qlinear_run_rows ? qlinear_run_rows((const int64_t *)d, x, y, n) : -3;
-    for (int64_t i = 0; i < n; i += GEMV_ROWS) {
-        int64_t b = n - i < GEMV_ROWS ? n - i : GEMV_ROWS;
-        int rc = gemv(x + i * d->k, 0, P(const void, d->weight), (int)d->kind, y + i * d->n, 0, b, d->n, d->k);
-        if (rc) return rc;
-    }
-    return 0;
-}
-
-static void rope(float *x, const float *cos, const float *sin, int64_t heads, int64_t hd) {
-    const int64_t h2 = hd / 2;
+/* rotate-half over the first rot values of each of `heads` heads of hd values (the rest pass through) */
+static void rope(float *x, const float *cos, const float *sin, int64_t heads, int64_t hd, int64_t rot) {
+    const int64_t h2 = rot / 2;
     for (int64_t h = 0; h < heads; h++, x += hd)
         for (int64_t i = 0; i < h2; i++) {
             const float x1 = x[i], x2 = x[i + h2];
@@ -186,8 +135,95 @@ static void silu_mul(const float *g, const float *u, float *o, int64_t n) {
     for (; i < n; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+/* o = gelu(g) * u over n values, GELU's tanh approximation (torch's approximate="tanh"):
+ * 0.5 g (1 + tanh(u)) with u = sqrt(2 / pi) (g + 0.044715 g^3) and tanh(u) = sign(u) (1 - e) / (1 + e),
+ * e = e^-2|u| (exp_v8's range). o may alias g as in silu_mul. */
+static void gelu_mul(const float *g, const float *u, float *o, int64_t n) {
+    int64_t i = 0;
+    const v8 one = (v8){0} + 1.0f, half = (v8){0} + 0.5f, k0 = (v8){0} + 0.7978845608028654f,
+             k1 = (v8){0} + 0.044715f;
+    const vi8 sign = (vi8){0} + (-2147483647 - 1);
+    for (; i + 8 <= n; i += 8) {
+        v8 gv, uv;
+        memcpy(&gv, g + i, sizeof gv), memcpy(&uv, u + i, sizeof uv);
+        const v8 arg = k0 * (gv + k1 * gv * gv * gv);
+        const v8 e = exp_v8((v8)(((vi8)arg | sign)) * 2.0f); /* e^(-2|arg|) */
+        const v8 th = (v8)((vi8)((one - e) / (one + e)) | ((vi8)arg & sign));
+        const v8 r = half * gv * (one + th) * uv;
+        memcpy(o + i, &r, sizeof r);
+    }
+    for (; i < n; i++) {
+        const float x = g[i];
+        o[i] = 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))) * u[i];
+    }
+}
+
+/* rows of gu (m, 2 ffn) = gate | up -> act(gate) * up, compacted in place to (m, ffn) */
+static void act_rows(const step_args_t *a, float *gu, int64_t m) {
+    const int64_t ffn = a->ffn_dim;
+    for (int64_t t = 0; t < m; t++) /* row t's outputs land below its inputs */
+        if (a->act == LL_ACT_GELU_TANH)
+            gelu_mul(gu + t * 2 * ffn, gu + t * 2 * ffn + ffn, gu + t * ffn, ffn);
+        else
+            silu_mul(gu + t * 2 * ffn, gu + t * 2 * ffn + ffn, gu + t * ffn, ffn);
+}
+
+/* The MoE feed-forward of n tokens: x (n, dim) -> out (n, dim). The router's softmax in fp32 over
+ * every expert, the top_k experts of each token (the first on ties) weighted by their probabilities
+ * (renormalised with norm_topk), then each expert once over all tokens routed to it (in token
+ * order), its outputs added in expert order, as core/moe.py does. buf: moe_scratch_floats(). */
+static int moe_ffn(const step_args_t *a, const moe_t *m, const float *x, float *out, float *gu, float *buf) {
+    const int64_t n = a->n_tok, dim = a->dim, E = a->n_experts, k = a->top_k;
+    float *xs = buf, *ys = xs + n * dim, *probs = ys + n * dim, *wts = probs + n * E;
+    int32_t *ids = (int32_t *)(wts + n * k), *tok = ids + n * k, *slot = tok + n;
+    for (int64_t t = 0; t < n; t++) {
+        float *p = probs + t * E, mx = -INFINITY, sum = 0.0f;
+        for (int64_t e = 0; e < E; e++) {
+            double d = 0.0;
+            for (int64_t i = 0; i < dim; i++) d += (double)x[t * dim + i] * m->router[e * dim + i];
+            p[e] = (float)d;
+            mx = p[e] > mx ? p[e] : mx;
+        }
+        for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(p[e] - mx));
+        for (int64_t e = 0; e < E; e++) p[e] /= sum;
+        float tot = 0.0f;
+        for (int64_t s = 0; s < k; s++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++) {
+                int taken = 0;
+                for (int64_t r = 0; r < s; r++) taken |= ids[t * k + r] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            ids[t * k + s] = (int32_t)best, wts[t * k + s] = p[best];
+            tot += p[best];
+        }
+        if (a->norm_topk && k > 1)
+            for (int64_t s = 0; s < k; s++) wts[t * k + s] /= tot;
+    }
+    memset(out, 0, sizeof(float) * n * dim);
+    int rc;
+    for (int64_t e = 0; e < E; e++) {
+        int64_t cnt = 0;
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t s = 0; s < k; s++)
+                if (ids[t * k + s] == e) tok[cnt] = (int32_t)t, slot[cnt] = (int32_t)s, cnt++;
+        if (!cnt) continue;
+        for (int64_t j = 0; j < cnt; j++) memcpy(xs + j * dim, x + tok[j] * dim, sizeof(float) * dim);
+        if ((rc = linear_run(m->gate_up + e, xs, gu, cnt))) return rc;
+        act_rows(a, gu, cnt);
+        if ((rc = linear_run(m->down + e, gu, ys, cnt))) return rc;
+        for (int64_t j = 0; j < cnt; j++) {
+            const float w = wts[tok[j] * k + slot[j]];
+            float *o = out + tok[j] * dim;
+            for (int64_t i = 0; i < dim; i++) o[i] += ys[j * dim + i] * w;
+        }
+    }
+    return 0;
+}
+
 typedef struct {
     const step_args_t *a;
+    int64_t window;   /* the layer's sliding window (0: every key) */
     const float *qkv; /* (n_tok, (nh + 2 nkv) hd), roped */
     const void *kc, *vc; /* fp32 or fp16 (a->kv_f16) */
     float *att;       /* (n_tok, nh hd) */
@@ -208,7 +244,8 @@ static inline __attribute__((always_inline)) float dot_kv(const float *q, const 
     return dot(q, (const float *)k, hd);
 }
 
-/* Work items [n0, n1) of (token, kv head) pairs: softmax(q k^T / sqrt(hd)) v over the row's keys
+/* Work items [n0, n1) of (token, kv head) pairs: softmax(q k^T * scale) v over the row's keys (the
+ * last `window` of them in a sliding-window layer; scores soft-capped where the model caps them)
  * for the g = nh / nkv query heads that share the kv head, so each cached key and value is read
  * once for all of them (grouped-query attention). The cache is what a batched step waits for
  * (every row's keys and values, every layer): read once per group, and in fp16 half the bytes. */
@@ -217,14 +254,17 @@ static inline __attribute__((always_inline)) void attend_impl(const attn_ctx_t *
     const step_args_t *a = c->a;
     const int64_t nh = a->n_heads, nkv = a->n_kv_heads, hd = a->head_dim, L = a->max_len;
     const int64_t g = nh / nkv, nqkv = (nh + 2 * nkv) * hd, row_stride = nkv * L * hd;
-    const int64_t *rows = P(const int64_t, a->rows), *pos = P(const int64_t, a->pos);
+    const int64_t *rows = a->rows, *pos = a->pos;
     const size_t es = f16 ? 2 : 4; /* bytes per cached value */
-    const float scale = 1.0f / sqrtf((float)hd);
+    const float scale = a->attn_scale > 0 ? (float)a->attn_scale : 1.0f / sqrtf((float)hd);
+    const float cap = (float)a->attn_softcap;
     for (int64_t item = n0; item < n1; item++) {
-        const int64_t t = item / nkv, j = item % nkv, S = pos[t] + 1;
+        const int64_t t = item / nkv, j = item % nkv;
+        const int64_t first = c->window && pos[t] + 1 > c->window ? pos[t] + 1 - c->window : 0; /* first key seen */
+        const int64_t S = pos[t] + 1 - first;
         const float *q = c->qkv + t * nqkv + j * g * hd; /* the group's g query heads, contiguous */
-        const char *kh = (const char *)c->kc + (rows[t] * row_stride + j * L * hd) * es;
-        const char *vh = (const char *)c->vc + (rows[t] * row_stride + j * L * hd) * es;
+        const char *kh = (const char *)c->kc + (rows[t] * row_stride + j * L * hd + first * hd) * es;
+        const char *vh = (const char *)c->vc + (rows[t] * row_stride + j * L * hd + first * hd) * es;
         float sc[g * S], inv[g]; /* sc: (g, S) */
         int64_t s0 = 0;
 #if STEP_DOT8
@@ -241,6 +281,8 @@ static inline __attribute__((always_inline)) void attend_impl(const attn_ctx_t *
 #endif
         for (int64_t s = s0; s < S; s++)
             for (int64_t h = 0; h < g; h++) sc[h * S + s] = dot_kv(q + h * hd, kh + s * hd * es, hd, f16) * scale;
+        if (cap > 0)
+            for (int64_t i = 0; i < g * S; i++) sc[i] = tanhf(sc[i] / cap) * cap;
         for (int64_t h = 0; h < g; h++) {
             float *e = sc + h * S, mx = -INFINITY, sum = 0.0f;
             for (int64_t s = 0; s < S; s++) mx = e[s] > mx ? e[s] : mx;
@@ -329,64 +371,95 @@ static void store_kv(void *dst, const float *x, int64_t n, const int f16) {
     memcpy(dst, x, sizeof(float) * n);
 }
 
-/* Floats of scratch a call of n tokens needs. */
+/* Floats of scratch a call of n tokens needs: h (n, dim), qkv, attention output, gate|up, and for MoE
+ * models the feed-forward's output, gathered inputs and outputs, router probabilities and choices. */
 int64_t step_scratch_floats(const step_args_t *a, int64_t n) {
+    const int64_t moe = a->n_experts > 0 ? n * (3 * a->dim + a->n_experts + 2 * a->top_k + 2) : 0;
     return n * (a->dim + (a->n_heads + 2 * a->n_kv_heads) * a->head_dim + a->n_heads * a->head_dim
-                + 2 * a->ffn_dim) + 64;
+                + 2 * a->ffn_dim) + moe + 64;
+}
+
+static void add_rows(float *x, const float *h, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] += h[i];
 }
 
 int llama_step(const step_args_t *a) {
-    if (a->abi != STEP_ABI) return -10;
     const int64_t n = a->n_tok, dim = a->dim, nh = a->n_heads, nkv = a->n_kv_heads, hd = a->head_dim,
-                  ffn = a->ffn_dim, L = a->max_len;
-    if (n < 1 || n > MAX_TOK || a->n_out < 0 || a->n_out > n || nh % nkv || hd % 2) return -1;
+                  L = a->max_len, rot = a->rot_dim;
+    if (n < 1 || n > MAX_TOK || a->n_out < 0 || a->n_out > n || nh % nkv || hd % 2 || rot % 2 || rot > hd ||
+        (a->n_experts > 0 && (a->top_k < 1 || a->top_k > a->n_experts)))
+        return -1;
     if (a->kv_f16 && !llama_step_kv_f16(hd)) return -3;
-    const int64_t *rows = P(const int64_t, a->rows), *pos = P(const int64_t, a->pos);
+    const int64_t *rows = a->rows, *pos = a->pos;
     for (int64_t t = 0; t < n; t++)
         if (pos[t] < 0 || pos[t] >= L || rows[t] < 0) return -2;
     const int64_t nqkv = (nh + 2 * nkv) * hd, row_stride = nkv * L * hd;
-    float *x = P(float, a->x);
-    const float *cos = P(const float, a->cos), *sin = P(const float, a->sin);
-    float *h = P(float, a->scratch);  /* (n, dim) */
+    float *x = a->x;
+    float *h = a->scratch;            /* (n, dim) */
     float *qkv = h + n * dim;         /* (n, nqkv) */
     float *att = qkv + n * nqkv;      /* (n, nh hd) */
     float *gu = att + n * nh * hd;    /* (n, 2 ffn) */
-    const layer_t *layers = P(const layer_t, a->layers);
+    float *mo = gu + n * 2 * a->ffn_dim; /* MoE: (n, dim) output, then moe_ffn's buffers */
+    const layer_t *layers = a->layers;
+    const size_t es = a->kv_f16 ? 2 : 4;
     int rc;
     for (int64_t l = 0; l < a->n_layers; l++) {
         const layer_t *ly = layers + l;
-        char *kc = P(char, ly->k_cache), *vc = P(char, ly->v_cache);
-        const size_t es = a->kv_f16 ? 2 : 4;
+        char *kc = ly->k_cache, *vc = ly->v_cache;
+        if (a->qk_norm != LL_QK_NORM_NONE && !(ly->q_norm && ly->k_norm)) return -4;
 
-        rmsnorm_f32(x, P(const float, ly->attn_norm), h, n, dim, a->eps);
-        if ((rc = linear_rows(&ly->wqkv, h, qkv, n))) return rc;
+        const float *in = x;
+        if (ly->attn_norm) rmsnorm_f32(x, ly->attn_norm, h, n, dim, a->eps), in = h;
+        if ((rc = linear_run(&ly->wqkv, in, qkv, n))) return rc;
         for (int64_t t = 0; t < n; t++) {
-            float *r = qkv + t * nqkv;
-            rope(r, cos + t * hd, sin + t * hd, nh + nkv, hd); /* q and k heads */
-            const float *k = r + nh * hd, *v = k + nkv * hd;
+            float *q = qkv + t * nqkv, *k = q + nh * hd;
+            const float *v = k + nkv * hd;
+            if (a->qk_norm == LL_QK_NORM_HEAD) {
+                rmsnorm_f32(q, ly->q_norm, q, nh, hd, a->eps);
+                rmsnorm_f32(k, ly->k_norm, k, nkv, hd, a->eps);
+            } else if (a->qk_norm == LL_QK_NORM_PROJ) {
+                rmsnorm_f32(q, ly->q_norm, q, 1, nh * hd, a->eps);
+                rmsnorm_f32(k, ly->k_norm, k, 1, nkv * hd, a->eps);
+            }
+            if (ly->rope >= 0) /* q and k heads */
+                rope(q, a->cos + (ly->rope * n + t) * rot, a->sin + (ly->rope * n + t) * rot, nh + nkv, hd, rot);
             for (int64_t j = 0; j < nkv; j++) {
                 const int64_t at = (rows[t] * row_stride + (j * L + pos[t]) * hd) * es;
                 store_kv(kc + at, k + j * hd, hd, (int)a->kv_f16);
                 store_kv(vc + at, v + j * hd, hd, (int)a->kv_f16);
             }
         }
-        attn_ctx_t ctx = {a, qkv, kc, vc, att};
+        attn_ctx_t ctx = {a, ly->window, qkv, kc, vc, att};
         gemv_pool_items(attend_items, &ctx, NULL, n * nkv, hd, 1);
-        if ((rc = linear_rows(&ly->wo, att, h, n))) return rc;
-        for (int64_t i = 0; i < n * dim; i++) x[i] += h[i];
+        if ((rc = linear_run(&ly->wo, att, h, n))) return rc;
+        if (ly->attn_post_norm) rmsnorm_f32(h, ly->attn_post_norm, h, n, dim, a->eps);
+        add_rows(x, h, n * dim);
 
-        rmsnorm_f32(x, P(const float, ly->ffn_norm), h, n, dim, a->eps);
-        if ((rc = linear_rows(&ly->w_gate_up, h, gu, n))) return rc;
-        for (int64_t t = 0; t < n; t++) /* compact in place: row t's outputs land below its inputs */
-            silu_mul(gu + t * 2 * ffn, gu + t * 2 * ffn + ffn, gu + t * ffn, ffn);
-        if ((rc = linear_rows(&ly->w_down, gu, h, n))) return rc;
-        for (int64_t i = 0; i < n * dim; i++) x[i] += h[i];
+        in = x;
+        if (ly->ffn_norm) rmsnorm_f32(x, ly->ffn_norm, h, n, dim, a->eps), in = h;
+        float *f = h;
+        if (ly->moe.router) {
+            if (a->n_experts < 1) return -1;
+            if ((rc = moe_ffn(a, &ly->moe, in, mo, gu, mo + n * dim))) return rc;
+            f = mo;
+        } else {
+            if ((rc = linear_run(&ly->w_gate_up, in, gu, n))) return rc;
+            act_rows(a, gu, n);
+            if ((rc = linear_run(&ly->w_down, gu, h, n))) return rc;
+        }
+        if (ly->ffn_post_norm) rmsnorm_f32(f, ly->ffn_post_norm, f, n, dim, a->eps);
+        add_rows(x, f, n * dim);
     }
     if (a->n_out == 0) return 0;
-    const int64_t *out = P(const int64_t, a->out_idx);
+    const int64_t *out = a->out_idx;
     for (int64_t i = 0; i < a->n_out; i++) {
         if (out[i] < 0 || out[i] >= n) return -2;
-        rmsnorm_f32(x + out[i] * dim, P(const float, a->final_norm), h + i * dim, 1, dim, a->eps);
+        rmsnorm_f32(x + out[i] * dim, a->final_norm, h + i * dim, 1, dim, a->eps);
     }
-    return linear_rows(&a->lm_head, h, P(float, a->logits), a->n_out);
+    if ((rc = linear_run(&a->lm_head, h, a->logits, a->n_out))) return rc;
+    if (a->final_softcap > 0) {
+        const float cap = (float)a->final_softcap;
+        for (int64_t i = 0; i < a->n_out * a->vocab; i++) a->logits[i] = tanhf(a->logits[i] / cap) * cap;
+    }
+    return 0;
 }
