@@ -34,7 +34,7 @@ from lilliput.core.tokenizer import ByteTokenizer, Tokenizer
 from lilliput.core.record import run_record, write_json
 from lilliput.eval import zoo
 from lilliput.eval.efficiency import interleave, linear_bytes, memory_bandwidth, decode_tok_s
-from lilliput.infer import gemv
+from lilliput.infer import kernels
 from lilliput.infer.fused import FusedStep
 from lilliput.infer.generate import GenerationConfig, generate
 
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="kernel threads (default: every core)")
     args = ap.parse_args(argv)
     if args.threads:
-        gemv.set_threads(args.threads)
+        kernels.set_threads(args.threads)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     rows = {}
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
         "fast_path_families": families_fast,
         "worst_int8_fraction_of_limit": min(real_fractions.values()) if real_fractions else None,
         "smollm2_int8_fraction_of_limit": real["models"]["smollm2-135m"]["int8_fraction_of_limit"],
-        "kernels": gemv.describe(),
+        "kernels": kernels.describe(),
         "specimens": rows,
         "real_shapes": real,
         "matrix": matrix,

@@ -10,14 +10,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from lilliput.compress.quantize import layers_carry_bias  # noqa: E402
 from lilliput.eval import zoo  # noqa: E402
 from lilliput.jobs import matrix  # noqa: E402
 
-BIAS = "has a bias and this build's int8/int4 layers carry none"
 REFUSED = {
     # (specimen, capability): what the one-line reason must say
-    **{("qwen2", c): BIAS for c in ("rtn-int8", "rtn-int4", "gptq", "awq", "qlora")},
     ("llama-dynamic", "export-onnx"): "rope scaling 'dynamic'",
     ("phi3", "export-onnx"): "rope scaling 'longrope'",
     ("qwen3_moe", "export-onnx"): "onnx expresses only SwiGLU",
@@ -52,8 +49,6 @@ def test_cell(name, capability):
     before = {k: v.clone() for k, v in s.model.state_dict().items()}
     cell = matrix.cell(s, capability)
     expected = REFUSED.get((name, capability))
-    if expected == BIAS and layers_carry_bias():
-        expected = None  # int8/int4 layers with biases: quantizing a biased family must now work
     if expected is None:
         assert cell["status"] == "ok", cell
     else:

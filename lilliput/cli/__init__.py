@@ -30,7 +30,11 @@ def cmd_info(ns) -> int:
 
     from lilliput.core.families import describe
 
-    info = {"model": ns.model or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF)", "family": describe(c), "config": c.to_dict(),
+    from lilliput.infer.fused import fast_path_reason
+
+    why = fast_path_reason(model)
+    info = {"model": ns.model or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF)", "family": describe(c),
+            "fast path": f"no: {why}" if why else "yes (the fused C step)", "config": c.to_dict(),
             "parameters": parameter_count(model), "active_parameters": active_parameter_count(model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "device": str(next(model.parameters()).device), "load_seconds": round(model.load_seconds, 3),
             "tokenizer": {"vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,

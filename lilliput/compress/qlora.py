@@ -29,15 +29,13 @@ def merge_quantized(base: QuantLinear, delta: torch.Tensor, dequantize: bool) ->
         return layer, None
     if isinstance(base, Int8Linear):
         scale = int8_scale(w)
-        merged = Int8Linear.from_codes(quantize_int8(w, scale), scale)
+        merged = Int8Linear.from_codes(quantize_int8(w, scale), scale, bias)
     elif isinstance(base, Int4Linear):
         g = base.group_size
         scale, zero = int4_params(w, g)
-        merged = Int4Linear.from_codes(quantize_int4(w, expand(scale, g), expand(zero, g)), scale, zero, g)
+        merged = Int4Linear.from_codes(quantize_int4(w, expand(scale, g), expand(zero, g)), scale, zero, g, bias)
     else:
         raise ValueError(f"cannot re-quantize a {type(base).__name__}: merge with dequantize=True")
-    if bias is not None:
-        merged.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
     merged = merged.to(base.qweight.device)
     merged.kernel_variant = base.kernel_variant
     return merged, merged.dequantize(torch.float32) - w

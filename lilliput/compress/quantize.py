@@ -166,17 +166,8 @@ class Grid:
         """The quantized layer of w on this grid (w already rounded or not), keeping a float bias."""
         q = self.codes(w.float())
         if self.bits == 8:
-            m = Int8Linear.from_codes(q, self.scale)
-        else:
-            m = Int4Linear.from_codes(q, self.scale, self.zero, self.group)
-        if bias is not None:
-            m.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        return m
-
-
-def layers_carry_bias() -> bool:
-    """Whether this build's int8/int4 layers add a bias (a layer without the attribute would drop it)."""
-    return hasattr(Int8Linear(32, 32), "bias") and hasattr(Int4Linear(32, 32, 32), "bias")
+            return Int8Linear.from_codes(q, self.scale, bias)
+        return Int4Linear.from_codes(q, self.scale, self.zero, self.group, bias)
 
 
 def target_linears(model: nn.Module, lm_head: bool) -> list[tuple[str, nn.Linear]]:
@@ -184,10 +175,6 @@ def target_linears(model: nn.Module, lm_head: bool) -> list[tuple[str, nn.Linear
     out = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("layers.")]
     if lm_head and isinstance(getattr(model, "lm_head", None), nn.Linear):
         out.append(("lm_head", model.lm_head))
-    biased = [name for name, m in out if m.bias is not None]
-    if biased and not layers_carry_bias():
-        raise ValueError(f"{biased[0]} has a bias and this build's int8/int4 layers carry none "
-                         f"({len(biased)} biased layers): quantizing would drop them")
     return out
 
 
