@@ -9,7 +9,7 @@
    RTN int8, batch-1 decode tok/s (64-token prompt, 128 new tokens, runs interleaved) and its
    fraction of the memory-bandwidth limit (read bandwidth over a buffer >= 4x the last-level cache
    / the bytes of every matrix read per token).
-3. The capability x family matrix (lilliput.eval.matrix), when that module is present.
+The capability x family matrix is bench/matrix.py's (bench/results/matrix.json).
 
 Writes bench/results/families.json with `families_matching`, `families_fast_path` and
 `worst_int8_fraction_of_limit`. Random weights have no text: the speed runs use a word-level
@@ -157,7 +157,6 @@ def main(argv=None) -> int:
         "kernels": kernels.describe(),
         "specimens": rows,
         "real_shapes": real,
-        "matrix": matrix,
         "wall_s": round(time.perf_counter() - t0, 1),
         "notes": "Parity: tiny random specimens (4 layers, width 64) against transformers' own classes. Speed: "
                  "random weights at real shapes, RTN int8 at batch 1; the limit divides the read bandwidth over a "
