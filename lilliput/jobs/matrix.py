@@ -7,7 +7,7 @@ the result was wrong, or it crashed). Every "ok" is a checked result, not only a
 
 | capability | checked |
 |---|---|
-| rtn-int8, rtn-int4 | SQNR of the logits against the float model (dB) above a bound |
+| rtn-int8, rtn-int4 | SQNR of the logits against the float model above 25 dB (int8), 8 dB (int4); 5 dB less for MoE |
 | gptq, awq | int4 logit MSE on the calibration sequences at most RTN's x 1.05 (GPTQ), x 1.1 (AWQ) |
 | wanda, sparsegpt | 50% sparsity reached, logits finite, KL to the dense model at most magnitude pruning's x 1.25 |
 | structured | a no-op prune is exact; fewer heads, KV heads, channels, width and layers: logits of the right shape, finite |
@@ -133,7 +133,8 @@ def _rtn(bits: int):
         ref = logits_of(s.model, s.probe)
         q = quantize_(s.copy(), RTNConfig(bits=bits, group_size=32))
         db = sqnr_db(ref, logits_of(q, s.probe))
-        bound = 25.0 if bits == 8 else 8.0
+        # a MoE router's top-k flips on a few tokens under rounding, each flip a jump in those logits
+        bound = (25.0 if bits == 8 else 8.0) - (5.0 if s.model.config.ffn == "moe" else 0.0)
         _check(db >= bound, f"int{bits} logits SQNR {db:.1f} dB < {bound} dB")
         return {"sqnr_db": round(db, 1)}
     return run
