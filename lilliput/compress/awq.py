@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from lilliput.compress.gptq import layerwise, run_block
 from lilliput.compress.grid import grid_for, layer_bits, target_linears
-from lilliput.compress.quantizers import QUANTIZERS, AWQConfig
+from lilliput.compress.qconfig import QUANTIZERS, AWQConfig
 from lilliput.core.layers import set_layer
 
 

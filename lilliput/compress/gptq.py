@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from lilliput.compress.grid import Grid, grid_for, layer_bits, target_linears
-from lilliput.compress.quantizers import QUANTIZERS, GPTQConfig
+from lilliput.compress.qconfig import QUANTIZERS, GPTQConfig
 from lilliput.core.layers import set_layer
 
 

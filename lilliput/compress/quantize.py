@@ -1,6 +1,6 @@
 """Weight-only quantization: `quantize_(model, Config)` replaces linear layers in place.
 
-Each method is a frozen config registered on its type in `QUANTIZERS` (quantizers.py, torchao's
+Each method is a frozen config registered on its type in `QUANTIZERS` (qconfig.py, torchao's
 shape): `RTNConfig` (round to nearest, the baseline, here), `GPTQConfig` (gptq.py) and `AWQConfig`
 (awq.py); the grids they round to are in grid.py.
 bits=8 is symmetric per output channel; bits=4 is asymmetric per group of 32/64/128 columns.
@@ -25,7 +25,7 @@ import torch.nn as nn
 from lilliput.compress.calibration import calibration_batches
 from lilliput.compress.grid import Grid, grid_for, layer_bits, layer_group, target_linears  # noqa: F401
 from lilliput.compress.qlinear import QuantLinear
-from lilliput.compress.quantizers import METHODS, QUANTIZERS, AWQConfig, GPTQConfig, RTNConfig  # noqa: F401
+from lilliput.compress.qconfig import METHODS, QUANTIZERS, AWQConfig, GPTQConfig, RTNConfig  # noqa: F401
 from lilliput.core.layers import set_layer
 
 

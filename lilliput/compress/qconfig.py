@@ -1,8 +1,8 @@
 """The quantization methods' table, at compress's bottom: each method's frozen config and
 `QUANTIZERS`, config type -> handler(model, cfg, calibration) that replaces the layers in place
 (torchao's shape). Methods register themselves from above (round to nearest in quantize.py, GPTQ
-in gptq.py, AWQ in awq.py); `lilliput.compress` imports them once, so the table is full whenever
-any part of compress is imported.
+in gptq.py, AWQ in awq.py); `lilliput.compress` imports GPTQ and AWQ once, so they are in the
+table whenever any part of compress is imported.
 """
 
 from __future__ import annotations
