@@ -3,7 +3,8 @@
 1. Aggregate decode tokens/s at batch 1, 4, 8, 16 (128 new tokens after 64-token prompts) for
    SmolLM2-135M in fp32, int8 and int4 (RTN), and for transformers `generate` on the same fp32
    weights at the same batch sizes; runs interleaved (every configuration once per round).
-   Decode tokens/s counts tokens after the first, over the time after every row's prefill.
+   Decode-only tokens/s (`lilliput.eval.efficiency.engine_rates`, the loop `lilliput bench` uses):
+   tokens after the first, over the time after every row's prefill.
 2. Continuous batching: 32 requests of mixed prompt and output lengths arriving over ~2 s while
    earlier ones decode (seeded Poisson arrivals, faster than they are served, so requests/s is
    the engine's capacity, not the arrival rate) into one engine of 16 rows, vs the same requests served one at a
@@ -30,26 +31,14 @@ import torch
 from lilliput.compress.quantize import RTNConfig, quantize_
 from lilliput.core.checkpoint import load_model, to_transformers
 from lilliput.core.record import run_record, write_json
-from lilliput.eval.efficiency import interleave, linear_bytes, read_bandwidth_gb_s, spread
+from lilliput.eval.efficiency import (decode_rate, engine_rates, interleave, linear_bytes, percentile,
+                                       read_bandwidth_gb_s, spread)
 from lilliput.eval.tasks import lambada_passages
 from lilliput.infer import kernels
 from lilliput.infer.engine import Engine, EngineConfig
-from lilliput.infer.sequence import GenerationConfig, Status
+from lilliput.infer.sequence import GenerationConfig
 
 OUT = Path(__file__).parent / "results" / "engine.json"
-
-def engine_decode_tok_s(model, tok, prompt: list[int], batch: int, new: int) -> float:
-    """Aggregate decode tokens/s of `batch` sequences decoding together (after all prefills)."""
-    engine = Engine(model, tok, EngineConfig(max_batch=batch, max_len=len(prompt) + new,
-                                             prefill_chunk=len(prompt) * batch))
-    seqs = [engine.add(prompt, GenerationConfig(max_new_tokens=new, ignore_eos=True)) for _ in range(batch)]
-    while any(s.status is not Status.RUNNING for s in seqs):
-        engine.step()
-    before = sum(len(s.output) for s in seqs)
-    t = time.perf_counter()
-    engine.run()
-    return (sum(len(s.output) for s in seqs) - before) / (time.perf_counter() - t)
-
 
 def hf_decode_tok_s(hf, prompt: list[int], batch: int, new: int) -> float:
     """transformers generate: (batch * (new - 1)) tokens over generate(new) - generate(1) seconds."""
@@ -64,7 +53,7 @@ def hf_decode_tok_s(hf, prompt: list[int], batch: int, new: int) -> float:
         return time.perf_counter() - t
 
     first = run(1)
-    return batch * (new - 1) / max(run(new) - first, 1e-9)
+    return decode_rate(batch * (new - 1), run(new) - first)
 
 
 def requests(tok, n: int, rate: float, seed: int) -> list[dict]:
@@ -103,7 +92,7 @@ def serve(model, tok, reqs: list[dict], max_batch: int) -> dict:
     return {"requests": len(seqs), "seconds": round(wall, 2), "requests_per_s": round(len(seqs) / wall, 3),
             "output_tokens_per_s": round(tokens / wall, 1),
             "ttft_p50_s": round(statistics.median(ttft), 3),
-            "ttft_p99_s": round(sorted(ttft)[min(len(ttft) - 1, round(0.99 * (len(ttft) - 1)))], 3)}
+            "ttft_p99_s": round(percentile(ttft, 99), 3)}
 
 
 def main(argv=None) -> int:
@@ -127,7 +116,7 @@ def main(argv=None) -> int:
     models = {"fp32": model, "int8": quantize_(copy.deepcopy(model), RTNConfig(bits=8)),
               "int4": quantize_(copy.deepcopy(model), RTNConfig(bits=4, group_size=128))}
     prompt = tok.encode("\n\n".join(lambada_passages(8)), bos=False)[:args.prompt]
-    runs = {f"lilliput {k} b{b}": (lambda m=m, b=b: engine_decode_tok_s(m, tok, prompt, b, args.new))
+    runs = {f"lilliput {k} b{b}": (lambda m=m, b=b: engine_rates(m, tok, prompt, b, args.new)["decode_tok_s"])
             for k, m in models.items() for b in batches}
     if not args.no_hf:
         hf = to_transformers(model)

@@ -2,13 +2,12 @@
 
 Rows: fp32, bf16, int8 (RTN), int4 g32/g64/g128 x (RTN, GPTQ, AWQ). Each row: held-out
 perplexity (LAMBADA passages, never seen in training or calibration), size in bytes of the
-weights as stored, and decode tok/s at batch 1 (lilliput.infer.generate, 128 new tokens,
-ignore_eos, median of 3, every row timed in this run). SmolLM2 here was Q4_1 to begin with, so
-int4 quality is also measured on a float32 student trained by this script (runs/, not
-committed) when no such checkpoint exists. Writes bench/results/quantize.json; each section
-(smollm2, student, and a later `--part speed` re-timing) carries the record of the run that
-measured it (command, git SHA, dirty flag, date, machine). Sizes, parameter counts and decode
-timing come from `lilliput.eval.efficiency`.
+weights as stored, and decode-only tok/s at batch 1 (128 new tokens, ignore_eos, median of 3,
+every row timed in this run, interleaved). SmolLM2 here was Q4_1 to begin with, so int4 quality
+is also measured on a float32 student (`--student`: a float checkpoint such as bench/prune.py's
+healed model, or one this script trains when the folder is empty). Writes
+bench/results/quantize.json whole. Sizes, parameter counts and decode-only timing come from `lilliput.eval.efficiency`;
+the student trains through `lilliput.train.loop`. One run writes the whole file.
 """
 
 from __future__ import annotations
@@ -16,14 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "quantize.json"
@@ -37,14 +34,15 @@ def student_config():
     return preset("student-20m").replace(n_layers=10, max_seq_len=1024, name="quant-student-21m")
 
 
-def train_student(out: Path, minutes: float, seq_len: int = 128, batch: int = 8, lr: float = 5e-3,
-                  resume: bool = False) -> Path:
-    """A plain cross-entropy loop (AdamW, cosine decay) for `minutes` of wall time; saves a checkpoint."""
+def train_student(out: Path, minutes: float, seq_len: int = 128, batch: int = 8, lr: float = 5e-3) -> Path:
+    """The float32 student: `minutes` of next-token training through lilliput's trainer
+    (`lilliput.train.loop`, AdamW, warmup then cosine on the clock to 10%); saves a checkpoint."""
     from lilliput.core.checkpoint import load_model, save_checkpoint
     from lilliput.core.model import GPT
     from lilliput.core.record import run_record
     from lilliput.eval.efficiency import parameter_count
-    from lilliput.train.data import default_documents, random_windows, token_stream
+    from lilliput.train.data import default_documents, token_stream
+    from lilliput.train.loop import LanguageModeling, Trainer, TrainConfig, WindowBatches
 
     _, tok = load_model(None, device="cpu")
     docs = default_documents()
@@ -55,33 +53,12 @@ def train_student(out: Path, minutes: float, seq_len: int = 128, batch: int = 8,
     print(f"training stream: {stream.numel()} tokens from {len(docs)} documents", file=sys.stderr, flush=True)
     torch.manual_seed(0)
     model = GPT(student_config())
-    prior = {}
-    if resume and (out / "config.json").is_file():  # continue a previous budget (fresh optimizer)
-        model = load_model(out, device="cpu")[0].train()
-        prior = json.loads((out / "run.json").read_text())
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    budget, t0, step, losses = minutes * 60, time.perf_counter(), 0, []
-    while (elapsed := time.perf_counter() - t0) < budget:
-        frac = elapsed / budget
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        xy = random_windows(stream, batch, seq_len + 1, seed=step + prior.get("steps", 0))  # (B, T+1)
-        logits = model(xy[:, :-1])  # (B, T, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), xy[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        step += 1
-        if step % 10 == 0:
-            print(f"step {step} loss {statistics.mean(losses[-10:]):.3f} {elapsed:.0f}s", file=sys.stderr, flush=True)
+    cfg = TrainConfig(lr=lr, warmup_steps=100, max_minutes=minutes, progress=False)
+    summary = Trainer(LanguageModeling(model), WindowBatches(stream, batch, seq_len), cfg).fit()
     model.eval()
-    record = run_record("bench/quantize.py --train-only", steps=step + prior.get("steps", 0),
-                        tokens=step * batch * seq_len + prior.get("tokens", 0),
-                        minutes=minutes + prior.get("minutes", 0), stages=prior.get("stages", 0) + 1,
-                        final_loss=statistics.mean(losses[-20:]), params=parameter_count(model),
-                        seq_len=seq_len, batch=batch, lr=lr)
+    record = run_record("bench/quantize.py --train-only", steps=summary["steps"], tokens=summary["tokens"],
+                        minutes=minutes, final_loss=float(summary["final"]["ce"]), params=parameter_count(model),
+                        seq_len=seq_len, batch=batch, lr=lr, train=dataclasses.asdict(cfg))
     return save_checkpoint(model, tok, out, record)
 
 
@@ -182,16 +159,12 @@ def smollm2_part(args, groups, calibrated, text, ccfg, log) -> dict:
         models[name] = m
         log(f"smollm2 {name} ppl {p:.3f} ({p / base:.4f}x)")
 
-    if args.no_speed:
-        return {"rows": rows}
     return {"rows": rows, **speed_rows(models, rows, tok, groups, args, log)}
 
 
 def speed_rows(models: dict, rows: dict, tok, groups, args, log) -> dict:
-    """Decode tok/s of every model in the same interleaved rounds, plus both kernel paths of
-    qgemv*.c, written into `rows`; a row with no model of its own (GPTQ/AWQ in `--part speed`)
-    takes the timing of the RTN model of its format: same bits, groups and kernel, so the same
-    bytes and work per token."""
+    """Decode-only tok/s of every model in the same interleaved rounds, plus both kernel paths of
+    qgemv*.c, written into `rows`."""
     from lilliput.eval.tasks import lambada_passages
 
     prompt = lambada_passages(1)[0][:200]
@@ -207,30 +180,7 @@ def speed_rows(models: dict, rows: dict, tok, groups, args, log) -> dict:
         target = rows.setdefault(name, {}) if "[" not in name else variants.setdefault(name, {})
         target.update(tok_s=med, tok_s_runs=r, speedup_vs_fp32=med / fp32_tok_s)
         log(f"decode {name}: {med:.1f} tok/s ({med / fp32_tok_s:.2f}x)")
-    for name, row in rows.items():
-        rtn = name.rsplit("_", 1)[0] + "_rtn"
-        if "tok_s" not in row and rtn in runs:
-            row.update({k: rows[rtn][k] for k in ("tok_s", "tok_s_runs", "speedup_vs_fp32")}, tok_s_from=rtn)
     return {"kernel_variants": variants, "fp32_tok_s": fp32_tok_s}
-
-
-def speed_part(args, groups, prev: dict, log) -> dict:
-    """Re-time decode for a smollm2 section measured before (`--part speed`, on a quiet machine)."""
-    import copy
-
-    from lilliput.compress.quantize import RTNConfig, quantize_
-    from lilliput.core.checkpoint import load_model
-
-    model, tok = load_model(None, device="cpu")
-    models = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16),
-              "int8": quantize_(copy.deepcopy(model), RTNConfig(bits=8))}
-    for g in groups:
-        models[f"int4_g{g}_rtn"] = quantize_(copy.deepcopy(model), RTNConfig(bits=4, group_size=g))
-    rows = copy.deepcopy(prev["rows"])
-    for row in rows.values():
-        for k in ("tok_s", "tok_s_runs", "speedup_vs_fp32", "tok_s_from"):
-            row.pop(k, None)
-    return {**prev, "rows": rows, **speed_rows(models, rows, tok, groups, args, log)}
 
 
 def summary(sm: dict, st: dict | None, g: int) -> dict:
@@ -263,13 +213,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--train-only", action="store_true", help="only train the float32 student")
     ap.add_argument("--train-minutes", type=float, default=10.0)
-    ap.add_argument("--resume", action="store_true", help="continue training the existing student")
     ap.add_argument("--student", default=str(STUDENT), help="a float32 lilliput checkpoint (trained if missing)")
-    ap.add_argument("--part", choices=("all", "smollm2", "student", "speed", "merge"), default="all",
-                    help="run one part (it updates its section of --out; speed re-times the smollm2 section's "
-                         "decode), or merge --from's sections into --out")
-    ap.add_argument("--no-speed", action="store_true", help="smollm2 part without decode timing (add it with --part speed)")
-    ap.add_argument("--from", dest="merge_from", help="with --part merge: a JSON written by another part")
     ap.add_argument("--passages", type=int, default=HELDOUT.passages, help="LAMBADA passages of held-out text")
     ap.add_argument("--window", type=int, default=HELDOUT.window)
     ap.add_argument("--calib-samples", type=int, default=16)
@@ -280,8 +224,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrated-groups", default="32,64,128", help="groups also run with GPTQ and AWQ")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    if args.train_only or (args.part in ("all", "student") and not (Path(args.student) / "config.json").is_file()):
-        train_student(Path(args.student), args.train_minutes, resume=args.resume)
+    if args.train_only or not (Path(args.student) / "config.json").is_file():
+        train_student(Path(args.student), args.train_minutes)
     if args.train_only:
         return 0
 
@@ -296,40 +240,19 @@ def main(argv=None) -> int:
     text = "\n\n".join(lambada_passages(args.passages))
     # calibration from the shipped sample texts (tokenizing the full 26 MB corpus costs minutes)
     ccfg = CalibrationConfig(samples=args.calib_samples, seq_len=args.calib_len, full_corpus=False)
-    out = Path(args.out)
-    prev = json.loads(out.read_text()) if args.part != "all" and out.is_file() else {}
-    parts = {k: prev.get(k) for k in ("smollm2", "student", "settings")}
     settings = {"held_out": f"{args.passages} LAMBADA passages, window {args.window}",
                 "calibration": {"samples": args.calib_samples, "seq_len": args.calib_len,
                                 "source": "shipped sample texts"},
                 "decode": {"new_tokens": args.new, "repeats": args.repeats, "statistic": "median", "batch": 1,
-                           "threads": "torch 1 + kernel pool 2 (lilliput.infer.generate)"},
+                           "speed": "decode-only tok/s (lilliput.eval.efficiency.engine_rates)"},
                 "groups": groups, "calibrated_groups": calibrated}
-    if args.part == "merge":
-        other = json.loads(Path(args.merge_from).read_text())
-        parts.update({k: other[k] for k in ("smollm2", "student") if other.get(k)})
+    student = student_part(args, groups, calibrated, text, ccfg, log)
+    smollm2 = smollm2_part(args, groups, calibrated, text, ccfg, log)
     command = "bench/quantize.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    if args.part in ("all", "student"):
-        parts["student"] = {**student_part(args, groups, calibrated, text, ccfg, log), "settings": settings,
-                            "record": run_record(command)}
-    if args.part in ("all", "smollm2"):
-        parts["smollm2"] = {**smollm2_part(args, groups, calibrated, text, ccfg, log), "settings": settings,
-                            "record": run_record(command)}
-    if args.part == "speed":  # the decode timings now come from this run: say so beside them
-        parts["smollm2"] = {**speed_part(args, groups, parts["smollm2"], log), "speed_record": run_record(command)}
-    timed = parts["smollm2"] and "fp32_tok_s" in parts["smollm2"]
-    fields = summary(parts["smollm2"], parts["student"], groups[-1]) if timed else {}
-    record = run_record(command, **fields, smollm2=parts["smollm2"], student=parts["student"],
-                        seconds=round(time.perf_counter() - t_start, 1))
-    if args.part != "all" and out.is_file():  # another part may have finished meanwhile: keep its section
-        latest = json.loads(out.read_text())
-        for k in ("smollm2", "student"):
-            if record.get(k) is None and latest.get(k):
-                record[k] = latest[k]
-        if record.get("smollm2") and "fp32_tok_s" in record["smollm2"]:
-            record.update(summary(record["smollm2"], record.get("student"), groups[-1]))
-    write_json(out, record)
-    log(f"wrote {out}")
+    record = run_record(command.strip(), **summary(smollm2, student, groups[-1]), smollm2=smollm2, student=student,
+                        settings=settings, seconds=round(time.perf_counter() - t_start, 1))
+    write_json(args.out, record)
+    log(f"wrote {args.out}")
     return 0
 
 

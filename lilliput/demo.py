@@ -2,7 +2,8 @@
 
 It generates with SmolLM2-135M-Instruct, shrinks it with a shipped recipe (each stage measured:
 held-out perplexity, task accuracy, size; the original's and the result's decode speed timed in
-alternation at the end), generates with the result, and writes the HTML report of the stages.
+alternation at the end), generates with the result, benchmarks both (`lilliput bench`), writes the HTML
+report and prints its tables: the figures on the screen are the page's, under the same labels.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from lilliput.core.checkpoint import LoadConfig, load_model
 from lilliput.eval.efficiency import parameter_count
 from lilliput.infer.generate import GenerationConfig, chat, generate
-from lilliput.jobs.shrink import ShrinkJob, run_shrink, stage_table
+from lilliput.jobs.shrink import ShrinkJob, run_shrink
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 QUESTION = "What is the capital of France?"
@@ -42,7 +43,7 @@ def _samples(model, tok, n: int, label: str) -> None:
 def run_demo(cfg: DemoConfig, load: LoadConfig = LoadConfig()) -> Path:
     import json
 
-    from lilliput.eval.report import ReportConfig, make_report
+    from lilliput.eval.report import ReportConfig, make_report, summary_markdown
 
     out = Path(cfg.out)
     model, tok = load_model(load.model, load.device, load.dtype)
@@ -55,7 +56,7 @@ def run_demo(cfg: DemoConfig, load: LoadConfig = LoadConfig()) -> Path:
     _samples(model, tok, cfg.max_new_tokens, "shrunk")
     del model
     run = json.loads((shrunk / "run.json").read_text())
-    rows, ev = run["stages"], run["recipe"]["eval"]
+    ev = run["recipe"]["eval"]
     runs = [str(shrunk / "run.json")]
     if cfg.bench:
         from lilliput.eval.bench import BenchConfig, run_bench
@@ -70,7 +71,8 @@ def run_demo(cfg: DemoConfig, load: LoadConfig = LoadConfig()) -> Path:
         runs.append(str(PEER))
     report = make_report(ReportConfig(runs=tuple(runs), out=str(out / "report"),
                                       title="lilliput demo: SmolLM2-135M-Instruct, shrunk"))
-    print(f"\n{stage_table(rows)}\n")
+    # the page's own tables: every speed printed here is the report's, under the report's labels
+    print(f"\n{summary_markdown(tuple(r for r in runs if r != str(PEER)))}\n")
     print(f"model:  {shrunk.resolve()}  (try: lilliput generate 'Hello' --model {shrunk})")
     print(f"report: {report.resolve()}")
     return report

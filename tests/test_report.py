@@ -17,9 +17,10 @@ def bench_model(label, ppl, size, tok_s, acc=0.5, disk=None):
             "parameters": 134_515_008, "perplexity": {"perplexity": ppl}, "task_accuracy_mean": acc,
             "memory": {"rss_at_load_bytes": 3 * size, "peak_generation_bytes": 4 * size, "weights_bytes": size},
             "ttft_s": {"64": spread(0.05), "512": spread(0.4)}, "inter_token_latency_s": spread(0.02, 0.01, 0.03),
-            "throughput": {"1": {"tokens_per_s": spread(tok_s, tok_s - 1, tok_s + 1),
-                                 "joules_per_token": spread(0.1)},
-                           "4": {"tokens_per_s": spread(3 * tok_s), "joules_per_token": spread(0.05)}},
+            "throughput": {"1": {"decode_tok_s": spread(tok_s, tok_s - 1, tok_s + 1),
+                                 "end_to_end_tok_s": spread(0.8 * tok_s), "joules_per_token": spread(0.1)},
+                           "4": {"decode_tok_s": spread(3 * tok_s), "end_to_end_tok_s": spread(2.5 * tok_s),
+                                 "joules_per_token": spread(0.05)}},
             "energy_method": {"method": "cpu_time_estimate", "watts_per_core": 4.375, "source": "test", "note": "n"},
             "notes": ["prompt length 2048 skipped"]}
 
@@ -152,4 +153,4 @@ def test_shrink_run_renders_one_row_per_stage():
     head, cells = stage_table([("model", {"recipe": {"name": "int8"}, "stages": stages})])
     assert head[:3] == ["run", "stage", "perplexity"] and len(cells) == 2
     assert cells[1][:2] == ["int8", "1. quantize rtn"]
-    assert "(2.50x)" in cells[1][-1] and "(0.50x)" in cells[1][head.index("weights MB (memory)")]
+    assert "(2.50x)" in cells[1][head.index("decode-only tok/s b1")] and "(0.50x)" in cells[1][head.index("weights MB (memory)")]

@@ -84,7 +84,7 @@ def _generate_searched(ns, cfg, model, tok) -> int:
     if ns.speculate:
         from lilliput.infer.speculative import SpeculationConfig, SpeculativeDecoder, make_drafter
 
-        dec = SpeculativeDecoder(engine, make_drafter(ns.speculate, engine), SpeculationConfig(k=ns.k))
+        dec = SpeculativeDecoder(engine, make_drafter(ns.speculate, engine), config_from_args(SpeculationConfig, ns))
         seq = dec.generate(prompt, cfg, bos=bos)
         note = ", ".join(f"{k} {v}" for k, v in dec.stats.as_dict().items())
     else:
@@ -319,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
     p.add_argument("--speculate", metavar="lookup|draft:MODEL", default=None,
                    help="speculative decoding with prompt lookup or a draft model sharing the tokenizer")
-    p.add_argument("--k", type=int, default=4, help="drafted tokens per verification (the start when adaptive)")
+    from lilliput.infer.speculative import SpeculationConfig
+
+    add_config_args(p, SpeculationConfig)  # --k, --k-max, --adaptive, --retry-every: defaults written once
     p.add_argument("--best-of", type=int, default=None, metavar="N",
                    help="sample N answers sharing one prefill and print the one with the highest mean log-probability")
     p.add_argument("--vote", action="store_true", help="with --best-of: the most frequent answer instead")

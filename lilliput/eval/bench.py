@@ -49,7 +49,7 @@ class BenchConfig:
     prompt_lengths: tuple[int, ...] = (64, 512, 2048)
     """Prompt lengths for time to first token (lengths past a model's context are skipped with a note)."""
     batch_sizes: tuple[int, ...] = (1, 4, 16)
-    """Batch sizes for throughput."""
+    """Batch sizes for throughput: decode-only and end-to-end tok/s at each (lilliput.eval.efficiency)."""
     throughput_prompt: int = 64
     """Prompt tokens of each row in the throughput and inter-token runs."""
     new_tokens: int = 64
@@ -272,7 +272,7 @@ def measure_llamacpp(spec: str, cfg: BenchConfig) -> dict[str, Any]:
                         for n in cfg.prompt_lengths}
     prompt = ids[:cfg.throughput_prompt]
     gaps: list[float] = []
-    rates, joules = [], []
+    decode, e2e, joules = [], [], []
     for i in range(cfg.warmup + cfg.repeats):
         llm.reset()
         with meter.measure() as m:
@@ -282,12 +282,15 @@ def measure_llamacpp(spec: str, cfg: BenchConfig) -> dict[str, Any]:
                 tokn = llm.sample(temp=0.0)
                 stamps.append(time.perf_counter())
                 llm.eval([tokn])
+            end = time.perf_counter()
         if i >= cfg.warmup:
             gaps += [b - a for a, b in zip(stamps, stamps[1:])]
-            rates.append(cfg.new_tokens / m.seconds)
+            decode.append(eff.decode_rate(cfg.new_tokens - 1, end - stamps[0]))
+            e2e.append(eff.end_to_end_rate(cfg.new_tokens, m.seconds))
             joules.append(m.joules / cfg.new_tokens)
     result["inter_token_latency_s"] = eff.spread(gaps)
-    result["throughput"] = {"1": {"batch": 1, "tokens_per_s": eff.spread(rates), "joules_per_token": eff.spread(joules)}}
+    result["throughput"] = {"1": {"batch": 1, "decode_tok_s": eff.spread(decode), "end_to_end_tok_s": eff.spread(e2e),
+                                  "joules_per_token": eff.spread(joules)}}
     result["notes"].append("llama.cpp runs batch 1 only here (llama-cpp-python has no batched generate); "
                            "perplexity and tasks are measured on the lilliput side")
     result["throughput_prompt_tokens"], result["new_tokens"] = len(prompt), cfg.new_tokens

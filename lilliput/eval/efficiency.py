@@ -1,5 +1,5 @@
 """lilliput's one measurement module: sizes, parameter counts, memory, energy, timing statistics,
-decode speed and latency runs. Every bench script, `lilliput bench`, the shrink job and the demo
+speeds and latency runs. Every bench script, `lilliput bench`, the shrink job and the demo
 measure through it, so one figure has one definition (held-out perplexity has one default too:
 `lilliput.eval.perplexity.HELDOUT`).
 
@@ -12,6 +12,12 @@ Counts and sizes, one definition each:
 - `model_bytes`: weights in memory, as stored (each tensor storage once), which is the basis
   on which models are compared for size; `size_on_disk` is the secondary figure.
 - `linear_bytes`: bytes of the matrices a decode step reads (every linear layer, float or packed).
+
+Speeds, two with two names (`DECODE_ONLY`, `END_TO_END`), both from one engine loop (`engine_rates`):
+- `decode_rate`: decode-only tok/s, the tokens after each row's first over the time after every
+  row's prefill; at batch b the rows' tokens together. The engine's speed, the one compared with
+  the memory-bandwidth limit.
+- `end_to_end_rate`: every generated token over the whole call, prefill included.
 
 Memory is read from `/proc/self/status` (VmRSS = resident now, VmHWM = resident peak); the peak
 is reset by writing "5" to `/proc/self/clear_refs`, so a bench worker can measure the peak of
@@ -37,7 +43,9 @@ import torch
 import torch.nn as nn
 
 from lilliput.core.layers import kind_of, weight_numel
+from lilliput.infer.engine import Engine, EngineConfig
 from lilliput.infer.generate import GenerationConfig, generate
+from lilliput.infer.sequence import Status
 
 # AMD EPYC 7763 (Zen 3, the family of the development machine): 280 W TDP over 64 cores
 DEFAULT_WATTS_PER_CORE = 280.0 / 64
@@ -278,16 +286,54 @@ def interleave(runs: dict[str, Callable[[], float]], repeats: int, warmup: int =
     return {name: {**spread(v), "values": v} for name, v in values.items()}
 
 
+# --- speeds: two of them, each with one name ------------------------------------------------------
+
+DECODE_ONLY = "decode-only tok/s"
+"""Label of `decode_rate`: tokens after the first, over the time after prefill (the engine's speed)."""
+END_TO_END = "end-to-end tok/s (prefill included)"
+"""Label of `end_to_end_rate`: every generated token over the whole call (what a user waits for)."""
+
+
+def decode_rate(tokens_after_first: int, seconds: float) -> float:
+    """Decode-only tokens/s: the tokens generated after each row's first, over the seconds after every
+    row's prefill (0 when nothing was decoded)."""
+    return tokens_after_first / seconds if tokens_after_first > 0 and seconds > 0 else 0.0
+
+
+def end_to_end_rate(tokens: int, seconds: float) -> float:
+    """End-to-end tokens/s: every generated token over the seconds of the whole call, prefill included."""
+    return tokens / seconds if tokens > 0 and seconds > 0 else 0.0
+
+
+def engine_rates(model, tokenizer, prompt: list[int], batch: int, new_tokens: int) -> dict[str, float]:
+    """One run of `batch` copies of `prompt` through one engine, `new_tokens` each (greedy, eos ignored):
+    {"decode_tok_s": decode-only, all rows together, "end_to_end_tok_s": prefill included, "seconds",
+    "tokens"}. Every speed a user sees (bench/engine.py, `lilliput bench`, the shrink job, the demo)
+    is measured by this loop."""
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=batch, max_len=len(prompt) + new_tokens,
+                                                   prefill_chunk=len(prompt) * batch))
+    t0 = time.perf_counter()
+    seqs = [engine.add(prompt, GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)) for _ in range(batch)]
+    while any(s.status is not Status.RUNNING for s in seqs) and engine.has_work():
+        engine.step()
+    before = sum(len(s.output) for s in seqs)
+    t1 = time.perf_counter()
+    engine.run()
+    t2 = time.perf_counter()
+    total = sum(len(s.output) for s in seqs)
+    return {"decode_tok_s": decode_rate(total - before, t2 - t1), "end_to_end_tok_s": end_to_end_rate(total, t2 - t0),
+            "seconds": t2 - t0, "tokens": total}
+
+
 def decode_tok_s(model, tokenizer, prompt: list[int], new_tokens: int) -> float:
-    """Decode tokens/s of one greedy batch-1 generation of `new_tokens` after `prompt` (prefill excluded)."""
-    g = generate(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))[0]
-    return g.timings["decode_tok_s"]
+    """Decode-only tokens/s of one greedy batch-1 run of `new_tokens` after `prompt` (`engine_rates`)."""
+    return engine_rates(model, tokenizer, prompt, 1, new_tokens)["decode_tok_s"]
 
 
 def decode_speeds(models: dict[str, tuple], prompt: list[int], new_tokens: int, repeats: int = 3,
                   warmup: int = 1) -> dict[str, dict]:
-    """Decode tokens/s of several (model, tokenizer) pairs, interleaved round by round so that a machine
-    whose speed drifts slows them alike: {name: spread + values}."""
+    """Decode-only tokens/s of several (model, tokenizer) pairs at batch 1, interleaved round by round so
+    that a machine whose speed drifts slows them alike: {name: spread + values}."""
     return interleave({name: (lambda m=m, t=t: decode_tok_s(m, t, prompt, new_tokens)) for name, (m, t) in models.items()},
                       repeats, warmup)
 
@@ -313,20 +359,18 @@ def inter_token_latencies(model, tokenizer, prompt: list[int], new_tokens: int) 
 
 def throughput(model, tokenizer, prompt: list[int], batch: int, new_tokens: int, warmup: int, repeats: int,
                meter: EnergyMeter) -> dict:
-    """Generated tokens/s of `batch` copies of a prompt (end to end, prefill included) and energy per token."""
-    cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
-    prompts = [prompt] * batch
+    """Both speeds of `batch` copies of a prompt (`engine_rates`), and energy per generated token:
+    {"batch", "decode_tok_s", "end_to_end_tok_s", "joules_per_token"}, each a `spread` over `repeats` runs."""
     for _ in range(warmup):
-        generate(model, tokenizer, prompts, cfg)
-    rates, decode_rates, joules = [], [], []
+        engine_rates(model, tokenizer, prompt, batch, new_tokens)
+    decode, e2e, joules = [], [], []
     for _ in range(repeats):
         with meter.measure() as m:
-            gens = generate(model, tokenizer, prompts, cfg)
-        n = sum(len(g.tokens) for g in gens)
-        rates.append(n / m.seconds)
-        decode_rates.append(sum(g.timings["decode_tok_s"] for g in gens))
-        joules.append(m.joules / n)
-    return {"batch": batch, "tokens_per_s": spread(rates), "decode_tokens_per_s": spread(decode_rates),
+            r = engine_rates(model, tokenizer, prompt, batch, new_tokens)
+        decode.append(r["decode_tok_s"])
+        e2e.append(r["end_to_end_tok_s"])
+        joules.append(m.joules / r["tokens"])
+    return {"batch": batch, "decode_tok_s": spread(decode), "end_to_end_tok_s": spread(e2e),
             "joules_per_token": spread(joules)}
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from lilliput.eval.efficiency import DECODE_ONLY, END_TO_END
+
 MB = 1e6
 NUMERIC = re.compile(r"^[-+\d.,e\[\] ()]*$")
 
@@ -78,7 +80,11 @@ def model_row(m: dict) -> dict[str, Any]:
         "ttft_ms": {n: s["median"] * 1e3 for n, s in (m.get("ttft_s") or {}).items()},
         "itl_ms": _get(m, "inter_token_latency_s", "median", default=0) * 1e3 or None,
         "itl_p90_ms": _get(m, "inter_token_latency_s", "p90", default=0) * 1e3 or None,
-        "tok_s": {b: r["tokens_per_s"] for b, r in tp.items()},
+        # two speeds, two names (lilliput.eval.efficiency); records before the rename said tokens_per_s
+        # (end to end) and decode_tokens_per_s
+        "tok_s": {b: r.get("end_to_end_tok_s") or r["tokens_per_s"] for b, r in tp.items()},
+        "decode_tok_s": {b: r.get("decode_tok_s") or r.get("decode_tokens_per_s") for b, r in tp.items()
+                         if r.get("decode_tok_s") or r.get("decode_tokens_per_s")},
         "j_per_token": _get(tp, "1", "joules_per_token", "median"),
         "skipped": m.get("skipped"),
         "notes": m.get("notes") or [],
@@ -137,7 +143,8 @@ def model_table(rows: list[dict], ppl_head: str = "perplexity") -> tuple[list[st
     head = (["model", "engine", ppl_head, "task acc", "weights MB (memory)", "disk MB", "parameters",
              "RSS load MB", "peak MB"]
             + [f"TTFT {n} ms" for n in lengths] + ["ITL ms (p90)"]
-            + [f"tok/s b{b} [min-max]" for b in batches] + ["J/token b1"])
+            + [f"{DECODE_ONLY} b{b} [min-max]" for b in batches]
+            + [f"{END_TO_END} b{b} [min-max]" for b in batches] + ["J/token b1"])
     cells = []
     for r in rows:
         if r["skipped"]:
@@ -148,6 +155,7 @@ def model_table(rows: list[dict], ppl_head: str = "perplexity") -> tuple[list[st
         cells.append([r["model"], r["engine"], _fmt(r["perplexity"], 4), _fmt(r["task_acc"]), _fmt(r["size_mb"]),
                       _fmt(r["disk_mb"]), params, _fmt(r["rss_load_mb"]), _fmt(r["peak_mb"])]
                      + [_fmt(r["ttft_ms"].get(n)) for n in lengths] + [itl]
+                     + [_fmt(r["decode_tok_s"].get(b)) for b in batches]
                      + [_fmt(r["tok_s"].get(b)) for b in batches] + [_fmt(r["j_per_token"])])
     return head, cells
 
@@ -176,11 +184,12 @@ def stage_table(stages: list[tuple[str, dict]], ppl_head: str = "perplexity") ->
 
 
 def shrink_stage_table(runs: list[tuple[str, dict]], ppl_head: str = "perplexity") -> tuple[list[str], list[list[str]]]:
-    """Stages of shrink runs: perplexity, task accuracy, size, parameters and decode speed, each
-    with its ratio to the run's input."""
+    """Stages of shrink runs: perplexity, task accuracy, size, parameters and decode-only speed, each
+    with its ratio to the run's input. The one stage table: the report, `lilliput shrink`'s model card
+    and `make demo` print it."""
     tasks = sorted({t for _, rec in runs for st in rec["stages"] for t in st.get("tasks", {})})
     head = ["run", "stage", ppl_head, *(f"{t} acc" for t in tasks), "weights MB (memory)", "parameters",
-            "decode tok/s"]
+            f"{DECODE_ONLY} b1", "seconds"]
     cells = []
     for name, rec in runs:
         recipe = rec.get("recipe")
@@ -192,7 +201,8 @@ def shrink_stage_table(runs: list[tuple[str, dict]], ppl_head: str = "perplexity
                 return "-" if v is None else f"{v / scale:,.1f}" + (f" ({v / b0:.2f}x)" if b0 else "")
             cells.append([name, str(st.get("stage")), rel("perplexity"),
                           *(_fmt(st.get("tasks", {}).get(t)) for t in tasks), rel("bytes", MB),
-                          f"{st['parameters'] / 1e6:.1f}M" if st.get("parameters") else "-", rel("decode_tok_s")])
+                          f"{st['parameters'] / 1e6:.1f}M" if st.get("parameters") else "-", rel("decode_tok_s"),
+                          _fmt(st.get("seconds"))])
     return head, cells
 
 
@@ -314,19 +324,34 @@ def _img(path: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
+def page_tables(found: dict[str, list]) -> tuple[list[dict], tuple, tuple]:
+    """(model rows, the every-model table, the stage table) of loaded runs: what the page shows and what
+    `make demo` prints, so the two show the same figures under the same labels."""
+    rows = [model_row(m) for rec in found["bench"] for m in rec["models"]]
+    for r in rows:  # the plot's speed is the engine's, decode-only, as the shrink stages measure it
+        r["decode_tok_s_b1"] = _get(r["decode_tok_s"], "1", "median")
+    settings = heldout_settings(found)
+    models = model_table(rows, "perplexity" + heldout_text(settings["bench"]))
+    stages = stage_table(found["stages"], "perplexity" + heldout_text(settings["stages"]))
+    return rows, models, stages
+
+
+def summary_markdown(runs: Sequence[str]) -> str:
+    """The every-model and stage tables of `runs` as markdown (the terminal's copy of the page's tables)."""
+    _, models, stages = page_tables(load_runs(runs))
+    return "\n\n".join(markdown_table(*t) for t in (models, stages) if t[1])
+
+
 def make_report(cfg: ReportConfig) -> Path:
     """Write report.html, report.md and the Pareto PNGs into `cfg.out`; returns report.html."""
     found = load_runs(cfg.runs)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [model_row(m) for rec in found["bench"] for m in rec["models"]]
-    for r in rows:
-        r["tok_s_b1"] = _get(r["tok_s"], "1", "median")
-    plots = [p for p in (plot_front(rows, "tok_s_b1", "tokens/s at batch 1", True, out / "quality_vs_speed.png"),
+    rows, (mhead, mcells), (shead, scells) = page_tables(found)
+    plots = [p for p in (plot_front(rows, "decode_tok_s_b1", f"{DECODE_ONLY} at batch 1", True,
+                                    out / "quality_vs_speed.png"),
                          plot_front(rows, "size_mb", "weights in memory (MB)", False, out / "quality_vs_size.png")) if p]
     settings = heldout_settings(found)
-    mhead, mcells = model_table(rows, "perplexity" + heldout_text(settings["bench"]))
-    shead, scells = stage_table(found["stages"], "perplexity" + heldout_text(settings["stages"]))
     peers = peer_tables(found["peers"])
     here = next((rec["machine"] for rec in found["bench"] if rec.get("machine")), None)
     if here is None:
@@ -377,7 +402,9 @@ def make_report(cfg: ReportConfig) -> Path:
     if rows:
         body.append("<h2>Every model</h2>" + html_table(mhead, mcells))
         body.append('<p class="meta">Timings: median of repeats [min-max]; TTFT = time to first token; ITL = '
-                    "gap between streamed tokens at batch 1 (median, p90); tok/s end to end, prefill included. "
+                    "gap between streamed tokens at batch 1 (median, p90); decode-only tok/s: tokens after the first over the "
+                    "time after prefill, all rows together; end-to-end tok/s: every generated token over the whole "
+                    "call, prefill included. "
                     "Weights MB: every parameter and buffer as held in memory (the basis of the size plot); disk MB: "
                     "the file or folder it loads from. Parameters: each logical weight once (tied or quantized).</p>")
     if scells:

@@ -41,8 +41,9 @@ from lilliput.core.checkpoint import load_model, save_checkpoint
 from lilliput.core.record import run_record
 from lilliput.core.registry import Registry
 from lilliput.eval.bench import model_label
-from lilliput.eval.efficiency import decode_speeds, model_bytes, parameter_count
+from lilliput.eval.efficiency import DECODE_ONLY, decode_speeds, model_bytes, parameter_count
 from lilliput.eval.perplexity import HELDOUT, HeldoutConfig, heldout
+from lilliput.eval.report import MB, markdown_table, shrink_stage_table
 from lilliput.eval.task_sets import lambada_passages
 from lilliput.eval.tasks import TaskConfig, evaluate_tasks
 from lilliput.jobs.prune import PruneJob, prune
@@ -211,11 +212,11 @@ def run_shrink(job: ShrinkJob, log: Callable[[str], None] = print) -> Path:
     speed = time_decode({"input": (teacher, tok), "result": (model.eval(), tok)}, tok, recipe.eval)
     rows[0]["decode_tok_s"] = round(speed["input"]["median"], 2)
     rows[-1]["decode_tok_s"] = round(speed["result"]["median"], 2)
-    log(f"decode tok/s, interleaved: input {_spread_text(speed['input'])}, result {_spread_text(speed['result'])}")
+    log(f"{DECODE_ONLY}, batch 1, interleaved: input {_spread_text(speed['input'])}, result {_spread_text(speed['result'])}")
     record = run_record("lilliput shrink", label=" + ".join(labels), job=dataclasses.asdict(job),
                         recipe=dataclasses.asdict(recipe), heldout=dataclasses.asdict(recipe.eval.heldout),
                         stages=rows, decode={**speed, "prompt_tokens": 32, "new_tokens": recipe.eval.decode_tokens,
-                                             "how": "greedy, batch 1; input and result timed in alternation "
+                                             "how": f"{DECODE_ONLY}, greedy, batch 1; input and result timed in alternation "
                                                     "(one warm-up round), median [min-max]"},
                         seconds=round(time.perf_counter() - t_start, 1))
     out = save_checkpoint(model, tok, job.out, record)
@@ -229,40 +230,19 @@ def _spread_text(s: dict) -> str:
 
 def _row_line(r: dict) -> str:
     tasks = " ".join(f"{k} {v:.3f}" for k, v in r["tasks"].items())
-    return (f"{r['stage']:<22} ppl {r['perplexity']:8.3f}  {tasks}  {r['bytes'] / 2**20:7.1f} MiB  "
+    return (f"{r['stage']:<22} ppl {r['perplexity']:8.3f}  {tasks}  {r['bytes'] / MB:7.1f} MB  "
             f"{r['parameters'] / 1e6:6.1f}M params  ({r['seconds']:.0f} s)")
-
-
-def _ratio(r: dict, base: dict, key: str, fmt: str, scale: float = 1.0) -> str:
-    v, b = r.get(key), base.get(key)
-    if v is None:
-        return "-"
-    return f"{v / scale:{fmt}}" + (f" ({v / b:.2f}x)" if b else "")
-
-
-def stage_table(rows: list[dict]) -> str:
-    tasks = sorted({t for r in rows for t in r["tasks"]})
-    head = "| stage | perplexity | " + " | ".join(f"{t} acc" for t in tasks) + " | size (MiB) | parameters | decode tok/s | seconds |"
-    sep = "|" + "---|" * (6 + len(tasks))
-    lines = [head, sep]
-    base = rows[0]
-    for r in rows:
-        acc = " | ".join(f"{r['tasks'].get(t, float('nan')):.3f}" for t in tasks)
-        lines.append(f"| {r['stage']} | {_ratio(r, base, 'perplexity', '.3f')} | {acc} | "
-                     f"{_ratio(r, base, 'bytes', '.1f', 2**20)} | {r['parameters'] / 1e6:.1f}M | "
-                     f"{_ratio(r, base, 'decode_tok_s', '.1f')} | {r['seconds']:.0f} |")
-    return "\n".join(lines)
 
 
 def model_card(recipe: Recipe, rows: list[dict], job: ShrinkJob) -> str:
     first, last = rows[0], rows[-1]
     return (f"# {recipe.name}: shrunk with lilliput\n\n{recipe.description}\n\n"
             f"Source model: {job.model or 'embedded SmolLM2-135M-Instruct (Q4_1 GGUF)'}; recipe: `{job.recipe}`.\n\n"
-            f"## Every stage, measured\n\n{stage_table(rows)}\n\n"
+            f"## Every stage, measured\n\n{markdown_table(*shrink_stage_table([(recipe.name, {'stages': rows})]))}\n\n"
             f"Perplexity: {recipe.eval.passages} held-out LAMBADA passages (window {recipe.eval.window}); tasks: "
-            f"zero-shot, first {recipe.eval.limit} items; size: weights in memory; decode: greedy, batch 1, "
+            f"zero-shot, first {recipe.eval.limit} items; size: weights in memory; {DECODE_ONLY}: greedy, batch 1, "
             f"{recipe.eval.decode_tokens} tokens, input and result timed in alternation, median of "
             f"{recipe.eval.decode_repeats}, on the machine in run.json.\n\n"
-            f"## Price and gain\n\nSize {first['bytes'] / 2**20:.1f} -> {last['bytes'] / 2**20:.1f} MiB, decode "
+            f"## Price and gain\n\nSize {first['bytes'] / MB:.1f} -> {last['bytes'] / MB:.1f} MB (weights in memory), {DECODE_ONLY} "
             f"{first['decode_tok_s']:.1f} -> {last['decode_tok_s']:.1f} tok/s, perplexity {first['perplexity']:.2f} -> "
             f"{last['perplexity']:.2f}.\n\nLoad it with `lilliput generate PROMPT --model <this folder>`.\n")
