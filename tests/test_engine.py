@@ -232,3 +232,21 @@ def test_a_processor_that_allows_nothing_ends_the_sequence(tiny_model, byte_toke
     seq = engine.add("abc", GenerationConfig(max_new_tokens=10, logprobs=1, ignore_eos=True), [StopAfter()])
     engine.run()
     assert len(seq.output) == 3 and seq.finish_reason == "stop" and len(seq.logprobs) == 3
+
+
+def test_stats_and_the_row_pool_follow_the_requests(tiny_model, byte_tokenizer, one_thread):
+    """The statistics are public; a finished row remembers its tokens and gives them to the next
+    prompt that starts the same (the pool, owned by the scheduler)."""
+    engine = Engine(tiny_model, byte_tokenizer, EngineConfig(max_batch=2))
+    cfg = GenerationConfig(max_new_tokens=3, ignore_eos=True)
+    first = [engine.add(p, cfg) for p in ("shared prefix, one", "other", "third")]
+    s = engine.stats()
+    assert (s.waiting, s.running, s.decoding) == (3, 0, 0)
+    engine.step()
+    s = engine.stats()
+    assert (s.waiting, s.running, s.decoding) == (1, 2, 2)
+    engine.run()
+    assert engine.stats().running == 0 and sorted(engine.scheduler.pool.free) == [0, 1]
+    again = engine.add("shared prefix, two", cfg)
+    engine.run()
+    assert again.cached_tokens == len("shared prefix, ") and again.row == first[0].row

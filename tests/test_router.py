@@ -9,7 +9,7 @@ import torch
 from lilliput.core.config import preset
 from lilliput.core.model import GPT
 from lilliput.infer.engine import Engine
-from lilliput.infer.router import (EntropyMeter, Router, RouterConfig, apgr, call_performance_threshold,
+from lilliput.infer.router import (EntropyMeter, RoutedEngine, RouterConfig, apgr, call_performance_threshold,
                                    choice_uncertainty, oracle_curve, random_curve, routed_accuracy, routing_curve,
                                    threshold_for_quality, threshold_for_share)
 from lilliput.infer.sequence import GenerationConfig
@@ -68,8 +68,8 @@ def test_router_escalates_by_threshold(byte_tokenizer, one_thread):
     cfg = GenerationConfig(max_new_tokens=6)
     want_large = Engine(large, byte_tokenizer).generate(["hello"], cfg)[0].text
     want_small = Engine(small, byte_tokenizer).generate(["hello"], cfg)[0].text
-    never = Router(Engine(small, byte_tokenizer), Engine(large, byte_tokenizer), RouterConfig(threshold=math.inf))
-    always = Router(Engine(small, byte_tokenizer), Engine(large, byte_tokenizer), RouterConfig(threshold=-math.inf))
+    never = RoutedEngine(Engine(small, byte_tokenizer), Engine(large, byte_tokenizer), RouterConfig(threshold=math.inf))
+    always = RoutedEngine(Engine(small, byte_tokenizer), Engine(large, byte_tokenizer), RouterConfig(threshold=-math.inf))
     a, b = never.generate("hello", cfg), always.generate("hello", cfg)
     assert (a.model, a.text) == ("small", want_small) and (b.model, b.text) == ("large", want_large)
     assert set(a.uncertainty) == {"mean_logprob", "min_logprob", "entropy"}
@@ -108,3 +108,41 @@ def test_learned_signal_finds_the_informative_feature():
     wrong_u = [x for x, w in zip(u, wrong.tolist()) if w]
     right_u = [x for x, w in zip(u, wrong.tolist()) if not w]
     assert sum(wrong_u) / len(wrong_u) > sum(right_u) / len(right_u) + 0.5
+
+
+def _pair(byte_tokenizer, threshold):
+    torch.manual_seed(0)
+    small = GPT(preset("tiny")).eval()
+    torch.manual_seed(1)
+    large = GPT(preset("tiny")).eval()
+    return RoutedEngine(Engine(small, byte_tokenizer), Engine(large, byte_tokenizer), RouterConfig(threshold=threshold))
+
+
+@pytest.mark.parametrize("threshold, model", [(math.inf, "small"), (-math.inf, "large")])
+def test_routed_engine_streams_only_the_answer_that_stands(byte_tokenizer, one_thread, threshold, model):
+    """A small answer's text waits for its verdict; each delta arrives with the log-probabilities of
+    the tokens it covers, as when streamed live."""
+    routed = _pair(byte_tokenizer, threshold)
+    deltas = []
+    cfg = GenerationConfig(max_new_tokens=8, ignore_eos=True, logprobs=0)
+    [seq] = routed.add_n("route me", cfg, 1, on_text=lambda s, t: deltas.append((s, t, s.streamed)))
+    answers = []
+    while routed.has_work():
+        answers += routed.step()
+        if not answers:
+            assert all(s is not seq for s, _, _ in deltas)  # the small answer's text waits for its verdict
+    [answer] = answers
+    assert (answer is seq) == (model == "small") and (answer.origin is seq) == (model == "large")
+    assert all(s is answer for s, _, _ in deltas) and "".join(t for _, t, _ in deltas) == answer.text
+    assert [n for _, _, n in deltas] == sorted(n for _, _, n in deltas) and deltas[-1][2] == len(answer.output)
+    assert routed.stats().running == 0 and not routed._pending and not routed._asked
+
+
+def test_routed_engine_abort_reaches_the_large_answer(byte_tokenizer, one_thread):
+    routed = _pair(byte_tokenizer, -math.inf)
+    seq = routed.add("route me", GenerationConfig(max_new_tokens=4))
+    while not routed._asked:
+        routed.step()
+    routed.abort(seq)
+    routed.step()
+    assert not routed.has_work() and not routed._asked

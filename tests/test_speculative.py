@@ -120,3 +120,16 @@ def test_smollm2_greedy_speculation_is_token_identical(smollm):
         dec = SpeculativeDecoder(engine, drafter, SpeculationConfig(k=4, adaptive=False))
         assert [dec.generate(p, cfg, bos=False).output for p in prompts] == plain
         assert dec.stats.accepted > 0
+
+
+def test_speculation_records_the_engines_log_probabilities(tiny_model, byte_tokenizer, one_thread):
+    """Verification samples and records through the engine's sampler: the same tokens, the same
+    log-probabilities, one record per output token."""
+    cfg = GenerationConfig(max_new_tokens=24, ignore_eos=True, logprobs=2)
+    [plain] = Engine(tiny_model, byte_tokenizer).generate(["abc abc abc abc"], cfg)
+    seq = SpeculativeDecoder(Engine(tiny_model, byte_tokenizer), PromptLookup(),
+                             SpeculationConfig(k=3, adaptive=False)).generate("abc abc abc abc", cfg)
+    assert seq.output == plain.output and len(seq.logprobs) >= len(seq.output)
+    for a, b in zip(seq.logprobs[:len(seq.output)], plain.logprobs):
+        assert a["token"] == b["token"] and a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
+        assert [t for t, _ in a["top"]] == [t for t, _ in b["top"]]

@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from lilliput.compress.gptq import layerwise, run_block
-from lilliput.compress.quantize import QUANTIZERS, AWQConfig, grid_for, layer_bits, target_linears
+from lilliput.compress.grid import grid_for, layer_bits, target_linears
+from lilliput.compress.qconfig import QUANTIZERS, AWQConfig
 from lilliput.core.layers import set_layer
 
 

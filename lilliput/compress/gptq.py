@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from lilliput.compress.quantize import QUANTIZERS, GPTQConfig, Grid, grid_for, layer_bits, target_linears
+from lilliput.compress.grid import Grid, grid_for, layer_bits, target_linears
+from lilliput.compress.qconfig import QUANTIZERS, GPTQConfig
 from lilliput.core.layers import set_layer
 
 

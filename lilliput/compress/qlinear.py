@@ -291,9 +291,3 @@ class Int4Linear(QuantLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
-
-
-
-# The rule that merges LoRA adapters into these layers registers itself on import: importing it here
-# means it exists whenever a quantized layer does.
-from lilliput.compress import qlora  # noqa: E402,F401

@@ -3,8 +3,9 @@
 W + scaling * B @ A is either re-quantized in the base's own format (int8 per row, int4 per group
 of the same size) on a grid refitted to it, which rounds: an update smaller than half a grid step
 is partly lost, and the error is returned for `merge_lora_` to report; or, with `dequantize`, kept
-as a float `nn.Linear` (exact, four times the bytes of int8). `qlinear` imports this module, so the
-rule is registered whenever a quantized layer exists.
+as a float `nn.Linear` (exact, four times the bytes of int8). `lilliput.compress` imports this
+module once, so the rule is registered whenever a quantized layer exists (importing qlinear runs
+the package first).
 """
 
 from __future__ import annotations

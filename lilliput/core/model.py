@@ -5,8 +5,9 @@ Blocks look up their sequence mixer and feed-forward by name in `MIXERS` and `FF
 and `new_state(rows, max_len, device, dtype) -> MixerState`; a new feed-forward (MoE) defines
 `forward(x)`. Neither touches this file: the config names them (`mixer`, or `layer_mixers` for a
 per-layer pattern such as attention every 4th layer), and the model asks each layer's mixer for
-its own decode state. The built-in ones beyond attention and SwiGLU (core/ssm.py "mamba",
-core/xlstm.py "mlstm", core/moe.py "moe") are imported at the end of this file, so loading any
+its own decode state. The registries, the state protocol, RMSNorm and SwiGLU live below this file
+in core/parts.py; the built-in mixers beyond attention and SwiGLU (core/ssm.py "mamba",
+core/xlstm.py "mlstm", core/moe.py "moe") register there and are imported here, so loading any
 config finds them. Projections are stored fused (q|k|v and gate|up): one matrix-vector
 product each at decode.
 """
@@ -21,33 +22,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lilliput.core.config import ModelConfig
-from lilliput.core.registry import Registry
+from lilliput.core.parts import FFNS, MIXERS, MixerState, RMSNorm, Step, SwiGLU, rms_norm  # noqa: F401
 from lilliput.core.rope import Rotary, apply_rotary
 
-MIXERS: Registry[type[nn.Module]] = Registry("sequence mixer")
-FFNS: Registry[type[nn.Module]] = Registry("feed-forward")
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * (offset + weight); offset 1 for Gemma, whose weights are stored around zero
-    (and so initialised at zero here: the same function as a fresh Llama norm)."""
-
-    def __init__(self, dim: int, eps: float, offset: float = 0.0):
-        super().__init__()
-        self.eps, self.offset = eps, offset
-        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32 whatever the storage dtype, as Hugging Face's LlamaRMSNorm does
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        w = self.weight + self.offset if self.offset else self.weight
-        return w * h.to(x.dtype)
-
-
-def rms_norm(config: ModelConfig, dim: int | None = None) -> RMSNorm:
-    """The model's RMSNorm over `dim` values (default: the residual width)."""
-    return RMSNorm(config.dim if dim is None else dim, config.norm_eps, config.norm_offset)
+# Mixers and feed-forwards beyond attention and SwiGLU register themselves in parts.py when their
+# module is imported; importing them here, once, means any code that can build a GPT knows every
+# built-in name. (They import parts.py, never this file.)
+from lilliput.core import moe, ssm, xlstm  # noqa: F401  isort: skip
 
 
 def layer_rotary(config: ModelConfig, layer: int) -> Rotary | None:
@@ -61,41 +42,6 @@ def layer_rotary(config: ModelConfig, layer: int) -> Rotary | None:
 
 
 # --- decode state: owned by each mixer, held per layer by the model --------------------------------
-
-class MixerState:
-    """One layer's decode state for a fixed number of rows (sequences). The model's `DecodeState`
-    tracks each row's length; a mixer's state only has to follow these calls:
-
-    - `truncate(row, n)`: forget everything after the row's first n tokens (rejected drafts);
-    - `copy_row(src, dst, n)`: make row dst hold row src's first n tokens (n samples, one prefill);
-    - `reset(row)`: the row is free (its next sequence starts at 0);
-    - `grow(max_len)`: room for at least max_len tokens per row; `nbytes()`.
-
-    Attention's KV cache makes truncation free (a row's keys past n are never read). A recurrent
-    mixer (Mamba, xLSTM) holds one fixed-size state per row, which cannot be rewound: it keeps a
-    snapshot per position it may be truncated to (one per drafted token while verifying, so k+1
-    state copies per verification) and copies its state tensor for `copy_row` (one state's bytes).
-    """
-
-    def truncate(self, row: int, n: int) -> None:
-        raise NotImplementedError
-
-    def copy_row(self, src: int, dst: int, n: int) -> None:
-        raise NotImplementedError
-
-    def can_truncate(self, row: int, n: int) -> bool:
-        """Whether `truncate(row, n)` would succeed (always, for a cache indexed by position)."""
-        return True
-
-    def reset(self, row: int) -> None:
-        raise NotImplementedError
-
-    def grow(self, max_len: int) -> None:
-        raise NotImplementedError
-
-    def nbytes(self) -> int:
-        raise NotImplementedError
-
 
 class KVState(MixerState):
     """Keys and values of one attention layer, addressed by row and position: (rows, nkv, L, hs)."""
@@ -197,42 +143,6 @@ class DecodeState:
         return sum(s.nbytes() for s in self.layers)
 
 
-class Step:
-    """Where one forward's tokens go: rows (B,) of the state, each starting at its own position.
-
-    idx (B, T) puts token t of batch row b at position start[b] + t of state row rows[b]."""
-
-    def __init__(self, rows: torch.Tensor, start: torch.Tensor, T: int, device):
-        self.rows, self.start, self.T = rows.to(device), start.to(device), T
-        self.pos = self.start[:, None] + torch.arange(T, device=device)  # (B, T)
-        self.span = int(start.max()) + T  # keys any query may see
-        self.uniform = bool((start == start[0]).all())
-        self._rope: dict = {}
-        self._mask: dict = {}
-
-    def rope(self, rotary: Rotary, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (rotary.key, dtype)
-        if key not in self._rope:
-            if self.uniform or not rotary.length_dependent:
-                self._rope[key] = rotary(self.pos if not self.uniform else self.pos[0], dtype, n=self.span)
-            else:  # each row's own length picks its frequencies (LongRoPE, dynamic NTK), as when it runs alone
-                rows = [rotary(self.pos[b], dtype, n=int(self.start[b]) + self.T) for b in range(len(self.pos))]
-                self._rope[key] = tuple(torch.stack(t)[:, None] for t in zip(*rows))  # (B, 1, T, rot) each
-        return self._rope[key]
-
-    def mask(self, window: int | None = None) -> torch.Tensor | None:
-        """(B, 1, T, span) keys each query may attend to (the last `window` of them, itself included,
-        in a sliding-window layer), or None when a causal slice suffices."""
-        if self.uniform and self.T == 1 and (window is None or self.span <= window):
-            return None
-        if window not in self._mask:
-            k = torch.arange(self.span, device=self.pos.device)[None, None, :]
-            q = self.pos[:, :, None]
-            seen = (k <= q) if window is None else (k <= q) & (k > q - window)
-            self._mask[window] = seen[:, None]  # (B, 1, T, S)
-        return self._mask[window]
-
-
 @MIXERS.register("attention")
 class Attention(nn.Module):
     """Grouped-query attention with the families' switches: q/k/v and output biases, RMSNorm of
@@ -320,25 +230,6 @@ class Attention(nn.Module):
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf"))
         return s.softmax(-1).to(v.dtype) @ v
-
-
-_ACT = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
-
-
-@FFNS.register("swiglu")
-class SwiGLU(nn.Module):
-    """The gated feed-forward: down(act(gate(x)) * up(x)), SiLU (SwiGLU) or tanh GELU (GeGLU)."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.ffn_dim = config.ffn_dim
-        self.w_gate_up = nn.Linear(config.dim, 2 * config.ffn_dim, bias=config.mlp_bias)
-        self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=config.mlp_bias)
-        self.act = _ACT[config.act]
-
-    def forward(self, x):
-        gate, up = self.w_gate_up(x).split(self.ffn_dim, dim=-1)
-        return self.w_down(self.act(gate) * up)
 
 
 class Block(nn.Module):
@@ -457,7 +348,3 @@ class GPT(nn.Module):
             x = x[:, -1:]
         return self.logits(x)  # (B, T, V)
 
-
-# Mixers and feed-forwards beyond attention and SwiGLU register themselves when their module is
-# imported; importing them here means any code that can build a GPT knows every built-in name.
-from lilliput.core import moe, ssm, xlstm  # noqa: E402,F401

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from lilliput.core.config import ModelConfig
-from lilliput.core.model import FFNS, SwiGLU
+from lilliput.core.parts import FFNS, SwiGLU
 
 
 def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from lilliput.core.model import MixerState, Step
+from lilliput.core.parts import MixerState, Step
 
 SNAPSHOTS = 16
 """Most tokens of one forward whose states are kept for `truncate` (the last ones of the forward)."""

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lilliput.core.config import ModelConfig
-from lilliput.core.model import MIXERS, Step
+from lilliput.core.parts import MIXERS, Step
 from lilliput.core.recurrent import RecurrentState
 from lilliput.core.ssm import segsum
 

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from lilliput.export.runtimes import MODEL_FILE
 from lilliput.export.target import FORMATS, ExportFormat, export
 from lilliput.export.weights import (Weight, agreement, int4_group, minmax_int4, output_is_tied, probe_ids, require,
                                      blockwise_int8, source_logits, weight_bits, weight_of)
@@ -57,7 +58,6 @@ weights (int8/int4: MatMulNBits rounds activations to int8 inside the product; S
 int4 0.004, float32 0)."""
 ACCURACY_LEVEL = 4
 OPSET = 17
-MODEL_FILE = "model.onnx"
 
 
 GROUPS = (16, 32, 64, 128, 256)

@@ -19,6 +19,9 @@ import torch.nn as nn
 from lilliput.core import families
 from lilliput.core.config import ModelConfig
 
+MODEL_FILE = "model.onnx"
+"""The graph's file in an ONNX export folder (its weights beside it in MODEL_FILE + ".data")."""
+
 
 class _Runtime(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -40,7 +43,6 @@ class OnnxModel(_Runtime):
     def __init__(self, folder: Path | str, threads: int | None = None):
         import onnxruntime as ort
 
-        from lilliput.export.onnx import MODEL_FILE
 
         folder = Path(folder)
         super().__init__(families.config_from_hf(json.loads((folder / "config.json").read_text()), name=folder.name))

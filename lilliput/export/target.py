@@ -42,7 +42,7 @@ class ExportFormat:
     """It expresses mixture-of-experts feed-forwards (Hugging Face's Qwen3-MoE and OLMoE)."""
     expresses: Callable[[Any], None] | None = None
     """expresses(model) raises one line when the format cannot express the model; None: attention
-    blocks only (`weights.check_llama`, MoE where `moe`)."""
+    blocks only (`check_llama`, MoE where `moe`)."""
 
     def canonical_type(self, type: str | None, model) -> str:
         if type is None:
@@ -98,6 +98,24 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def check_llama(model, target: str, moe: bool = False) -> None:
+    """Raise one line naming the first block the format cannot express (attention + SwiGLU, or + MoE
+    where the format has experts)."""
+    from lilliput.core.model import GPT, Attention, SwiGLU
+    from lilliput.core.moe import MoE
+
+    if not isinstance(model, GPT):
+        raise ValueError(f"{target} export takes a lilliput GPT, got {type(model).__name__}")
+    for i, block in enumerate(model.layers):
+        if not isinstance(block.mixer, Attention):
+            raise ValueError(f"layer {i} has mixer {type(block.mixer).__name__} ({model.config.mixer!r}): {target} "
+                             f"expresses only Llama attention blocks; export to lilliput's own checkpoint instead")
+        if not isinstance(block.ffn, SwiGLU) and not (moe and isinstance(block.ffn, MoE)):
+            raise ValueError(f"layer {i} has feed-forward {type(block.ffn).__name__} ({model.config.ffn!r}): "
+                             f"{target} expresses only {'SwiGLU and MoE' if moe else 'SwiGLU'} feed-forwards; "
+                             "export to lilliput's own checkpoint instead")
+
+
 def export(model, tokenizer, format: str, out: Path | str, type: str | None = None, force: bool = False,
            check: bool = True, source: Path | str | None = None) -> ExportResult:
     """Write `model` (float, int8, int4 or structurally pruned) in `format` at `out`, then check it.
@@ -106,8 +124,6 @@ def export(model, tokenizer, format: str, out: Path | str, type: str | None = No
     temporary name beside `out` and renamed into place only after its check passed. `source` is
     the model's folder or file, when it came from one (its run.json feeds the model card).
     """
-    from lilliput.export.weights import check_llama
-
     fmt = FORMATS[format.lower()] if isinstance(format, str) else format
     type = fmt.canonical_type(type, model)
     out = Path(out)

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 from lilliput.compress.qlinear import Int4Linear, Int8Linear, QuantLinear, int8_scale, quantize_int8, unpack_int4
-from lilliput.core.model import GPT, Attention, SwiGLU
+from lilliput.core.model import GPT
+from lilliput.export.target import ExportCheckError
 
 
 @dataclass(frozen=True)
@@ -178,23 +179,6 @@ def float_copy(model: GPT) -> GPT:
     return GPT.from_state_dict(config, state).eval()
 
 
-def check_llama(model: GPT, target: str, moe: bool = False) -> None:
-    """Raise one line naming the first block the format cannot express (attention + SwiGLU, or + MoE
-    where the format has experts)."""
-    from lilliput.core.moe import MoE
-
-    if not isinstance(model, GPT):
-        raise ValueError(f"{target} export takes a lilliput GPT, got {type(model).__name__}")
-    for i, block in enumerate(model.layers):
-        if not isinstance(block.mixer, Attention):
-            raise ValueError(f"layer {i} has mixer {type(block.mixer).__name__} ({model.config.mixer!r}): {target} "
-                             f"expresses only Llama attention blocks; export to lilliput's own checkpoint instead")
-        if not isinstance(block.ffn, SwiGLU) and not (moe and isinstance(block.ffn, MoE)):
-            raise ValueError(f"layer {i} has feed-forward {type(block.ffn).__name__} ({model.config.ffn!r}): "
-                             f"{target} expresses only {'SwiGLU and MoE' if moe else 'SwiGLU'} feed-forwards; "
-                             "export to lilliput's own checkpoint instead")
-
-
 # --- the self-check every writer runs ----------------------------------------------------------------
 
 PROBE_TEXT = ("The little ship sailed past the lighthouse at dawn, and the sailors sang of home. "
@@ -228,8 +212,6 @@ def require(report: dict, tolerance: float, what: str) -> dict:
     """Raise ExportCheckError unless the mean KL divergence of the next-token distributions (source || export)
     is within the type's tolerance. A wiring error (a wrong q/k order, a swapped gate and up) costs nats;
     rounding costs thousandths."""
-    from lilliput.export.target import ExportCheckError
-
     report = {**report, "tolerance_mean_kl": tolerance}
     if not report["mean_kl"] <= tolerance:
         raise ExportCheckError(f"{what} disagrees with the source model: mean KL {report['mean_kl']:.3g} nats > "

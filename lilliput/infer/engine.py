@@ -1,11 +1,13 @@
 """The engine: continuous batching of requests over one model, one step at a time.
 
 nano-vllm's split: a `Sequence` per request (sequence.py), a `Scheduler` that admits waiting
-sequences into free rows and picks each step's work (scheduler.py), a `ModelRunner` that only
-runs the model over the decode state (runner.py), and `Engine.step()` tying them together:
-decode one token for every running sequence in one batched forward, prefill one bounded chunk
-of waiting prompts, sample each sequence with its own settings, generator and logits
-processors, and retire finished sequences so their rows take new ones.
+sequences into free rows and picks each step's work (scheduler.py), the `RowPool` it owns, which
+places sequences in rows of the decode state (prefix cache, forks; row_pool.py), a `ModelRunner`
+that only runs the model over the decode state (runner.py), the sampler (sampler.py), and
+`Engine.step()` tying them together: schedule (admit, then one token for every decoding
+sequence and one bounded chunk of waiting prompts), run (one batched forward), sample (each
+sequence with its own settings, generator and logits processors), postprocess (append, stop,
+retire finished sequences so their rows take new ones).
 
 Every consumer goes through it: `generate`/`chat` (generate.py), the server, speculative
 decoding (`verify` + `commit`), best-of-n (`fork`), the router.
@@ -21,9 +23,10 @@ from typing import Callable, Iterable
 import torch
 
 from lilliput.core.model import GPT
-from lilliput.infer import kernels
+from lilliput.infer import sampler
+from lilliput.infer.row_pool import RowPool
 from lilliput.infer.runner import ModelRunner
-from lilliput.infer.sampling import LogitsProcessor, filtered_logits
+from lilliput.infer.sampling import LogitsProcessor
 from lilliput.infer.scheduler import Scheduler
 from lilliput.infer.sequence import GenerationConfig, Sequence, Status
 
@@ -58,19 +61,38 @@ class EngineConfig:
             raise ValueError(f"kv_dtype must be float32, float16 or bfloat16, got {self.kv_dtype!r}")
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """Where an engine's requests are, after its last step."""
+
+    waiting: int
+    """Sequences waiting for a row."""
+    running: int
+    """Sequences holding a row (prefilling or decoding)."""
+    decoding: int
+    """Sequences past their prompt: decoded together in the next step."""
+
+
 class Engine:
     def __init__(self, model: GPT, tokenizer, cfg: EngineConfig = EngineConfig()):
         self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, cfg
         self.max_len = min(cfg.max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.runner = ModelRunner(model, cfg.max_batch, min(self.max_len, 256),
                                   getattr(torch, cfg.kv_dtype) if cfg.kv_dtype else None)
-        self.scheduler = Scheduler(cfg.max_batch, cfg.prefill_chunk)
+        self.scheduler = Scheduler(RowPool(self.runner.state, cfg.prefix_cache, cfg.min_prefix), cfg.prefill_chunk)
         self.eos = set(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id} - {None})
-        self.row_tokens: list[list[int]] = [[] for _ in range(cfg.max_batch)]  # what each free row's state holds
 
     @property
     def state(self):
         return self.runner.state
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def restarted(self) -> "Engine":
+        """A fresh engine over the same model (after a failed step left this one's state in doubt)."""
+        return Engine(self.model, self.tokenizer, self.cfg)
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -120,104 +142,48 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def stats(self) -> EngineStats:
+        sched = self.scheduler
+        return EngineStats(len(sched.waiting), len(sched.running),
+                           sum(s.status is Status.RUNNING for s in sched.running))
+
     # --- one step -----------------------------------------------------------------------------------
 
     def step(self) -> list[Sequence]:
-        """Decode one token for every running sequence, prefill one chunk, admit and retire.
-        Returns the sequences that finished in this step."""
-        sched, runner = self.scheduler, self.runner
-        finished = self._retire()  # aborted since the last step
-        sched.admit(self._place)
+        """schedule -> run -> sample -> postprocess: admit, decode one token for every running
+        sequence and prefill one chunk, sample, append and retire. Returns the sequences that
+        finished in this step (aborted ones included)."""
+        sched = self.scheduler
+        finished = sched.retire()  # aborted since the last step
         decode, chunks = sched.schedule()
-        if decode and chunks and runner.can_mix(max(n for _, n in chunks)):
-            self._mixed_step(decode, chunks)
-            return finished + self._retire()
-        if decode:
-            logits = runner.decode([s.tokens[-1] for s in decode], [s.row for s in decode])
-            self._sample_all(decode, logits)
-            for s in decode:
-                s.computed += 1
-        for seq, n in chunks:
-            start = seq.computed
-            last = start + n == len(seq.prompt)
-            out = runner.extend(seq.row, seq.prompt[start:start + n], "last" if last else "none")
-            seq.computed += n
-            if last:
-                seq.status = Status.RUNNING
-                group = [seq] + self._start_followers(seq)
-                self._sample_all(group, out[None].expand(len(group), -1))
-        return finished + self._retire()
+        for seqs, logits in self._run(decode, chunks):
+            sched.postprocess(seqs, sampler.sample_batch(seqs, logits))
+        return finished + sched.retire()
 
-    def _mixed_step(self, decode: list[Sequence], chunks: list[tuple[Sequence, int]]) -> None:
-        """The step's decode tokens and prompt chunks through the C step together, sharing each
-        pass over the weights; sampled in the same order as the separate path."""
-        work = [(s.row, [s.tokens[-1]], "last") for s in decode]
-        for seq, n in chunks:
-            done = seq.computed + n == len(seq.prompt)
-            work.append((seq.row, seq.prompt[seq.computed:seq.computed + n], "last" if done else "none"))
-        out = self.runner.mixed(work)
-        self._sample_all(decode, torch.stack(out[:len(decode)]))
+    def _run(self, decode: list[Sequence], chunks: list[tuple[Sequence, int]]) -> list[tuple[list[Sequence], torch.Tensor]]:
+        """The model over one step's work -> (sequences, their logits (B, V)) to sample: the decoding
+        sequences, then each prompt finished in this step with its followers (which share its logits).
+        Decode tokens and prompt chunks share each pass over the weights where the C step takes both."""
+        runner = self.runner
+        prompt = [(s.row, s.prompt[s.computed:s.computed + n], "last" if s.computed + n == len(s.prompt) else "none")
+                  for s, n in chunks]
+        groups = []
+        if decode and chunks and runner.can_mix(max(n for _, n in chunks)):
+            out = runner.mixed([(s.row, [s.tokens[-1]], "last") for s in decode] + prompt)
+            groups.append((decode, torch.stack(out[:len(decode)])))
+            prompt_logits = out[len(decode):]
+        else:
+            if decode:
+                groups.append((decode, runner.decode([s.tokens[-1] for s in decode], [s.row for s in decode])))
+            prompt_logits = [runner.extend(*work) for work in prompt]
         for s in decode:
             s.computed += 1
-        for (seq, n), logits in zip(chunks, out[len(decode):]):
+        for (seq, n), logits in zip(chunks, prompt_logits):
             seq.computed += n
             if logits is not None:
-                seq.status = Status.RUNNING
-                group = [seq] + self._start_followers(seq)
-                self._sample_all(group, logits[None].expand(len(group), -1))
-
-    def _start_followers(self, seq: Sequence) -> list[Sequence]:
-        """seq's prefill is done: its followers copy the state and decode from here."""
-        started = []
-        for f in seq.followers:
-            if f.status is not Status.WAITING:
-                continue  # aborted meanwhile
-            self.state.copy(seq.row, f.row)
-            f.computed, f.status = seq.computed, Status.RUNNING
-            self.row_tokens[f.row] = []
-            started.append(f)
-        return started
-
-    def _retire(self) -> list[Sequence]:
-        done = self.scheduler.retire()
-        for s in done:  # a freed row keeps its state: the next prompt that starts the same reuses it
-            self.row_tokens[s.row] = s.tokens[:min(s.computed, self.state.lengths[s.row])]
-        return done
-
-    def _place(self, seq: Sequence, free: list[int]) -> int:
-        """The row for a new sequence, and how much of its prompt is already there (prefix cache)."""
-        limit = len(seq.prompt) - 1  # at least one prompt token runs, to give the first logits
-
-        def shared(tokens: list[int]) -> int:
-            n = 0
-            for a, b in zip(tokens, seq.prompt[:limit]):
-                if a != b:
-                    break
-                n += 1
-            return n
-
-        best, best_n = min(free, key=lambda r: len(self.row_tokens[r])), 0  # default: the emptiest row
-        if self.cfg.prefix_cache:
-            # a recurrent layer rewinds only to recent positions: a prefix it cannot reach is no prefix
-            for r in free:
-                if (n := shared(self.row_tokens[r])) > best_n and self.state.can_truncate(r, n):
-                    best, best_n = r, n
-            donor, donor_n = None, best_n
-            for other in self.scheduler.running:
-                if other.row is not None and (n := shared(other.tokens[:other.computed])) > max(donor_n, self.cfg.min_prefix - 1) \
-                        and self.state.can_truncate(other.row, n):
-                    donor, donor_n = other, n
-            if donor is not None:  # copy the prefix from a running row into the emptiest free row
-                best = min(free, key=lambda r: len(self.row_tokens[r]))
-                self.state.copy(donor.row, best)
-                best_n = donor_n
-        if best_n:
-            self.state.truncate(best, best_n)
-        else:
-            self.state.free(best)
-        seq.computed = seq.cached_tokens = best_n
-        self.row_tokens[best] = []
-        return best
+                group = self.scheduler.prefilled(seq)
+                groups.append((group, logits[None].expand(len(group), -1)))
+        return groups
 
     def run(self) -> None:
         """Step until every queued request has finished."""
@@ -229,44 +195,6 @@ class Engine:
         seqs = [self.add(p, cfg, bos=bos) for p in prompts]
         self.run()
         return seqs
-
-    # --- sampling -----------------------------------------------------------------------------------
-
-    def _sample_all(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample each sequence's next token from its row of logits (B, V) and append it."""
-        plain = all(s.cfg.temperature <= 0 and not s.processors and s.cfg.logprobs is None for s in seqs)
-        tokens = kernels.argmax(logits) if plain else [self.sample(s, logits[i]) for i, s in enumerate(seqs)]
-        for s, tok in zip(seqs, tokens):
-            if s.first_token_at is None:
-                s.first_token_at = time.perf_counter()
-            if tok is None:
-                s.finish("stop")
-            else:
-                s.append(tok)
-
-    @staticmethod
-    def sample(seq: Sequence, logits: torch.Tensor) -> int | None:
-        """One token for `seq` from its next-token logits (V,): processors, log-probabilities, draw.
-        None when the processors allow no token at all (a grammar that is complete): the sequence
-        then ends with "stop"."""
-        if seq.processors:
-            logits = logits.clone()
-            for p in seq.processors:
-                logits = p(seq.tokens, len(seq.prompt), logits)
-            if not bool(torch.isfinite(logits).any()):
-                return None
-        cfg = seq.cfg
-        if cfg.temperature <= 0:
-            tok = int(logits.argmax())
-        else:
-            probs = filtered_logits(logits[None].float(), cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
-            tok = int(torch.multinomial(probs, 1, generator=seq.generator))
-        if cfg.logprobs is not None and tok not in seq.eos:  # the end token is not part of the text
-            lp = torch.log_softmax(logits.float(), -1)
-            top = torch.topk(lp, cfg.logprobs) if cfg.logprobs else None
-            seq.logprobs.append({"token": tok, "logprob": float(lp[tok]),
-                                 "top": list(zip(top.indices.tolist(), top.values.tolist())) if top else []})
-        return tok
 
     # --- drafts and samples that share a prefix ---------------------------------------------------------
 
@@ -301,17 +229,14 @@ class Engine:
         own processors. For samples known up front, `add_n` shares even the last prompt token."""
         if seq.status is not Status.RUNNING:
             raise ValueError("fork a sequence once its prompt is prefilled (status running)")
-        if n > len(self.scheduler.free_rows):
-            raise ValueError(f"{n} forks need {n} free rows, {len(self.scheduler.free_rows)} are free")
+        free = len(self.scheduler.pool.free)
+        if n > free:
+            raise ValueError(f"{n} forks need {n} free rows, {free} are free")
         forks = []
         for i in range(n):
             c = seq.cfg if seq.cfg.seed is None else dataclasses.replace(seq.cfg, seed=seq.cfg.seed + 1 + i)
             f = Sequence(list(seq.prompt), c, list(processors() if processors else ()), seq.on_text)
             f.attach_stream(self.tokenizer, seq.eos)
-            f.row, f.status = self.scheduler.free_rows.pop(), Status.RUNNING
-            self.state.copy(seq.row, f.row)
-            self.state.truncate(f.row, len(seq.prompt) - 1)
-            f.computed = len(seq.prompt) - 1  # the last prompt token is pending: the next step samples
-            self.scheduler.running.append(f)
             forks.append(f)
+        self.scheduler.fork(seq, forks)
         return forks

@@ -14,7 +14,12 @@ against the share sent to the large model), their random and oracle lines, the a
 gap recovered (RouteLLM's APGR) and the share needed for a given part of the gap (CPT) are pure
 functions over per-item correctness, so a benchmark scores the models once and routes offline.
 
-    router = Router(Engine(small, tok), Engine(large, tok), RouterConfig(signal="mean_logprob", threshold=1.2))
+`RoutedEngine` serves a pair with one engine's interface (add_n, step, abort, stats): requests are
+batched continuously on the small engine, each small answer's text is held back until its verdict,
+then released, or the request is asked again of the large engine, whose text streams as it comes.
+The server's worker drives it as it drives a plain `Engine`.
+
+    router = RoutedEngine(Engine(small, tok), Engine(large, tok), RouterConfig(signal="mean_logprob", threshold=1.2))
     answer = router.generate("What is 2 + 2?", GenerationConfig(max_new_tokens=16))
     answer.model  # "small" or "large"
 """
@@ -25,11 +30,11 @@ import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Sequence as Seq
+from typing import Callable, Iterable, Sequence as Seq
 
 import torch
 
-from lilliput.infer.engine import Engine
+from lilliput.infer.engine import Engine, EngineStats
 from lilliput.infer.sampling import LogitsProcessor
 from lilliput.infer.sequence import GenerationConfig, Sequence
 
@@ -237,26 +242,126 @@ class RoutedAnswer:
     sequence: Sequence
 
 
-class Router:
-    """Answers with the small engine and re-asks the large one when the small answer is unsure.
-    Both engines are stepped here: one Router belongs to one thread, like an Engine."""
+def answer_uncertainty(seq: Sequence, meter: EntropyMeter) -> dict[str, float]:
+    """The signals of a finished small answer; none for an empty one (its signal then reads 0)."""
+    return generation_uncertainty(seq, meter.entropies) if seq.output else {}
+
+
+@dataclass
+class _Pending:
+    """A small answer in flight, and what asking the large engine again takes."""
+
+    meter: EntropyMeter
+    cfg: GenerationConfig
+    processors: Callable[[], Iterable[LogitsProcessor]]
+    on_text: Callable[[Sequence, str], None] | None
+
+
+class RoutedEngine:
+    """Answers with the small engine and re-asks the large one when the small answer is unsure,
+    behind one engine's interface. Both engines are stepped here: one RoutedEngine belongs to one
+    thread, like an Engine."""
 
     def __init__(self, small: Engine, large: Engine, cfg: RouterConfig = RouterConfig()):
+        if large.tokenizer.vocab_size != small.tokenizer.vocab_size or large.vocab_size != small.vocab_size:
+            raise ValueError("the small and large models must share a tokenizer and vocabulary")
         self.small, self.large, self.cfg = small, large, cfg
         self.rule = RollingThreshold(cfg)
+        self.max_len = min(small.max_len, large.max_len)
+        self.tokenizer, self.vocab_size = small.tokenizer, small.vocab_size
+        self._pending: dict[int, _Pending] = {}  # small seq.id -> what its verdict needs
+        self._asked: dict[int, Sequence] = {}  # small seq.id -> its large answer, until that finishes
+
+    def restarted(self) -> "RoutedEngine":
+        """Fresh engines over the same models; the rolling threshold carries on."""
+        fresh = RoutedEngine(self.small.restarted(), self.large.restarted(), self.cfg)
+        fresh.rule = self.rule
+        return fresh
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    def add_n(self, prompt: str | list[int], cfg: GenerationConfig, n: int,
+              processors: Callable[[], Iterable[LogitsProcessor]] | None = None,
+              on_text: Callable[[Sequence, str], None] | None = None, bos: bool | None = None) -> list[Sequence]:
+        """n samples of one prompt on the small engine (`Engine.add_n`), their log-probabilities and
+        entropies recorded for the verdict, their text held back until it. Sample i, asked again,
+        samples with seed + i on the large engine, with fresh `processors()`."""
+        ids = self.tokenizer.encode(prompt, bos=bos) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if len(ids) + cfg.max_new_tokens > self.large.max_len:
+            raise ValueError(f"prompt ({len(ids)}) + max_new_tokens ({cfg.max_new_tokens}) exceeds the large model's "
+                             f"context of {self.large.max_len} tokens")
+        make = processors or list
+        meters: list[EntropyMeter] = []
+
+        def small_processors() -> list[LogitsProcessor]:
+            meters.append(meter := EntropyMeter())  # last: it measures what the sampler draws from
+            return [*make(), meter]
+
+        seqs = self.small.add_n(ids, dataclasses.replace(cfg, logprobs=cfg.logprobs or 0), n, small_processors, on_text)
+        for i, (seq, meter) in enumerate(zip(seqs, meters)):
+            if seq.finished:  # nothing to generate: it never reaches a step
+                continue
+            seq.hold()
+            large_cfg = cfg if cfg.seed is None else dataclasses.replace(cfg, seed=cfg.seed + i)
+            self._pending[seq.id] = _Pending(meter, large_cfg, make, on_text)
+        return seqs
+
+    def add(self, prompt: str | list[int], cfg: GenerationConfig = GenerationConfig(),
+            processors: Callable[[], Iterable[LogitsProcessor]] | None = None,
+            on_text: Callable[[Sequence, str], None] | None = None, bos: bool | None = None) -> Sequence:
+        return self.add_n(prompt, cfg, 1, processors, on_text, bos)[0]
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a request (a small answer, with its large one if it was asked again)."""
+        self._pending.pop(seq.id, None)
+        for s in (seq, self._asked.pop(seq.id, None)):
+            if s is not None:
+                self.small.abort(s)
+                self.large.abort(s)
+
+    def has_work(self) -> bool:
+        return self.small.has_work() or self.large.has_work()
+
+    def stats(self) -> EngineStats:
+        a, b = self.small.stats(), self.large.stats()
+        return EngineStats(a.waiting + b.waiting, a.running + b.running, a.decoding + b.decoding)
+
+    # --- one step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[Sequence]:
+        """A step of each engine with work. Returns the answers finished in it: small answers that
+        stand (their held text released), aborted ones, and large answers (`seq.origin` is the small
+        answer each replaces)."""
+        small = self.small.step() if self.small.has_work() else []
+        large = self.large.step() if self.large.has_work() else []
+        done = []
+        for seq in small:
+            pending = self._pending.pop(seq.id, None)
+            if pending is not None and seq.finish_reason != "abort" and \
+                    self.rule.escalates(answer_uncertainty(seq, pending.meter).get(self.cfg.signal, 0.0)):
+                big = self.large.add(list(seq.prompt), pending.cfg, pending.processors(), pending.on_text)
+                big.origin = seq
+                self._asked[seq.id] = big
+                continue
+            if pending is not None:
+                seq.release()
+            done.append(seq)
+        for seq in large:
+            if seq.origin is not None:
+                self._asked.pop(seq.origin.id, None)
+            done.append(seq)
+        return done
 
     def generate(self, prompt: str | list[int], cfg: GenerationConfig = GenerationConfig(),
                  processors: Callable[[], list[LogitsProcessor]] = list, bos: bool | None = None) -> RoutedAnswer:
-        """`processors()` makes each model's own logits processors (a grammar holds state)."""
-        meter = EntropyMeter()
-        small_cfg = dataclasses.replace(cfg, logprobs=cfg.logprobs or 0)
-        seq = self.small.add(prompt, small_cfg, [*processors(), meter], bos=bos)
-        while not seq.finished:
-            self.small.step()
-        u = generation_uncertainty(seq, meter.entropies) if seq.output else {s: math.inf for s in GENERATION_SIGNALS}
-        if not self.rule.escalates(u[self.cfg.signal]):
-            return RoutedAnswer(seq.text, "small", u, seq)
-        big = self.large.add(prompt, cfg, processors(), bos=bos)
-        while not big.finished:
-            self.large.step()
-        return RoutedAnswer(big.text, "large", u, big)
+        """One answer, stepping until it is done. `processors()` makes each model's own logits
+        processors (a grammar holds state)."""
+        seq = self.add(prompt, cfg, processors, bos=bos)
+        pending = self._pending.get(seq.id)
+        if pending is None:
+            return RoutedAnswer(seq.text, "small", {}, seq)
+        while True:
+            for answer in self.step():
+                if answer is seq or answer.origin is seq:
+                    return RoutedAnswer(answer.text, "small" if answer is seq else "large",
+                                        answer_uncertainty(seq, pending.meter), answer)

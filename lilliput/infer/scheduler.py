@@ -1,24 +1,27 @@
 """Which sequences run in each engine step: continuous batching over a fixed pool of rows.
 
-Sequences wait in arrival order; one is admitted as soon as a row is free (which row is the
-engine's choice: the one already holding the longest prefix of its prompt). Each step decodes one
-token for every sequence past its prompt, and prefills at most `prefill_chunk` prompt tokens
-(oldest first), so a long prompt delays the running sequences by a bounded time per step.
+Sequences wait in arrival order; one is admitted as soon as a row is free (the row pool picks
+which: the one already holding the longest prefix of its prompt). Each step decodes one token for
+every sequence past its prompt, and prefills at most `prefill_chunk` prompt tokens (oldest
+first), so a long prompt delays the running sequences by a bounded time per step. After the model
+ran, `prefilled` starts the sequences whose prompt is done (and their followers), `postprocess`
+takes the sampled tokens, and `retire` frees the rows of finished sequences.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from typing import Callable
 
+from lilliput.infer.row_pool import RowPool
 from lilliput.infer.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, rows: int, prefill_chunk: int):
-        if rows < 1 or prefill_chunk < 1:
-            raise ValueError(f"rows and prefill_chunk must be >= 1, got {rows} and {prefill_chunk}")
-        self.free_rows = list(range(rows - 1, -1, -1))
+    def __init__(self, pool: RowPool, prefill_chunk: int):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.pool = pool
         self.prefill_chunk = prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted: prefilling or decoding
@@ -29,24 +32,22 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def admit(self, place: Callable[[Sequence, list[int]], int] | None = None) -> list[Sequence]:
-        """Give free rows to waiting sequences, in arrival order. `place(seq, free_rows)` picks the
-        row (and may set seq.computed to prompt tokens it already holds); default: any free row."""
-        admitted = []
-        while self.waiting and len(self.free_rows) > len(self.waiting[0].followers):
+    def _admit(self) -> None:
+        """Give free rows to waiting sequences, in arrival order (a sequence and its followers together)."""
+        pool = self.pool
+        while self.waiting and len(pool.free) > len(self.waiting[0].followers):
             seq = self.waiting.popleft()
             seq.status, seq.computed = Status.PREFILL, 0
-            seq.row = place(seq, self.free_rows) if place else self.free_rows[-1]
-            self.free_rows.remove(seq.row)
+            seq.row = pool.place(seq, self.running)
             self.running.append(seq)
-            admitted.append(seq)
             for f in seq.followers:  # rows reserved now, filled when seq's prefill is done
-                f.row = self.free_rows.pop()
+                f.row = pool.take()
                 self.running.append(f)
-        return admitted
 
     def schedule(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
-        """This step's work: the sequences that decode one token, and (sequence, n) prompt chunks."""
+        """Admit what fits, then this step's work: the sequences that decode one token, and
+        (sequence, n) prompt chunks."""
+        self._admit()
         decode = [s for s in self.running if s.status is Status.RUNNING]
         chunks, budget = [], self.prefill_chunk
         for s in self.running:
@@ -56,12 +57,47 @@ class Scheduler:
                 budget -= n
         return decode, chunks
 
+    def prefilled(self, seq: Sequence) -> list[Sequence]:
+        """seq's prompt is in its row: it decodes from now on, and so do its followers (still waiting
+        to start) on copies of its row. Returns them all, seq first: they sample from its logits."""
+        seq.status = Status.RUNNING
+        group = [seq]
+        for f in seq.followers:
+            if f.status is not Status.WAITING:
+                continue  # aborted meanwhile
+            self.pool.fork(seq.row, f.row)
+            f.computed, f.status = seq.computed, Status.RUNNING
+            group.append(f)
+        return group
+
+    def fork(self, seq: Sequence, forks: list[Sequence]) -> None:
+        """Start `forks` on copies of seq's prefilled row, its last prompt token pending."""
+        if len(forks) > len(self.pool.free):
+            raise ValueError(f"{len(forks)} forks need {len(forks)} free rows, {len(self.pool.free)} are free")
+        keep = len(seq.prompt) - 1  # the last prompt token is pending: the next step samples
+        for f in forks:
+            f.row, f.status = self.pool.take(), Status.RUNNING
+            self.pool.fork(seq.row, f.row, keep)
+            f.computed = keep
+            self.running.append(f)
+
+    @staticmethod
+    def postprocess(seqs: list[Sequence], tokens: list[int | None]) -> None:
+        """Each sequence takes its sampled token (None: nothing was allowed, it stops)."""
+        for s, tok in zip(seqs, tokens):
+            if s.first_token_at is None:
+                s.first_token_at = time.perf_counter()
+            if tok is None:
+                s.finish("stop")
+            else:
+                s.append(tok)
+
     def retire(self) -> list[Sequence]:
         """Remove finished sequences and free their rows."""
         done = [s for s in self.running if s.status is Status.FINISHED]
         for s in done:
             self.running.remove(s)
-            self.free_rows.append(s.row)
+            self.pool.release(s)
         return done
 
     def abort(self, seq: Sequence) -> None:

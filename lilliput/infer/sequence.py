@@ -115,6 +115,10 @@ class Sequence:
     followers: list["Sequence"] = field(default_factory=list)
     """Further samples of this prompt: they take rows when this one does and start from its
     prefill (the state is copied, the last prompt logits shared), each with its own sampler."""
+    origin: "Sequence | None" = None
+    """The sequence this one answers again (a routed small answer that escalated to the large model)."""
+    streamed: int = 0
+    """Output tokens whose text has reached `on_text` (during a call: up to this delta's last token)."""
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -126,6 +130,7 @@ class Sequence:
         seed = self.cfg.seed if self.cfg.seed is not None else torch.seed() % 2**63
         self.generator = torch.Generator().manual_seed(seed)
         self._sent = 0
+        self._held: list[tuple[str, int]] | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -173,7 +178,23 @@ class Sequence:
         if self.on_text:
             self._emit(len(self.text))
 
+    def hold(self) -> None:
+        """Keep text back from `on_text` until `release` (a routed small answer awaits its verdict)."""
+        self._held = []
+
+    def release(self) -> None:
+        """Give the held text to `on_text`, delta by delta as it was made, and stream from now on."""
+        held, self._held = self._held or [], None
+        for text, tokens in held:
+            self.streamed = tokens
+            self.on_text(self, text)
+
     def _emit(self, ready: int) -> None:
         if ready > self._sent:
-            self.on_text(self, self.text[self._sent:ready])
+            text = self.text[self._sent:ready]
+            if self._held is not None:
+                self._held.append((text, len(self.output)))
+            else:
+                self.streamed = len(self.output)
+                self.on_text(self, text)
             self._sent = ready

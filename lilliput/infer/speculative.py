@@ -34,7 +34,7 @@ import torch
 from lilliput.core.model import GPT
 from lilliput.infer.engine import Engine
 from lilliput.infer.runner import ModelRunner
-from lilliput.infer.sampling import filtered_logits
+from lilliput.infer.sampler import draw, probabilities, process, record
 from lilliput.infer.sequence import GenerationConfig, Sequence, Status
 
 
@@ -116,8 +116,8 @@ class DraftModel(Drafter):
             if cfg.temperature <= 0:
                 tok = int(logits.argmax())
             else:
-                p = filtered_logits(logits[None], cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)[0]
-                tok = int(torch.multinomial(p, 1, generator=seq.generator))
+                p = probabilities(cfg, logits)
+                tok = draw(seq, p)
                 probs.append(p)
             out.append(tok)
         self.known[row] = seq.tokens + out[:-1]
@@ -263,19 +263,15 @@ class SpeculativeDecoder:
         """The tokens this verification yields: accepted drafts, then the target's own token."""
         cfg, ids, out = seq.cfg, list(seq.tokens), []
         for i in range(len(draft) + 1):
-            row = logits[i]
-            if seq.processors:
-                row = row.clone()
-                for proc in seq.processors:
-                    row = proc(ids, len(seq.prompt), row)
+            row = process(seq, ids, logits[i])
             last = i == len(draft)
             if cfg.temperature <= 0:
                 tok = int(row.argmax())
                 stop = last or tok != draft[i]
             else:
-                p = filtered_logits(row[None].float(), cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)[0]
+                p = probabilities(cfg, row)
                 if last:
-                    tok, stop = int(torch.multinomial(p, 1, generator=seq.generator)), True
+                    tok, stop = draw(seq, p), True
                 else:
                     d = draft[i]
                     qd = q[i] if q is not None else torch.zeros_like(p).index_fill_(0, torch.tensor([d]), 1.0)
@@ -285,13 +281,8 @@ class SpeculativeDecoder:
                     else:
                         residual = (p - qd).clamp(min=0)
                         total = float(residual.sum())
-                        tok = int(torch.multinomial(residual / total if total > 0 else p, 1, generator=seq.generator))
-                        stop = True
-            if cfg.logprobs is not None:
-                lp = torch.log_softmax(row.float(), -1)
-                top = torch.topk(lp, cfg.logprobs) if cfg.logprobs else None
-                seq.logprobs.append({"token": tok, "logprob": float(lp[tok]),
-                                     "top": list(zip(top.indices.tolist(), top.values.tolist())) if top else []})
+                        tok, stop = draw(seq, residual / total if total > 0 else p), True
+            record(seq, row, tok)
             out.append(tok)
             ids.append(tok)
             if stop:

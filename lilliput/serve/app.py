@@ -161,7 +161,7 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
                 schema = spec.get("schema", {}) if isinstance(spec, dict) else None
             try:  # compiling (and the first time, indexing the vocabulary) runs off the event loop
                 grammar = await asyncio.to_thread(JsonGrammar.from_schema, worker.tokenizer, schema,
-                                                  worker.engine.model.config.vocab_size)
+                                                  worker.vocab_size)
             except ValueError as e:
                 raise P.ApiError(400, str(e), "response_format", "invalid_schema") from None
             makers.append(grammar.processor)
@@ -330,7 +330,7 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
                                  "invalid_value")
             prompt = prompt[0]
         if isinstance(prompt, list):
-            if any(not 0 <= t < worker.engine.model.config.vocab_size for t in prompt):
+            if any(not 0 <= t < worker.vocab_size for t in prompt):
                 raise P.ApiError(400, "a prompt token id is outside the vocabulary", "prompt", "invalid_value")
             ids = list(prompt)
         else:

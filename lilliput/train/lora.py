@@ -13,7 +13,7 @@ through it to the adapters of the layers below.
 Merging folds B @ A into the base. How depends on the base's type, and the rules are a registry
 keyed by type (looked up along the class's MRO), so train never names a higher layer: the rule for
 `nn.Linear` lives here (exact: W += scaling * B @ A); compress registers the rule for its quantized
-layers (`compress/qlora.py`, imported by `compress/qlinear.py`, so the rule exists whenever such a
+layers (`compress/qlora.py`, imported by `lilliput.compress` itself, so the rule exists whenever such a
 layer does). A rule returns the merged module and the largest deviation of its effective weight
 from W + scaling * B @ A: 0 for float bases, the rounding error when a quantized base is
 re-quantized. Layer names are the model's own attribute names: attention's fused q|k|v
