@@ -3,7 +3,8 @@
 1. Parity (lilliput.eval.zoo.TINY: tiny random instances transformers builds from each family's
    config class, quirks switched on): logits max |diff| over 40 tokens, greedy 32 tokens through
    the engine equal to transformers' (torch path, and the fused C step where it runs), a batch
-   equal to each prompt alone, GGUF F32 export and re-load.
+   equal to each prompt alone, GGUF F32 export and re-load, and llama.cpp's greedy tokens on that
+   GGUF (16 tokens; where llama-cpp-python is installed: `python -m lilliput.eval.peers`).
 2. Speed at real shapes (zoo.REAL: random weights in the config of Qwen3-0.6B, Gemma-3-270M,
    Llama-3.2-1B, Qwen2.5-0.5B and SmolLM3-3B with 12 of its 36 layers) beside the embedded SmolLM2:
    RTN int8, batch-1 decode tok/s (64-token prompt, 128 new tokens, runs interleaved) and its
@@ -75,11 +76,28 @@ def parity(name: str) -> dict:
             path = export_gguf(ours, zoo.byte_bpe(), Path(tmp) / "m.gguf", "F32", check=False)
             back, _ = load_model(str(path), device="cpu")
             row["gguf_max_diff"] = (back(ids) - ours(ids)).abs().max().item()
+            row["llama_cpp_greedy_equal"] = llama_cpp_greedy(path, prompts[0], alone[0][:16])
         except (ValueError, NotImplementedError) as e:
             row["gguf_max_diff"], row["gguf_refused"] = None, str(e).splitlines()[0]
     row["matches"] = bool(logits_diff <= 1e-4 and row["greedy_equal"] and row["batch_equals_alone"]
                           and row["gguf_max_diff"] is not None and row["gguf_max_diff"] <= 1e-4)
     return row
+
+
+def llama_cpp_greedy(path: Path, prompt: list[int], ours: list[int]) -> bool | None:
+    """Whether llama.cpp's greedy tokens on the GGUF equal `ours` (None where llama-cpp-python is absent:
+    `python -m lilliput.eval.peers` builds it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from lilliput.export.runtimes import LlamaCppModel
+
+    runner = LlamaCppModel(path, threads=1, n_ctx=64)
+    tokens = list(prompt)
+    for _ in ours:
+        tokens.append(int(runner.logits(tokens)[-1].argmax()))
+    return tokens[len(prompt):] == ours
 
 
 def id_tokenizer(vocab: int) -> Tokenizer:
