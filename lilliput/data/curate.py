@@ -306,6 +306,8 @@ class CurateResult:
     decisions: list[tuple[str, str, bool, str]] = field(default_factory=list)
     """(id, filter, kept, reason) of every verdict; empty after a Slurm submission (the jobs run later)."""
     seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of each stage."""
     submitted: bool = False
     """True when the stages were submitted (Slurm) rather than run."""
 
@@ -321,7 +323,7 @@ class CurateResult:
         removed = Counter(d[1] for d in self.removed())
         return {"documents": kept + sum(removed.values()), "kept": kept, "removed_by_filter": dict(removed),
                 "tagged_by_filter": dict(Counter(d[1] for d in self.decisions if d[2] and d[1] != "curate")),
-                "seconds": round(self.seconds, 2)}
+                "seconds": round(self.seconds, 2), "stage_seconds": self.stage_seconds}
 
 
 def read_shards(folder: Path) -> list[tuple[str, str, bool, str]]:
@@ -345,13 +347,13 @@ def curate(inputs: list[str | Path], output: str | Path, cfg: CurateConfig = Cur
     """Build the pipeline and run it on `cfg.executor`; returns the verdicts (after Slurm: a submission)."""
     work = work_folder(output, cfg)
     plan = stages(inputs, output, cfg, perplexity, watermark_tokenizer, run=f"curate -> {output}")
-    t0 = time.perf_counter()
+    t0, seconds = time.perf_counter(), {}
     if cfg.executor == "slurm":  # sbatch jobs chained by dependencies; nothing runs here
         job = None
         for stage in plan:
             job = _executor(stage, cfg, work / "logs" / stage.name, depends=job)
         job.run()
-        return CurateResult(Path(output), work / "ledger", submitted=True)
+        return CurateResult(Path(output), work / "ledger", seconds=time.perf_counter() - t0, submitted=True)
     if cfg.executor == "ray":
         import ray
 
@@ -359,11 +361,13 @@ def curate(inputs: list[str | Path], output: str | Path, cfg: CurateConfig = Cur
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     for stage in plan:
         ex = _executor(stage, cfg, work / "logs" / stage.name)
+        t = time.perf_counter()
         ex.run()
+        seconds[stage.name] = round(time.perf_counter() - t, 2)
         if missing := ex.get_incomplete_ranks(skip_completed=True):
             raise RuntimeError(f"curation stage {stage.name}: tasks {missing[:5]} did not finish; see "
                                f"{work / 'logs' / stage.name / 'logs'} and run the same command again to resume")
-    return CurateResult(Path(output), work / "ledger", read_shards(work / "ledger"), time.perf_counter() - t0)
+    return CurateResult(Path(output), work / "ledger", read_shards(work / "ledger"), time.perf_counter() - t0, seconds)
 
 
 # --- documents in memory (what `lilliput synth` curates) ---------------------------------------------

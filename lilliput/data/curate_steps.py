@@ -24,7 +24,6 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
 from lilliput.data.ledger_shards import LedgerShard
-from lilliput.data.watermark import Detector, WatermarkConfig, key_id
 
 REASON = "lilliput_reason"
 """Metadata key of a removal's full reason (datatrove's own reason names a stat, so it stays short)."""
@@ -132,8 +131,11 @@ class WatermarkFilter(BaseFilter):
 
     name = "💧 lilliput watermark"
 
-    def __init__(self, key: str, tokenizer: Callable[[], Any], cfg: WatermarkConfig = WatermarkConfig(),
-                 action: str = "drop", exclusion_writer=None, ledger: LedgerShard | None = None):
+    def __init__(self, key: str, tokenizer: Callable[[], Any], cfg=None, action: str = "drop",
+                 exclusion_writer=None, ledger: LedgerShard | None = None):
+        from lilliput.data.watermark import Detector, WatermarkConfig, key_id  # torch: only where it is used
+
+        cfg = cfg or WatermarkConfig()
         if action not in ACTIONS:
             raise ValueError(f"watermark action must be one of {', '.join(ACTIONS)}, got {action!r}")
         super().__init__(exclusion_writer)
