@@ -281,7 +281,11 @@ def _executor(stage: Stage, cfg: CurateConfig, logs: Path, depends=None):
     if cfg.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
 
-        return LocalPipelineExecutor(stage.steps, tasks=stage.tasks, workers=workers, logging_dir=str(logs))
+        # forked workers start at once (a forkserver's import datatrove, spaCy and lilliput again: ~7 s a stage
+        # on 2 cores); a step that runs a model forks no worker: torch's OpenMP threads do not survive a fork
+        model = cfg.max_perplexity is not None or cfg.watermark_key is not None
+        return LocalPipelineExecutor(stage.steps, tasks=stage.tasks, workers=workers, logging_dir=str(logs),
+                                     start_method="forkserver" if model else "fork")
     if cfg.executor == "ray":
         from datatrove.executor import RayPipelineExecutor
 
