@@ -22,6 +22,7 @@ replaces the decisions of that label, so merging a shard twice records it once.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -128,9 +129,7 @@ def merge(paths: list[Path | str], into: Ledger) -> dict:
                         raise ValueError(f"{shard}: document {row['id']!r} is already in {into.path} with another "
                                          f"sha256 ({old[0][:16]}...)")
                     continue
-                if isinstance(row.get("generator"), dict):
-                    import json
-
+                if isinstance(row.get("generator"), dict):  # _query parsed it; stored as JSON text
                     row["generator"] = json.dumps(row["generator"], sort_keys=True)
                 c.execute(f"INSERT INTO documents ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                           tuple(row.values()))
