@@ -6,33 +6,21 @@ truth that deduplication is measured against (bench/curate.py, tests/test_curate
     planted.docs, planted.truth(0.8)                   # documents; the (original, copy) pairs >= 0.8
 
 A near copy replaces a share of its original's words with words that occur nowhere else; its
-similarity is the Jaccard of the two texts' sets of lower-cased word 5-grams (`jaccard`), the
-measure both lilliput's former MinHash and datatrove's approximate.
+similarity is the Jaccard of the two texts' sets of lower-cased word 5-grams (`jaccard` of
+lilliput.data.shingles: what curation's MinHash approximates and its check of candidates computes).
 """
 
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass, field
+
+from lilliput.data.shingles import jaccard
 
 PROSE = ("sotu/", "bible/", "austen/")
 """Sources written in sentences (verse has too few per line for C4's and Gopher's rules)."""
 RATES = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.15)
 """Shares of words replaced in the copies (0.0: an exact copy), in turn: Jaccard ~1.0 .. ~0.4."""
-
-
-def shingles(text: str, n: int = 5) -> set[str]:
-    """Lower-cased word n-grams (the whole text as one shingle when it has fewer than n words)."""
-    words = re.findall(r"\w+", text.lower())
-    if len(words) < n:
-        return {" ".join(words)} if words else set()
-    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
-def jaccard(a: str, b: str, n: int = 5) -> float:
-    sa, sb = shingles(a, n), shingles(b, n)
-    return len(sa & sb) / len(sa | sb) if sa or sb else 1.0
 
 
 def passages(documents, n: int, words: int = 200, per_line: int = 20, prose_only: bool = True) -> list[str]:
