@@ -1,6 +1,7 @@
 """Curation on datatrove (lilliput.data.curate): the pipeline on the local executor, its verdicts in
 ledger shards, lilliput's own steps, and the command. The Ray run is tests/test_curate_ray.py."""
 
+import dataclasses
 import json
 import random
 import re
@@ -40,12 +41,19 @@ def clusters(decisions) -> set[tuple[str, str]]:
 
 
 def test_lsh_bands_put_the_s_curve_at_the_threshold():
+    p = lambda s, b, r: 1 - (1 - s ** r) ** b  # noqa: E731  (a pair of Jaccard s shares one of b bands of r rows)
+    # without the exact check the bands decide: the curve's middle sits at the threshold
     bands, rows = lsh_params(0.8, 112)
     assert (bands, rows) == (9, 12) and bands * rows <= 112
-    p = lambda s, b=bands, r=rows: 1 - (1 - s ** r) ** b  # noqa: E731  (a pair of Jaccard s shares a band)
-    assert p(0.95) > 0.99 and 0.4 < p(0.8) < 0.6 and p(0.6) < 0.05
-    mh = CurateConfig(near_threshold=0.6).minhash()  # a lower threshold: the curve moves with it
-    assert mh.num_buckets * mh.hashes_per_bucket <= 112 and 0.3 < p(0.6, mh.num_buckets, mh.hashes_per_bucket) < 0.6
+    assert p(0.95, bands, rows) > 0.99 and 0.4 < p(0.8, bands, rows) < 0.6 and p(0.6, bands, rows) < 0.05
+    mh = CurateConfig(near_threshold=0.6, near_check=False).minhash()  # a lower threshold: the curve moves with it
+    assert 0.3 < p(0.6, mh.num_buckets, mh.hashes_per_bucket) < 0.6
+    # with the check, recall first: the most rows per band that still propose a pair at the threshold 99% of the time
+    for threshold in (0.8, 0.6):
+        mh = CurateConfig(near_threshold=threshold).minhash()
+        b, r = mh.num_buckets, mh.hashes_per_bucket
+        assert b * r <= 112 and p(threshold, b, r) >= 0.99 > p(threshold, 112 // (r + 1), r + 1), (b, r)
+    assert CurateConfig().minhash().num_buckets == 18
 
 
 def test_pipeline_finds_planted_copies_and_records_every_verdict(tmp_path):
@@ -92,8 +100,34 @@ def test_near_dedup_precision_and_recall_on_planted_copies(tmp_path):
     cfg = CurateConfig(exact_dedup=False, c4=False, gopher_quality=False, gopher_repetition=False)
     _, result = curate_documents(planted.docs, cfg)
     m = score(clusters(result.decisions), planted.truth(0.8))
-    # datatrove's LSH without an exact check: measured P 1.0, R 1.0 on this set (its copies sit away from 0.8)
-    assert m["true"] >= 15 and m["precision"] >= 0.9 and m["recall"] >= 0.9, m
+    # every candidate checked on the truth's own shingles: exact, but for a pair the bands never propose
+    assert m["true"] >= 15 and m["precision"] == 1.0 and m["recall"] == 1.0, m
+    # the bands alone (datatrove's way) at a curve whose middle is not the threshold: pairs below it go too
+    low = dataclasses.replace(cfg, near_threshold=0.6, minhash_hashes=24)
+    _, loose = curate_documents(planted.docs, dataclasses.replace(low, near_check=False))
+    found = clusters(loose.decisions)
+    assert any(jaccard(*(d["text"] for d in planted.docs if d["id"] in pair)) < 0.8 for pair in found)
+    _, checked = curate_documents(planted.docs, low)
+    sims = {tuple(sorted((a, b))): s for a, b, s in planted.pairs}
+    assert all(sims.get(pair, 0.0) >= 0.6 for pair in clusters(checked.decisions))
+
+
+def test_cached_tokenizer_gives_datatrove_s_words_and_sentences():
+    from datatrove.utils.word_tokenizers import load_word_tokenizer
+
+    from lilliput.data.word_tokenizer import CachedSpaCyTokenizer
+
+    texts = passages(sample_documents(), 8, prose_only=False) + ["", "a", "Mr. Smith left... at 5 p.m.! (Why?)"]
+    lines = [ln for t in texts for ln in t.splitlines()]
+    ours, theirs = CachedSpaCyTokenizer("en", max_words=300), load_word_tokenizer("en")  # 300: pipelines renewed
+    for texts_ in (texts, lines):
+        assert [ours.word_tokenize(t) for t in texts_] == [theirs.word_tokenize(t) for t in texts_]
+        assert [ours.span_tokenize(t) for t in texts_] == [theirs.span_tokenize(t) for t in texts_]
+        assert [ours.sent_tokenize(t) for t in texts_] == [theirs.sent_tokenize(t) for t in texts_]
+    # a text spaCy may choke on goes through datatrove's own code, whose answer depends on its history
+    assert ours.word_tokenize("IS_ALPHA breaks spaCy.")[-2:] == ["spaCy", "."]
+    with pytest.raises(ValueError, match="max_words"):
+        CachedSpaCyTokenizer("en", max_words=0)
 
 
 def test_documents_in_memory_keep_their_fields_and_ids_must_be_unique():

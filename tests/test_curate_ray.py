@@ -30,8 +30,8 @@ def test_ray_executor_gives_the_local_executor_s_output(tmp_path, local_ray):
     for k, part in enumerate((planted.docs[::2], planted.docs[1::2])):  # two files: a task each
         (tmp_path / "in").mkdir(exist_ok=True)
         (tmp_path / "in" / f"{k}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in part))
-    # 24 hashes: 3 MinHash bands, so 3 bucket tasks (each Ray task is an actor, a new process: ~5 s)
-    cfg = CurateConfig(tasks=2, workers=2, mem_per_cpu_gb=0.25, minhash_hashes=24)
+    # 6 hashes at near_recall 0.9: 3 MinHash bands, so 3 bucket tasks (each Ray task is an actor, a new process: ~5 s)
+    cfg = CurateConfig(tasks=2, workers=2, mem_per_cpu_gb=0.25, minhash_hashes=6, near_recall=0.9)
     local = curate([tmp_path / "in"], tmp_path / "local", cfg)
     on_ray = curate([tmp_path / "in"], tmp_path / "ray", dataclasses.replace(cfg, executor="ray"))
     assert _kept(tmp_path / "ray") == _kept(tmp_path / "local") and len(_kept(tmp_path / "local")) >= 8

@@ -9,11 +9,16 @@ The stages, in order (each on or off in `CurateConfig`), all datatrove's unless 
 3. Gopher's quality and repetition rules (`GopherQualityFilter`, `GopherRepetitionFilter`);
 4. FineWeb's rules (`FineWebQualityFilter`), off by default;
 5. the watermark detector (lilliput's `WatermarkFilter`): drops or tags synthetic text;
-6. near-duplicates by MinHash LSH over word 5-grams, in datatrove's four stages (signatures,
-   buckets, clusters, filter); the bands and rows come from `near_threshold` (`lsh_params`);
+6. near-duplicates by MinHash LSH over word 5-grams (lilliput.data.shingles), in datatrove's four
+   stages (signatures, buckets, clusters, filter) with lilliput's exact check of every candidate
+   pair between buckets and clusters (lilliput.data.near_dedup); the bands and rows come from
+   `near_threshold` and `near_recall` (`candidate_bands`; `lsh_params` without the check);
 7. perplexity under a reference model (lilliput's `PerplexityFilter`), above `max_perplexity`
    removed. The scorer is a callable (texts -> perplexities) the caller passes in: data/ sits
    below the model code, so `lilliput curate` builds it in lilliput.jobs.curate.
+
+datatrove's rules (2-4) tokenize with spaCy through lilliput.data.word_tokenizer: the same words
+and sentences, without re-building spaCy's vocabulary at every call.
 
 Every task records its verdicts in its own ledger shard (lilliput.data.ledger_shards): a removal
 with its filter and reason, and a "kept" decision for every document that comes out.
@@ -66,8 +71,14 @@ class CurateConfig:
     near_dedup: bool = True
     """Remove near-duplicates found by MinHash LSH (datatrove's four stages)."""
     near_threshold: float = 0.8
-    """Jaccard similarity of word 5-gram sets around which two documents become near-duplicates
-    (it sets the LSH bands and rows; pairs are not checked exactly)."""
+    """Jaccard similarity of word 5-gram sets (lilliput.data.shingles) from which two documents are
+    near-duplicates."""
+    near_check: bool = True
+    """Compute the exact Jaccard of every pair the LSH bands propose and keep those >= near_threshold;
+    off: the bands alone decide (datatrove's way: pairs near the threshold go either way)."""
+    near_recall: float = 0.99
+    """With near_check: the chance that a pair at exactly near_threshold is proposed (more bands of
+    fewer rows: more recall, more candidates to check)."""
     minhash_hashes: int = 112
     """Hash functions per MinHash signature (split into bands of rows)."""
     max_perplexity: float | None = None
@@ -107,6 +118,8 @@ class CurateConfig:
             raise ValueError(f"near_threshold must be in (0, 1], got {self.near_threshold}")
         if self.ledger_commit_every < 1:
             raise ValueError(f"ledger_commit_every must be >= 1, got {self.ledger_commit_every}")
+        if not 0.0 < self.near_recall < 1.0:
+            raise ValueError(f"near_recall must be in (0, 1), got {self.near_recall}")
         if self.minhash_hashes < 2:
             raise ValueError(f"minhash_hashes must be >= 2, got {self.minhash_hashes}")
         if self.watermark_action not in ("drop", "tag"):
@@ -115,11 +128,16 @@ class CurateConfig:
             raise ValueError("executor=slurm needs --slurm-partition (the Slurm partition to submit to)")
 
     def minhash(self):
-        """datatrove's MinhashConfig for `near_threshold`: (bands, rows) from `lsh_params`."""
+        """datatrove's MinhashConfig: (bands, rows) from `candidate_bands` with near_check (recall first:
+        the check restores precision), else from `lsh_params`."""
         from datatrove.pipeline.dedup.minhash import MinhashConfig
 
-        bands, rows = lsh_params(self.near_threshold, self.minhash_hashes)
-        return MinhashConfig(n_grams=5, num_buckets=bands, hashes_per_bucket=rows)
+        from lilliput.data.near_dedup import candidate_bands
+        from lilliput.data.shingles import N
+
+        bands, rows = (candidate_bands(self.near_threshold, self.minhash_hashes, self.near_recall) if self.near_check
+                       else lsh_params(self.near_threshold, self.minhash_hashes))
+        return MinhashConfig(n_grams=N, num_buckets=bands, hashes_per_bucket=rows)
 
 
 # --- LSH bands (datatrove takes bands and rows; people think in Jaccard thresholds) -------------------
@@ -202,8 +220,7 @@ def stages(inputs: list[str | Path], output: str | Path, cfg: CurateConfig,
            perplexity: Callable[[list[str]], list[float | None]] | None = None,
            watermark_tokenizer: Callable[[], object] | None = None, run: str = "") -> list[Stage]:
     """The passes `curate` runs, in order."""
-    from datatrove.pipeline.dedup import (MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
-                                          MinhashDedupSignature)
+    from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, \
         ExactFindDedups
     from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
@@ -215,6 +232,8 @@ def stages(inputs: list[str | Path], output: str | Path, cfg: CurateConfig,
                                             document_text, exact_duplicate_reason, near_duplicate_reason,
                                             output_record)
     from lilliput.data.ledger_shards import LedgerShard
+    from lilliput.data.near_dedup import ShingleSignature, VerifyCandidates
+    from lilliput.data.word_tokenizer import CachedSpaCyTokenizer
 
     if cfg.max_perplexity is not None and perplexity is None:
         raise ValueError("max_perplexity is set but no perplexity scorer was given (texts -> perplexities)")
@@ -225,6 +244,7 @@ def stages(inputs: list[str | Path], output: str | Path, cfg: CurateConfig,
     n = cfg.tasks
     out: list[Stage] = []
     exact = ExactDedupConfig(content_getter=document_text)
+    words = CachedSpaCyTokenizer("en")
 
     def writer(folder: Path):
         return JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None, adapter=output_record)
@@ -244,23 +264,26 @@ def stages(inputs: list[str | Path], output: str | Path, cfg: CurateConfig,
     for name, on, make in (("c4", cfg.c4, C4QualityFilter), ("gopher_quality", cfg.gopher_quality, GopherQualityFilter),
                            ("gopher_repetition", cfg.gopher_repetition, GopherRepetitionFilter),
                            ("fineweb", cfg.fineweb, FineWebQualityFilter)):
-        if on:
-            steps.append(make(exclusion_writer=LedgerExclusion(first, name)))
+        if on:  # one tokenizer for all: the rules' caches (datatrove's split_into_parts) are keyed by it
+            steps.append(make(exclusion_writer=LedgerExclusion(first, name), language=words))
     if cfg.watermark_key is not None:
         steps.append(WatermarkFilter(cfg.watermark_key, watermark_tokenizer, action=cfg.watermark_action,
                                      exclusion_writer=LedgerExclusion(first, "watermark"), ledger=first))
     last, final = first, steps
     if two_passes:
-        mh = cfg.minhash()
+        mh, sigs, buckets = cfg.minhash(), str(work / "minhash" / "sigs"), str(work / "minhash" / "buckets")
         filtered = work / "filtered"
         out.append(Stage("filter", [*steps, LedgerWriter(first, record_kept=False), writer(filtered)], n))
         out.append(Stage("minhash_signatures", [JsonlReader(str(filtered)),
-                                                MinhashDedupSignature(str(work / "minhash" / "sigs"), config=mh)], n))
-        out.append(Stage("minhash_buckets", [MinhashDedupBuckets(str(work / "minhash" / "sigs"),
-                                                                 str(work / "minhash" / "buckets"), config=mh)],
-                         mh.num_buckets))
-        out.append(Stage("minhash_clusters", [MinhashDedupCluster(str(work / "minhash" / "buckets"),
-                                                                  str(work / "minhash" / "remove"), config=mh,
+                                                ShingleSignature(sigs, mh, keep_sets=cfg.near_check)], n))
+        bucket_steps = [MinhashDedupBuckets(sigs, buckets, config=mh)]
+        if cfg.near_check:  # candidates -> the pairs whose shingle sets reach the threshold
+            pairs = str(work / "minhash" / "pairs")
+            bucket_steps.append(VerifyCandidates(buckets, sigs, pairs, mh, cfg.near_threshold))
+        else:
+            pairs = buckets
+        out.append(Stage("minhash_buckets", bucket_steps, mh.num_buckets))
+        out.append(Stage("minhash_clusters", [MinhashDedupCluster(pairs, str(work / "minhash" / "remove"), config=mh,
                                                                   save_cluster_id=True)], 1))
         last = LedgerShard(work / "ledger", "final", run=run, commit_every=cfg.ledger_commit_every)
         final = [JsonlReader(str(filtered)),
