@@ -48,6 +48,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -230,7 +231,7 @@ def write_readme(result: dict, path: Path) -> None:
         raise SystemExit(f"{path} has no {MARK[0]} ... {MARK[1]} block")
     head, rest = text.split(MARK[0], 1)
     _, tail = rest.split(MARK[1], 1)
-    path.write_text(f"{head}{MARK[0]}\n{readme(result)}\n{MARK[1]}{tail}")
+    path.write_text(f"{head}{MARK[0]}\n{textwrap.fill(readme(result), 100, break_on_hyphens=False)}\n{MARK[1]}{tail}")
 
 
 def run_old(old, files: list[Path], out: Path) -> tuple[float, set[str]]:
