@@ -1,212 +1,224 @@
+"""Curation on datatrove (lilliput.data.curate): the pipeline on the local executor, its verdicts in
+ledger shards, lilliput's own steps, and the command. The Ray run is tests/test_curate_ray.py."""
+
 import dataclasses
 import json
 import random
+import re
+from collections import Counter
 
 import pytest
 
-from lilliput.data.curate import CurateConfig, CurateDocument, curate, read_documents
-from lilliput.data.minhash import MinHashConfig, minhash_signatures, near_duplicates, shingles
-from lilliput.data.quality import (GopherQualityConfig, GopherRepetitionConfig, c4_lines,
-                                   gopher_quality, gopher_repetition)
-
-# Each rule is tested alone at its published threshold: the others are opened wide.
-OPEN_QUALITY = GopherQualityConfig(min_words=0, max_words=10**9, min_mean_word_length=0, max_mean_word_length=1e9,
-                                   max_symbol_word_ratio=1e9, max_bullet_lines_ratio=1.0,
-                                   max_ellipsis_lines_ratio=1.0, min_alpha_words_ratio=0.0, min_stop_words=0)
-OPEN_REPETITION = GopherRepetitionConfig(max_dup_line_frac=1.0, max_dup_para_frac=1.0, max_dup_line_char_frac=1.0,
-                                         max_dup_para_char_frac=1.0, top_ngram_fracs=(1.0,) * 3,
-                                         dup_ngram_fracs=(1.0,) * 6)
-Q, R = GopherQualityConfig(), GopherRepetitionConfig()
+from lilliput.data.corpus import sample_documents
+from lilliput.data.curate import CurateConfig, curate, curate_documents, lsh_params
+from lilliput.data.ledger import Entry, Ledger, SelectionConfig
+from lilliput.data.planted import jaccard, passages, plant, score
 
 
-def quality_only(field: str):
-    return dataclasses.replace(OPEN_QUALITY, **{field: getattr(Q, field)})
+def planted_corpus(n: int = 24, seed: int = 0):
+    """n prose passages and a copy of each (exact, or with 0.5% .. 15% of its words replaced)."""
+    return plant(passages(sample_documents(), n), seed=seed)
 
 
-def repetition_only(field: str, index: int | None = None):
-    value = getattr(R, field)
-    if index is not None:
-        value = tuple(v if i == index else 1.0 for i, v in enumerate(value))
-    return dataclasses.replace(OPEN_REPETITION, **{field: value})
+def write_jsonl(path, docs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return path
 
 
-# --- Gopher quality ---------------------------------------------------------------------------------
-
-def test_word_count_bounds():
-    cfg = quality_only("min_words")
-    assert gopher_quality(" ".join(["word"] * 50) + ".", cfg) is None
-    assert "49 words < 50" in gopher_quality(" ".join(["word"] * 49) + ".", cfg)
-    cfg = quality_only("max_words")
-    assert gopher_quality("word " * 100_000, cfg) is None
-    assert "> 100000" in gopher_quality("word " * 100_001, cfg)
+def read_output(folder):
+    return {json.loads(line)["id"]: json.loads(line) for f in sorted(folder.glob("*.jsonl"))
+            for line in f.read_text().splitlines()}
 
 
-def test_mean_word_length_bounds():
-    cfg = dataclasses.replace(quality_only("min_mean_word_length"), max_mean_word_length=Q.max_mean_word_length)
-    assert gopher_quality(" ".join(["abc"] * 60), cfg) is None  # exactly 3.0
-    assert "< 3.0" in gopher_quality(" ".join(["abc"] * 59 + ["ab"]), cfg)
-    ten = ["a" * 11] * 14 + ["a" * 10] * 44 + ["abc", "abc"]  # 600 characters / 60 words = 10.0
-    assert gopher_quality(" ".join(ten), cfg) is None
-    assert "> 10.0" in gopher_quality(" ".join(ten[:-1] + ["abcd"]), cfg)
+def clusters(decisions) -> set[tuple[str, str]]:
+    """Pairs of documents in one MinHash cluster, from the reasons the ledger holds."""
+    members: dict[str, list[str]] = {}
+    for doc_id, _, _, reason in decisions:
+        if m := re.search(r"MinHash cluster (\d+)", reason):
+            members.setdefault(m[1], []).append(doc_id)
+    return {(a, b) for ids in members.values() for a in ids for b in ids if a < b}
 
 
-def test_symbol_to_word_ratio():
-    cfg = quality_only("max_symbol_word_ratio")
-    words = " ".join(["word"] * 60)
-    assert gopher_quality(words + " #" * 6, cfg) is None  # 0.1
-    assert "symbol/word" in gopher_quality(words + " #" * 5 + " ... …", cfg)  # 7 symbols / 60 words
+def test_lsh_bands_put_the_s_curve_at_the_threshold():
+    p = lambda s, b, r: 1 - (1 - s ** r) ** b  # noqa: E731  (a pair of Jaccard s shares one of b bands of r rows)
+    # without the exact check the bands decide: the curve's middle sits at the threshold
+    bands, rows = lsh_params(0.8, 112)
+    assert (bands, rows) == (9, 12) and bands * rows <= 112
+    assert p(0.95, bands, rows) > 0.99 and 0.4 < p(0.8, bands, rows) < 0.6 and p(0.6, bands, rows) < 0.05
+    mh = CurateConfig(near_threshold=0.6, near_check=False).minhash()  # a lower threshold: the curve moves with it
+    assert 0.3 < p(0.6, mh.num_buckets, mh.hashes_per_bucket) < 0.6
+    # with the check, recall first: the most rows per band that still propose a pair at the threshold 99% of the time
+    for threshold in (0.8, 0.6):
+        mh = CurateConfig(near_threshold=threshold).minhash()
+        b, r = mh.num_buckets, mh.hashes_per_bucket
+        assert b * r <= 112 and p(threshold, b, r) >= 0.99 > p(threshold, 112 // (r + 1), r + 1), (b, r)
+    assert CurateConfig().minhash().num_buckets == 18
 
 
-def test_bullet_and_ellipsis_lines():
-    line = "the quick brown fox jumps over a dog"
-    cfg = quality_only("max_bullet_lines_ratio")
-    assert gopher_quality("\n".join(["• " + line] * 9 + [line]), cfg) is None  # 0.9
-    assert "bullet" in gopher_quality("\n".join(["- " + line] * 10), cfg)
-    cfg = quality_only("max_ellipsis_lines_ratio")
-    assert gopher_quality("\n".join([line + "..."] * 3 + [line + "."] * 7), cfg) is None  # 0.3
-    assert "ellipsis" in gopher_quality("\n".join([line + "…"] * 4 + [line + "."] * 6), cfg)
+def test_pipeline_finds_planted_copies_and_records_every_verdict(tmp_path):
+    planted = planted_corpus()
+    # two input files, two tasks: datatrove deals files out to tasks
+    half = len(planted.docs) // 2
+    write_jsonl(tmp_path / "in" / "a.jsonl", planted.docs[:half])
+    write_jsonl(tmp_path / "in" / "b.jsonl", planted.docs[half:] + [{"id": "short", "text": "Too short to keep."}])
+    result = curate([tmp_path / "in"], tmp_path / "out", CurateConfig(tasks=2, workers=1))
+    kept = read_output(tmp_path / "out")
+    s = result.summary()
+    assert s["documents"] == len(planted.docs) + 1 and s["kept"] == len(kept)
+    # every document has exactly one final verdict: kept, or removed by one filter
+    final = [d for d in result.decisions if d[1] == "curate" or not d[2]]
+    assert sorted(d[0] for d in final) == sorted([d["id"] for d in planted.docs] + ["short"])
+    why = {d[0]: d for d in result.removed()}
+    assert why["short"][1] in ("c4", "gopher_quality")
+    quality = {d[0] for d in result.removed() if d[1] in ("c4", "gopher_quality", "gopher_repetition")}
+    assert len(quality) < len(planted.docs) // 2  # most prose passages pass C4's and Gopher's rules
+    checked = Counter()
+    for a, b, sim in planted.pairs:
+        if sim == 1.0:  # one of two identical texts goes, before any quality rule
+            assert sorted(why[x][1] for x in (a, b) if x in why)[0] == "exact_dedup" and (a in kept) + (b in kept) <= 1
+            checked["exact"] += 1
+        elif a in quality or b in quality:
+            continue
+        elif sim >= 0.9:  # near copies at Jaccard >= 0.9: one of each pair goes
+            assert (a in kept) != (b in kept), (a, b, sim)
+            gone = why[a if a not in kept else b]
+            assert gone[1] == "near_dedup" and "MinHash cluster" in gone[3]
+            checked["near"] += 1
+        elif sim < 0.5:  # copies with half their 5-grams changed: both stay
+            assert a in kept and b in kept, (a, b, sim)
+            checked["distinct"] += 1
+    assert min(checked["exact"], checked["near"], checked["distinct"]) >= 2, checked
+    assert {k: v for k, v in kept[next(iter(kept))].items() if k not in ("id", "text")} == {}  # no internal fields
+    # the same command again resumes: every task is complete, nothing runs twice
+    again = curate([tmp_path / "in"], tmp_path / "out", CurateConfig(tasks=2, workers=1))
+    assert sorted(again.decisions) == sorted(result.decisions)
 
 
-def test_alphabetic_words_and_stop_words():
-    cfg = quality_only("min_alpha_words_ratio")
-    assert gopher_quality(" ".join(["word"] * 48 + ["1234"] * 12), cfg) is None  # 0.8
-    assert "alphabetic" in gopher_quality(" ".join(["word"] * 47 + ["1234"] * 13), cfg)
-    cfg = quality_only("min_stop_words")
-    assert gopher_quality("word " * 20 + "the word of", cfg) is None
-    assert "1 stop words < 2" in gopher_quality("word " * 20 + "the word", cfg)
+def test_near_dedup_precision_and_recall_on_planted_copies(tmp_path):
+    planted = plant(passages(sample_documents(), 40), seed=1)
+    cfg = CurateConfig(exact_dedup=False, c4=False, gopher_quality=False, gopher_repetition=False)
+    _, result = curate_documents(planted.docs, cfg)
+    m = score(clusters(result.decisions), planted.truth(0.8))
+    # every candidate checked on the truth's own shingles: exact, but for a pair the bands never propose
+    assert m["true"] >= 15 and m["precision"] == 1.0 and m["recall"] == 1.0, m
+    # the bands alone (datatrove's way) at a curve whose middle is not the threshold: pairs below it go too
+    low = dataclasses.replace(cfg, near_threshold=0.6, minhash_hashes=24)
+    _, loose = curate_documents(planted.docs, dataclasses.replace(low, near_check=False))
+    found = clusters(loose.decisions)
+    assert any(jaccard(*(d["text"] for d in planted.docs if d["id"] in pair)) < 0.8 for pair in found)
+    _, checked = curate_documents(planted.docs, low)
+    sims = {tuple(sorted((a, b))): s for a, b, s in planted.pairs}
+    assert all(sims.get(pair, 0.0) >= 0.6 for pair in clusters(checked.decisions))
 
 
-# --- Gopher repetition ------------------------------------------------------------------------------
+def test_cached_tokenizer_gives_datatrove_s_words_and_sentences():
+    from datatrove.utils.word_tokenizers import load_word_tokenizer
 
-def _unique(n: int, length: int = 30) -> list[str]:
-    return [f"{i:03d}" + "u" * (length - 3) for i in range(n)]
+    from lilliput.data.word_tokenizer import CachedSpaCyTokenizer
 
-
-def test_duplicate_paragraphs_and_lines_by_count():
-    for sep, field in (("\n\n", "max_dup_para_frac"), ("\n", "max_dup_line_frac")):
-        cfg = repetition_only(field)
-        assert gopher_repetition(sep.join(_unique(6) + ["x"] * 4), cfg) is None  # 3 of 10 repeat: 0.3
-        assert "duplicate" in gopher_repetition(sep.join(_unique(6) + ["x"] * 5), cfg)  # 4 of 11
-
-
-def test_duplicate_paragraphs_and_lines_by_characters():
-    for sep, field in (("\n\n", "max_dup_para_char_frac"), ("\n", "max_dup_line_char_frac")):
-        cfg = repetition_only(field)
-        d = "d" * 20
-        keep = sep.join(["a" * (60 - 2 * len(sep)), d, d])  # 20 / 100 characters repeat
-        assert len(keep) == 100 and gopher_repetition(keep, cfg) is None
-        assert "characters in duplicate" in gopher_repetition(sep.join(["a" * (59 - 2 * len(sep)), d, d]), cfg)
+    texts = passages(sample_documents(), 8, prose_only=False) + ["", "a", "Mr. Smith left... at 5 p.m.! (Why?)"]
+    lines = [ln for t in texts for ln in t.splitlines()]
+    ours, theirs = CachedSpaCyTokenizer("en", max_words=300), load_word_tokenizer("en")  # 300: pipelines renewed
+    for texts_ in (texts, lines):
+        assert [ours.word_tokenize(t) for t in texts_] == [theirs.word_tokenize(t) for t in texts_]
+        assert [ours.span_tokenize(t) for t in texts_] == [theirs.span_tokenize(t) for t in texts_]
+        assert [ours.sent_tokenize(t) for t in texts_] == [theirs.sent_tokenize(t) for t in texts_]
+    # a text spaCy may choke on goes through datatrove's own code, whose answer depends on its history
+    assert ours.word_tokenize("IS_ALPHA breaks spaCy.")[-2:] == ["spaCy", "."]
+    with pytest.raises(ValueError, match="max_words"):
+        CachedSpaCyTokenizer("en", max_words=0)
 
 
-@pytest.mark.parametrize("n, limit", [(2, 50), (3, 89), (4, 138)])
-def test_top_ngram_share(n, limit):
-    cfg = repetition_only("top_ngram_fracs", index=n - 2)
-    gram = " ".join(["aa", "bb", "cc", "dd"][:n])
-    head = gram + " " + gram + " "
-    assert gopher_repetition(head + "z" * (limit - len(head)), cfg) is None  # at the threshold
-    assert f"top {n}-gram" in gopher_repetition(head + "z" * (limit - 1 - len(head)), cfg)
+def test_documents_in_memory_keep_their_fields_and_ids_must_be_unique():
+    docs = [{"id": f"d{k}", "text": t, "topic": k} for k, t in enumerate(passages(sample_documents(), 3))]
+    kept, result = curate_documents(docs + [{"id": "dup", "text": docs[0]["text"], "topic": 9}],
+                                    CurateConfig(c4=False, gopher_quality=False, gopher_repetition=False,
+                                                 near_dedup=False))
+    assert [d["id"] for d in kept] == ["d0", "d1", "d2"] and kept[1]["topic"] == 1
+    assert result.summary()["removed_by_filter"] == {"exact_dedup": 1}
+    with pytest.raises(ValueError, match="appears twice"):
+        curate_documents(docs + docs[:1])
 
 
-@pytest.mark.parametrize("n, limit", [(5, 34), (6, 43), (7, 54), (8, 67), (9, 82), (10, 100)])
-def test_repeated_ngram_share(n, limit):
-    cfg = repetition_only("dup_ngram_fracs", index=n - 5)
-    head = " ".join("abcdefghij"[:n] * 2) + " "  # n one-letter words, twice: n repeated characters
-    assert gopher_repetition(head + "z" * (limit - len(head)), cfg) is None
-    assert f"repeated {n}-grams" in gopher_repetition(head + "z" * (limit - 1 - len(head)), cfg)
+def test_watermark_step_drops_or_tags_watermarked_text(tmp_path):
+    from datatrove.data import Document
+
+    from lilliput.core.tokenizer import ByteTokenizer
+    from lilliput.data.curate_steps import LedgerExclusion, LedgerWriter, WatermarkFilter
+    from lilliput.data.ledger_shards import LedgerShard
+    from lilliput.data.watermark import Detector
+
+    det, tok, rng = Detector("k"), ByteTokenizer(), random.Random(0)
+    text = "a"  # each next letter green after the one before: what a strongly watermarked sampler writes
+    while len(text) < 300:
+        ids = tok.encode(text, bos=False)
+        text += rng.choice([c for c in "etaoinshrdlucmfwypvbgk ,."
+                            if det.green_flags(ids + tok.encode(c, bos=False), prompt_len=len(ids) - 1).all()])
+    human = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 2
+    assert det.detect_text(text, tok).watermarked and not det.detect_text(human, tok).watermarked
+    for action in ("drop", "tag"):
+        shard = LedgerShard(tmp_path / action, "final")
+        steps = [WatermarkFilter("k", ByteTokenizer, action=action, exclusion_writer=LedgerExclusion(shard, "watermark"),
+                                 ledger=shard), LedgerWriter(shard)]
+        data = [Document(text, "synthetic"), Document(human, "human")]
+        for step in steps:
+            data = step(data, rank=0)
+        out = list(data)
+        with Ledger.open(shard.path(0), create=False) as led:
+            rows = led.conn.execute("SELECT id, filter, kept, reason FROM decisions ORDER BY rowid").fetchall()
+        if action == "drop":
+            assert [d.id for d in out] == ["human"]
+            assert rows[0][:3] == ("synthetic", "watermark", 0) and rows[0][3].startswith("watermarked: z ")
+        else:
+            assert [d.id for d in out] == ["synthetic", "human"] and out[0].metadata["watermark_z"] > 4
+            assert [(r[0], r[1], r[2]) for r in rows] == [("synthetic", "watermark", 1), ("synthetic", "curate", 1),
+                                                          ("human", "curate", 1)]
 
 
-# --- C4 -----------------------------------------------------------------------------------------------
+def test_cli_curate_jsonl_and_parquet_into_a_ledger(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import GopherQualityFilter
 
-SENTENCES = "\n".join(f"This is sentence number {w} of the page." for w in ("one", "two", "three", "four", "five"))
+    from lilliput.cli import main
 
-
-def test_c4_line_rules():
-    why, text, dropped = c4_lines(SENTENCES)
-    assert why is None and dropped == 0 and text == SENTENCES + "\n"
-    page = SENTENCES + "\nno terminal punctuation here\nTwo words.\nThree words here.\n" \
-                       "Please enable JavaScript to view this page.\nRead our privacy policy now.\n" \
-                       "A fact of some note.[1] Another one.[citation needed]"
-    why, text, dropped = c4_lines(page)
-    assert why is None and dropped == 4
-    assert "Three words here." in text and "Two words." not in text and "JavaScript" not in text
-    assert "A fact of some note. Another one." in text
-    long_word = "Here is " + "x" * 999 + "."  # a word of 1,000 characters, its full stop included
-    assert "x" * 999 in c4_lines(SENTENCES + "\n" + long_word)[1]
-    assert c4_lines(SENTENCES + "\nHere is " + "x" * 1000 + ".")[2] == 1
-
-
-def test_c4_page_rules():
-    assert c4_lines(SENTENCES + "\nLorem ipsum dolor sit amet.")[0] == "contains 'lorem ipsum'"
-    assert "curly" in c4_lines(SENTENCES + "\nfunction f() { return 1; }")[0]
-    four = "\n".join(SENTENCES.split("\n")[:4])
-    assert "4 sentences" in c4_lines(four)[0]
-    assert c4_lines(four + " And a fifth.")[0] is None
-
-
-# --- near duplicates ----------------------------------------------------------------------------------
-
-def _passages(n: int, words: int = 200) -> list[str]:
-    from lilliput.data.corpus import sample_documents
-
-    tokens = " ".join(d.text for d in sample_documents()).split()
-    step = len(tokens) // n
-    return [" ".join(tokens[i * step:i * step + words]) for i in range(n)]
-
-
-def _perturb(text: str, rate: float, rng: random.Random) -> str:
-    words = text.split()
-    for i in rng.sample(range(len(words)), max(1, round(rate * len(words)))):
-        words[i] = f"zq{rng.randrange(10**6)}"
-    return " ".join(words)
-
-
-def _jaccard(a: str, b: str) -> float:
-    sa, sb = shingles(a), shingles(b)
-    return len(sa & sb) / len(sa | sb)
-
-
-def test_near_duplicate_precision_and_recall_on_perturbed_corpus_passages():
-    rng = random.Random(0)
-    originals = _passages(120)
-    docs = list(originals)
-    for k, text in enumerate(originals):  # copies with 0.5% to 8% of their words replaced: Jaccard ~0.95 .. ~0.5
-        docs.append(_perturb(text, [0.005, 0.01, 0.02, 0.03, 0.05, 0.08][k % 6], rng))
-    n = len(originals)
-    truth = {(k, k + n) for k in range(n) if _jaccard(docs[k], docs[k + n]) >= 0.8}  # 2 in 6 are below 0.8
-    assert len(truth) == 60
-    sigs = minhash_signatures(docs)
-    # curation checks each LSH candidate's Jaccard exactly, so its bands favour recall: measured P 1.0, R 0.98
-    found = {(i, j) for i, j, _ in near_duplicates(sigs, MinHashConfig(), texts=docs)}
-    assert len(found & truth) / len(found) >= 0.95 and len(found & truth) / len(truth) >= 0.95
-    # signatures alone (datasketch's bands and an estimated Jaccard): pairs just above 0.8 are missed
-    # half the time; measured P 1.0, R 0.82
-    found = {(i, j) for i, j, _ in near_duplicates(sigs, MinHashConfig())}
-    assert len(found & truth) / len(found) >= 0.95 and len(found & truth) / len(truth) >= 0.75
-
-
-def test_curate_removes_exact_and_near_copies_and_reports_why():
-    base = _passages(3, words=300)
-    docs = [CurateDocument(f"d{i}", t) for i, t in enumerate(base)]
-    docs += [CurateDocument("exact", base[0]), CurateDocument("near", _perturb(base[1], 0.005, random.Random(1)))]
-    cfg = CurateConfig(c4=False, gopher_quality=False, gopher_repetition=False)
-    result = curate(docs, cfg)
-    assert [d.id for d in result.kept] == ["d0", "d1", "d2"]
-    why = {d.id: (d.filter, d.reason) for d in result.removed()}
-    assert why["exact"] == ("exact_dedup", "identical to d0")
-    assert why["near"][0] == "near_dedup" and why["near"][1].startswith("near-duplicate of d1")
-    assert result.summary()["removed_by_filter"] == {"exact_dedup": 1, "near_dedup": 1}
-
-
-def test_perplexity_filter_uses_the_scorer_it_is_given():
-    docs = [CurateDocument("low", "a"), CurateDocument("edge", "b"), CurateDocument("high", "c")]
-    scores = {"a": 10.0, "b": 50.0, "c": 50.5}
-    cfg = CurateConfig(exact_dedup=False, c4=False, gopher_quality=False, gopher_repetition=False,
-                       near_dedup=False, max_perplexity=50.0)
-    result = curate(docs, cfg, perplexity=scores.__getitem__)
-    assert [d.id for d in result.kept] == ["low", "edge"]
-    assert result.removed()[0].reason == "perplexity 50.5 > 50.0"
-    with pytest.raises(ValueError, match="no perplexity scorer"):
-        curate(docs, cfg)
+    good = [t for t in passages(sample_documents(), 12) if GopherQualityFilter().filter(Document(t, "")) is True][:2]
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{"id": "good", "text": good[0], "lang": "en"},
+                                             {"id": "short", "text": "too short to keep."}])
+    pq.write_table(pa.table({"id": ["pq"], "text": [good[1]]}), tmp_path / "in" / "b.parquet")
+    led = tmp_path / "l.sqlite"
+    with Ledger.open(led) as ledger:  # two of the three are in the ledger already (`lilliput data add`, say)
+        ledger.add_many([Entry(text=good[0], id="good"), Entry(text="too short to keep.", id="short")])
+    out = tmp_path / "out"
+    assert main(["curate", "--input", str(tmp_path / "in" / "a.jsonl"), str(tmp_path / "in" / "b.parquet"),
+                 "--output", str(out), "--ledger", str(led), "--no-c4", "--no-near-dedup", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["kept"] == 2 and summary["removed_by_filter"] == {"gopher_quality": 1}
+    assert summary["merged"]["decisions"] == 3
+    kept = read_output(out)
+    assert sorted(kept) == ["good", "pq"] and kept["good"]["lang"] == "en"
+    with Ledger.open(led) as ledger:
+        assert [(d["filter"], d["kept"]) for d in ledger.get("short")["decisions"]] == [("gopher_quality", 0)]
+        assert ledger.select(SelectionConfig("human")).ids == ("good",)  # a removal leaves every selection
+        assert ledger.stats()["removed_by_filter"] == [{"filter": "gopher_quality", "documents": 1}]
+    # merging the shards again records nothing twice
+    assert main(["data", "ledger", "merge", str(tmp_path / "out.work" / "ledger"), "--ledger", str(led), "--json"]) == 0
+    capsys.readouterr()
+    with Ledger.open(led) as ledger:
+        assert ledger.conn.execute("SELECT count(*) FROM decisions").fetchone()[0] == 3
+    # user errors: one line, exit 2
+    for argv, msg in ((["--input", str(tmp_path / "missing.jsonl")], "not found"),
+                      (["--input", str(led)], "neither JSON lines"),
+                      (["--input", str(tmp_path / "in"), "--executor", "spark"], "executor must be one of"),
+                      (["--input", str(tmp_path / "in"), "--executor", "slurm"], "--slurm-partition"),
+                      (["--input", str(tmp_path / "in"), "--max-perplexity", "10", "--model", str(tmp_path / "none")],
+                       "not found")):
+        assert main(["curate", *argv, "--output", str(tmp_path / "o2")]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+    assert main(["data", "ledger", "merge", str(tmp_path / "nothing"), "--ledger", str(led)]) == 2
 
 
 def test_perplexity_filter_with_a_real_model_through_the_cli(tmp_path, tiny_model, byte_tokenizer, capsys):
@@ -214,38 +226,24 @@ def test_perplexity_filter_with_a_real_model_through_the_cli(tmp_path, tiny_mode
     from lilliput.core.checkpoint import save_checkpoint
 
     ckpt = str(save_checkpoint(tiny_model, byte_tokenizer, tmp_path / "tiny"))
-    src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n"
-                           for i, t in enumerate(["a", "hello there, a text of some length. " * 3])))
+    write_jsonl(tmp_path / "in.jsonl", [{"id": f"d{i}", "text": t} for i, t in
+                                        enumerate(["hello there, a text of some length. " * 3, "another one."])])
     only_ppl = ["--no-exact-dedup", "--no-c4", "--no-gopher-quality", "--no-gopher-repetition", "--no-near-dedup"]
-    out = tmp_path / "out.jsonl"
-    assert main(["curate", str(src), str(out), "--model", ckpt, "--max-perplexity", "1e9", "--json", *only_ppl]) == 0
-    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert summary["kept"] == 1 and summary["removed_by_filter"] == {"perplexity": 1}  # "a" cannot be scored
-    assert main(["curate", str(src), str(out), "--model", ckpt, "--max-perplexity", "1", "--json", *only_ppl]) == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["kept"] == 0  # a random model: ppl ~256
+    for limit, kept in (("1e9", 2), ("1", 0)):  # a random byte model: perplexity ~256
+        out = tmp_path / f"out{kept}"
+        assert main(["curate", "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model", ckpt,
+                     "--device", "cpu", "--max-perplexity", limit, "--json", *only_ppl]) == 0
+        summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert summary["kept"] == kept and summary["removed_by_filter"] == ({"perplexity": 2} if not kept else {})
+    with pytest.raises(ValueError, match="no perplexity scorer"):
+        curate([tmp_path / "in.jsonl"], tmp_path / "o", CurateConfig(max_perplexity=10.0))
 
 
-def test_cli_curate_records_removals_in_the_ledger(tmp_path, capsys):
-    from lilliput.cli import main
-    from lilliput.data.ledger import Entry, Ledger, SelectionConfig
-
-    led = tmp_path / "l.sqlite"
-    good = " ".join(_passages(2, words=300))
-    with Ledger.open(led) as ledger:
-        ledger.add_many([Entry(text=good, id="good"), Entry(text="too short to keep.", id="short")])
-    src = tmp_path / "in.jsonl"
-    assert main(["data", "export", str(src), "--ledger", str(led)]) == 0
-    out = tmp_path / "out.jsonl"
-    assert main(["curate", str(src), str(out), "--ledger", str(led), "--no-c4", "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert summary["kept"] == 1 and summary["removed_by_filter"] == {"gopher_quality": 1}
-    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["good"]
-    with Ledger.open(led) as ledger:
-        assert ledger.get("short")["decisions"][0]["filter"] == "gopher_quality"
-        assert ledger.select(SelectionConfig("human")).ids == ("good",)
-    assert main(["curate", str(tmp_path / "missing.jsonl"), str(out)]) == 2
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "no id"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1"):
-        read_documents(bad)
+def test_jaccard_of_planted_copies_follows_the_replaced_share():
+    originals = passages(sample_documents(), 8)
+    planted = plant(originals, rates=(0.0, 0.01, 0.05, 0.15))
+    sims = [s for _, _, s in planted.pairs]
+    assert sims[0] == sims[4] == 1.0 and 0.85 < sims[1] < 1.0 and 0.5 < sims[2] < 0.8 and sims[3] < 0.4
+    assert jaccard(originals[0], originals[1]) < 0.05
+    assert score({("c1", "o1"), ("o2", "o3")}, {("o1", "c1"), ("o0", "c0")}) == \
+        {"found": 2, "true": 2, "correct": 1, "precision": 0.5, "recall": 0.5}

@@ -262,3 +262,53 @@ def test_data_imports_nothing_above_its_floor():
             for name in names:
                 assert not name.startswith(("lilliput.infer", "lilliput.eval", "lilliput.train", "lilliput.compress",
                                             "lilliput.jobs", "lilliput.serve", "lilliput.cli")), (path.name, name)
+
+
+_KILLED_TASK = textwrap.dedent("""
+    import sys, time
+    from lilliput.data.curate import CurateConfig, curate
+    calls = []
+
+    def scorer(texts):  # the fourth batch never returns: the task is killed while it waits
+        calls.append(len(texts))
+        if len(calls) == 4:
+            print("mid-task", flush=True)
+            time.sleep(120)
+        return [10.0] * len(texts)
+
+    cfg = CurateConfig(exact_dedup=False, c4=False, gopher_quality=False, gopher_repetition=False,
+                       near_dedup=False, max_perplexity=100.0, ledger_commit_every=5)
+    curate([sys.argv[1]], sys.argv[2], cfg, perplexity=scorer)
+""")
+
+
+def test_a_pipeline_task_killed_mid_way_leaves_its_committed_shard_and_reruns_whole(tmp_path):
+    from lilliput.data.curate import CurateConfig, curate, read_shards
+    from lilliput.data.ledger_shards import merge
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"d{i:02d}", "text": f"document number {i}."}) + "\n" for i in range(40)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_TASK, str(src), str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    assert proc.stdout.readline().strip() == "mid-task"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    shards = tmp_path / "out.work" / "ledger"
+    (partial,) = shards.glob("*.sqlite.partial")
+    with Ledger.open(partial, create=False) as led:  # 24 documents scored and recorded, 20 of them committed
+        assert led.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = led.conn.execute("SELECT id FROM decisions ORDER BY rowid").fetchall()
+        assert [r[0] for r in rows] == [f"d{i:02d}" for i in range(20)]
+    with Ledger.open(tmp_path / "l.sqlite") as led, pytest.raises(ValueError, match="did not finish"):
+        merge([shards], led)
+    # the same command again: datatrove reruns the unfinished task, and its shard starts over
+    cfg = CurateConfig(exact_dedup=False, c4=False, gopher_quality=False, gopher_repetition=False, near_dedup=False,
+                       max_perplexity=100.0, ledger_commit_every=5)
+    result = curate([src], out, cfg, perplexity=lambda texts: [10.0] * len(texts))
+    assert not list(shards.glob("*.partial")) and sorted(d[0] for d in read_shards(shards)) == \
+        [f"d{i:02d}" for i in range(40)]
+    assert result.summary()["kept"] == 40 and len((out / "00000.jsonl").read_text().splitlines()) == 40
+    with Ledger.open(tmp_path / "l.sqlite") as led:
+        assert merge([shards], led)["decisions"] == 40
+        assert led.conn.execute("SELECT count(DISTINCT id) FROM decisions").fetchone()[0] == 40

@@ -1,5 +1,5 @@
-"""The data-honesty commands: the provenance ledger (data ls | stats | add | export), watermark
-detection and curation."""
+"""The data-honesty commands: the provenance ledger (data ls | stats | add | export | ledger merge),
+watermark detection and curation."""
 
 from __future__ import annotations
 
@@ -140,54 +140,78 @@ def _add_watermark_parser(sub) -> None:
     p.set_defaults(func=cmd_watermark_detect)
 
 
-# --- curation: lilliput curate IN OUT ------------------------------------------------------------------
+# --- curation: lilliput curate --input ... --output DIR ---------------------------------------------
 
 def cmd_curate(ns) -> int:
-    from lilliput.data.curate import CurateConfig, curate, read_documents, write_documents
+    from lilliput.core.checkpoint import LoadConfig
+    from lilliput.data.curate import CurateConfig
+    from lilliput.jobs.curate import run_curate
 
-    cfg = config_from_args(CurateConfig, ns)
-    docs = read_documents(ns.input)
-    scorer = None
-    if cfg.max_perplexity is not None:  # the reference model lives above data/: build its scorer here
-        from lilliput.eval.perplexity import PerplexityConfig, perplexity
-
-        model, tok = load(ns)
-        ppl_cfg = PerplexityConfig(window=min(PerplexityConfig.window, model.config.max_seq_len))
-        scorer = lambda text: perplexity(model, tok, text, ppl_cfg)["perplexity"]  # noqa: E731
-    result = curate(docs, cfg, perplexity=scorer)
-    write_documents(ns.output, result.kept)
-    if ns.ledger:
-        from lilliput.data.ledger import Ledger
-
-        with Ledger.open(ns.ledger, create=False) as ledger:
-            ledger.decide(result.ledger_rows(), run=f"curate {ns.input} -> {ns.output}")
-    summary = {"input": ns.input, "output": ns.output, **result.summary()}
+    result, merged = run_curate(ns.input, ns.output, config_from_args(CurateConfig, ns),
+                                config_from_args(LoadConfig, ns), ledger=ns.ledger, batch_size=ns.batch_size)
+    if result.submitted:
+        print(f"submitted; when the jobs end: lilliput data ledger merge {result.shards} --ledger LEDGER")
+        return 0
+    summary = {"input": ns.input, "output": ns.output, **result.summary(), "shards": str(result.shards),
+               "ledger": ns.ledger, "merged": merged}
     if ns.json:
         print(json.dumps(summary))
-    else:
-        print(f"kept {summary['kept']} of {summary['documents']} documents -> {ns.output}")
-        for name, n in summary["removed_by_filter"].items():
-            print(f"  removed by {name}: {n}")
-        for name, n in summary["changed_by_filter"].items():
-            print(f"  changed by {name}: {n}")
+        return 0
+    print(f"kept {summary['kept']} of {summary['documents']} documents -> {ns.output} ({summary['seconds']} s)")
+    for name, n in summary["removed_by_filter"].items():
+        print(f"  removed by {name}: {n}")
+    for name, n in summary["tagged_by_filter"].items():
+        print(f"  tagged by {name}: {n}")
+    print(f"ledger: {ns.ledger} ({merged['decisions']} decisions)" if merged else
+          f"ledger shards: {result.shards} (lilliput data ledger merge {result.shards} --ledger LEDGER)")
     return 0
 
 
 def _add_curate_parser(sub) -> None:
     from lilliput.data.curate import CurateConfig
 
-    p = sub.add_parser("curate", help="dedup (exact, MinHash), Gopher and C4 rules, perplexity filter")
-    p.add_argument("input", help="JSON lines {id, text} (e.g. from `lilliput data export`) or a folder of .txt")
-    p.add_argument("output", help="JSON lines of the documents kept")
-    p.add_argument("--ledger", help="record every removal and its reason in this provenance ledger")
+    p = sub.add_parser("curate", help="a datatrove pipeline: dedup (exact, MinHash), C4, Gopher and FineWeb rules, "
+                       "watermark and perplexity filters; local, Slurm or Ray")
+    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
+                   help="JSON-lines or Parquet files ({id, text, ...}), or folders of them")
+    p.add_argument("--output", required=True, help="folder for the kept documents: one JSON-lines shard per task")
+    p.add_argument("--ledger", help="merge every verdict (kept or removed, with its reason) into this ledger")
     model_args(p)
     add_config_args(p, CurateConfig)
+    p.add_argument("--batch-size", type=int, default=8, help="documents per forward pass of the perplexity model")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=cmd_curate)
 
 
+# --- ledger shards: lilliput data ledger merge SHARDS... --ledger L -----------------------------------
+
+def cmd_ledger_merge(ns) -> int:
+    from lilliput.data.ledger import Ledger
+    from lilliput.data.ledger_shards import merge
+
+    with Ledger.open(ns.ledger) as ledger:
+        summary = merge(ns.shards, ledger)
+    if ns.json:
+        print(json.dumps({"ledger": ns.ledger, **summary}))
+    else:
+        print(f"merged {summary['shards']} shards into {ns.ledger}: {summary['documents']} documents, "
+              f"{summary['decisions']} decisions")
+    return 0
+
+
+def _add_ledger_merge_parser(data) -> None:
+    led = data.add_parser("ledger", help="ledger shards").add_subparsers(
+        dest="ledger_action", required=True, parser_class=Parser, metavar="ACTION")
+    p = led.add_parser("merge", help="fold ledger shards (one per pipeline task) into one ledger")
+    p.add_argument("shards", nargs="+", help="shard files, or folders of them (a curate run's <output>.work/ledger)")
+    ledger_arg(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_ledger_merge)
+
+
 def add_data_parsers(sub, data) -> None:
-    """`data ls|stats|add|export` under `data`, and `watermark` and `curate` under the top level."""
+    """`data ls|stats|add|export|ledger merge` under `data`, and `watermark` and `curate` under the top level."""
     _add_ledger_parsers(data)
+    _add_ledger_merge_parser(data)
     _add_watermark_parser(sub)
     _add_curate_parser(sub)

@@ -3,10 +3,16 @@
 The prompts (topic x kind x persona x audience x length x wording, one seed per document) come
 from lilliput.data.textbook; the teacher answers them through the engine, `max_batch` at a time
 (continuous batching: a finished document's row takes the next prompt at once), until it has
-written `tokens` tokens. Each answer becomes a document (a sentence cut off by the token budget
-dropped), the documents go through curation (exact + MinHash dedup, C4 and Gopher rules), and
-every one of them enters the provenance ledger as synthetic, with its generator (model
-fingerprint, sampling settings, seed, prompt, watermark key id), together with curation's verdicts.
+written `tokens` tokens. The teacher is a model loaded here, or an OpenAI-compatible server
+(`--teacher http://host:port`: vLLM serving a large model, `lilliput serve`), `max_batch`
+requests in flight. Each answer becomes a document (a sentence cut off by the token budget
+dropped), the documents go through the curation pipeline (lilliput.data.curate: exact + MinHash
+dedup, C4 and Gopher rules), and every one of them enters the provenance ledger as synthetic,
+with its generator (model fingerprint, or the served model's name and URL; sampling settings,
+seed, prompt, watermark key id), together with curation's verdicts.
+
+The watermark is a logits processor, so it needs the logits: a served teacher cannot be
+watermarked from here (`--watermark` with an http teacher is refused).
 
     out/documents.jsonl   the documents curation kept: {"id", "text", "topic", "kind", ...}
     out/run.json          the job, the teacher, token counts and speed, curation's summary
@@ -15,6 +21,8 @@ fingerprint, sampling settings, seed, prompt, watermark key id), together with c
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -22,12 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lilliput.core.record import run_record, write_json
-from lilliput.data.curate import CurateConfig, CurateDocument, CurateResult, curate, write_documents
+from lilliput.data.curate import CurateConfig, CurateResult, curate_documents, write_documents
 from lilliput.data.ledger import Entry, Generator, Ledger, default_ledger_path, model_fingerprint, sha256_text
 from lilliput.data.textbook import TextbookPrompt, assemble, load_topics, textbook_prompts
 from lilliput.eval.efficiency import parameter_count
 from lilliput.infer.engine import Engine, EngineConfig
 from lilliput.infer.sequence import GenerationConfig, Sequence
+from lilliput.jobs.teacher_endpoint import TeacherEndpoint, is_endpoint
 
 DOCUMENTS_FILE = "documents.jsonl"
 
@@ -37,8 +46,13 @@ class SynthJob:
     """`lilliput synth`: teacher, topics, token budget, sampling, curation, output folder and ledger."""
 
     teacher: str | None = None
-    """A .gguf, model folder (e.g. `lilliput quantize` output: int8 is faster) or hub id; the embedded
+    """A .gguf, model folder (e.g. `lilliput quantize` output: int8 is faster) or hub id; or the URL of an
+    OpenAI-compatible server (http://host:port, e.g. vLLM serving a large teacher); the embedded
     SmolLM2-135M-Instruct when omitted."""
+    teacher_model: str | None = None
+    """With an http teacher: the served model's name (the first of its /v1/models when omitted)."""
+    teacher_api_key: str | None = None
+    """With an http teacher: its API key (sent as a Bearer token, never recorded); $OPENAI_API_KEY when omitted."""
     topics: str | None = None
     """A text file with one topic a line; the shipped list of ~100 (lilliput/data/topics.txt) when omitted."""
     tokens: int = 100_000
@@ -63,7 +77,7 @@ class SynthJob:
     repetition_penalty: float | None = 1.1
     """Penalty for tokens already in the prompt or answer (None: off); small teachers loop without one."""
     max_batch: int = 16
-    """Documents the engine writes at once."""
+    """Documents the engine writes at once (requests in flight to an http teacher)."""
     quality: bool = True
     """Curation's C4 and Gopher quality rules (off: deduplication only)."""
     near_threshold: float = CurateConfig.near_threshold
@@ -76,6 +90,9 @@ class SynthJob:
             raise ValueError(f"tokens must be >= 1, got {self.tokens}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.watermark and is_endpoint(self.teacher):
+            raise ValueError("a served (http) teacher cannot be watermarked from here: the watermark is a logits "
+                             "processor and needs the logits; use a local teacher or drop --watermark")
 
     def sampling(self) -> GenerationConfig:
         """The teacher's settings (each document samples with its own seed)."""
@@ -137,75 +154,93 @@ def write_textbook(engine: Engine, prompts: Iterable[TextbookPrompt], cfg: Gener
     return sorted(done, key=lambda w: w.index), time.perf_counter() - t0
 
 
-def documents(written: list[Written]) -> list[CurateDocument]:
-    """Answers as documents (id "synthetic/<sha256[:16]>-<seed hex>"); answers left empty are dropped."""
+def write_served(teacher: TeacherEndpoint, prompts: Iterable[TextbookPrompt], cfg: GenerationConfig, tokens: int,
+                 max_batch: int, log: Callable[[str], None] | None = None) -> tuple[list[Written], float]:
+    """`write_textbook` for a served teacher: the prompt recorded is the chat messages as sent (JSON)."""
+    answers, seconds = teacher.write(prompts, cfg, tokens, max_batch, log)
+    return [Written(p, json.dumps(p.messages(), ensure_ascii=False), text, n, finish, i)
+            for i, p, text, n, finish in answers], seconds
+
+
+def documents(written: list[Written]) -> list[dict]:
+    """Answers as documents {"id": "synthetic/<sha256[:16]>-<seed hex>", "text", ...}; empty answers are dropped."""
     docs = []
     for w in written:
         text = assemble(w.text, cut=w.finish_reason == "length")
         if text:
-            meta = {"topic": w.prompt.topic, "kind": w.prompt.kind, "persona": w.prompt.persona,
-                    "audience": w.prompt.audience, "seed": w.prompt.seed, "teacher_tokens": w.tokens,
-                    "finish_reason": w.finish_reason, "prompt": w.prompt_text}
-            docs.append(CurateDocument(f"synthetic/{sha256_text(text)[:16]}-{w.prompt.seed:x}", text, meta))
+            docs.append({"id": f"synthetic/{sha256_text(text)[:16]}-{w.prompt.seed:x}", "text": text,
+                         "topic": w.prompt.topic, "kind": w.prompt.kind, "persona": w.prompt.persona,
+                         "audience": w.prompt.audience, "seed": w.prompt.seed, "teacher_tokens": w.tokens,
+                         "finish_reason": w.finish_reason, "prompt": w.prompt_text})
     return docs
 
 
-def record(ledger: Ledger, docs: list[CurateDocument], result: CurateResult, generator: Generator, tokenizer,
+def record(ledger: Ledger, docs: list[dict], result: CurateResult, generator: Generator, tokenizer: str,
            source: str, run: str) -> None:
     """Every document (kept or not) as synthetic text with its generator and prompt; then curation's verdicts."""
-    ledger.add_many([Entry(text=d.text, id=d.id, tokens=d.meta["teacher_tokens"], tokenizer=repr(tokenizer),
-                           source=f"{source}: {d.meta['topic']}", origin="synthetic", generation=1,
-                           generator=dataclasses.replace(generator, seed=d.meta["seed"], prompt=d.meta["prompt"]))
+    ledger.add_many([Entry(text=d["text"], id=d["id"], tokens=d["teacher_tokens"], tokenizer=tokenizer,
+                           source=f"{source}: {d['topic']}", origin="synthetic", generation=1,
+                           generator=dataclasses.replace(generator, seed=d["seed"], prompt=d["prompt"]))
                      for d in docs])
-    ledger.decide(result.ledger_rows(), run=run)
+    ledger.decide(result.decisions, run=run)
 
 
 def run_synth(job: SynthJob, model=None, tokenizer=None, label: str | None = None,
               log: Callable[[str], None] | None = lambda m: print(m, file=sys.stderr, flush=True)) -> Path:
-    """Load the teacher (unless `model` and `tokenizer` are given), write, curate, record, save.
-    Returns the output folder."""
+    """Load the teacher (unless `model` and `tokenizer` are given, or the teacher is served), write, curate,
+    record, save. Returns the output folder."""
     topics = load_topics(job.topics)  # a bad topics file fails before the teacher loads
     cfg = job.sampling()
-    if model is None:
-        from lilliput.core.checkpoint import load_model
-        from lilliput.eval.bench import model_label
+    prompts = textbook_prompts(topics, job.seed)
+    watermark_id = None
+    if model is None and is_endpoint(job.teacher):
+        teacher = TeacherEndpoint(job.teacher, job.teacher_model, job.teacher_api_key or os.environ.get("OPENAI_API_KEY"))
+        label = label or teacher.label
+        written, seconds = write_served(teacher, prompts, cfg, job.tokens, job.max_batch, log)
+        fingerprint, sampling, tok_name, parameters = f"served:{teacher.label}", teacher.sampling(cfg), \
+            f"the tokenizer of {teacher.model}", None
+    else:
+        if model is None:
+            from lilliput.core.checkpoint import load_model
+            from lilliput.eval.bench import model_label
 
-        model, tokenizer = load_model(job.teacher, device=job.device)
-        label = label or model_label(job.teacher)
+            model, tokenizer = load_model(job.teacher, device=job.device)
+            label = label or model_label(job.teacher)
+        processors = list
+        if job.watermark:
+            from lilliput.data.watermark import Watermark
+
+            wm = Watermark(job.watermark)
+            watermark_id = wm.key_id
+            processors = lambda: [wm]  # noqa: E731  (stateless: one processor serves every document)
+        engine = Engine(model, tokenizer, EngineConfig(max_batch=job.max_batch))
+        written, seconds = write_textbook(engine, prompts, cfg, job.tokens, processors, log)
+        fingerprint, sampling, tok_name, parameters = model_fingerprint(model), dataclasses.asdict(cfg), \
+            repr(tokenizer), parameter_count(model)
     label = label or job.teacher or "teacher"
-    processors = list
-    if job.watermark:
-        from lilliput.data.watermark import Watermark, key_id
-
-        wm = Watermark(job.watermark)
-        processors = lambda: [wm]  # noqa: E731  (stateless: one processor serves every document)
-    engine = Engine(model, tokenizer, EngineConfig(max_batch=job.max_batch))
-    written, seconds = write_textbook(engine, textbook_prompts(topics, job.seed), cfg, job.tokens,
-                                      processors, log)
     docs = documents(written)
-    result = curate(docs, job.curation())
-    generator = Generator(model=model_fingerprint(model), sampling=dataclasses.asdict(cfg),
-                          watermark_key_id=key_id(job.watermark) if job.watermark else None)
+    kept, result = curate_documents(docs, job.curation())
+    generator = Generator(model=fingerprint, sampling=sampling, watermark_key_id=watermark_id)
     ledger_path = Path(job.ledger) if job.ledger else default_ledger_path()
     out = Path(job.out)
     with Ledger.open(ledger_path) as ledger:
-        record(ledger, docs, result, generator, tokenizer, f"lilliput synth ({label})", run=f"synth -> {out}")
-    write_documents(out / DOCUMENTS_FILE, result.kept)
+        record(ledger, docs, result, generator, tok_name, f"lilliput synth ({label})", run=f"synth -> {out}")
+    write_documents(out / DOCUMENTS_FILE, kept)
     tokens = sum(w.tokens for w in written)
-    kept = {d.id for d in result.kept}
     write_json(out / "run.json", run_record(
         "lilliput synth", label=f"textbook documents by {label}",
-        job={**dataclasses.asdict(job), "watermark": generator.watermark_key_id and "key id " + generator.watermark_key_id},
-        teacher={"label": label, "fingerprint": generator.model, "parameters": parameter_count(model)},
+        job={**dataclasses.asdict(job), "watermark": watermark_id and "key id " + watermark_id,
+             "teacher_api_key": job.teacher_api_key and "(given, not recorded)"},
+        teacher={"label": label, "fingerprint": generator.model, "parameters": parameters},
         generator=dataclasses.asdict(generator), topics=len(topics), ledger=str(ledger_path),
-        metrics={"answers": len(written), "documents": len(docs), "kept": len(result.kept),
-                 "teacher_tokens": tokens, "kept_teacher_tokens": sum(d.meta["teacher_tokens"] for d in docs if d.id in kept),
-                 "kept_bytes": sum(len(d.text.encode("utf-8")) for d in result.kept),
+        metrics={"answers": len(written), "documents": len(docs), "kept": len(kept),
+                 "teacher_tokens": tokens, "kept_teacher_tokens": sum(d["teacher_tokens"] for d in kept),
+                 "kept_bytes": sum(len(d["text"].encode("utf-8")) for d in kept),
                  "seconds": round(seconds, 2), "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
                  "cut_by_budget": sum(w.finish_reason == "length" for w in written),
-                 "topics_covered": len({d.meta["topic"] for d in result.kept}),
+                 "topics_covered": len({d["topic"] for d in kept}),
                  "curation": result.summary()}))
     if log is not None:
-        log(f"synth: {len(result.kept)} of {len(docs)} documents kept ({tokens:,} teacher tokens, "
+        log(f"synth: {len(kept)} of {len(docs)} documents kept ({tokens:,} teacher tokens, "
             f"{seconds:.0f} s) -> {out / DOCUMENTS_FILE}; ledger {ledger_path}")
     return out
