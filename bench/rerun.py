@@ -58,6 +58,7 @@ SCRIPTS: tuple[Step, ...] = (
          minutes=10),
     Step("arena", minutes=14),
     Step("watermark", ("--generations", "128"), minutes=12),
+    Step("curate", minutes=4),
     Step("textbook", ("--tokens", "150000"), minutes=25),
     Step("collapse", ("--ledgers", "runs/collapse-ledgers"), minutes=52),
 )
