@@ -51,12 +51,12 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "smollm3": ("SmolLM3Config", dict(no_rope_layer_interval=4, tie_word_embeddings=True)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                                          norm_topk_prob=True)),
-    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=64)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=64, num_key_value_heads=4)),
 }
 """Tiny specimens: 4 layers (Gemma 3: 6, its five-local-one-global pattern), width 64, vocabulary 256,
 each family's quirks on as its public members set them (llama3 and the other rope scalings, biases,
 qk-norm, sliding windows of 8, LongRoPE with partial rotary, NoPE every fourth layer, Qwen3-MoE's
-renormalised top-k and OLMoE's raw one)."""
+renormalised top-k and OLMoE's raw one, with its multi-head attention)."""
 
 FAMILY_OF = {"llama3": "llama", "llama-yarn": "llama", "llama-linear": "llama", "llama-dynamic": "llama",
              "gemma3": "gemma3_text"}

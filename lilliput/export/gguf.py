@@ -153,6 +153,9 @@ def _unexpressed(c, arch: Arch) -> str | None:
         (c.ffn == "moe" and c.moe_norm_topk != arch.moe_norm_topk and c.moe_top_k > 1,
          f"moe_norm_topk={c.moe_norm_topk} (llama.cpp: {arch.moe_norm_topk})"),
         (c.ffn == "moe" and c.moe_capacity is not None, "an expert capacity limit"),
+        # llama.cpp's olmoe sizes the key norm by n_embd: the multi-head attention OLMoE ships with
+        (arch.name == "olmoe" and c.n_kv_heads != c.n_heads, "grouped-query attention (llama.cpp's olmoe: "
+                                                            "as many key/value heads as query heads)"),
     ]
     if c.sliding_window:
         want = arch.sliding_layers(n)
@@ -172,6 +175,20 @@ def _unexpressed(c, arch: Arch) -> str | None:
                    "a YaRN attention factor"))
     checks.append((kind == "longrope" and s.get("attention_factor") is not None, "a LongRoPE attention factor"))
     return next((why for bad, why in checks if bad), None)
+
+
+PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+"""llama.cpp's vocabulary loader looks these up by text in any model whose general.name contains "phi3" or
+"phi-3" (to set their strip attributes), and fails the load when one is missing."""
+
+
+def _check_phi3_name(name: str, tok) -> None:
+    lowered = name.lower()
+    if "phi3" in lowered or "phi-3" in lowered:
+        missing = [t for t in PHI3_TOKENS if tok.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"llama.cpp will not load a model named {name!r} whose vocabulary lacks {missing} "
+                             "(it patches Phi-3's tokens by name): rename the model or export --format hf")
 
 
 def _add_metadata(w, c, arch: Arch, model) -> None:
@@ -263,6 +280,7 @@ def write_gguf(model, tokenizer, path: Path, type: str, source=None) -> dict:
     arch = gguf_arch(c)
     vocab = gguf_vocab(tokenizer, c.vocab_size)  # fails before the file is opened
     tok = as_bpe(tokenizer)
+    _check_phi3_name(c.name, tok)
     w = gguf.GGUFWriter(path, arch.name)
     _add_metadata(w, c, arch, model)
     w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{type}" if type != "F32" else "ALL_F32"))
