@@ -343,15 +343,27 @@ def _families(results: Path) -> str | None:
     r = load(results, "families")
     if r is None:
         return None
-    rows = [[k, fmt(r.get(k))] for k in ("families_matching", "families_fast_path", "worst_int8_fraction_of_limit")
-            if k in r]
-    for what in ("specimens", "real_shapes"):
-        v = r.get(what)
-        if isinstance(v, dict):
-            rows.append([what, ", ".join(map(str, v))])
-        elif isinstance(v, list):
-            rows.append([what, ", ".join(str(x.get("name", x)) if isinstance(x, dict) else str(x) for x in v)])
-    return md(["figure", "value"], rows) + "\n\n" + source(r, "families")
+    head = (f"{r.get('families_matching')} of {len(r.get('families', []))} families match transformers (logits, "
+            f"greedy, batch), their GGUF and llama.cpp on every tiny specimen; {r.get('families_fast_path')} decode "
+            f"on the fused C step; worst int8 fraction of the bandwidth limit at real shapes "
+            f"{fmt(r.get('worst_int8_fraction_of_limit'))} (SmolLM2 {fmt(r.get('smollm2_int8_fraction_of_limit'))}).")
+    specimens = [[name, s.get("family"), fmt(s.get("logits_max_diff")), fmt(s.get("greedy_equal")),
+                  fmt(s.get("batch_equals_alone")), fmt(s.get("fast_path")),
+                  fmt(s.get("gguf_max_diff")) if s.get("gguf_max_diff") is not None else "refused",
+                  fmt(s.get("llama_cpp_greedy_equal"))] for name, s in (r.get("specimens") or {}).items()]
+    refused = "; ".join(f"{name}: {s['gguf_refused']}" for name, s in (r.get("specimens") or {}).items()
+                        if s.get("gguf_refused"))
+    real = (r.get("real_shapes") or {}).get("models") or {}
+    speeds = [[name, m.get("family"), f"{m.get('params', 0) / 1e6:,.0f}M",
+               fmt((m.get("int8_decode_tok_s") or {}).get("median")), fmt(m.get("limit_tok_s")),
+               fmt(m.get("int8_fraction_of_limit"))] for name, m in real.items()]
+    return "\n\n".join([
+        head,
+        md(["specimen", "family", "logits max diff", "greedy", "batch = alone", "fused step", "GGUF max diff",
+            "llama.cpp greedy"], specimens) + (f"\n\nGGUF refused: {refused}." if refused else ""),
+        md(["real shapes (random weights)", "family", "params", "int8 decode tok/s (batch 1)", "limit tok/s",
+            "fraction"], speeds),
+        source(r, "families")])
 
 
 # --- the capability x family matrix: bench/matrix.py's markers and format --------------------------
