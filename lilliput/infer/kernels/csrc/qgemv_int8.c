@@ -37,6 +37,10 @@ void int8_widen_rows(const float *unused, const void *ctx, void *yv, int ydt, in
     }
 }
 
+#ifndef AVX2_PREFETCH
+#define AVX2_PREFETCH 4096 /* bytes ahead in the weight stream (one 64-byte line per two blocks) */
+#endif
+
 /* Weight rows [n0, n1) against B rows of int8 x. Per row of x: blocks alternate between two
  * accumulators (even, odd), the same for every B, so each row's result is independent of B. */
 static inline __attribute__((always_inline)) void int8_dot_impl(const qctx_t *c, float *y, int64_t N, int64_t K,
@@ -51,6 +55,7 @@ static inline __attribute__((always_inline)) void int8_dot_impl(const qctx_t *c,
         for (int r = 0; r < B; r++) a0[r] = a1[r] = _mm256_setzero_ps();
         int64_t b = 0;
         for (; b + 2 <= nb; b += 2) {
+            _mm_prefetch((const char *)(wr + b * QB) + AVX2_PREFETCH, _MM_HINT_T0);
             const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wr + b * QB));
             const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wr + b * QB + QB));
             const __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1); /* |w| */
