@@ -126,3 +126,15 @@ def test_unsupported_family_folder_is_one_clear_line(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="not a family lilliput can load"):
         load_model(str(tmp_path))
+
+
+def test_dynamic_ntk_keeps_one_table_past_the_context():
+    """Decoding past the context recomputes the frequencies at every length: only the latest table is kept."""
+    from lilliput.core.rope import Rotary
+
+    rot = Rotary(16, 10000.0, {"rope_type": "dynamic", "factor": 2.0, "max_position_embeddings": 32})
+    for n in range(33, 80):
+        cos, _ = rot.tables(n, "cpu")
+        assert cos.shape[0] >= n
+    assert len(rot._tables) == 1
+    assert len([k for k in rot._tables if k[0]]) == 1 and rot.tables(10, "cpu")[0].shape[0] >= 10

@@ -147,6 +147,9 @@ class Rotary:
             inv, att = self.inv_freq(n)
             freqs = torch.arange(m, dtype=torch.int64).float()[:, None] * inv[None, :]  # (m, dim/2)
             emb = torch.cat((freqs, freqs), dim=-1).to(device)  # (m, dim)
+            if self.kind == "dynamic" and regime:  # one table per length past the context: keep only the latest
+                for old in [k for k in self._tables if k[0] and k[1] == device]:
+                    del self._tables[old]
             self._tables[key] = (emb.cos() * att, emb.sin() * att)
         return self._tables[key]
 
