@@ -64,7 +64,7 @@ def test_bias_free_quantized_layer_has_no_bias_in_its_spec():
     assert q.bias is None and "bias" not in q.spec() and q.kernel_desc().bias is None
 
 
-@pytest.mark.skipif(not ops.int8_batch_rows(), reason="no AVX-512 VNNI: no int8 batch layout in this build")
+@pytest.mark.skipif(not ops.int8_batch_rows(), reason="no AVX2: no int8 batch layout in this build")
 def test_int8_batch_layout_adds_the_bias():
     q = ql.Int8Linear.from_linear(biased(n=48, k=64))
     desc = q.kernel_desc()

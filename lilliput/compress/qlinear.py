@@ -147,8 +147,9 @@ class QuantLinear(nn.Module):
 class Int8Linear(QuantLinear):
     """W (N, K) = qweight (int8, [-127, 127]) * scale (N,) fp32 (kept as int32 bits).
 
-    For the C kernels of a machine with AVX-512 VNNI, `kernel_desc()` repacks the codes in place
-    into the batch layout (`pack_`: groups of 16 rows, 4 columns of each row side by side, + 128;
+    For the C kernels of a machine with AVX2, `kernel_desc()` repacks the codes in place into the
+    batch layout (`pack_`: groups of 16 rows with AVX-512 VNNI, 8 with AVX2, 4 columns of each row
+    side by side, + 128;
     see kernels/csrc/qgemv_int8.c, `Kind.INT8_BATCH`), which reads the same bytes per token and runs batches and prompt
     chunks ~2x faster. The module still behaves as row-major everywhere else: `codes()`,
     `dequantize()` and the state dict (a checkpoint stores row-major codes, and loading row-major
@@ -206,7 +207,7 @@ class Int8Linear(QuantLinear):
         self.pack_(rows)
         desc = super().kernel_desc()
         if desc is not None and self.packed:
-            desc.kind = Kind.INT8_BATCH
+            desc.kind, desc.group = Kind.INT8_BATCH, self.packed
         return desc
 
     def _tensors(self) -> dict:

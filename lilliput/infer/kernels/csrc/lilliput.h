@@ -22,8 +22,9 @@ typedef enum {
     LL_KIND_INT4 = 3,       /* weight uint8 (N, K / 2), blocks of 32 columns in 16 bytes (byte j: column j
                                low nibble, column j + 16 high nibble), scale fp16 bits (N, K / group),
                                zero uint8 (N, K / group) in [0, 15]: W = (q - zero) * scale, group 32/64/128 */
-    LL_KIND_INT8_BATCH = 4, /* int8 in the batch layout (AVX-512 VNNI builds): weight uint8
-                               (N / 16, K / 4, 16, 4) of q + 128, scale as LL_KIND_INT8 */
+    LL_KIND_INT8_BATCH = 4, /* int8 in the batch layout: weight uint8 (N / G, K / 4, G, 4) of q + 128,
+                               G = group = qgemv_int8_pack() (16 AVX-512 VNNI, 8 AVX2), scale as
+                               LL_KIND_INT8 */
 } ll_kind;
 
 /* Which arithmetic a quantized layer uses (linear_t.variant). */
@@ -59,7 +60,7 @@ typedef struct {
     const void *zero;   /* LL_KIND_INT4; NULL otherwise */
     const float *bias;  /* fp32 (N,) added to every row of y; NULL: none */
     int64_t n, k;       /* N outputs, K inputs */
-    int64_t group;      /* LL_KIND_INT4: columns per scale; 0 otherwise */
+    int64_t group;      /* LL_KIND_INT4: columns per scale; LL_KIND_INT8_BATCH: rows per group; 0 otherwise */
     int64_t variant;    /* ll_variant (quantized kinds) */
 } linear_t;
 

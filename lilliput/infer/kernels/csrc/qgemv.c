@@ -4,7 +4,7 @@
  *
  * A layer arrives as a `linear_t` (lilliput.h, which documents the formats of each ll_kind):
  * LL_KIND_INT8 and LL_KIND_INT4 row-major (qgemv_int8.c, qgemv_int4.c) and LL_KIND_INT8_BATCH,
- * int8 in the batch layout of AVX-512 VNNI builds (qgemv_int8.c, int8p_tile), into which
+ * int8 in the batch layout of AVX2 and AVX-512 VNNI builds (qgemv_int8.c, int8p8_tile, int8p_tile), into which
  * compress/qlinear.py repacks int8 layers in place when this build has it (qgemv_int8_pack()).
  * int4's byte order is llama.cpp's Q4 order, so one 16-byte load unpacks to 32 columns in order.
  * `variant` (ll_variant) picks the arithmetic: the fastest (measured in bench/quantize.py: the
@@ -106,9 +106,9 @@ void qgemv_quantize_x(const float *x, int64_t K, int8_t *xq, float *xd) {
 #endif
 }
 
-/* Weight rows per group of the packed int8 layout (LL_KIND_INT8_BATCH) this build runs; 0: none (no AVX-512
- * VNNI), int8 layers stay row-major (LL_KIND_INT8). */
-int qgemv_int8_pack(void) { return QG_512 ? 16 : 0; }
+/* Weight rows per group of the packed int8 layout (LL_KIND_INT8_BATCH) this build runs: 16 with AVX-512
+ * VNNI, 8 with AVX2; 0: none (no AVX2), int8 layers stay row-major (LL_KIND_INT8). */
+int qgemv_int8_pack(void) { return QG_512 ? 16 : QG_AVX2 ? 8 : 0; }
 
 int qgemv_avx2(void) { return QG_AVX2; }
 
@@ -188,8 +188,8 @@ int qlinear_run_rows(const linear_t *d, const float *x, float *y, int64_t B) {
     if (N < 0 || K <= 0 || B < 0) return -1;
     if (kind == LL_KIND_INT4 && ((g != 32 && g != 64 && g != 128) || K % g)) return -1;
     if (kind == LL_KIND_INT8_BATCH) {
-#if QG_512
-        if (N % 16 || K % QB) return -1;
+#if QG_AVX2
+        if (g != qgemv_int8_pack() || N % g || K % QB) return -1; /* packed for another build */
         return N && B ? qgemv_run_packed(d, x, y, B) : 0;
 #else
         return -1;

@@ -45,7 +45,8 @@ typedef struct {
     int64_t B;          /* rows of x (dot paths): xq (B, K), xd (B, K / 32), xs (B, K / group) */
     const uint8_t *xu;  /* 512-bit paths: x + 128 as unsigned bytes (B, K), int4's in lane order */
     const float *sv;    /* 512-bit paths: x's block scales per fp32 lane, 16 per 64 columns (B, K / 4) */
-    const int32_t *xc;  /* packed int8: -128 * sum of xq over each block of 32 (B, K / 32) */
+    const int32_t *xc;  /* packed int8, AVX-512: -128 * sum of xq over each block of 32 (B, K / 32) */
+    const uint8_t *xa;  /* packed int8, AVX2: |xq| (B, K) */
 } qctx_t;
 
 static inline float half_to_float(uint16_t h) {
@@ -122,6 +123,8 @@ QG_HIDDEN void int8_dot_rows(const float *unused, const void *ctx, void *y, int 
 #if QG_512
 QG_HIDDEN void int8_dot512_rows(const float *unused, const void *ctx, void *y, int ydt, int64_t N, int64_t K,
                                 int64_t n0, int64_t n1);
+#endif
+#if QG_AVX2
 QG_HIDDEN int qgemv_run_packed(const linear_t *d, const float *x, float *y, int64_t B);
 #endif
 

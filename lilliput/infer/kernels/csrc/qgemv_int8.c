@@ -135,7 +135,10 @@ static inline __attribute__((always_inline)) void int8_dot512_impl(const qctx_t 
 DOT_FNS(int8_dot_impl, int8_dot_rows)
 #if QG_512
 DOT_FNS(int8_dot512_impl, int8_dot512_rows)
+#endif
 
+#if QG_AVX2
+#if QG_512
 /*
  * Packed int8 (LL_KIND_INT8_BATCH), the layout for batches: weight rows in groups of 16, each group's K
  * columns as K / 4 runs of 64 bytes, run j holding columns 4j..4j+3 of the group's 16 rows (row i
@@ -180,15 +183,61 @@ static inline __attribute__((always_inline)) void int8p_tile(const qctx_t *c, co
     const __m512 sc = _mm512_loadu_ps((const float *)c->d->scale + n0);
     for (int r = 0; r < R; r++) _mm512_storeu_ps(y + (r0 + r) * N + n0, _mm512_mul_ps(acc[r], sc));
 }
+#endif
 
-/* Groups [g0, g1) of 16 weight rows against all B rows of x. */
+/*
+ * The same layout with groups of 8 rows for AVX2 builds without AVX-512 VNNI (qgemv_int8_pack()
+ * says 8): run j is 32 bytes, columns 4j..4j+3 of the group's 8 rows. AVX2 has no unsigned x
+ * signed byte product that cannot saturate at these ranges ((w + 128) x reaches 2 * 255 * 127 in
+ * an int16 pair), so the sign moves as in the row-major path, but onto the weights, whose run is
+ * shared by the tile's rows: |x| (4 bytes broadcast) times sign(x) w, one maddubs + madd per run
+ * and row of x (32 products), where the row-major path also converts and scales per weight row
+ * and 32 columns. A block's 8 runs leave every int32 lane holding one weight row's whole block
+ * sum, so x's block scale applies once per 8 rows. 4 rows of x per tile (16 ymm registers).
+ */
+#if QG_AVX2 && !QG_512
+#define P8_TILE 4
+static inline __attribute__((always_inline)) void int8p8_tile(const qctx_t *c, const uint8_t *wg, float *y,
+                                                              int64_t N, int64_t K, int64_t n0, int64_t r0,
+                                                              const int R) {
+    const int64_t nb = K / QB;
+    const int8_t *xq = c->xq;
+    const uint8_t *xa = c->xa;
+    const float *xd = c->xd;
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    __m256 acc[P8_TILE];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *wb = wg + b * 8 * 32;
+        for (int l = 0; l < 4; l++) _mm_prefetch((const char *)wb + AVX2_PREFETCH + 64 * l, _MM_HINT_T0);
+        __m256i ia[P8_TILE];
+        for (int r = 0; r < R; r++) ia[r] = _mm256_setzero_si256();
+        for (int q = 0; q < 8; q++) {
+            const __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + q * 32)), flip);
+            for (int r = 0; r < R; r++) {
+                int32_t x4, a4;
+                memcpy(&x4, xq + (r0 + r) * K + b * QB + 4 * q, 4);
+                memcpy(&a4, xa + (r0 + r) * K + b * QB + 4 * q, 4);
+                const __m256i s = _mm256_sign_epi8(w, _mm256_set1_epi32(x4));
+                ia[r] = _mm256_add_epi32(ia[r], _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi32(a4), s), ones));
+            }
+        }
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[r]), _mm256_set1_ps(xd[(r0 + r) * nb + b]), acc[r]);
+    }
+    const __m256 sc = _mm256_loadu_ps((const float *)c->d->scale + n0);
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(y + (r0 + r) * N + n0, _mm256_mul_ps(acc[r], sc));
+}
+#endif
+
+/* Groups [g0, g1) of G weight rows (16 or 8, qgemv_int8_pack()) against all B rows of x. */
 static void int8p_groups(const float *unused, const void *ctx, void *yv, int ydt, int64_t N, int64_t K,
                          int64_t g0, int64_t g1) {
-    (void)unused, (void)ydt;
+    (void)unused, (void)ydt, (void)N;
     const qctx_t *c = ctx;
     const uint8_t *w = (const uint8_t *)c->d->weight;
     const int64_t n = c->d->n;
-    (void)N;
+#if QG_512
     for (int64_t gi = g0; gi < g1; gi++) {
         const uint8_t *wg = w + gi * 16 * K;
         for (int64_t r0 = 0; r0 < c->B; r0 += MAXB) {
@@ -204,30 +253,47 @@ static void int8p_groups(const float *unused, const void *ctx, void *yv, int ydt
             }
         }
     }
+#else
+    for (int64_t gi = g0; gi < g1; gi++) {
+        const uint8_t *wg = w + gi * 8 * K;
+        for (int64_t r0 = 0; r0 < c->B; r0 += P8_TILE) {
+            switch (c->B - r0 < P8_TILE ? c->B - r0 : P8_TILE) {
+            case 1: int8p8_tile(c, wg, yv, n, K, gi * 8, r0, 1); break;
+            case 2: int8p8_tile(c, wg, yv, n, K, gi * 8, r0, 2); break;
+            case 3: int8p8_tile(c, wg, yv, n, K, gi * 8, r0, 3); break;
+            default: int8p8_tile(c, wg, yv, n, K, gi * 8, r0, 4); break;
+            }
+        }
+    }
+#endif
 }
 
 /* y (B, N) for the packed layout: x quantized once, all B rows in one pass over the weights. */
 int qgemv_run_packed(const linear_t *d, const float *x, float *y, int64_t B) {
-    const int64_t N = d->n, K = d->k, nb = K / QB;
-    void *buf = malloc((size_t)(B * (K + 8 * nb)) + 64);
+    const int64_t N = d->n, K = d->k, nb = K / QB, G = qgemv_int8_pack();
+    void *buf = malloc((size_t)(B * (2 * K + 8 * nb)) + 64);
     if (!buf) return -2;
     float *xd = buf;
     int32_t *xc = (int32_t *)(xd + B * nb);
     int8_t *xq = (int8_t *)(xc + B * nb);
+    uint8_t *xa = (uint8_t *)(xq + B * K);
     for (int64_t r = 0; r < B; r++) {
         qgemv_quantize_x(x + r * K, K, xq + r * K, xd + r * nb);
-        for (int64_t b = 0; b < nb; b++) { /* byte pairs, then int16 pairs, then the 8 lanes */
-            const __m256i p = _mm256_madd_epi16(
-                _mm256_maddubs_epi16(_mm256_set1_epi8(1), _mm256_loadu_si256((const __m256i *)(xq + r * K + b * QB))),
-                _mm256_set1_epi16(1));
+        for (int64_t b = 0; b < nb; b++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * QB));
+#if QG_512 /* -128 sum(x) over the block: byte pairs, then int16 pairs, then the 8 lanes */
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q), _mm256_set1_epi16(1));
             __m128i h = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
             h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
             h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
             xc[r * nb + b] = -128 * _mm_cvtsi128_si32(h);
+#else /* |x| */
+            _mm256_storeu_si256((__m256i *)(xa + r * K + b * QB), _mm256_abs_epi8(q));
+#endif
         }
     }
-    qctx_t c = {d, x, xq, xd, NULL, B, NULL, NULL, xc};
-    const int64_t groups = N / 16, threads = gemv_get_threads();
+    qctx_t c = {d, x, xq, xd, NULL, B, NULL, NULL, xc, xa};
+    const int64_t groups = N / G, threads = gemv_get_threads();
     /* about 4 chunks per thread; one thread when the whole product is small */
     int64_t chunk = groups / (4 * threads);
     if (N * K * (B < 4 ? B : 4) < 2 * 96 * 1024) chunk = groups;
