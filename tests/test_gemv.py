@@ -306,14 +306,32 @@ def test_the_kernel_builds_where_a_compiler_exists():
 
 
 ISAS = {"x86-64": set(), "haswell": {"avx2", "fma", "f16c"}, "alderlake": {"avx2", "avx_vnni"},
-        "skylake-avx512": {"avx512f", "avx512bw", "avx512vl"}}
+        "skylake-avx512": {"avx512f", "avx512bw", "avx512vl"}, "native-avx2": {"avx2", "fma", "f16c"}}
+"""-march targets; native-avx2 is this CPU without AVX-512, AVX-VNNI and AMX (LILLIPUT_ISA=avx2)."""
+
+
+def _descs(layer, lib) -> list:
+    """The layer's descriptors that `lib` runs: row-major, and for int8 the batch layout `lib` packs."""
+    from lilliput.compress import qlinear as ql
+    from lilliput.infer.kernels import descriptor
+
+    layer.kernel_variant = "dot"  # row-major int8 (kernel_desc packs only for "auto")
+    descs = [layer.kernel_desc()]
+    rows = lib.qgemv_int8_pack()
+    if isinstance(layer, ql.Int8Linear) and rows:
+        packed = ql.pack_int8(layer.codes(), rows)
+        descs.append(descriptor.make(abi.Kind.INT8_BATCH, packed, layer.out_features, layer.in_features,
+                                     scale=layer.scale, group=rows))
+        descs[-1].keep = packed
+    return descs
 
 
 @pytest.mark.parametrize("march", sorted(ISAS))
 def test_quantized_paths_of_every_instruction_set_agree(march, tmp_path):
     """The int8/int4 kernels built for other instruction sets (scalar, AVX2 maddubs, AVX-VNNI,
-    AVX-512 without VNNI) run where this CPU can: every one is within int8-activation error of
-    the float product, and the integer paths give what the native build gives."""
+    AVX-512 without VNNI, this CPU forced to AVX2) run where this CPU can: every one, in every
+    layout it packs, is within int8-activation error of the float product, and the integer paths
+    give what the native build gives."""
     from lilliput.compress.quantize import Grid
     from lilliput.eval.peers import cpu_flags
 
@@ -323,29 +341,52 @@ def test_quantized_paths_of_every_instruction_set_agree(march, tmp_path):
     if not ISAS[march] <= cpu_flags():
         pytest.skip(f"this CPU cannot run a {march} build")
     path = tmp_path / f"gemv-{march}.so"
+    flags = build.ISA_FLAGS["avx2"] if march == "native-avx2" else (f"-march={march}",)
     try:
-        build.build(compiler, path, extra_flags=(f"-march={march}", "-Wno-psabi"))
+        build.build(compiler, path, extra_flags=(*flags, "-Wno-psabi"))
     except RuntimeError as e:
         pytest.skip(f"{compiler} cannot target {march}: {e}")
     other = ctypes.CDLL(str(path))
     native = build.load().lib
     abi.bind(other)
+    if march == "native-avx2":
+        assert other.qgemv_int8_pack() == 8 and other.qgemv_isa() == 1
     g = torch.Generator().manual_seed(1)
     for bits, group in ((8, 576), (4, 64), (4, 32)):
         w = torch.randn(40, 576, generator=g)
         layer = Grid.fit(w, bits, group).module(w)
-        desc = layer.kernel_desc()
-        for b in (1, 5, 8):
+        for b in (1, 5, 8, 13):
             x = torch.randn(b, 576, generator=g)
-            ys = []
-            for lib in (native, other):
-                y = torch.empty(b, 40)
-                assert lib.qlinear_run_rows(ctypes.byref(desc), x.data_ptr(), y.data_ptr(), b) == 0
-                ys.append(y)
             ref = x @ layer.dequantize().T
-            assert (ys[1] - ref).abs().max() < 0.02 * ref.abs().max()  # int8 activations at most
-            if march != "x86-64":  # the same integer dot products: only the float sums' order differs
-                torch.testing.assert_close(ys[1], ys[0], rtol=1e-4, atol=1e-3)
+            y0 = torch.empty(b, 40)
+            assert native.qlinear_run_rows(ctypes.byref(_descs(layer, native)[0]), x.data_ptr(), y0.data_ptr(), b) == 0
+            for desc in _descs(layer, other):
+                y = torch.empty(b, 40)
+                assert other.qlinear_run_rows(ctypes.byref(desc), x.data_ptr(), y.data_ptr(), b) == 0
+                assert (y - ref).abs().max() < 0.02 * ref.abs().max()  # int8 activations at most
+                if march != "x86-64":  # the same integer dot products: only the float sums' order differs
+                    torch.testing.assert_close(y, y0, rtol=1e-4, atol=1e-3)
+                for r in (0, b - 1):  # a row's result does not depend on the rows beside it
+                    one = torch.empty(1, 40)
+                    assert other.qlinear_run_rows(ctypes.byref(desc), x[r:r + 1].contiguous().data_ptr(),
+                                                  one.data_ptr(), 1) == 0
+                    assert torch.equal(one[0], y[r])
+
+
+def test_a_batch_layout_packed_for_another_build_is_refused():
+    """Groups of 16 rows handed to an 8-row build (or the reverse): -1, never a wrong product."""
+    from lilliput.compress import qlinear as ql
+    from lilliput.infer.kernels import descriptor
+
+    if not kernels.available() or not build.load().lib.qgemv_int8_pack():
+        pytest.skip("no int8 batch layout in this build")
+    lib = build.load().lib
+    wrong = 24 - lib.qgemv_int8_pack()  # 8 <-> 16
+    q = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
+    packed = ql.pack_int8(q, wrong)
+    desc = descriptor.make(abi.Kind.INT8_BATCH, packed, 48, 64, scale=torch.ones(48), group=wrong)
+    x, y = torch.randn(2, 64), torch.empty(2, 48)
+    assert lib.qlinear_run_rows(ctypes.byref(desc), x.data_ptr(), y.data_ptr(), 2) == -1
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 33, 64, 1000, 49152])
@@ -355,3 +396,17 @@ def test_argmax_matches_torch_first_on_ties(n):
     x[1, n // 3] = x[1, n - 1] = 1e9  # a tie: the first wins
     x[2, -1] = 1e9
     assert kernels.argmax(x) == x.argmax(-1).tolist()
+
+
+def test_lilliput_isa_names_the_build(monkeypatch):
+    """LILLIPUT_ISA=avx2 adds the flags that turn AVX-512, AVX-VNNI and AMX off (and keys the cache on
+    them); an unknown name is refused by name."""
+    monkeypatch.setenv("LILLIPUT_ISA", "avx2")
+    assert build.isa() == "avx2" and "-mno-avx512f" in build.ISA_FLAGS["avx2"]
+    compiler = build.find_compiler() or "cc"
+    forced = build.build_key(compiler)
+    monkeypatch.setenv("LILLIPUT_ISA", "")
+    assert build.isa() == "native" and build.build_key(compiler) != forced
+    monkeypatch.setenv("LILLIPUT_ISA", "avx3")
+    with pytest.raises(ValueError, match="LILLIPUT_ISA='avx3'"):
+        build.isa()

@@ -8,6 +8,8 @@ raises `abi.AbiMismatch`.
 
 ``LILLIPUT_NO_KERNEL=1`` forces the torch paths; ``LILLIPUT_CACHE`` moves the build cache
 (kernels go to ``$LILLIPUT_CACHE/kernels``, default ``~/.cache/lilliput/kernels``).
+``LILLIPUT_ISA=avx2`` builds for this CPU without AVX-512, AVX-VNNI and AMX (the kernels an AVX2
+machine runs, tested and benchmarked on any newer one); results files record it (`isa()`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ kernels (qgemv*.c), the fused decode step built on them (llama_step.c) and the A
 HEADERS = tuple(sorted(CSRC.glob("*.h")))
 """lilliput.h (the interface) and the quantized kernels' private qgemv.h: part of the cache key."""
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
+ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f", "-mno-avxvnni", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16")}
+"""What ``LILLIPUT_ISA`` adds to FLAGS: native (the default) lets -march=native choose."""
 
 _LOCK = threading.Lock()
 
@@ -60,6 +64,14 @@ def cache_dir() -> Path:
     """Where built kernels live: ``$LILLIPUT_CACHE/kernels`` or ``~/.cache/lilliput/kernels``."""
     root = os.environ.get("LILLIPUT_CACHE") or "~/.cache/lilliput"
     return Path(root).expanduser() / "kernels"
+
+
+def isa() -> str:
+    """The instruction-set choice of this process's build: ``LILLIPUT_ISA`` (native or avx2)."""
+    name = os.environ.get("LILLIPUT_ISA", "").strip().lower() or "native"
+    if name not in ISA_FLAGS:
+        raise ValueError(f"LILLIPUT_ISA={name!r}: expected one of {', '.join(ISA_FLAGS)}")
+    return name
 
 
 def find_compiler() -> str | None:
@@ -90,7 +102,7 @@ def build_key(compiler: str) -> str:
     except (OSError, subprocess.SubprocessError):
         version = []
     h = hashlib.sha256()
-    for part in (*(src.read_bytes() for src in (*SOURCES, *HEADERS)), " ".join(FLAGS).encode(),
+    for part in (*(src.read_bytes() for src in (*SOURCES, *HEADERS)), " ".join(FLAGS + ISA_FLAGS[isa()]).encode(),
                  compiler.encode(), "".join(version).encode(), _cpu_signature().encode()):
         h.update(part)
         h.update(b"\0")
@@ -110,7 +122,7 @@ def build(compiler: str, dest: Path, extra_flags: tuple[str, ...] = ()) -> float
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
-            [compiler, *FLAGS, *extra_flags, f"-I{CSRC}", "-o", tmp, *map(str, SOURCES), "-lm"],
+            [compiler, *FLAGS, *ISA_FLAGS[isa()], *extra_flags, f"-I{CSRC}", "-o", tmp, *map(str, SOURCES), "-lm"],
             capture_output=True, text=True, timeout=300,
         )
         if proc.returncode != 0:

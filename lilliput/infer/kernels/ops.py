@@ -52,7 +52,7 @@ def describe() -> dict:
     if not isinstance(k, Kernel):
         return {"available": False, "reason": k}
     rows = k.lib.qgemv_int8_pack()
-    return {"available": True, "gemv_fp32_lanes": k.lanes, "int8_int4_dot": DOT_ISAS.get(k.lib.qgemv_isa()),
+    return {"available": True, "isa": build.isa(), "gemv_fp32_lanes": k.lanes, "int8_int4_dot": DOT_ISAS.get(k.lib.qgemv_isa()),
             "int8_layout": f"batch: groups of {rows} rows x 4 columns" if rows else "row-major",
             "fp16_kv_cache": bool(k.lib.llama_step_kv_f16(64)), "fused_step": True}
 

@@ -46,7 +46,6 @@ typedef struct {
     const uint8_t *xu;  /* 512-bit paths: x + 128 as unsigned bytes (B, K), int4's in lane order */
     const float *sv;    /* 512-bit paths: x's block scales per fp32 lane, 16 per 64 columns (B, K / 4) */
     const int32_t *xc;  /* packed int8, AVX-512: -128 * sum of xq over each block of 32 (B, K / 32) */
-    const uint8_t *xa;  /* packed int8, AVX2: |xq| (B, K) */
 } qctx_t;
 
 static inline float half_to_float(uint16_t h) {

@@ -189,20 +189,22 @@ static inline __attribute__((always_inline)) void int8p_tile(const qctx_t *c, co
  * The same layout with groups of 8 rows for AVX2 builds without AVX-512 VNNI (qgemv_int8_pack()
  * says 8): run j is 32 bytes, columns 4j..4j+3 of the group's 8 rows. AVX2 has no unsigned x
  * signed byte product that cannot saturate at these ranges ((w + 128) x reaches 2 * 255 * 127 in
- * an int16 pair), so the sign moves as in the row-major path, but onto the weights, whose run is
- * shared by the tile's rows: |x| (4 bytes broadcast) times sign(x) w, one maddubs + madd per run
- * and row of x (32 products), where the row-major path also converts and scales per weight row
- * and 32 columns. A block's 8 runs leave every int32 lane holding one weight row's whole block
- * sum, so x's block scale applies once per 8 rows. 4 rows of x per tile (16 ymm registers).
+ * an int16 pair), so the sign moves as in the row-major path: |w| of a run (once, shared by the
+ * tile's rows) times sign(w) x (x's 4 bytes broadcast), one maddubs + madd per run and row of x
+ * (32 products), where the row-major path also converts and scales per weight row and 32
+ * columns. A block's 8 runs leave every int32 lane holding one weight row's whole block sum, so
+ * x's block scale applies once per 8 rows. 4 rows of x per tile (16 ymm registers). Measured on
+ * 2 Zen 3 cores: |x| broadcast against sign(x) w per row was ~10% slower (one more load per row).
  */
 #if QG_AVX2 && !QG_512
+#ifndef P8_TILE
 #define P8_TILE 4
+#endif
 static inline __attribute__((always_inline)) void int8p8_tile(const qctx_t *c, const uint8_t *wg, float *y,
                                                               int64_t N, int64_t K, int64_t n0, int64_t r0,
                                                               const int R) {
     const int64_t nb = K / QB;
     const int8_t *xq = c->xq;
-    const uint8_t *xa = c->xa;
     const float *xd = c->xd;
     const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
     __m256 acc[P8_TILE];
@@ -214,12 +216,12 @@ static inline __attribute__((always_inline)) void int8p8_tile(const qctx_t *c, c
         for (int r = 0; r < R; r++) ia[r] = _mm256_setzero_si256();
         for (int q = 0; q < 8; q++) {
             const __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + q * 32)), flip);
+            const __m256i u = _mm256_abs_epi8(w);
             for (int r = 0; r < R; r++) {
-                int32_t x4, a4;
+                int32_t x4;
                 memcpy(&x4, xq + (r0 + r) * K + b * QB + 4 * q, 4);
-                memcpy(&a4, xa + (r0 + r) * K + b * QB + 4 * q, 4);
-                const __m256i s = _mm256_sign_epi8(w, _mm256_set1_epi32(x4));
-                ia[r] = _mm256_add_epi32(ia[r], _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi32(a4), s), ones));
+                const __m256i s = _mm256_sign_epi8(_mm256_set1_epi32(x4), w);
+                ia[r] = _mm256_add_epi32(ia[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones));
             }
         }
         for (int r = 0; r < R; r++)
@@ -261,7 +263,15 @@ static void int8p_groups(const float *unused, const void *ctx, void *yv, int ydt
             case 1: int8p8_tile(c, wg, yv, n, K, gi * 8, r0, 1); break;
             case 2: int8p8_tile(c, wg, yv, n, K, gi * 8, r0, 2); break;
             case 3: int8p8_tile(c, wg, yv, n, K, gi * 8, r0, 3); break;
-            default: int8p8_tile(c, wg, yv, n, K, gi * 8, r0, 4); break;
+#if P8_TILE > 4
+            case 4: int8p8_tile(c, wg, yv, n, K, gi * 8, r0, 4); break;
+            case 5: int8p8_tile(c, wg, yv, n, K, gi * 8, r0, 5); break;
+#endif
+#if P8_TILE > 6
+            case 6: int8p8_tile(c, wg, yv, n, K, gi * 8, r0, 6); break;
+            case 7: int8p8_tile(c, wg, yv, n, K, gi * 8, r0, 7); break;
+#endif
+            default: int8p8_tile(c, wg, yv, n, K, gi * 8, r0, P8_TILE); break;
             }
         }
     }
@@ -271,28 +281,25 @@ static void int8p_groups(const float *unused, const void *ctx, void *yv, int ydt
 /* y (B, N) for the packed layout: x quantized once, all B rows in one pass over the weights. */
 int qgemv_run_packed(const linear_t *d, const float *x, float *y, int64_t B) {
     const int64_t N = d->n, K = d->k, nb = K / QB, G = qgemv_int8_pack();
-    void *buf = malloc((size_t)(B * (2 * K + 8 * nb)) + 64);
+    void *buf = malloc((size_t)(B * (K + 8 * nb)) + 64);
     if (!buf) return -2;
     float *xd = buf;
     int32_t *xc = (int32_t *)(xd + B * nb);
     int8_t *xq = (int8_t *)(xc + B * nb);
-    uint8_t *xa = (uint8_t *)(xq + B * K);
     for (int64_t r = 0; r < B; r++) {
         qgemv_quantize_x(x + r * K, K, xq + r * K, xd + r * nb);
-        for (int64_t b = 0; b < nb; b++) {
+#if QG_512
+        for (int64_t b = 0; b < nb; b++) { /* -128 sum(x) over the block: byte pairs, then int16 pairs, then the 8 lanes */
             const __m256i q = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * QB));
-#if QG_512 /* -128 sum(x) over the block: byte pairs, then int16 pairs, then the 8 lanes */
             const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q), _mm256_set1_epi16(1));
             __m128i h = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
             h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
             h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
             xc[r * nb + b] = -128 * _mm_cvtsi128_si32(h);
-#else /* |x| */
-            _mm256_storeu_si256((__m256i *)(xa + r * K + b * QB), _mm256_abs_epi8(q));
-#endif
         }
+#endif
     }
-    qctx_t c = {d, x, xq, xd, NULL, B, NULL, NULL, xc, xa};
+    qctx_t c = {d, x, xq, xd, NULL, B, NULL, NULL, xc};
     const int64_t groups = N / G, threads = gemv_get_threads();
     /* about 4 chunks per thread; one thread when the whole product is small */
     int64_t chunk = groups / (4 * threads);
