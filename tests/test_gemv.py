@@ -323,6 +323,12 @@ def _descs(layer, lib) -> list:
         descs.append(descriptor.make(abi.Kind.INT8_BATCH, packed, layer.out_features, layer.in_features,
                                      scale=layer.scale, group=rows))
         descs[-1].keep = packed
+    rows = lib.qgemv_int4_pack()
+    if isinstance(layer, ql.Int4Linear) and rows:
+        kept = (ql.pack_int4_batch(layer.codes()), ql.group_rows(layer.scale, rows), ql.group_rows(layer.zero, rows))
+        descs.append(descriptor.make(abi.Kind.INT4_BATCH, kept[0], layer.out_features, layer.in_features,
+                                     scale=kept[1], zero=kept[2], group=layer.group_size))
+        descs[-1].keep = kept
     return descs
 
 

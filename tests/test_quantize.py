@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from lilliput.compress import qlinear as ql
@@ -55,6 +56,49 @@ def test_int8_batch_layout_round_trip_and_state():
     other.load_state_dict(saved)  # row-major codes into a packed module: repacked
     assert other.packed == 16 and torch.equal(other.codes(), q)
     assert torch.equal(other.pack_(0).qweight, q)
+
+
+def test_int4_batch_layout_round_trip_and_state():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (16, 64), generator=g).to(torch.uint8)
+    packed = ql.pack_int4_batch(q)
+    assert packed.shape == (2, 2, 4, 32) and packed.dtype == torch.uint8
+    # group 1, block 1, chunk 2: columns 32 + 16..19 (low nibbles) and 32 + 20..23 (high), row 3 at bytes 12..15
+    assert packed[1, 1, 2, 12 + 1] == q[8 + 3, 32 + 16 + 1] | (q[8 + 3, 32 + 20 + 1] << 4)
+    assert torch.equal(ql.unpack_int4_batch(packed), q)
+    scale, zero = torch.rand(16, 2, generator=g) + 0.1, torch.randint(0, 16, (16, 2), generator=g)
+    m = ql.Int4Linear.from_codes(q, scale, zero, 32)
+    dense, row_major = m.dequantize(), {k: v.clone() for k, v in m.state_dict().items()}
+    m.pack_(8)
+    assert m.packed == 8 and m.scale.shape == (2, 2, 8) and torch.equal(m.dequantize(), dense)
+    assert torch.equal(m.codes(), q) and torch.equal(m.zeros(), zero.to(torch.uint8))
+    saved = m.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in row_major.items())  # checkpoints hold row-major buffers
+    other = ql.Int4Linear(64, 16, 32).pack_(8)
+    other.load_state_dict(saved)  # row-major buffers into a packed module: repacked
+    assert other.packed == 8 and torch.equal(other.dequantize(), dense)
+    assert all(torch.equal(getattr(other.pack_(0), k), v) for k, v in row_major.items())
+
+
+@needs_kernel
+@pytest.mark.skipif(not (kernels.available() and kernels.build.load().lib.qgemv_int4_pack()), reason="no AVX2")
+@pytest.mark.parametrize("n,k,group", [(8, 64, 32), (48, 192, 64), (96, 1536, 128)])
+def test_int4_batch_kernel_matches_row_major_and_is_batch_independent(n, k, group):
+    g = torch.Generator().manual_seed(n)
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g))
+    m = ql.Int4Linear.from_linear(lin, group)
+    x = torch.randn(21, k, generator=g)
+    m.kernel_variant = "dot"  # row-major, int8 x in blocks of 32: the same arithmetic up to float order
+    ref = m(x)
+    m.kernel_variant = "auto"
+    got = m(x)
+    assert m.packed == kernels.build.load().lib.qgemv_int4_pack()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    for b in (1, 3, 4, 5, 9):  # a row's result does not depend on the rows beside it
+        assert torch.equal(m(x[:b]), got[:b])
+    assert sqnr_db(F.linear(x, m.dequantize(), m.bias), got) > 35
 
 
 @needs_kernel

@@ -31,6 +31,8 @@ from lilliput.infer.kernels import Kind, Variant, descriptor, ops
 GROUP_SIZES = (128, 64, 32)
 """int4 group sizes the kernels run, largest first."""
 VARIANTS = {"auto": Variant.AUTO, "widen": Variant.WIDEN, "dot": Variant.DOT}
+BATCH_KIND = {Kind.INT8: Kind.INT8_BATCH, Kind.INT4: Kind.INT4_BATCH}
+"""A row-major kind -> its batch layout (`kernel_desc()` repacks into it where the build has it)."""
 """Kernel paths: auto (the measured fastest: dot), widen (int -> fp32, FMA), dot (int8 x, integer dot)."""
 BLOCK = 32  # columns per int4 packing block
 KERNEL_ROWS = 256
@@ -97,6 +99,29 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.kernel_variant = "auto"  # not saved: a runtime choice (bench/quantize.py compares them)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.packed = 0  # rows per group of the kernels' batch layout; 0 = row-major (a runtime layout, not saved)
+        self.register_state_dict_post_hook(_row_major_state)
+        self.register_load_state_dict_pre_hook(_load_into_layout)
+
+    def row_major(self) -> dict[str, torch.Tensor]:
+        """The code buffers as a checkpoint stores them (row-major), whatever the layout in memory."""
+        raise NotImplementedError
+
+    def in_layout(self, buffers: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+        """Row-major code buffers in the batch layout of `rows` rows per group (0: row-major)."""
+        raise NotImplementedError
+
+    def pack_(self, rows: int) -> "QuantLinear":
+        """Store the codes in the kernels' batch layout of `rows` rows per group (0: row-major), in place."""
+        if rows != self.packed:
+            for name, t in self.in_layout(self.row_major(), rows).items():
+                setattr(self, name, t)
+            self.packed = rows
+        return self
+
+    def _layout_rows(self) -> int:
+        """Rows per group of the batch layout this build runs for this layer; 0: row-major."""
+        return 0
 
     def _set_bias(self, bias: torch.Tensor | None) -> None:
         if bias is not None:
@@ -110,11 +135,18 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def kernel_desc(self) -> "descriptor.Linear | None":
-        """This layer's descriptor for the C kernels (`kernels.descriptor.make`); None off CPU."""
+        """This layer's descriptor for the C kernels (`kernels.descriptor.make`); None off CPU. Where
+        the build has a batch layout for this kind, the codes are first repacked into it in place."""
         if self.qweight.device.type != "cpu":
             return None
-        return descriptor.make(self.kind, n=self.out_features, k=self.in_features, bias=self.bias,
+        rows = self._layout_rows() if self.kernel_variant == "auto" else 0
+        self.pack_(rows)
+        desc = descriptor.make(self.kind, n=self.out_features, k=self.in_features, bias=self.bias,
                                variant=VARIANTS[self.kernel_variant], **self._tensors())
+        if self.packed:
+            desc.kind = BATCH_KIND[self.kind]
+            desc.group = desc.group or self.packed  # int8: rows per group; int4 keeps its column group
+        return desc
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -161,9 +193,6 @@ class Int8Linear(QuantLinear):
         super().__init__(in_features, out_features, bias)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32).view(torch.int32))
-        self.packed = 0  # rows per packed group; 0 = row-major (not saved: a runtime layout)
-        self.register_state_dict_post_hook(_row_major_state)
-        self.register_load_state_dict_pre_hook(_load_into_layout)
 
     @classmethod
     def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
@@ -192,23 +221,17 @@ class Int8Linear(QuantLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.codes().float() * self.scale.view(torch.float32)[:, None]).to(dtype)
 
-    def pack_(self, rows: int) -> "Int8Linear":
-        """Store the codes in the kernels' batch layout of `rows` rows per group (0: row-major), in place."""
-        if rows != self.packed:
-            q = self.codes()
-            self.qweight = pack_int8(q, rows) if rows else q.contiguous()
-            self.packed = rows
-        return self
+    def row_major(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.codes()}
 
-    def kernel_desc(self) -> "descriptor.Linear | None":
-        rows = ops.int8_batch_rows() if self.kernel_variant == "auto" else 0
-        if rows and (self.out_features % rows or self.in_features % BLOCK or not self.qweight.is_cpu):
-            rows = 0
-        self.pack_(rows)
-        desc = super().kernel_desc()
-        if desc is not None and self.packed:
-            desc.kind, desc.group = Kind.INT8_BATCH, self.packed
-        return desc
+    def in_layout(self, buffers: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+        q = buffers["qweight"]
+        return {"qweight": pack_int8(q, rows) if rows else q.contiguous()}
+
+    def _layout_rows(self) -> int:
+        rows = ops.int8_batch_rows()
+        ok = rows and not (self.out_features % rows or self.in_features % BLOCK) and self.qweight.is_cpu
+        return rows if ok else 0
 
     def _tensors(self) -> dict:
         return {"weight": self.qweight, "scale": self.scale}
@@ -227,15 +250,47 @@ def unpack_int8(p: torch.Tensor, rows: int) -> torch.Tensor:
     return (p.transpose(1, 2).reshape(g * rows, k4 * 4).to(torch.int16) - 128).to(torch.int8)
 
 
-def _row_major_state(module: Int8Linear, state: dict, prefix: str, local_metadata) -> None:
+def pack_int4_batch(q: torch.Tensor) -> torch.Tensor:
+    """Codes (N, K) in [0, 15] -> uint8 (N / 8, K / 32, 4, 32): the kernels' int4 batch layout (per
+    block of 32 columns, chunk p holds columns 8p..8p+3 of the group's 8 rows in its low nibbles and
+    8p+4..8p+7 in its high nibbles, row i at bytes 4i..4i+3)."""
+    n, k = q.shape
+    t = q.to(torch.uint8).reshape(n // 8, 8, k // 32, 4, 2, 4).permute(0, 2, 3, 4, 1, 5)
+    return (t[:, :, :, 0] | (t[:, :, :, 1] << 4)).reshape(n // 8, k // 32, 4, 32).contiguous()
+
+
+def unpack_int4_batch(p: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4_batch: codes (N, K) uint8."""
+    g, nb = p.shape[0], p.shape[1]
+    b = p.reshape(g, nb, 4, 8, 4)
+    t = torch.stack((b & 15, b >> 4), dim=3)  # (g, nb, 4, 2, 8, 4)
+    return t.permute(0, 4, 1, 2, 3, 5).reshape(g * 8, nb * 32)
+
+
+def group_rows(params: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per-row group parameters (N, ng) -> (N / rows, ng, rows), the batch layouts' order."""
+    n, ng = params.shape
+    return params.reshape(n // rows, rows, ng).transpose(1, 2).contiguous()
+
+
+def ungroup_rows(params: torch.Tensor) -> torch.Tensor:
+    """The inverse of group_rows: (N, ng)."""
+    g, ng, rows = params.shape
+    return params.transpose(1, 2).reshape(g * rows, ng)
+
+
+def _row_major_state(module: QuantLinear, state: dict, prefix: str, local_metadata) -> None:
     if module.packed:
-        state[prefix + "qweight"] = module.codes()
+        state.update({prefix + name: t for name, t in module.row_major().items()})
 
 
-def _load_into_layout(module: Int8Linear, state: dict, prefix: str, *args) -> None:
-    key = prefix + "qweight"
-    if module.packed and key in state and state[key].shape == (module.out_features, module.in_features):
-        state[key] = pack_int8(state[key], module.packed)
+def _load_into_layout(module: QuantLinear, state: dict, prefix: str, *args) -> None:
+    """Row-major codes loaded into a module in a batch layout: repacked (a checkpoint stores row-major)."""
+    names = list(module.row_major())
+    if module.packed and all(prefix + n in state for n in names) and \
+            state[prefix + "qweight"].shape != module.qweight.shape:
+        row_major = {n: state[prefix + n] for n in names}
+        state.update({prefix + n: t for n, t in module.in_layout(row_major, module.packed).items()})
 
 
 @register_layer("int4")
@@ -278,11 +333,38 @@ class Int4Linear(QuantLinear):
         q = quantize_int4(w, expand(scale, group_size), expand(zero, group_size))
         return cls.from_codes(q, scale, zero, group_size, linear.bias)
 
+    def codes(self) -> torch.Tensor:
+        """The codes (N, K) uint8 in [0, 15], whatever the layout in memory."""
+        return unpack_int4_batch(self.qweight) if self.packed else unpack_int4(self.qweight)
+
+    def scales(self) -> torch.Tensor:
+        """Per-group scales (N, K / group_size) as fp32."""
+        return (ungroup_rows(self.scale) if self.packed else self.scale).view(torch.float16).float()
+
+    def zeros(self) -> torch.Tensor:
+        """Per-group zero points (N, K / group_size) uint8."""
+        return ungroup_rows(self.zero) if self.packed else self.zero
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        q = unpack_int4(self.qweight).float()  # (N, K)
-        s = expand(self.scale.view(torch.float16).float(), self.group_size)
-        z = expand(self.zero.float(), self.group_size)
+        q = self.codes().float()  # (N, K)
+        s = expand(self.scales(), self.group_size)
+        z = expand(self.zeros().float(), self.group_size)
         return ((q - z) * s).to(dtype)
+
+    def row_major(self) -> dict[str, torch.Tensor]:
+        if not self.packed:
+            return {"qweight": self.qweight, "scale": self.scale, "zero": self.zero}
+        return {"qweight": pack_int4(self.codes()), "scale": ungroup_rows(self.scale), "zero": ungroup_rows(self.zero)}
+
+    def in_layout(self, buffers: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+        if not rows:
+            return {name: t.contiguous() for name, t in buffers.items()}
+        return {"qweight": pack_int4_batch(unpack_int4(buffers["qweight"])),
+                "scale": group_rows(buffers["scale"], rows), "zero": group_rows(buffers["zero"], rows)}
+
+    def _layout_rows(self) -> int:
+        rows = ops.int4_batch_rows()
+        return rows if rows and not self.out_features % rows and self.qweight.is_cpu else 0
 
     def _tensors(self) -> dict:
         return {"weight": self.qweight, "scale": self.scale, "zero": self.zero, "group": self.group_size}

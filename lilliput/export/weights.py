@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lilliput.compress.qlinear import Int4Linear, Int8Linear, QuantLinear, int8_scale, quantize_int8, unpack_int4
+from lilliput.compress.qlinear import Int4Linear, Int8Linear, QuantLinear, int8_scale, quantize_int8
 from lilliput.core.model import GPT
 from lilliput.export.target import ExportCheckError
 
@@ -60,8 +60,8 @@ def weight_of(module: nn.Module) -> Weight:
         s = module.scale.view(torch.float32).float()[:, None]  # (N, 1)
         return Weight(8, codes=module.codes().clone(), scale=s, group=module.in_features)
     if isinstance(module, Int4Linear):
-        return Weight(4, codes=unpack_int4(module.qweight), scale=module.scale.view(torch.float16).float(),
-                      zero=module.zero.float(), group=module.group_size)
+        return Weight(4, codes=module.codes(), scale=module.scales(), zero=module.zeros().float(),
+                      group=module.group_size)
     if isinstance(module, QuantLinear):
         return Weight(0, value=module.dequantize(torch.float32))
     return Weight(0, value=module.weight.detach().float())

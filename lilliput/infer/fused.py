@@ -160,9 +160,9 @@ class FusedStep:
         if reason:
             return None
         step = cls(model, build.load(), descs)
-        # every layer reads its weights once for any number of tokens (int8 in the batch layout):
-        # prompt chunks then run here too, max_tokens at a time
-        step.one_pass = all(d.kind == abi.Kind.INT8_BATCH for d in descs)
+        # every layer reads its weights once for any number of tokens (int8 or int4 in the batch
+        # layout): prompt chunks then run here too, max_tokens at a time
+        step.one_pass = all(d.kind in (abi.Kind.INT8_BATCH, abi.Kind.INT4_BATCH) for d in descs)
         # the tensors the descriptors point at, held even if a module later swaps a buffer for
         # another layout (an int8 layer asked for its row-major kernel unpacks into a new tensor)
         step._alive = [b for _, m in _linears(model) for b in m.buffers()]

@@ -16,7 +16,7 @@ FUSED_EXTEND_MAX = 16
 """Longest run of one row's tokens sent to the fused step when its layers take 8 rows per pass
 over the weights; longer prompt chunks go to torch, whose matrix-matrix products win once every
 weight is used by that many rows. A step whose layers take any number of rows in one pass
-(`FusedStep.one_pass`: int8 in the batch layout) runs every chunk, `max_tokens` at a time."""
+(`FusedStep.one_pass`: int8 or int4 in the batch layout) runs every chunk, `max_tokens` at a time."""
 
 
 class ModelRunner:

@@ -25,6 +25,7 @@ class Kind(IntEnum):
     INT8 = 2
     INT4 = 3
     INT8_BATCH = 4
+    INT4_BATCH = 5
 
 
 class Variant(IntEnum):
@@ -129,6 +130,7 @@ PROTOTYPES: dict[str, tuple[object, tuple | None]] = {
     "linear_run": (_int, (_P(Linear), vp, vp, i64)),
     "qlinear_run_rows": (_int, (_P(Linear), vp, vp, i64)),
     "qgemv_int8_pack": (_int, ()),
+    "qgemv_int4_pack": (_int, ()),
     "qgemv_avx2": (_int, ()),
     "qgemv_isa": (_int, ()),
     "llama_step_max_tokens": (_int, ()),

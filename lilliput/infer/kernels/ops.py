@@ -51,10 +51,17 @@ def describe() -> dict:
     k = build.load()
     if not isinstance(k, Kernel):
         return {"available": False, "reason": k}
-    rows = k.lib.qgemv_int8_pack()
+    rows, rows4 = k.lib.qgemv_int8_pack(), k.lib.qgemv_int4_pack()
     return {"available": True, "isa": build.isa(), "gemv_fp32_lanes": k.lanes, "int8_int4_dot": DOT_ISAS.get(k.lib.qgemv_isa()),
             "int8_layout": f"batch: groups of {rows} rows x 4 columns" if rows else "row-major",
+            "int4_layout": f"batch: groups of {rows4} rows x 4 columns" if rows4 else "row-major",
             "fp16_kv_cache": bool(k.lib.llama_step_kv_f16(64)), "fused_step": True}
+
+
+def int4_batch_rows() -> int:
+    """Weight rows per group of the int4 batch layout this build runs (`Kind.INT4_BATCH`); 0: none."""
+    k = build.load()
+    return k.lib.qgemv_int4_pack() if isinstance(k, Kernel) else 0
 
 
 def int8_batch_rows() -> int:

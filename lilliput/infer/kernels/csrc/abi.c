@@ -13,7 +13,7 @@
 
 static const ll_abi_entry_t LAYOUT[] = {
     ENUM(ll_kind, LL_KIND_F32), ENUM(ll_kind, LL_KIND_BF16), ENUM(ll_kind, LL_KIND_INT8),
-    ENUM(ll_kind, LL_KIND_INT4), ENUM(ll_kind, LL_KIND_INT8_BATCH),
+    ENUM(ll_kind, LL_KIND_INT4), ENUM(ll_kind, LL_KIND_INT8_BATCH), ENUM(ll_kind, LL_KIND_INT4_BATCH),
     ENUM(ll_variant, LL_VARIANT_AUTO), ENUM(ll_variant, LL_VARIANT_WIDEN), ENUM(ll_variant, LL_VARIANT_DOT),
     ENUM(ll_dtype, LL_DT_F32), ENUM(ll_dtype, LL_DT_BF16),
     ENUM(ll_act, LL_ACT_SILU), ENUM(ll_act, LL_ACT_GELU_TANH),

@@ -25,6 +25,11 @@ typedef enum {
     LL_KIND_INT8_BATCH = 4, /* int8 in the batch layout: weight uint8 (N / G, K / 4, G, 4) of q + 128,
                                G = group = qgemv_int8_pack() (16 AVX-512 VNNI, 8 AVX2), scale as
                                LL_KIND_INT8 */
+    LL_KIND_INT4_BATCH = 5, /* int4 in the batch layout (AVX2 builds, qgemv_int4_pack() rows per group):
+                               weight uint8 (N / 8, K / 32, 4, 32), per block of 32 columns chunk p
+                               holding columns 8p..8p+3 (low nibbles) and 8p+4..8p+7 (high) of the
+                               8 rows (row i at bytes 4i..4i+3); scale fp16 bits and zero uint8
+                               (N / 8, K / group, 8); W = (q - zero) * scale as LL_KIND_INT4 */
 } ll_kind;
 
 /* Which arithmetic a quantized layer uses (linear_t.variant). */
@@ -158,6 +163,7 @@ int rmsnorm_f32(const float *x, const float *w, float *out, int64_t rows, int64_
 int linear_run(const linear_t *d, const float *x, float *y, int64_t B);
 int qlinear_run_rows(const linear_t *d, const float *x, float *y, int64_t B); /* quantized kinds only */
 int qgemv_int8_pack(void); /* weight rows per group of LL_KIND_INT8_BATCH in this build; 0: none */
+int qgemv_int4_pack(void); /* weight rows per group of LL_KIND_INT4_BATCH in this build; 0: none */
 int qgemv_avx2(void);
 int qgemv_isa(void);       /* 0 scalar, 1 AVX2 maddubs, 2 AVX-VNNI, 3 AVX-512 VNNI 256-bit, 4 512-bit */
 

@@ -110,6 +110,9 @@ void qgemv_quantize_x(const float *x, int64_t K, int8_t *xq, float *xd) {
  * VNNI, 8 with AVX2; 0: none (no AVX2), int8 layers stay row-major (LL_KIND_INT8). */
 int qgemv_int8_pack(void) { return QG_512 ? 16 : QG_AVX2 ? 8 : 0; }
 
+/* Weight rows per group of the packed int4 layout (LL_KIND_INT4_BATCH); 0: none (no AVX2). */
+int qgemv_int4_pack(void) { return QG_AVX2 ? 8 : 0; }
+
 int qgemv_avx2(void) { return QG_AVX2; }
 
 /* The instructions the integer dot products use: 0 scalar C, 1 AVX2 maddubs, 2 AVX-VNNI (256-bit),
@@ -186,7 +189,15 @@ static int run_pass(const linear_t *d, const float *x, float *y, int64_t B) {
 int qlinear_run_rows(const linear_t *d, const float *x, float *y, int64_t B) {
     const int64_t kind = d->kind, N = d->n, K = d->k, g = d->group;
     if (N < 0 || K <= 0 || B < 0) return -1;
-    if (kind == LL_KIND_INT4 && ((g != 32 && g != 64 && g != 128) || K % g)) return -1;
+    if ((kind == LL_KIND_INT4 || kind == LL_KIND_INT4_BATCH) && ((g != 32 && g != 64 && g != 128) || K % g)) return -1;
+    if (kind == LL_KIND_INT4_BATCH) {
+#if QG_AVX2
+        if (N % 8) return -1;
+        return N && B ? qgemv_run_packed4(d, x, y, B) : 0;
+#else
+        return -1;
+#endif
+    }
     if (kind == LL_KIND_INT8_BATCH) {
 #if QG_AVX2
         if (g != qgemv_int8_pack() || N % g || K % QB) return -1; /* packed for another build */

@@ -125,6 +125,7 @@ QG_HIDDEN void int8_dot512_rows(const float *unused, const void *ctx, void *y, i
 #endif
 #if QG_AVX2
 QG_HIDDEN int qgemv_run_packed(const linear_t *d, const float *x, float *y, int64_t B);
+QG_HIDDEN int qgemv_run_packed4(const linear_t *d, const float *x, float *y, int64_t B);
 #endif
 
 /* qgemv_int4.c */
