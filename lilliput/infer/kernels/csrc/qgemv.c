@@ -125,6 +125,26 @@ int qgemv_isa(void) {
 #endif
 }
 
+/* x (B, K) for the integer dot paths, in one block: xd (B, K / 32) block scales, xs (B, K / g) sums
+ * of the x the rows will see over each group of g columns (g = 0: none), then xq (B, K) int8.
+ * NULL when out of memory; the caller frees it. */
+void *qgemv_prepare_x(const float *x, int64_t B, int64_t K, int64_t g) {
+    const int64_t nb = K / QB, ng = g ? K / g : 0;
+    void *buf = malloc((size_t)(B * (K + 4 * (nb + ng))) + 64);
+    if (!buf) return NULL;
+    float *xd = buf, *xs = xd + B * nb;
+    int8_t *xq = (int8_t *)(xs + B * ng);
+    for (int64_t r = 0; r < B; r++) {
+        qgemv_quantize_x(x + r * K, K, xq + r * K, xd + r * nb);
+        for (int64_t j = 0; j < ng; j++) {
+            float s = 0.0f;
+            for (int64_t k = j * g; k < (j + 1) * g; k++) s += xd[r * nb + k / QB] * (float)xq[r * K + k];
+            xs[r * ng + j] = s;
+        }
+    }
+    return buf;
+}
+
 /* One pass of B <= MAXB rows: x (B, K) fp32 -> y (B, N). */
 static int run_pass(const linear_t *d, const float *x, float *y, int64_t B) {
     const int64_t kind = d->kind, N = d->n, K = d->k, g = d->group, var = d->variant;
@@ -150,23 +170,15 @@ static int run_pass(const linear_t *d, const float *x, float *y, int64_t B) {
         }
         return 0;
     }
-    const int64_t nb = K / QB, ng = kind == LL_KIND_INT4 ? K / g : 0;
-    void *buf = malloc((size_t)(B * (K + 4 * (nb + ng)) + 64));
+    void *buf = qgemv_prepare_x(x, B, K, kind == LL_KIND_INT4 ? g : 0);
     if (!buf) return -2;
-    float *xd = buf, *xs = xd + B * nb;
-    int8_t *xq = (int8_t *)(xs + B * ng);
-    for (int64_t r = 0; r < B; r++) {
-        qgemv_quantize_x(x + r * K, K, xq + r * K, xd + r * nb);
-        for (int64_t j = 0; j < ng; j++) { /* group sums of the x the rows will see */
-            float s = 0.0f;
-            for (int64_t k = j * g; k < (j + 1) * g; k++) s += xd[r * nb + k / QB] * (float)xq[r * K + k];
-            xs[r * ng + j] = s;
-        }
-    }
-    qctx_t c = {d, x, xq, xd, xs, B, NULL, NULL, NULL};
+    qctx_t c = prepared_ctx(d, x, B, buf);
     rows_fn fn = kind == LL_KIND_INT8 ? int8_dot_rows : int4_dot_rows;
     void *wide = NULL;
 #if QG_512
+    const int64_t nb = K / QB;
+    const float *xd = c.xd;
+    const int8_t *xq = c.xq;
     if (K % 64 == 0 && (kind == LL_KIND_INT8 || g % 64 == 0) && (wide = malloc((size_t)(B * (K + K / 4 * 4)) + 64))) {
         uint8_t *xu = wide;
         float *sv = (float *)(xu + B * K);

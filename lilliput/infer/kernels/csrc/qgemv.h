@@ -109,6 +109,18 @@ static inline __m256i unpack32(const uint8_t *p) {
 
 /* x (K,) -> int8 blocks of 32 with one scale each (K % 32 == 0); qgemv.c */
 QG_HIDDEN void qgemv_quantize_x(const float *x, int64_t K, int8_t *xq, float *xd);
+/* x (B, K) quantized, with its group sums (g columns; 0: none), in one malloc'd block; qgemv.c */
+QG_HIDDEN void *qgemv_prepare_x(const float *x, int64_t B, int64_t K, int64_t g);
+
+/* The context of a block from qgemv_prepare_x (its g = d->group for int4 kinds, else 0). */
+static inline qctx_t prepared_ctx(const linear_t *d, const float *x, int64_t B, void *buf) {
+    const int64_t K = d->k, nb = K / QB;
+    const int int4 = d->kind == LL_KIND_INT4 || d->kind == LL_KIND_INT4_BATCH;
+    const float *xd = buf, *xs = xd + B * nb;
+    const int8_t *xq = (const int8_t *)(xs + (int4 ? B * (K / d->group) : 0));
+    qctx_t c = {d, x, xq, xd, int4 ? xs : NULL, B, NULL, NULL, NULL};
+    return c;
+}
 #if QG_512
 /* x for the 512-bit paths (qgemv.c) */
 QG_HIDDEN void qgemv_prepare_512(int kind, const int8_t *xq, const float *xd, int64_t K, uint8_t *xu, float *sv);

@@ -234,20 +234,10 @@ static void int4p_groups(const float *unused, const void *ctx, void *yv, int ydt
 /* y (B, N) for the packed int4 layout: x quantized once (and its group sums as the rows see x), all
  * B rows in one pass over the weights. */
 int qgemv_run_packed4(const linear_t *d, const float *x, float *y, int64_t B) {
-    const int64_t N = d->n, K = d->k, g = d->group, nb = K / QB, ng = K / g;
-    void *buf = malloc((size_t)(B * (K + 4 * (nb + ng))) + 64);
+    const int64_t N = d->n, K = d->k;
+    void *buf = qgemv_prepare_x(x, B, K, d->group);
     if (!buf) return -2;
-    float *xd = buf, *xs = xd + B * nb;
-    int8_t *xq = (int8_t *)(xs + B * ng);
-    for (int64_t r = 0; r < B; r++) {
-        qgemv_quantize_x(x + r * K, K, xq + r * K, xd + r * nb);
-        for (int64_t j = 0; j < ng; j++) { /* group sums of the x the rows will see */
-            float s = 0.0f;
-            for (int64_t k = j * g; k < (j + 1) * g; k++) s += xd[r * nb + k / QB] * (float)xq[r * K + k];
-            xs[r * ng + j] = s;
-        }
-    }
-    qctx_t c = {d, x, xq, xd, xs, B, NULL, NULL, NULL};
+    qctx_t c = prepared_ctx(d, x, B, buf);
     const int64_t groups = N / 8, threads = gemv_get_threads();
     int64_t chunk = groups / (4 * threads);
     if (N * K * (B < 4 ? B : 4) < 4 * 96 * 1024) chunk = groups;

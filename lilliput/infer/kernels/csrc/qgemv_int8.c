@@ -280,31 +280,36 @@ static void int8p_groups(const float *unused, const void *ctx, void *yv, int ydt
 
 /* y (B, N) for the packed layout: x quantized once, all B rows in one pass over the weights. */
 int qgemv_run_packed(const linear_t *d, const float *x, float *y, int64_t B) {
-    const int64_t N = d->n, K = d->k, nb = K / QB, G = qgemv_int8_pack();
-    void *buf = malloc((size_t)(B * (K + 8 * nb)) + 64);
+    const int64_t N = d->n, K = d->k, G = qgemv_int8_pack();
+    void *buf = qgemv_prepare_x(x, B, K, 0);
     if (!buf) return -2;
-    float *xd = buf;
-    int32_t *xc = (int32_t *)(xd + B * nb);
-    int8_t *xq = (int8_t *)(xc + B * nb);
-    for (int64_t r = 0; r < B; r++) {
-        qgemv_quantize_x(x + r * K, K, xq + r * K, xd + r * nb);
+    qctx_t c = prepared_ctx(d, x, B, buf);
 #if QG_512
+    const int64_t nb = K / QB;
+    int32_t *xc = malloc(sizeof(int32_t) * (size_t)(B * nb));
+    if (!xc) {
+        free(buf);
+        return -2;
+    }
+    for (int64_t r = 0; r < B; r++)
         for (int64_t b = 0; b < nb; b++) { /* -128 sum(x) over the block: byte pairs, then int16 pairs, then the 8 lanes */
-            const __m256i q = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * QB));
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(c.xq + r * K + b * QB));
             const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q), _mm256_set1_epi16(1));
             __m128i h = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
             h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
             h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
             xc[r * nb + b] = -128 * _mm_cvtsi128_si32(h);
         }
+    c.xc = xc;
 #endif
-    }
-    qctx_t c = {d, x, xq, xd, NULL, B, NULL, NULL, xc};
     const int64_t groups = N / G, threads = gemv_get_threads();
     /* about 4 chunks per thread; one thread when the whole product is small */
     int64_t chunk = groups / (4 * threads);
     if (N * K * (B < 4 ? B : 4) < 2 * 96 * 1024) chunk = groups;
     gemv_pool_items(int8p_groups, &c, y, groups, K, chunk < 1 ? 1 : chunk);
+#if QG_512
+    free(xc);
+#endif
     free(buf);
     return 0;
 }
