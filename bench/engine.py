@@ -10,18 +10,26 @@
    the engine's capacity, not the arrival rate) into one engine of 16 rows, vs the same requests served one at a
    time in arrival order: requests/s and time to first token (p50/p99; from the arrival).
 3. int8 at batch 1 against the memory-bandwidth limit: bytes of every matrix read per token /
-   measured read bandwidth.
+   read bandwidth over a buffer of at least 4x the last-level cache (`efficiency.memory_bandwidth`;
+   the same read over a buffer of the int8 model's size, which the cache may partly hold, is a
+   second, named field).
+4. int8 batch 8 / batch 1 with the AVX2 kernels forced (`LILLIPUT_ISA=avx2`, in a child process:
+   a process loads one build), the kernels an AVX2-only machine runs.
 
-Writes bench/results/engine.json with `int8_batch8_vs_batch1`, `continuous_vs_sequential` and
-`int8_fraction_of_limit`, and the instruction sets the kernels were built with.
+Writes bench/results/engine.json with `int8_batch8_vs_batch1`, `int8_batch8_vs_batch1_avx2`,
+`continuous_vs_sequential` and `int8_fraction_of_limit`, and the instruction sets the kernels were
+built with.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,8 +39,8 @@ import torch
 from lilliput.compress.quantize import RTNConfig, quantize_
 from lilliput.core.checkpoint import load_model, to_transformers
 from lilliput.core.record import run_record, write_json
-from lilliput.eval.efficiency import (decode_rate, engine_rates, interleave, linear_bytes, percentile,
-                                       read_bandwidth_gb_s, spread)
+from lilliput.eval.efficiency import (decode_rate, engine_rates, interleave, linear_bytes, memory_bandwidth,
+                                       percentile, read_bandwidth_gb_s, spread)
 from lilliput.eval.tasks import lambada_passages
 from lilliput.infer import kernels
 from lilliput.infer.engine import Engine, EngineConfig
@@ -95,6 +103,19 @@ def serve(model, tok, reqs: list[dict], max_batch: int) -> dict:
             "ttft_p99_s": round(percentile(ttft, 99), 3)}
 
 
+def avx2_int8(args) -> dict:
+    """int8 decode at batch 1 and 8 with the AVX2 kernels forced, in a child process (LILLIPUT_ISA=avx2)."""
+    cmd = [sys.executable, __file__, "--int8-only", "--batches", "1,8", "--threads", str(args.threads),
+           "--new", str(args.new), "--prompt", str(args.prompt), "--repeats", str(args.repeats)]
+    print("decode: int8 b1, b8 with LILLIPUT_ISA=avx2", file=sys.stderr)
+    out = subprocess.run(cmd, env={**os.environ, "LILLIPUT_ISA": "avx2"}, capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    med = {b: v["median"] for b, v in got["decode_tok_s"].items()}
+    return {"kernels": got["kernels"], "ratio": round(med["b8"] / med["b1"], 3),
+            "decode_tok_s": {b: {**{k: round(x, 2) for k, x in spread(v["values"]).items()},
+                                 "values": [round(x, 1) for x in v["values"]]} for b, v in got["decode_tok_s"].items()}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -106,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rate", type=float, default=16.0,
                     help="arrivals per second: faster than either way serves them, so requests/s measures capacity")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--no-avx2", action="store_true", help="skip the AVX2-forced int8 batch ratio")
+    ap.add_argument("--int8-only", action="store_true", help=argparse.SUPPRESS)  # the AVX2 child: int8 decode, JSON out
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -113,9 +136,15 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
 
     model, tok = load_model(None, device="cpu")
+    prompt = tok.encode("\n\n".join(lambada_passages(8)), bos=False)[:args.prompt]
+    if args.int8_only:
+        int8 = quantize_(model, RTNConfig(bits=8))
+        got = interleave({f"b{b}": (lambda b=b: engine_rates(int8, tok, prompt, b, args.new)["decode_tok_s"])
+                          for b in batches}, repeats=args.repeats, warmup=1)
+        print(json.dumps({"kernels": kernels.describe(), "decode_tok_s": got}))
+        return 0
     models = {"fp32": model, "int8": quantize_(copy.deepcopy(model), RTNConfig(bits=8)),
               "int4": quantize_(copy.deepcopy(model), RTNConfig(bits=4, group_size=128))}
-    prompt = tok.encode("\n\n".join(lambada_passages(8)), bos=False)[:args.prompt]
     runs = {f"lilliput {k} b{b}": (lambda m=m, b=b: engine_rates(m, tok, prompt, b, args.new)["decode_tok_s"])
             for k, m in models.items() for b in batches}
     if not args.no_hf:
@@ -133,7 +162,9 @@ def main(argv=None) -> int:
     for k, v in serving.items():
         print(f"  {k:<26} {v}", file=sys.stderr)
 
-    bw = read_bandwidth_gb_s()
+    avx2 = None if args.no_avx2 else avx2_int8(args)
+    limit = memory_bandwidth()
+    bw = limit["read_bandwidth_gb_s"]
     # the same read over a buffer of the int8 model's size: where the last-level cache holds a model
     # of that size (the Xeon VM reports 480 MB of L3), this, not DRAM, bounds its decode
     bw_int8 = read_bandwidth_gb_s(gib=linear_bytes(models["int8"]) / 2**30, repeats=20)
@@ -146,6 +177,8 @@ def main(argv=None) -> int:
     result = {
         "threads": args.threads, "new_tokens": args.new, "prompt_tokens": args.prompt, "repeats": args.repeats,
         "int8_batch8_vs_batch1": ratio("lilliput int8 b8", "lilliput int8 b1"),
+        "int8_batch8_vs_batch1_avx2": avx2["ratio"] if avx2 else None,
+        "avx2_forced": avx2,
         "continuous_vs_sequential": round(serving["int8 continuous (16 rows)"]["requests_per_s"]
                                           / serving["int8 one at a time"]["requests_per_s"], 3),
         "int8_fraction_of_limit": round(med["lilliput int8 b1"] / limits["int8"], 3) if "lilliput int8 b1" in med else None,
@@ -153,7 +186,7 @@ def main(argv=None) -> int:
         "int4_fraction_of_limit": round(med["lilliput int4 b1"] / limits["int4"], 3) if "lilliput int4 b1" in med else None,
         "vs_transformers": {f"{k} b{b}": ratio(f"lilliput {k} b{b}", f"transformers fp32 b{b}")
                             for k in models for b in batches if not args.no_hf},
-        "read_bandwidth_gb_s": round(bw, 2),
+        **limit,
         "read_bandwidth_int8_size_gb_s": round(bw_int8, 2),
         "int8_fraction_of_int8_size_read": round(med["lilliput int8 b1"] * linear_bytes(models["int8"]) / (bw_int8 * 1e9), 3)
         if "lilliput int8 b1" in med else None,
@@ -171,7 +204,8 @@ def main(argv=None) -> int:
     }
     write_json(args.out, run_record("bench/engine.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                                     **result))
-    print(f"int8_batch8_vs_batch1 {result['int8_batch8_vs_batch1']}, continuous_vs_sequential "
+    print(f"int8_batch8_vs_batch1 {result['int8_batch8_vs_batch1']} (AVX2 forced: "
+          f"{result['int8_batch8_vs_batch1_avx2']}), continuous_vs_sequential "
           f"{result['continuous_vs_sequential']}, int8_fraction_of_limit {result['int8_fraction_of_limit']}; "
           f"wrote {args.out}", file=sys.stderr)
     return 0
