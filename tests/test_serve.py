@@ -15,6 +15,7 @@ import torch
 from lilliput.core.config import preset
 from lilliput.core.model import GPT
 from lilliput.core.tokenizer import ByteTokenizer
+from lilliput.infer.engine import EngineConfig
 from lilliput.serve.app import ServeConfig, Server
 
 openai = pytest.importorskip("openai")
@@ -34,8 +35,8 @@ def tiny(eos: int | None = None):
 @pytest.fixture(scope="module")
 def server():
     torch.set_num_threads(1)
-    s = Server(ServeConfig(port=0, api_key=KEY, max_batch=4, max_body_bytes=4096), tiny, name="tiny").start(
-        wait_loaded=True)
+    cfg = ServeConfig(port=0, api_key=KEY, engine=EngineConfig(max_batch=4), max_body_bytes=4096)
+    s = Server(cfg, tiny, name="tiny").start(wait_loaded=True)
     yield s
     s.stop()
 
@@ -312,7 +313,8 @@ def test_response_format_constrains_json_per_sample():
     jsonschema = pytest.importorskip("jsonschema")
     schema = {"type": "object", "additionalProperties": False, "required": ["city", "n"],
               "properties": {"city": {"type": "string", "maxLength": 8}, "n": {"type": "integer", "maximum": 9}}}
-    s = Server(ServeConfig(port=0, max_batch=4), lambda: tiny(eos=0), name="tiny").start(wait_loaded=True)
+    cfg = ServeConfig(port=0, engine=EngineConfig(max_batch=4))
+    s = Server(cfg, lambda: tiny(eos=0), name="tiny").start(wait_loaded=True)
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0)
         r = c.chat.completions.create(**chat("json please"), max_tokens=100, temperature=1.0, seed=2, n=3,
@@ -339,7 +341,7 @@ def test_serve_command_builds_its_config_from_flags():
     ns = build_parser().parse_args(["serve", "--model", "m.gguf", "--port", "0", "--api-key", "k", "--max-batch", "3",
                                     "--no-prefix-cache"])
     cfg = config_from_args(ServeConfig, ns)
-    assert (cfg.host, cfg.port, cfg.api_key, cfg.max_batch, cfg.prefix_cache) == ("127.0.0.1", 0, "k", 3, False)
+    assert (cfg.host, cfg.port, cfg.api_key, cfg.engine.max_batch, cfg.engine.prefix_cache) == ("127.0.0.1", 0, "k", 3, False)
     assert ns.model == "m.gguf" and ns.func.__name__ == "cmd_serve"
     with pytest.raises(ValueError, match="port"):
         ServeConfig(port=70000)
@@ -431,7 +433,8 @@ def test_engine_failure_is_a_500_and_the_server_stays_up(server, client):
 @pytest.mark.slow
 def test_smollm2_chat_and_json_through_the_openai_client(smollm):
     jsonschema = pytest.importorskip("jsonschema")
-    s = Server(ServeConfig(port=0, max_batch=4), lambda: smollm, name="smollm2").start(wait_loaded=True)
+    cfg = ServeConfig(port=0, engine=EngineConfig(max_batch=4))
+    s = Server(cfg, lambda: smollm, name="smollm2").start(wait_loaded=True)
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0, timeout=120)
         r = c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Say hello."}],

@@ -10,6 +10,7 @@ from lilliput.core.config import preset
 from lilliput.core.model import GPT
 from lilliput.core.tokenizer import ByteTokenizer
 from lilliput.data.ledger import Ledger
+from lilliput.infer.engine import EngineConfig
 from lilliput.jobs.synth import SynthJob, run_synth
 from lilliput.serve.app import ServeConfig, Server
 
@@ -25,7 +26,8 @@ def tiny():
 def server():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    s = Server(ServeConfig(port=0, api_key=KEY, max_batch=4), tiny, name="tiny-teacher").start(wait_loaded=True)
+    cfg = ServeConfig(port=0, api_key=KEY, engine=EngineConfig(max_batch=4))
+    s = Server(cfg, tiny, name="tiny-teacher").start(wait_loaded=True)
     yield s
     s.stop()
     torch.set_num_threads(n)

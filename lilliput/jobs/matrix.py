@@ -280,10 +280,11 @@ def _serve(s: Specimen) -> dict:
     import http.client
     from urllib.parse import urlparse
 
+    from lilliput.infer.engine import EngineConfig
     from lilliput.serve.app import ServeConfig, Server
 
-    server = Server(ServeConfig(port=0, max_batch=2), lambda: (s.model, s.tokenizer), name=s.name).start(
-        wait_loaded=True, timeout=60)
+    cfg = ServeConfig(port=0, engine=EngineConfig(max_batch=2))
+    server = Server(cfg, lambda: (s.model, s.tokenizer), name=s.name).start(wait_loaded=True, timeout=60)
     messages = [{"role": "user", "content": "hi"}]
     try:
         u = urlparse(server.url)

@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from lilliput.core.options import nested
 from lilliput.infer.engine import EngineConfig
 from lilliput.infer.grammar import JsonGrammar
 from lilliput.infer.router import GENERATION_SIGNALS, RouterConfig
@@ -47,12 +48,9 @@ class ServeConfig:
     """TCP port (0 picks a free one)."""
     api_key: str | None = None
     """Require `Authorization: Bearer KEY` on /v1 routes (None: open)."""
-    max_batch: int = 8
-    """Sequences decoded together by the engine (more requests wait for a free row)."""
-    prefill_chunk: int = 256
-    """Most prompt tokens prefilled per engine step."""
-    prefix_cache: bool = True
-    """Reuse cached state of a shared prompt prefix (a system prompt, a few-shot preamble)."""
+    engine: EngineConfig = dataclasses.field(
+        default=EngineConfig(), metadata=nested(only=("max_batch", "prefill_chunk", "prefix_cache")))
+    """The engine every request goes through: rows decoded together, prefill chunk, prefix cache."""
     max_body_bytes: int = 1_000_000
     """Largest request body accepted (413 past it)."""
     served_name: str | None = None
@@ -85,7 +83,7 @@ class ServeConfig:
         return RouterConfig(self.signal, self.threshold, self.escalate)
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(max_batch=self.max_batch, prefill_chunk=self.prefill_chunk, prefix_cache=self.prefix_cache)
+        return self.engine
 
 
 DISCONNECT_POLL_S = 0.1
