@@ -143,7 +143,7 @@ def _options(cls, base, skip, path, prefix, names):
         dest = prefix + f.name
         flags = () if fl.positional else tuple("--" + (prefix + n).replace("_", "-") for n in names.get(f.name, (f.name,)))
         doc = docs.get(f.name, "")
-        if fl.positional or fl.action == "store_true" or "(default" in doc:
+        if fl.positional or fl.action == "store_true" or "(default:" in doc:
             help_ = doc
         else:
             help_ = doc + (" (required)" if default is dataclasses.MISSING else f" (default: {default})")
