@@ -88,3 +88,13 @@ def test_base_instance_and_nested_without_default():
     with pytest.raises(ValueError, match="give a budget"):  # built from Inner's own defaults
         parse(Job, [])
     assert dataclasses.fields(Job)[0].metadata["nested"].prefix == ""
+
+
+def test_config_from_flags_takes_flag_names_and_refuses_others():
+    from lilliput.core.options import config_from_flags, flag_names
+
+    job = config_from_flags(Outer, {"files": ["a"], "lr": 0.5, "max_tokens": 7, "extra": Inner(max_steps=2)})
+    assert job.files == ("a",) and job.train == Inner(lr=0.5, max_tokens=7) and job.extra == Inner(max_steps=2)
+    assert {"lr", "extra_lr", "train", "plain"} <= set(flag_names(Outer))
+    with pytest.raises(TypeError, match="bogus"):
+        config_from_flags(Outer, {"files": ("a",), "bogus": 1})

@@ -173,9 +173,25 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
 def config_from_args(cls: type, ns: argparse.Namespace, base: Any = None, **overrides: Any):
     """Build `cls` from the flags the user gave; fields not given keep the dataclass default (or
     `base`'s value, when a base instance is passed). `overrides` set fields of `cls` itself."""
-    given = {o.path: getattr(ns, o.dest) for o in options(cls) if getattr(ns, o.dest, None) is not None}
-    given |= {(name,): value for name, value in overrides.items()}
-    return _assemble(cls, {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}, base, (), None)
+    given = {o.dest: getattr(ns, o.dest) for o in options(cls) if getattr(ns, o.dest, None) is not None}
+    return config_from_flags(cls, given | overrides, base)
+
+
+def config_from_flags(cls: type, values: dict[str, Any], base: Any = None):
+    """Build `cls` from values named as its flags are (`lr` sets train.lr when `train` is nested), or
+    as its own fields (a nested config given whole); lists become tuples. A name that is neither is a
+    TypeError."""
+    paths = {o.dest: o.path for o in options(cls)} | {f.name: (f.name,) for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(paths))
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field or flag {', '.join(unknown)}")
+    given = {paths[k]: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return _assemble(cls, given, base, (), None)
+
+
+def flag_names(cls: type) -> list[str]:
+    """Every name `config_from_flags` takes for `cls`."""
+    return sorted({o.dest for o in options(cls)} | {f.name for f in dataclasses.fields(cls) if f.init})
 
 
 def _assemble(cls, given: dict[tuple[str, ...], Any], base, path, sub: Nested | None):
