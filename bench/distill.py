@@ -42,7 +42,7 @@ from lilliput.eval.perplexity import HeldoutConfig, heldout_perplexity
 from lilliput.train.data import default_documents, random_windows, token_stream
 from lilliput.train.distill import DistillConfig, Distillation, init_embedding_from_teacher_
 from lilliput.train.logit_cache import CachedBatches, build_logit_cache
-from lilliput.train.loop import Trainer
+from lilliput.train.loop import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         teacher(probe[B:, :-1].to(args.device))
         sync()
         teacher_tps = B * S / (time.perf_counter() - t0)
-    cal_cfg = DistillConfig(top_k=args.top_k, max_steps=3, seq_len=S, batch_size=B, warmup_steps=1, progress=False,
-                            bf16=args.bf16)
+    cal_cfg = DistillConfig(top_k=args.top_k, seq_len=S, batch_size=B,
+                            train=TrainConfig(max_steps=3, warmup_steps=1, progress=False, bf16=args.bf16))  # timing only
     cal_cache = build_logit_cache(teacher, probe, work / "calibration_cache", args.top_k, progress=False)
     obj = Distillation(copy.deepcopy(student0), teacher, cal_cfg)
-    cal = Trainer(obj, CachedBatches(cal_cache, B), cal_cfg.train_config())
+    cal = Trainer(obj, CachedBatches(cal_cache, B), cal_cfg.train)
     cal.train_step()
     sync()
     t0 = time.perf_counter()
@@ -135,14 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     ppl_init = heldout_perplexity(student0, tok, hcfg, text=heldout)
     rows, best = [], None
     for name in ("ce", "fkl", "rkl", "jsd", "tvd"):
+        train = TrainConfig(lr=args.lr, warmup_steps=max(1, steps // 10), max_steps=steps, out=str(work / name),
+                            log_every=5, progress=True, seed=0, bf16=args.bf16)
         cfg = DistillConfig(loss=name if name != "ce" else "fkl", alpha=0.0 if name == "ce" else 1.0,
-                            top_k=args.top_k, seq_len=S, batch_size=B, lr=args.lr, warmup_steps=max(1, steps // 10),
-                            max_steps=steps, out=str(work / name), log_every=5, progress=True, seed=0, bf16=args.bf16)
+                            top_k=args.top_k, seq_len=S, batch_size=B, train=train)
         student = GPT(config).to(args.device)
         student.load_state_dict(init_state)
         (work / name / "trainer_state.pt").unlink(missing_ok=True)  # a bench run always starts fresh
         (work / name / "train_log.jsonl").unlink(missing_ok=True)
-        trainer = Trainer(Distillation(student, teacher, cfg), CachedBatches(cache, B, seed=0), cfg.train_config())
+        trainer = Trainer(Distillation(student, teacher, cfg), CachedBatches(cache, B, seed=0), cfg.train)
         summary = trainer.fit()
         (work / name / "trainer_state.pt").unlink(missing_ok=True)  # 240 MB of optimizer state: not needed
         ppl = heldout_perplexity(student.eval(), tok, hcfg, text=heldout)

@@ -14,6 +14,7 @@ from lilliput.train.distill import (
     init_embedding_from_teacher_, tokenizer_fingerprint,
 )
 from lilliput.train.logit_cache import CachedBatches, LogitCache, build_logit_cache
+from lilliput.train.loop import TrainConfig
 from lilliput.train.losses import forward_kl
 
 
@@ -38,9 +39,11 @@ def _student():
 
 
 def _cfg(**kw):
-    base = dict(max_steps=4, seq_len=16, batch_size=2, lr=3e-3, warmup_steps=1, progress=False)
-    base.update(kw)
-    return DistillConfig(**base)
+    """A tiny DistillConfig; TrainConfig's fields among `kw` go to its train config."""
+    train, own = dict(max_steps=4, lr=3e-3, warmup_steps=1, progress=False), dict(seq_len=16, batch_size=2)
+    for name, value in kw.items():
+        (train if name in TrainConfig.__dataclass_fields__ else own)[name] = value
+    return DistillConfig(train=TrainConfig(**train), **own)
 
 
 def _kd(teacher, student, tok):
@@ -190,7 +193,7 @@ def test_real_teacher_lowers_kd(smollm, tmp_path):
     with torch.no_grad():
         t_logits = teacher(idx)
         before = forward_kl(student(idx), t_logits).item()
-    cfg = DistillConfig(max_steps=8, seq_len=32, batch_size=2, lr=5e-3, warmup_steps=1, progress=False)
+    cfg = DistillConfig(seq_len=32, batch_size=2, train=TrainConfig(max_steps=8, lr=5e-3, warmup_steps=1, progress=False))
     distill(teacher, student, tok, cfg, documents=docs)
     with torch.no_grad():
         after = forward_kl(student(idx), t_logits).item()

@@ -5,6 +5,7 @@ import pytest
 from lilliput.core.checkpoint import load_model, save_checkpoint
 from lilliput.eval.efficiency import model_bytes, parameter_count
 from lilliput.jobs.shrink import EvalSpec, ShrinkJob, build_config, load_recipe, run_shrink
+from lilliput.train.distill import DistillConfig
 
 TINY_RECIPE = """
 name = "tiny"
@@ -37,6 +38,9 @@ def test_recipe_parses_and_rejects_unknown_fields(tmp_path):
         load_recipe(bad)
     with pytest.raises(ValueError, match="unknown field"):
         build_config(EvalSpec, {"passages": 1, "bogus": 2}, "eval")
+    heal = build_config(DistillConfig, {"max_minutes": 5, "lr": 3e-4, "seq_len": 64}, "distill stage")
+    assert (heal.seq_len, heal.train.lr, heal.train.max_minutes, heal.train.max_steps) == (64, 3e-4, 5, None)
+    assert heal.train.warmup_steps == DistillConfig().train.warmup_steps  # the distill default, not TrainConfig's
     (tmp_path / "broken.toml").write_text("name = ")
     with pytest.raises(ValueError, match="not valid TOML"):
         load_recipe(tmp_path / "broken.toml")

@@ -248,11 +248,8 @@ def cmd_prune(ns) -> int:
 
 def cmd_distill(ns) -> int:
     from lilliput.jobs.distill import DistillJob, run_distill
-    from lilliput.train.distill import DistillConfig
 
-    default = DistillJob.__dataclass_fields__["config"].default  # the job's budget unless flags change it
-    job = config_from_args(DistillJob, ns, config=config_from_args(DistillConfig, ns, base=default))
-    print(f"saved {run_distill(job)}")
+    print(f"saved {run_distill(config_from_args(DistillJob, ns))}")
     return 0
 
 
@@ -372,7 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
     from lilliput.jobs.prune import PruneJob
     from lilliput.jobs.quantize import QuantizeJob
     from lilliput.jobs.shrink import ShrinkJob
-    from lilliput.train.distill import DistillConfig
 
     p = sub.add_parser("quantize", help="int8/int4 weight quantization (rtn, gptq, awq)")
     add_config_args(p, QuantizeJob)
@@ -381,8 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, PruneJob)
     p.set_defaults(func=cmd_prune)
     p = sub.add_parser("distill", help="train a student on a teacher's distribution")
-    add_config_args(p, DistillJob, skip=("config",))
-    add_config_args(p, DistillConfig, skip=("out",))
+    add_config_args(p, DistillJob)
     p.set_defaults(func=cmd_distill)
     p = sub.add_parser("shrink", help="run a recipe of stages (prune, distill, quantize), measuring each")
     add_config_args(p, ShrinkJob)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lilliput.core.checkpoint import load_model, save_checkpoint
+from lilliput.core.options import nested
 from lilliput.core.record import run_record
 from lilliput.eval.bench import model_label
 from lilliput.eval.efficiency import parameter_count
@@ -28,8 +29,8 @@ class DistillJob:
     """Output folder: the student checkpoint, train_log.jsonl, trainer_state.pt and run.json."""
     teacher: str | None = None
     """A .gguf, model folder or hub id; the embedded SmolLM2-135M-Instruct when omitted."""
-    config: DistillConfig = DistillConfig(max_steps=200)
-    """How to distill (its out is replaced by this job's out)."""
+    config: DistillConfig = field(default=DistillConfig(), metadata=nested())
+    """How to distill (its train.out is replaced by this job's out)."""
     init_embedding: bool = True
     """Initialise a fresh student's embedding from the teacher's (PCA projection when narrower)."""
     eval_passages: int | None = HELDOUT.passages
@@ -41,10 +42,10 @@ class DistillJob:
 def run_distill(job: DistillJob) -> Path:
     """Load the teacher, build or load the student, distill, evaluate, save. Returns the checkpoint folder."""
     out = Path(job.out)
-    cfg = dataclasses.replace(job.config, out=str(out))
+    cfg = dataclasses.replace(job.config, train=dataclasses.replace(job.config.train, out=str(out)))
     teacher_label = model_label(job.teacher)
     teacher, tokenizer = load_model(job.teacher, device=job.device, dtype=torch.float32)
-    student, student_tok = build_student(job.student, teacher, seed=cfg.seed)
+    student, student_tok = build_student(job.student, teacher, seed=cfg.train.seed)
     if student_tok is None and job.init_embedding:
         init_embedding_from_teacher_(student, teacher)
     window = min(HELDOUT.window, teacher.config.max_seq_len, student.config.max_seq_len)  # one window for both

@@ -17,8 +17,9 @@
     method = "rtn"          # rtn | gptq | awq
     bits = 8
 
-Every stage's table (less `kind`) becomes the fields of that stage's config dataclass; an unknown
-field is an error naming the known ones. After the input model and after every stage the job
+Every stage's table (less `kind`) becomes the fields of that stage's config dataclass, named as its
+flags are (a distill stage's `lr` and `max_minutes` are its train config's); an unknown field is an
+error naming the known ones. After the input model and after every stage the job
 records held-out perplexity, task accuracy, weight bytes in memory and parameters (through
 `lilliput.eval.efficiency`, the one measurement module). Decode speed is measured once, at the
 end, for the input and the result side by side (`decode_speeds`: interleaved repeats), so a
@@ -38,6 +39,7 @@ from typing import Any, Callable
 
 from lilliput.compress.quantize import METHODS, quantize_
 from lilliput.core.checkpoint import load_model, save_checkpoint
+from lilliput.core.options import config_from_flags, flag_names
 from lilliput.core.record import run_record
 from lilliput.core.registry import Registry
 from lilliput.eval.bench import model_label
@@ -83,22 +85,20 @@ class Recipe:
 
 
 def build_config(cls: type, table: dict[str, Any], what: str):
-    """A config dataclass from a TOML table: nested dataclasses and tuples converted, unknown keys refused."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - set(fields))
+    """A config dataclass from a TOML table, keyed as its flags are (`lr` sets a nested train.lr) or by
+    its own fields: nested dataclasses and tuples converted, unknown keys refused."""
+    known = flag_names(cls)
+    unknown = sorted(set(table) - set(known))
     if unknown:
-        raise ValueError(f"{what}: unknown field(s) {unknown}; known: {sorted(fields)}")
+        raise ValueError(f"{what}: unknown field(s) {unknown}; known: {known}")
     hints = typing.get_type_hints(cls)
     kw = {}
     for key, value in table.items():
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-            value = build_config(tp, value, f"{what}.{key}")
-        elif isinstance(value, list):
-            value = tuple(value)
+        if key in hints and dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            value = build_config(hints[key], value, f"{what}.{key}")
         kw[key] = value
     try:
-        return cls(**kw)
+        return config_from_flags(cls, kw)
     except TypeError as e:
         raise ValueError(f"{what}: {e}") from None
 

@@ -29,7 +29,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from lilliput.core.config import ModelConfig, PRESETS, preset
 from lilliput.core.model import GPT
 from lilliput.core.moe import moe_aux_loss, moe_layers, moe_metrics
+from lilliput.core.options import nested
 from lilliput.train.data import default_documents, token_stream
 from lilliput.train.logit_cache import CachedBatches, build_logit_cache
 from lilliput.train.loop import Trainer, TrainConfig, WindowBatches
@@ -73,24 +74,6 @@ class DistillConfig:
     """Tokens per training window."""
     batch_size: int = 8
     """Windows per micro-batch."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
-    lr: float = 1e-3
-    """Peak learning rate."""
-    warmup_steps: int = 20
-    """Linear warmup steps."""
-    min_lr_ratio: float = 0.1
-    """Cosine schedule floor, as a fraction of lr."""
-    weight_decay: float = 0.1
-    """AdamW weight decay."""
-    grad_clip: float | None = 1.0
-    """Gradient norm clip (None: off)."""
-    max_steps: int | None = None
-    """Budget in optimizer steps."""
-    max_tokens: int | None = None
-    """Budget in training tokens."""
-    max_minutes: float | None = None
-    """Budget in minutes of training."""
     prompt_len: int = 32
     """sequence / on-policy: prompt tokens taken from the corpus."""
     gen_len: int = 64
@@ -101,18 +84,13 @@ class DistillConfig:
     """feature: weight of the hidden-state MSE."""
     system_prompt: str | None = None
     """context: the text the teacher sees before every input (required in that mode)."""
-    bf16: bool = False
-    """bfloat16 autocast for forward passes."""
-    seed: int = 0
-    """Seed of data order, sampling and initialisation."""
-    out: str | None = None
-    """Folder for logs, trainer state and run.json (None: nothing written)."""
-    ckpt_every: int | None = None
-    """Save the trainer state every N steps (resume by running again with the same out)."""
-    log_every: int = 10
-    """Log every N steps."""
-    progress: bool = True
-    """Progress bar on stderr."""
+    train: TrainConfig = field(default=TrainConfig(lr=1e-3, warmup_steps=20, max_steps=200), metadata=nested(
+        only=("grad_accum", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "max_steps", "max_tokens",
+              "max_minutes", "bf16", "seed", "ckpt_every", "log_every", "progress"),
+        one_of=("max_steps", "max_tokens", "max_minutes")))
+    """How the student trains: optimizer, schedule, budget (a budget given replaces the 200 steps), logging;
+    its seed also orders the data and seeds the sampling, its out (None: nothing written) holds the logs,
+    trainer state and run.json."""
 
     def __post_init__(self):
         if self.loss not in DIVERGENCES:
@@ -130,13 +108,6 @@ class DistillConfig:
             raise ValueError("mode context needs system_prompt: the text the teacher sees and the student learns to do without")
         if self.mode in ("sequence", "on-policy") and not 0 < self.prompt_len < self.seq_len:
             raise ValueError(f"prompt_len must be in (0, seq_len={self.seq_len}), got {self.prompt_len}")
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps,
-                           weight_decay=self.weight_decay, grad_clip=self.grad_clip, grad_accum=self.grad_accum,
-                           max_steps=self.max_steps, max_tokens=self.max_tokens, max_minutes=self.max_minutes,
-                           bf16=self.bf16, log_every=self.log_every, ckpt_every=self.ckpt_every, out=self.out,
-                           seed=self.seed, progress=self.progress)
 
 
 # --- tokenizers and students ------------------------------------------------------------------
@@ -247,7 +218,7 @@ class Distillation(nn.Module):
         mode = self.cfg.mode
         if mode == "sequence":
             loss, metrics = self._sequence(batch)
-        elif mode == "on-policy" and _coin(batch["seed"], self.cfg.seed) < self.cfg.lmbda:
+        elif mode == "on-policy" and _coin(batch["seed"], self.cfg.train.seed) < self.cfg.lmbda:
             loss, metrics = self._on_policy(batch)
         else:
             loss, metrics = self._windows(batch)
@@ -311,7 +282,7 @@ class Distillation(nn.Module):
     def _sequence(self, batch):
         """Cross-entropy on the teacher's continuations of corpus prompts (prompt tokens not scored)."""
         P = self.cfg.prompt_len
-        seq = self._generate(self.teacher, batch["idx"][:, :P], _seed(batch["seed"], self.cfg.seed))
+        seq = self._generate(self.teacher, batch["idx"][:, :P], _seed(batch["seed"], self.cfg.train.seed))
         mask = _generated_mask(seq, P)
         loss = cross_entropy(self.student(seq[:, :-1]), seq[:, 1:], mask)
         return loss, {"ce": loss.detach(), "on_policy": torch.tensor(0.0)}
@@ -319,7 +290,7 @@ class Distillation(nn.Module):
     def _on_policy(self, batch):
         """The student's own samples, scored by the teacher at every generated position (GKD)."""
         P = self.cfg.prompt_len
-        seq = self._generate(self.student, batch["idx"][:, :P], _seed(batch["seed"], self.cfg.seed))
+        seq = self._generate(self.student, batch["idx"][:, :P], _seed(batch["seed"], self.cfg.train.seed))
         inp, mask = seq[:, :-1], _generated_mask(seq, P)
         t_logits, _ = self._teacher(inp)
         s_logits = self.student(inp)
@@ -360,12 +331,12 @@ class _Indexed:
 def _budget_windows(cfg: DistillConfig, world: int) -> int:
     if cfg.cache_windows is not None:
         return cfg.cache_windows
-    per_step = cfg.batch_size * cfg.grad_accum * world
+    per_step = cfg.batch_size * cfg.train.grad_accum * world
     steps = []
-    if cfg.max_steps is not None:
-        steps.append(cfg.max_steps)
-    if cfg.max_tokens is not None:
-        steps.append(math.ceil(cfg.max_tokens / (per_step * (cfg.seq_len + 1))))
+    if cfg.train.max_steps is not None:
+        steps.append(cfg.train.max_steps)
+    if cfg.train.max_tokens is not None:
+        steps.append(math.ceil(cfg.train.max_tokens / (per_step * (cfg.seq_len + 1))))
     if not steps:
         raise ValueError("a logit cache needs max_steps, max_tokens or cache_windows to know how many windows to cache")
     return min(steps) * per_step
@@ -375,7 +346,7 @@ def distill(teacher: GPT, student: GPT, tokenizer, cfg: DistillConfig, documents
             student_tokenizer=None) -> GPT:
     """Train `student` to imitate `teacher` on `documents` (the default corpus when None); returns it.
 
-    Writes train_log.jsonl, trainer_state.pt and run.json under cfg.out (when set) and resumes
+    Writes train_log.jsonl, trainer_state.pt and run.json under cfg.train.out (when set) and resumes
     from a trainer_state.pt already there."""
     check_same_tokenizer(teacher, student, tokenizer, student_tokenizer)
     if cfg.mode == "feature" and not hasattr(student, "features"):
@@ -388,16 +359,16 @@ def distill(teacher: GPT, student: GPT, tokenizer, cfg: DistillConfig, documents
         from lilliput.train.data import random_windows
 
         n = _budget_windows(cfg, world)
-        windows = random_windows(stream, n, cfg.seq_len + 1, seed=cfg.seed)
-        folder = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out or ".") / "logit_cache"
-        cache = build_logit_cache(teacher, windows, folder, cfg.top_k, progress=cfg.progress,
+        windows = random_windows(stream, n, cfg.seq_len + 1, seed=cfg.train.seed)
+        folder = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.train.out or ".") / "logit_cache"
+        cache = build_logit_cache(teacher, windows, folder, cfg.top_k, progress=cfg.train.progress,
                                   meta={"teacher": teacher.config.name, "tokenizer": tokenizer_fingerprint(tokenizer)})
-        data = CachedBatches(cache, cfg.batch_size, seed=cfg.seed)
+        data = CachedBatches(cache, cfg.batch_size, seed=cfg.train.seed)
     else:
-        data = WindowBatches(stream, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+        data = WindowBatches(stream, cfg.batch_size, cfg.seq_len, seed=cfg.train.seed)
     tokens = cfg.batch_size * (cfg.prompt_len + cfg.gen_len) if cfg.mode == "sequence" else None
     objective = Distillation(student, teacher, cfg, tokenizer).to(next(student.parameters()).device)
-    trainer = Trainer(objective, _Indexed(data, tokens), cfg.train_config(), record={"distill": dataclasses.asdict(cfg)})
+    trainer = Trainer(objective, _Indexed(data, tokens), cfg.train, record={"distill": dataclasses.asdict(cfg)})
     trainer.resume_if_possible()
     trainer.fit()
     student.last_summary = {"steps": trainer.step, "tokens": trainer.tokens, "seconds": round(trainer.seconds, 2),
