@@ -154,6 +154,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
     """Add one flag per dataclass field of `cls` (`--field-name`), nested configs flattened."""
     for o in options(cls, skip):
         fl, required = o.flag, o.default is dataclasses.MISSING
+        name = o.names[0][2:].replace("-", "_") if o.names else o.dest
+        if fl.metavar is None and name != o.dest:  # a renamed flag's value: --tokens TOKENS, not MAX_TOKENS
+            fl = dataclasses.replace(fl, metavar=name.upper())
         if fl.positional:
             parser.add_argument(o.dest, nargs="+" if o.many else None, type=o.type, metavar=fl.metavar, help=o.help)
         elif o.type is bool:
@@ -163,7 +166,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
             parser.add_argument(*o.names, dest=o.dest, action=fl.action, nargs=fl.nargs, type=o.type, default=None,
                                 required=required, metavar=fl.metavar, help=o.help)
         elif o.many:
-            parser.add_argument(*o.names, dest=o.dest, default=None, required=required, metavar=fl.metavar or "A,B",
+            parser.add_argument(*o.names, dest=o.dest, default=None, required=required, metavar="A,B" if o.flag.metavar is None else fl.metavar,
                                 help=o.help, type=lambda s, t=o.type: tuple(t(x) for x in s.split(",") if x))
         else:
             parser.add_argument(*o.names, dest=o.dest, type=o.type, default=None, required=required,
