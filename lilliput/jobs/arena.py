@@ -24,13 +24,14 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lilliput.core.config import preset
 from lilliput.core.model import GPT
+from lilliput.core.options import nested
 from lilliput.core.record import run_record, write_json
 from lilliput.core.tokenizer import ByteTokenizer
 from lilliput.eval.efficiency import (active_parameter_count, decode_ms_by_context, decode_state_bytes,
@@ -57,16 +58,14 @@ class ArenaJob:
     """Training runs per architecture (each seed sets the initialisation and the batch order)."""
     sample_corpus: bool = False
     """Train on the corpus sample shipped in the package even where the full corpus is fetched."""
-    tokens: int = 450_000
-    """Training tokens per run."""
+    train: TrainConfig = field(default=TrainConfig(lr=2e-3, max_tokens=450_000), metadata=nested(
+        only=("lr", "warmup_steps", "max_tokens"), names={"max_tokens": "tokens"}))
+    """How every run trains: AdamW, warmup then cosine, the same lr and token budget (--tokens) for every
+    architecture (each run sets its own seed; no progress bar)."""
     batch_size: int = 16
     """Windows per optimizer step."""
     seq_len: int = 256
     """Tokens per training window (and per held-out perplexity window)."""
-    lr: float = 2e-3
-    """Peak learning rate of every run (AdamW, warmup then cosine)."""
-    warmup_steps: int = 10
-    """Optimizer steps of linear warmup."""
     eval_tokens: int | None = None
     """Held-out tokens (bytes) scored; None scores the default held-out passages."""
     contexts: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
@@ -98,7 +97,7 @@ class ArenaJob:
     """torch threads; None keeps torch's default (one per core)."""
 
     def __post_init__(self):
-        for name in ("seeds", "tokens", "batch_size", "seq_len", "decode_batch", "decode_tokens", "decode_repeats",
+        for name in ("seeds", "batch_size", "seq_len", "decode_batch", "decode_tokens", "decode_repeats",
                      "recall_layers", "recall_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -111,9 +110,10 @@ class ArenaJob:
 
 def quick_job(**changes) -> ArenaJob:
     """The smoke-test budgets of `--quick` (changes on top)."""
-    q = dict(quick=True, sample_corpus=True, seeds=1, tokens=2 * 4 * 64, batch_size=4, seq_len=64, warmup_steps=1,
-             eval_tokens=1024, contexts=(256, 1024), decode_batch=2, decode_tokens=4, decode_repeats=2,
-             recall_widths=(16, 32), recall_seq_len=32, recall_pairs=4, recall_batch=8, recall_steps=2)
+    train = dataclasses.replace(ArenaJob().train, max_tokens=2 * 4 * 64, warmup_steps=1)
+    q = dict(quick=True, sample_corpus=True, seeds=1, train=train, batch_size=4, seq_len=64, eval_tokens=1024,
+             contexts=(256, 1024), decode_batch=2, decode_tokens=4, decode_repeats=2, recall_widths=(16, 32),
+             recall_seq_len=32, recall_pairs=4, recall_batch=8, recall_steps=2)
     return ArenaJob(**{**q, **changes})
 
 
@@ -146,7 +146,7 @@ def summary(values: list[float]) -> dict:
 
 
 def train_config(job: ArenaJob, seed: int) -> TrainConfig:
-    return TrainConfig(lr=job.lr, warmup_steps=job.warmup_steps, max_tokens=job.tokens, seed=seed, progress=False)
+    return dataclasses.replace(job.train, seed=seed, progress=False)
 
 
 def recall_train_config(job: ArenaJob, seed: int) -> TrainConfig:
@@ -167,7 +167,7 @@ def estimate(job: ArenaJob, stream: torch.Tensor) -> dict:
     """Seconds each stage should take on this machine, from one timed optimizer step of every model
     (held-out scoring and prefill as a third of a training step per token, 6 ms per decode step)."""
     data = WindowBatches(stream, job.batch_size, job.seq_len)
-    steps = math.ceil(job.tokens / (job.batch_size * job.seq_len))
+    steps = math.ceil(job.train.max_tokens / (job.batch_size * job.seq_len))
     step = {arch: step_seconds(arena_model(arch, 0), data, train_config(job, 0)) for arch in ARCHS}
     per_token = {arch: s / (job.batch_size * job.seq_len) for arch, s in step.items()}
     eval_tokens = job.eval_tokens or 100 * 400  # ~400 bytes per LAMBADA passage
@@ -317,9 +317,9 @@ def arena(job: ArenaJob) -> dict:
 
 def what_was_run(job: ArenaJob) -> dict:
     return {
-        "training": f"{len(ARCHS)} architectures x {job.seeds} seeds, {job.tokens:,} tokens each "
+        "training": f"{len(ARCHS)} architectures x {job.seeds} seeds, {job.train.max_tokens:,} tokens each "
                     f"({job.batch_size} windows of {job.seq_len} bytes per step) of the default human corpus, "
-                    f"AdamW lr {job.lr} (warmup {job.warmup_steps} steps, cosine to 10%), the same batches for a seed",
+                    f"AdamW lr {job.train.lr} (warmup {job.train.warmup_steps} steps, cosine to 10%), the same batches for a seed",
         "heldout": f"perplexity per byte and bits per byte on LAMBADA passages (eval.perplexity.HELDOUT, windows of "
                    f"{job.seq_len} bytes, {'all' if job.eval_tokens is None else job.eval_tokens} tokens)",
         "decode": f"ms per decode step of {job.decode_batch} rows (one new token each) whose decode state holds "
