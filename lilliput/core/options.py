@@ -52,6 +52,8 @@ class Nested:
     """Nested fields that are not flags (the outer config sets them, or they keep their default)."""
     names: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     """Flag names instead of a field's own: {"max_tokens": ("tokens",)} gives --tokens."""
+    help: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Help instead of a field's docstring, where the outer config gives the field a narrower meaning."""
     one_of: tuple[str, ...] = ()
     """Fields that are one choice (a training budget): a flag given for any of them unsets the others' defaults."""
 
@@ -120,10 +122,10 @@ class Option:
 
 def options(cls: type, skip: tuple[str, ...] = (), base: Any = None) -> list[Option]:
     """The flags of `cls`, nested configs flattened; defaults are `base`'s values when given."""
-    return list(_options(cls, base, skip, (), "", {}))
+    return list(_options(cls, base, skip, (), "", Nested()))
 
 
-def _options(cls, base, skip, path, prefix, names):
+def _options(cls, base, skip, path, prefix, outer: Nested):
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
@@ -134,15 +136,15 @@ def _options(cls, base, skip, path, prefix, names):
             hidden = sub.skip + tuple(n.name for n in dataclasses.fields(hints[f.name])
                                       if sub.only is not None and n.name not in sub.only)
             yield from _options(hints[f.name], None if default is dataclasses.MISSING else default, hidden,
-                                path + (f.name,), prefix + sub.prefix, sub.names)
+                                path + (f.name,), prefix + sub.prefix, sub)
             continue
         tp, many = _base_type(hints[f.name])
         if tp not in SCALARS:
             continue  # a config not marked nested keeps its defaults on the command line
         fl = f.metadata.get("flag", Flag())
         dest = prefix + f.name
-        flags = () if fl.positional else tuple("--" + (prefix + n).replace("_", "-") for n in names.get(f.name, (f.name,)))
-        doc = docs.get(f.name, "")
+        flags = () if fl.positional else tuple("--" + (prefix + n).replace("_", "-") for n in outer.names.get(f.name, (f.name,)))
+        doc = outer.help.get(f.name) or docs.get(f.name, "")
         if fl.positional or fl.action == "store_true" or "(default:" in doc:
             help_ = doc
         else:
