@@ -78,7 +78,7 @@ def test_words_and_config_errors():
 
 
 def test_epochs_budget_grows_with_the_training_set_and_tokens_budget_does_not():
-    t, d = QUICK.train_tokens, QUICK.documents
+    t, d = QUICK.train.max_tokens, QUICK.documents
     assert QUICK.budget == CollapseConfig().budget == "epochs"
     per = work(QUICK)["train_tokens_per_generation"]
     assert per["accumulate"] == [t, 2 * t, 3 * t]  # generation g: (g+1) x generation 0, the same epochs
@@ -107,7 +107,7 @@ def test_gpt_learner_trains_for_the_budget_of_its_training_set(monkeypatch):
         learner = GPTLearner(dataclasses.replace(QUICK, budget=budget), ["held out"])
         for g in range(3):  # accumulate's training sets: the human one and g generations as large
             learner.fit([piece] * QUICK.documents * (g + 1), seed=g)
-    t = QUICK.train_tokens
+    t = QUICK.train.max_tokens
     assert seen == [t, 2 * t, 3 * t, t, t, t]
 
 
@@ -136,7 +136,7 @@ def test_quick_real_run_writes_the_json_fields(tmp_path, capsys):
     with Ledger.open(w["ledger"], create=False) as ledger:  # routed by the detector's verdict
         assert sum(d["origin"] == "synthetic" for d in ledger.documents()) == w["true_positives"] + w["false_positives"]
     assert r["gaussian"]["generations"] == 10 and r["work"]["models"] == 1 + 2 * 3 * 2
-    t = QUICK.train_tokens  # each generation's budget, from the documents the ledger selected
+    t = QUICK.train.max_tokens  # each generation's budget, from the documents the ledger selected
     assert r["config"]["budget"] == r["gpt"]["budget"] == "epochs"
     assert r["gpt"]["train_tokens"]["top_p"] == r["work"]["train_tokens_per_generation"] == {
         "replace": [t, t, t], "accumulate": [t, 2 * t, 3 * t], "fraction": [t, 2 * t, 2 * t]}

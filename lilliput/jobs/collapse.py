@@ -11,15 +11,16 @@ each generation's training set chosen by `Ledger.select` for the policy):
 
 Under replace each generation's training set has the size of the human one (as in Shumailov et
 al. 2024); under accumulate it grows by the human set's size every generation, and under fraction
-it is twice the human set. The GPT's token budget follows `budget`:
+it is twice the human set. Generation 0 trains for `train.max_tokens` (--train-tokens); a later
+generation's token budget follows `budget`:
 
 - "epochs" (the default; Gerstgrasser et al. 2024): every generation makes as many passes over
   its training set as generation 0 made over the human set, so it trains for
-  train_tokens * len(training set) / len(human set) tokens: accumulate's generation g trains
+  train.max_tokens * len(training set) / len(human set) tokens: accumulate's generation g trains
   (g+1) times as long as generation 0, fraction's twice, replace's the same (compute grows with
   the data);
 - "tokens" (Kazdan et al. 2024's "accumulate-subsample"): every generation trains for
-  train_tokens whatever its training set, so under accumulate the human share of what a model
+  train.max_tokens whatever its training set, so under accumulate the human share of what a model
   sees falls to 1/(g+1).
 
 `work()` and `estimate_seconds()` count the grown budgets. Perplexity is measured on held-out
@@ -36,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +45,7 @@ import torch
 
 from lilliput.core.config import ModelConfig
 from lilliput.core.model import GPT
+from lilliput.core.options import nested
 from lilliput.core.tokenizer import ByteTokenizer
 from lilliput.data.ledger import Entry, Generator, Ledger, SelectionConfig, mix_sizes, model_fingerprint
 from lilliput.data.watermark import Detector, Watermark, WatermarkConfig, key_id
@@ -99,18 +101,17 @@ class CollapseConfig:
     """Training window (and perplexity window, and the longest prompt + document)."""
     batch_size: int = 16
     """Windows per training step."""
-    train_tokens: int = 150_000
-    """Tokens generation 0 trains on, from scratch, over the human set (~3.3 epochs of 400 x 112 bytes).
-    Under budget="epochs" a later generation trains train_tokens * len(its training set) / documents
-    (accumulate's generation g: (g+1) x train_tokens); under budget="tokens", train_tokens each."""
+    train: TrainConfig = field(default=TrainConfig(lr=3e-3, max_tokens=150_000), metadata=nested(
+        only=("lr", "warmup_steps", "max_tokens"), names={"max_tokens": "train_tokens"},
+        help={"max_tokens": "Tokens generation 0 trains on (a later one: see budget)."}))
+    """How every GPT trains, from scratch: lr, warmup, and max_tokens (--train-tokens), the tokens
+    generation 0 trains on over the human set (~3.3 epochs of 400 x 112 bytes). Under budget="epochs"
+    a later generation trains max_tokens * len(its training set) / documents (accumulate's generation g:
+    (g+1) x max_tokens); under budget="tokens", max_tokens each. Each run sets its own seed."""
     budget: str = "epochs"
     """GPT token budget per generation: epochs (the same passes over whatever the policy selected as
-    generation 0 made over the human set: Gerstgrasser et al. 2024) or tokens (train_tokens every
+    generation 0 made over the human set: Gerstgrasser et al. 2024) or tokens (train.max_tokens every
     generation: Kazdan et al. 2024's accumulate-subsample)."""
-    lr: float = 3e-3
-    """Peak learning rate."""
-    warmup_steps: int = 10
-    """Optimizer steps of warmup."""
     max_batch: int = 64
     """Engine rows: documents written together."""
     full_corpus: bool = True
@@ -150,8 +151,8 @@ class CollapseConfig:
     def generation_tokens(self, train_documents: int) -> int:
         """Tokens a generation trains on, from the documents in its training set (pieces of equal length)."""
         if self.budget == "tokens":
-            return self.train_tokens
-        return round(self.train_tokens * train_documents / self.documents)
+            return self.train.max_tokens
+        return round(self.train.max_tokens * train_documents / self.documents)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(vocab_size=256, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
@@ -160,8 +161,9 @@ class CollapseConfig:
 
 
 QUICK = CollapseConfig(generations=3, seeds=1, documents=24, doc_bytes=48, heldout_documents=16, dim=32, n_layers=2,
-                       ffn_dim=64, seq_len=64, batch_size=8, train_tokens=8 * 64 * 12, warmup_steps=2, max_batch=24,
-                       full_corpus=False, ngram_documents=40, ngram_words=20, gaussian_generations=20,
+                       ffn_dim=64, seq_len=64, batch_size=8,
+                       train=dataclasses.replace(CollapseConfig().train, max_tokens=8 * 64 * 12, warmup_steps=2),
+                       max_batch=24, full_corpus=False, ngram_documents=40, ngram_words=20, gaussian_generations=20,
                        watermark_documents=8)
 """`--quick`: tiny models on the shipped sample, 3 generations, 1 seed (seconds; the figures mean little)."""
 
@@ -179,8 +181,7 @@ class GPTLearner:
         stream = torch.tensor(self.tok.encode("\n".join(texts)), dtype=torch.long)
         torch.manual_seed(seed)
         model = GPT(self.model_cfg).to(self.device)
-        train = TrainConfig(lr=c.lr, warmup_steps=c.warmup_steps, max_tokens=c.generation_tokens(len(texts)), seed=seed,
-                            progress=False)
+        train = dataclasses.replace(c.train, max_tokens=c.generation_tokens(len(texts)), seed=seed, progress=False)
         Trainer(LanguageModeling(model), WindowBatches(stream, c.batch_size, c.seq_len, seed), train).fit()
         return model.eval()
 
@@ -223,7 +224,7 @@ def work(cfg: CollapseConfig) -> dict[str, Any]:
     S, P, G = len(cfg.samplings), len(cfg.policies), cfg.generations
     models = cfg.seeds * (1 + S * P * (G - 1))
     per_policy = {p: [cfg.generation_tokens(train_documents(cfg, p, g)) for g in range(G)] for p in cfg.policies}
-    tokens = cfg.seeds * (cfg.train_tokens + S * sum(sum(t[1:]) for t in per_policy.values()))
+    tokens = cfg.seeds * (cfg.train.max_tokens + S * sum(sum(t[1:]) for t in per_policy.values()))
     written = cfg.seeds * (S + S * P * (G - 1)) * cfg.documents + 2 * cfg.watermark_documents
     return {"models": models, "train_tokens": tokens, "train_tokens_per_generation": per_policy,
             "documents_written": written, "tokens_written": written * cfg.doc_bytes}
@@ -231,8 +232,8 @@ def work(cfg: CollapseConfig) -> dict[str, Any]:
 
 def estimate_seconds(cfg: CollapseConfig, device: str = "cpu") -> dict[str, float]:
     """Time the GPT scale will take here, from a few timed training steps and one engine batch."""
-    learner = GPTLearner(dataclasses.replace(cfg, train_tokens=cfg.batch_size * cfg.seq_len * 4, warmup_steps=1,
-                                            budget="tokens"), ["x" * cfg.seq_len], device)
+    train = dataclasses.replace(cfg.train, max_tokens=cfg.batch_size * cfg.seq_len * 4, warmup_steps=1)
+    learner = GPTLearner(dataclasses.replace(cfg, train=train, budget="tokens"), ["x" * cfg.seq_len], device)
     text = "The lab measures its own speed before it starts. " * (cfg.seq_len // 8)
     learner.fit([text], seed=0)  # warm up
     t0 = time.perf_counter()
@@ -302,7 +303,7 @@ def run_collapse(cfg: CollapseConfig, out: Path | str, device: str = "cpu",
     estimate = estimate_seconds(cfg, device)
     w = work(cfg)
     log(f"collapse lab: {w['models']} GPTs, {w['train_tokens']:,} tokens trained (budget {cfg.budget}: generation 0 "
-        f"{cfg.train_tokens:,}), {w['documents_written']:,} documents written; estimated {estimate['total_s'] / 60:.1f} minutes here (training {estimate['train_tokens_per_s']:,} "
+        f"{cfg.train.max_tokens:,}), {w['documents_written']:,} documents written; estimated {estimate['total_s'] / 60:.1f} minutes here (training {estimate['train_tokens_per_s']:,} "
         f"tok/s, writing {estimate['write_tokens_per_s']:,} tok/s), plus about a minute for the toy scales")
     sampling = samplings(cfg.samplings, cfg.top_p)
     docs = default_documents(prefer_full=cfg.full_corpus)
