@@ -38,6 +38,8 @@ class Flag:
     """The value's name in --help."""
     choices: tuple[str, ...] | None = None
     """The values accepted."""
+    help: str | None = None
+    """Help instead of a docstring (a field made by a function that several jobs share)."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,7 @@ def _options(cls, base, skip, path, prefix, outer: Nested):
         fl = f.metadata.get("flag", Flag())
         dest = prefix + f.name
         flags = () if fl.positional else tuple("--" + (prefix + n).replace("_", "-") for n in outer.names.get(f.name, (f.name,)))
-        doc = outer.help.get(f.name) or docs.get(f.name, "")
+        doc = outer.help.get(f.name) or fl.help or docs.get(f.name, "")
         if fl.positional or fl.action == "store_true" or "(default:" in doc:
             help_ = doc
         else:
