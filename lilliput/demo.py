@@ -8,10 +8,11 @@ report and prints its tables: the figures on the screen are the page's, under th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lilliput.core.checkpoint import LoadConfig, load_model
+from lilliput.core.options import nested
 from lilliput.eval.efficiency import parameter_count
 from lilliput.infer.generate import GenerationConfig, chat, generate
 from lilliput.jobs.shrink import ShrinkJob, run_shrink
@@ -23,6 +24,8 @@ PEER = Path(__file__).resolve().parents[1] / "bench" / "results" / "vs_llamacpp.
 
 @dataclass(frozen=True)
 class DemoConfig:
+    load: LoadConfig = field(default=LoadConfig(), metadata=nested())
+    """The model to shrink."""
     out: str = "runs/demo"
     """Folder for the shrunk model (model/) and the report (report/)."""
     recipe: str = "demo"
@@ -40,12 +43,12 @@ def _samples(model, tok, n: int, label: str) -> None:
     print(f"[{label}] chat > {QUESTION}\n{chat(model, tok, [{'role': 'user', 'content': QUESTION}], cfg).text}")
 
 
-def run_demo(cfg: DemoConfig, load: LoadConfig = LoadConfig()) -> Path:
+def run_demo(cfg: DemoConfig) -> Path:
     import json
 
     from lilliput.eval.report import ReportConfig, make_report, summary_markdown
 
-    out = Path(cfg.out)
+    out, load = Path(cfg.out), cfg.load
     model, tok = load_model(load.model, load.device, load.dtype)
     print(f"loaded {model.config.name}: {parameter_count(model) / 1e6:.1f}M parameters in {model.load_seconds:.1f} s")
     _samples(model, tok, cfg.max_new_tokens, "original")

@@ -185,3 +185,46 @@ def test_generate_speculative_and_best_of(tiny_ckpt, capsys):
     assert "best of 3 by majority vote" in capsys.readouterr().err
     assert main(plain + ["--best-of", "0"]) == 2
     assert "--best-of must be >= 1" in capsys.readouterr().err
+
+
+def test_the_command_table_makes_every_subcommand():
+    import argparse
+    import dataclasses
+
+    from lilliput.cli import build_parser
+    from lilliput.cli.commands import COMMANDS
+
+    def leaves(p, words=()):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    yield from leaves(sub, words + (name,))
+                return
+        yield " ".join(words)
+
+    assert sorted(leaves(build_parser())) == sorted(c.name for c in COMMANDS)
+    assert all(dataclasses.is_dataclass(c.job) for c in COMMANDS)
+
+
+@pytest.mark.parametrize("argv,check", [
+    (["collapse", "--quick", "--generations", "4", "--lr", "0.01"],  # --quick's job, then the flags
+     lambda job: job.lab.generations == 4 and job.lab.seeds == 1 and job.lab.train.lr == 0.01
+     and job.lab.train.max_tokens == 8 * 64 * 12),
+    (["arena", "--quick", "--tokens", "64"], lambda job: job.quick and job.seeds == 1 and job.train.max_tokens == 64),
+    (["distill", "--student", "tiny", "--out", "x", "--max-minutes", "5"],  # a budget given replaces 200 steps
+     lambda job: (job.config.train.max_steps, job.config.train.max_minutes, job.config.train.lr) == (None, 5, 1e-3)),
+    (["finetune", "--data", "d", "--out", "o", "--minutes", "2", "--lora-rank", "4"],
+     lambda job: (job.train.max_steps, job.train.max_minutes, job.lora.rank) == (None, 2, 4)),
+    (["train", "--preset", "dense-tiny", "--out", "o", "--steps", "3"],
+     lambda job: (job.config.max_steps, job.config.out) == (3, None)),
+    (["serve", "--max-batch", "3", "--port", "0"], lambda job: (job.config.engine.max_batch, job.config.port) == (3, 0)),
+])
+def test_flags_build_the_job(argv, check):
+    import dataclasses
+
+    from lilliput.cli import build_parser, run
+
+    ns = build_parser().parse_args(argv)
+    seen = []
+    assert run(dataclasses.replace(ns.entry, run=seen.append, say=None), ns) == 0
+    assert check(seen[0])

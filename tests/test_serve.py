@@ -337,12 +337,13 @@ def test_response_format_constrains_json_per_sample():
 def test_serve_command_builds_its_config_from_flags():
     from lilliput.cli import build_parser
     from lilliput.core.options import config_from_args
+    from lilliput.jobs.serve import ServeJob
 
     ns = build_parser().parse_args(["serve", "--model", "m.gguf", "--port", "0", "--api-key", "k", "--max-batch", "3",
                                     "--no-prefix-cache"])
     cfg = config_from_args(ServeConfig, ns)
     assert (cfg.host, cfg.port, cfg.api_key, cfg.engine.max_batch, cfg.engine.prefix_cache) == ("127.0.0.1", 0, "k", 3, False)
-    assert ns.model == "m.gguf" and ns.func.__name__ == "cmd_serve"
+    assert ns.model == "m.gguf" and ns.entry.job is ServeJob
     with pytest.raises(ValueError, match="port"):
         ServeConfig(port=70000)
 

@@ -398,8 +398,10 @@ def plot(result: dict, out: Path) -> list[Path]:
     return paths
 
 
-def run_arena(job: ArenaJob, command: str = "lilliput arena", json_name: str = "arena.json") -> Path:
-    """Run the arena, write out/arena.json (a run record) and the plots beside it; the JSON's path."""
+def run_arena(job: ArenaJob, command: str | None = None, json_name: str = "arena.json") -> Path:
+    """Run the arena, write out/arena.json (a run record of `command`, `lilliput arena [--quick]` when
+    omitted) and the plots beside it; the JSON's path."""
+    command = command or "lilliput arena" + (" --quick" if job.quick else "")
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     result = arena(job)

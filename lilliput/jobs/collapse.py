@@ -35,6 +35,7 @@ ledger as synthetic (with the key id) or human; the report counts true and false
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ import torch
 
 from lilliput.core.config import ModelConfig
 from lilliput.core.model import GPT
-from lilliput.core.options import nested
+from lilliput.core.options import flag, nested
+from lilliput.core.record import run_record, write_json
 from lilliput.core.tokenizer import ByteTokenizer
 from lilliput.data.ledger import Entry, Generator, Ledger, SelectionConfig, mix_sizes, model_fingerprint
 from lilliput.data.watermark import Detector, Watermark, WatermarkConfig, key_id
@@ -293,7 +295,7 @@ def scrape_and_route(learner: GPTLearner, model: GPT, human: list[str], prompts:
 
 # --- the whole lab ------------------------------------------------------------------------------
 
-def run_collapse(cfg: CollapseConfig, out: Path | str, device: str = "cpu",
+def run_collapse(cfg: CollapseConfig, out: Path | str, device: str,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the three scales and the watermark loop; ledgers go under out/ledgers. Returns the result fields."""
     t_start = time.perf_counter()
@@ -402,3 +404,39 @@ def plot_collapse(result: dict[str, Any], path: Path | str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CollapseJob:
+    out: str = "runs/collapse"
+    """Folder for collapse.json, collapse.png and the ledgers."""
+    quick: bool = field(default=False, metadata=flag(action="store_true"))
+    """Tiny models on the shipped sample, in seconds (the lab's sizes are QUICK's, flags change them further)."""
+    device: str = "cpu"
+    """cpu or cuda."""
+    json: bool = field(default=False, metadata=flag(action="store_true"))
+    """Print the headline figures as one JSON object."""
+    lab: CollapseConfig = field(default=CollapseConfig(), metadata=nested())
+    """The lab's sizes."""
+
+
+def quick_job() -> CollapseJob:
+    """What `--quick` starts from."""
+    return CollapseJob(quick=True, lab=QUICK)
+
+
+def run_collapse_lab(job: CollapseJob) -> None:
+    """`lilliput collapse`: run the lab, write collapse.json and collapse.png, print the headline figures."""
+    out = Path(job.out)
+    result = run_collapse(job.lab, out, device=job.device)
+    path = write_json(out / "collapse.json", run_record("lilliput collapse", **result))
+    png = plot_collapse(result, out / "collapse.png")
+    growth_of = {k: v for k, v in result.items() if k.endswith("_ppl_growth")}
+    if job.json:
+        print(json.dumps(growth_of))
+    else:
+        for k, v in growth_of.items():
+            print(f"{k}: {v:.3f}")
+        print(f"-> {path}, {png}, ledgers under {out / 'ledgers'}")

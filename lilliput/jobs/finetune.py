@@ -5,19 +5,22 @@ merged checkpoint with `merge`)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lilliput.core.checkpoint import load_model, save_checkpoint
+from lilliput.core.options import nested
 from lilliput.core.record import run_record, write_json
 from lilliput.eval.bench import model_label
 from lilliput.eval.perplexity import HELDOUT, heldout_perplexity
+from lilliput.jobs.train import BUDGET_FLAGS
 from lilliput.train.examples import ExampleBatches, make_examples, read_records
 from lilliput.train.lora import LoRAConfig, add_lora_, base_fingerprint, merge_lora_, save_adapters, trainable_parameters
-from lilliput.train.loop import LanguageModeling, TrainConfig, Trainer
+from lilliput.train.loop import BUDGET, LanguageModeling, TrainConfig, Trainer
 
 MERGED = "merged"
 
@@ -32,11 +35,12 @@ class FinetuneJob:
     """Output folder: adapter_model.safetensors, adapter_config.json, run.json (and merged/ with merge)."""
     model: str | None = None
     """A .gguf file, a model folder (e.g. from `lilliput quantize`: QLoRA) or a hub id; the embedded SmolLM2-135M-Instruct when omitted."""
-    lora: LoRAConfig = LoRAConfig()
-    """The adapters."""
-    train: TrainConfig = TrainConfig(max_steps=100)
-    """How to train (TrainConfig's defaults, 100 steps; its out is not used: the adapters, not the
-    trainer state, are what is kept)."""
+    lora: LoRAConfig = field(default=LoRAConfig(), metadata=nested(prefix="lora_"))
+    """The adapters (--lora-rank, --lora-alpha, ...)."""
+    train: TrainConfig = field(default=TrainConfig(max_steps=100), metadata=nested(
+        skip=("out",), names=BUDGET_FLAGS, one_of=BUDGET))
+    """How to train (TrainConfig's defaults, 100 steps: a budget given replaces them; its out is not used:
+    the adapters, not the trainer state, are what is kept)."""
     bits: int | None = None
     """Quantize the base to int8 or int4 (RTN, groups of 32) before adding the adapters: QLoRA; None keeps the
     loaded model as it is."""
@@ -96,3 +100,18 @@ def run_finetune(job: FinetuneJob) -> Path:
         save_checkpoint(model, tok, out / MERGED, run_record("lilliput finetune --merge", **record))
     write_json(out / "run.json", run_record("lilliput finetune", **record))
     return out
+
+
+def summary(out: Path) -> str:
+    """Lines for the terminal, from the run's run.json: adapters, budget, held-out perplexity, the merge."""
+    run = json.loads((out / "run.json").read_text())
+    ppl = run["heldout_perplexity"]
+    lines = [f"{run['trainable_params']:,} adapter parameters, {run['train']['steps']} steps, "
+             f"{run['train']['tokens']:,} tokens" + (f"; held-out perplexity {ppl['before']:.2f} -> {ppl['after']:.2f}"
+                                                    if ppl["before"] else "")]
+    if "merge" in run:
+        m = run["merge"]
+        lines.append(f"merged {m['layers']} layers into {out / MERGED}" + (
+            f" (re-quantized: max |error| {m['max_abs_error']:.3g}, {m['relative_error']:.1%} of the update lost "
+            "to rounding; --merge-dequantize keeps it exact)" if m["max_abs_error"] else ""))
+    return "\n".join(lines + [f"saved {out}"])

@@ -244,3 +244,8 @@ def run_synth(job: SynthJob, model=None, tokenizer=None, label: str | None = Non
         log(f"synth: {len(kept)} of {len(docs)} documents kept ({tokens:,} teacher tokens, "
             f"{seconds:.0f} s) -> {out / DOCUMENTS_FILE}; ledger {ledger_path}")
     return out
+
+
+def summary(out: Path) -> str:
+    """One line for the terminal: what a run wrote."""
+    return f"wrote {out / DOCUMENTS_FILE} and {out / 'run.json'}"

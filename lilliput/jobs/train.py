@@ -5,9 +5,10 @@ that `lilliput generate --model OUT` and `lilliput eval ppl --model OUT` load.""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,15 +17,19 @@ from lilliput.core.checkpoint import embedded_model_path, save_checkpoint
 from lilliput.core.config import PRESETS, preset
 from lilliput.core.device import pick_device
 from lilliput.core.model import GPT
+from lilliput.core.options import nested
 from lilliput.core.record import run_record
 from lilliput.core.tokenizer import ByteTokenizer, Tokenizer
 from lilliput.eval.efficiency import parameter_count
-from lilliput.train.loop import LanguageModeling, Trainer, TrainConfig
+from lilliput.train.loop import BUDGET, LanguageModeling, Trainer, TrainConfig
 from lilliput.train.parallel import distributed_init, full_model_state
 from lilliput.train.shards import TokenShards
 
 TOKENIZERS = ("byte", "smollm2")
 PRETRAINED = ("smollm2-135m",)  # the embedded model's shape: loaded, not trained here
+BUDGET_FLAGS = {"max_steps": ("steps", "max_steps"), "max_tokens": ("tokens", "max_tokens"),
+                "max_minutes": ("minutes", "max_minutes")}
+"""The training budget's flags: --steps S, --tokens N, --minutes M (or their TrainConfig names)."""
 
 
 def scratch_presets() -> list[str]:
@@ -40,6 +45,9 @@ class TrainJob:
     """A model preset (see --help); its vocab_size becomes the tokenizer's."""
     out: str
     """Output folder: the checkpoint, train_log.jsonl, trainer_state.pt and run.json."""
+    config: TrainConfig = field(metadata=nested(skip=("out",), names=BUDGET_FLAGS, one_of=BUDGET))
+    """How to train; its budget has no default: --steps, --tokens or --minutes (its out is replaced by this
+    job's out)."""
     data: str | None = None
     """A text file (one document), a .jsonl file ({"text": ...} per line) or a folder of .txt/.md/.jsonl
     files; the default corpus when omitted."""
@@ -65,8 +73,6 @@ class TrainJob:
     """Where token shards are cached; $LILLIPUT_CACHE/shards or ~/.cache/lilliput/shards when omitted."""
     device: str | None = None
     """cpu or cuda; CUDA when available when omitted (under torchrun: cuda:LOCAL_RANK)."""
-    config: TrainConfig = TrainConfig(max_minutes=5.0)
-    """How to train (its out is replaced by this job's out)."""
 
     def __post_init__(self):
         if self.preset not in scratch_presets():
@@ -125,3 +131,11 @@ def run_train(job: TrainJob) -> Path:
         os.replace(f, out / f.name)
     shutil.rmtree(tmp)
     return out
+
+
+def summary(out: Path) -> str:
+    """One JSON line for the terminal, from the run's run.json."""
+    run = json.loads((out / "run.json").read_text())
+    return json.dumps({"out": str(out), "params": run["params"], "steps": run["train"]["steps"],
+                       "tokens": run["train"]["tokens"], "tokens_per_second": run["train"]["tokens_per_second"],
+                       "train_loss": run["train"]["final"].get("ce"), "val_loss": run["val_loss"]})

@@ -43,7 +43,7 @@ from lilliput.core.moe import moe_aux_loss, moe_layers, moe_metrics
 from lilliput.core.options import nested
 from lilliput.train.data import default_documents, token_stream
 from lilliput.train.logit_cache import CachedBatches, build_logit_cache
-from lilliput.train.loop import Trainer, TrainConfig, WindowBatches
+from lilliput.train.loop import BUDGET, Trainer, TrainConfig, WindowBatches
 from lilliput.train.losses import DIVERGENCES, TopK, cross_entropy, divergence
 
 MODES = ("logits", "sequence", "on-policy", "feature", "context")
@@ -87,7 +87,7 @@ class DistillConfig:
     train: TrainConfig = field(default=TrainConfig(lr=1e-3, warmup_steps=20, max_steps=200), metadata=nested(
         only=("grad_accum", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "max_steps", "max_tokens",
               "max_minutes", "bf16", "seed", "ckpt_every", "log_every", "progress"),
-        one_of=("max_steps", "max_tokens", "max_minutes")))
+        one_of=BUDGET))
     """How the student trains: optimizer, schedule, budget (a budget given replaces the 200 steps), logging;
     its seed also orders the data and seeds the sampling, its out (None: nothing written) holds the logs,
     trainer state and run.json."""

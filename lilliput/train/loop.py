@@ -46,6 +46,9 @@ STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "muon")
+BUDGET = ("max_steps", "max_tokens", "max_minutes")
+"""TrainConfig's budget: a config that nests one takes a budget given as replacing its default one
+(`nested(one_of=BUDGET)`)."""
 
 
 @dataclass(frozen=True)
