@@ -185,10 +185,10 @@ def config_from_args(cls: type, ns: argparse.Namespace, base: Any = None, **over
 
 
 def config_from_flags(cls: type, values: dict[str, Any], base: Any = None):
-    """Build `cls` from values named as its flags are (`lr` sets train.lr when `train` is nested), or
+    """Build `cls` from values named as its flags are (`lr` sets train.lr when `train` is nested), else
     as its own fields (a nested config given whole); lists become tuples. A name that is neither is a
     TypeError."""
-    paths = {o.dest: o.path for o in options(cls)} | {f.name: (f.name,) for f in dataclasses.fields(cls)}
+    paths = {f.name: (f.name,) for f in dataclasses.fields(cls)} | {o.dest: o.path for o in options(cls)}
     unknown = sorted(set(values) - set(paths))
     if unknown:
         raise TypeError(f"{cls.__name__} has no field or flag {', '.join(unknown)}")
