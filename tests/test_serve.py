@@ -16,6 +16,7 @@ from lilliput.core.config import preset
 from lilliput.core.model import GPT
 from lilliput.core.tokenizer import ByteTokenizer
 from lilliput.infer.engine import EngineConfig
+from lilliput.infer.router import RouterConfig
 from lilliput.serve.app import ServeConfig, Server
 
 openai = pytest.importorskip("openai")
@@ -358,7 +359,7 @@ def test_routed_pair_says_which_model_answered(threshold, answered_by):
     from lilliput.infer.sequence import GenerationConfig
 
     want = Engine(*seeded(0 if answered_by == "small" else 1)).generate(["route me"], GenerationConfig(max_new_tokens=8))[0]
-    cfg = ServeConfig(port=0, small="tiny-small", large="tiny-large", threshold=threshold)
+    cfg = ServeConfig(port=0, small="tiny-small", large="tiny-large", router=RouterConfig(threshold=threshold))
     s = Server(cfg, lambda: seeded(0), name="router", load_large=lambda: seeded(1)).start(wait_loaded=True)
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0)
@@ -456,7 +457,7 @@ def test_routed_pair_escalates_a_share_of_requests():
         torch.manual_seed(seed)
         return GPT(preset("tiny")).eval(), ByteTokenizer()
 
-    cfg = ServeConfig(port=0, small="tiny-small", large="tiny-large", escalate=0.5)
+    cfg = ServeConfig(port=0, small="tiny-small", large="tiny-large", router=RouterConfig(escalate=0.5))
     s = Server(cfg, lambda: seeded(0), name="router", load_large=lambda: seeded(1)).start(wait_loaded=True)
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0)
@@ -465,8 +466,8 @@ def test_routed_pair_escalates_a_share_of_requests():
         assert 3 <= routes.count("large") <= 8, routes
     finally:
         s.stop()
-    with pytest.raises(ValueError, match="one of"):
-        ServeConfig(small="a", large="b", threshold=1.0, escalate=0.2)
+    with pytest.raises(ValueError, match="not both"):
+        ServeConfig(small="a", large="b", router=RouterConfig(threshold=1.0, escalate=0.2))
 
 
 def test_out_of_range_seed_is_a_400(server):

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 from lilliput.core.options import nested
 from lilliput.infer.engine import EngineConfig
 from lilliput.infer.grammar import JsonGrammar
-from lilliput.infer.router import GENERATION_SIGNALS, RouterConfig
+from lilliput.infer.router import RouterConfig
 from lilliput.infer.sampling import PresenceFrequencyPenalty
 from lilliput.infer.search import mean_logprob
 from lilliput.serve import protocol as P
@@ -59,28 +59,28 @@ class ServeConfig:
     """With --large: a shrunk model that answers first (a routed pair; --model is then unused)."""
     large: str | None = None
     """With --small: the model a request escalates to when the small answer is unsure."""
-    threshold: float | None = None
-    """Escalate when the small answer's uncertainty signal is above this (bench/router.py calibrates one)."""
-    escalate: float | None = None
-    """Instead of --threshold: send this share of requests to --large (the threshold follows recent answers)."""
-    signal: str = "mean_logprob"
-    """Uncertainty signal of the small answer: mean_logprob, min_logprob (negated) or entropy."""
+    router: RouterConfig = dataclasses.field(default=RouterConfig(), metadata=nested(
+        only=("threshold", "escalate", "signal"), help={
+            "threshold": "Escalate when the small answer's uncertainty signal is above this (bench/router.py "
+                         "calibrates one).",
+            "escalate": "Instead of --threshold: send this share of requests to --large (the threshold follows "
+                        "recent answers).",
+            "signal": "Uncertainty signal of the small answer: mean_logprob, min_logprob (negated) or entropy."}))
+    """With --small and --large: when a request escalates."""
 
     def __post_init__(self):
         if (self.small is None) != (self.large is None):
             raise ValueError("a routed pair needs both --small and --large")
-        if self.small is not None and (self.threshold is None) == (self.escalate is None):
+        if self.small is not None and (self.router.threshold is None) == (self.router.escalate is None):
             raise ValueError("--small/--large need one of --threshold (calibrate one with bench/router.py) "
                              "or --escalate SHARE")
-        if self.signal not in GENERATION_SIGNALS:
-            raise ValueError(f"signal must be one of {', '.join(GENERATION_SIGNALS)}, got {self.signal!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
 
     def router_config(self) -> RouterConfig:
-        return RouterConfig(self.signal, self.threshold, self.escalate)
+        return self.router
 
     def engine_config(self) -> EngineConfig:
         return self.engine
