@@ -44,7 +44,7 @@ from pathlib import Path
 
 from lilliput.core.options import add_config_args, config_from_args
 from lilliput.core.record import run_record, write_json
-from lilliput.jobs.collapse import QUICK, CollapseConfig, plot_collapse, run_collapse
+from lilliput.jobs.collapse import QUICK, CollapseConfig, CollapseJob, plot_collapse, run_collapse
 
 OUT = Path(__file__).parent / "results" / "collapse.json"
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny models on the shipped sample (seconds)")
     ap.add_argument("--ledgers", default=None, help="keep the ledgers in this folder (default: a temporary one)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default=CollapseJob.device)
     ap.add_argument("--out", default=str(OUT))
     add_config_args(ap, CollapseConfig)
     args = ap.parse_args(argv)

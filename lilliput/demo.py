@@ -28,7 +28,7 @@ class DemoConfig:
     """The model to shrink."""
     out: str = "runs/demo"
     """Folder for the shrunk model (model/) and the report (report/)."""
-    recipe: str = "demo"
+    recipe: str = ShrinkJob.recipe
     """Recipe to run: a .toml file or a shipped name (demo, prune-heal-int8)."""
     max_new_tokens: int = 48
     """Tokens generated per sample."""

@@ -74,7 +74,7 @@ class CollapseConfig:
     """Independent chains per policy and sampling (the spread)."""
     policies: tuple[str, ...] = ("replace", "accumulate", "fraction")
     """Training-set policies (replace, accumulate, fraction)."""
-    human_fraction: float = 0.5
+    human_fraction: float = SelectionConfig.human_fraction
     """Share of human documents under the fraction policy."""
     samplings: tuple[str, ...] = ("pure", "top_p")
     """pure: temperature 1; top_p: temperature 1 within the top_p nucleus."""

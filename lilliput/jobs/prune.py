@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lilliput.compress.calibration import CalibrationConfig
-from lilliput.compress.prune import STRUCTURED, UNSTRUCTURED, MagnitudeConfig, block_linears, prune_
+from lilliput.compress.prune import STRUCTURED, UNSTRUCTURED, MagnitudeConfig, WandaConfig, block_linears, prune_
 from lilliput.compress.structured import StructuredConfig, structured_prune
 from lilliput.core.checkpoint import load_model, save_checkpoint
 from lilliput.core.record import run_record
@@ -25,7 +25,7 @@ class PruneJob:
     """A .gguf file, a model folder or a hub id; the embedded SmolLM2-135M-Instruct when omitted."""
     method: str = "wanda"
     """magnitude, wanda or sparsegpt (zeroes weights) or heads, channels, layers (a smaller dense model)."""
-    sparsity: float = 0.5
+    sparsity: float = WandaConfig.sparsity
     """Fraction removed, in [0, 1): of each linear layer's weights (unstructured), of the query heads,
     the MLP channels or the layers (structured)."""
     n_m: str | None = None
@@ -34,9 +34,9 @@ class PruneJob:
     """Output checkpoint folder."""
     samples: int = 32
     """Calibration sequences."""
-    seq_len: int = 512
+    seq_len: int = CalibrationConfig.seq_len
     """Tokens per calibration sequence."""
-    seed: int = 0
+    seed: int = CalibrationConfig.seed
     """Seed choosing the calibration windows."""
     eval_passages: int | None = HELDOUT.passages
     """LAMBADA passages for held-out perplexity before and after (None skips it)."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lilliput.compress.calibration import CalibrationConfig
+from lilliput.compress.qconfig import RTNConfig
 from lilliput.compress.quantize import METHODS, config_dict, quantize_
 from lilliput.core.checkpoint import load_model, quantization_section, save_checkpoint
 from lilliput.core.record import run_record
@@ -24,20 +25,20 @@ class QuantizeJob:
     """A .gguf file, a model folder or a hub id; the embedded SmolLM2-135M-Instruct when omitted."""
     method: str = "rtn"
     """rtn, gptq or awq."""
-    bits: int = 8
+    bits: int = RTNConfig.bits
     """8 (per channel) or 4 (per group)."""
-    group_size: int = 128
+    group_size: int = RTNConfig.group_size
     """Columns per int4 group: 32, 64 or 128 (a layer it does not divide uses the largest that does)."""
     out: str = "quantized"
     """Output folder."""
     samples: int = 32
     """Calibration windows (GPTQ, AWQ)."""
-    seq_len: int = 512
+    seq_len: int = CalibrationConfig.seq_len
     """Tokens per calibration window."""
     full_corpus: bool = False
     """Draw calibration windows from the fetched corpus (tokenizing its 26 MB takes minutes on
     2 cores) instead of the shipped sample texts."""
-    lm_head: bool = True
+    lm_head: bool = RTNConfig.lm_head
     """Quantize the output layer too."""
     eval_passages: int | None = HELDOUT.passages
     """LAMBADA passages for held-out perplexity before and after (None skips it)."""

@@ -21,6 +21,7 @@ from lilliput.core.options import nested
 from lilliput.core.record import run_record
 from lilliput.core.tokenizer import ByteTokenizer, Tokenizer
 from lilliput.eval.efficiency import parameter_count
+from lilliput.train.data import VAL_FRACTION
 from lilliput.train.loop import BUDGET, LanguageModeling, Trainer, TrainConfig
 from lilliput.train.parallel import distributed_init, full_model_state
 from lilliput.train.shards import TokenShards
@@ -57,7 +58,7 @@ class TrainJob:
     """Sequences per micro-batch (per rank)."""
     seq_len: int = 256
     """Tokens per training sequence (also the model's max_seq_len)."""
-    val_fraction: float = 0.05
+    val_fraction: float = VAL_FRACTION
     """Held-out tail of every shard, for evaluation."""
     dim: int | None = None
     """Override the preset's width."""

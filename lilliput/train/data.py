@@ -45,7 +45,11 @@ def random_windows(stream: torch.Tensor, n: int, seq_len: int, seed: int = 0) ->
     return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
 
 
-def split_stream(stream: torch.Tensor, val_fraction: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+VAL_FRACTION = 0.05
+"""Held-out share of a token stream (or of every shard) unless told otherwise."""
+
+
+def split_stream(stream: torch.Tensor, val_fraction: float = VAL_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, validation) by cutting the stream; the validation part is the tail."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from lilliput.train.data import default_documents
+from lilliput.train.data import VAL_FRACTION, default_documents
 
 FORMAT = "lilliput.shards/1"
 SHARD_TOKENS = 1 << 24
@@ -162,7 +162,7 @@ class TokenShards:
 
     # -- reading --
 
-    def batches(self, split: str, batch_size: int, seq_len: int, val_fraction: float = 0.05,
+    def batches(self, split: str, batch_size: int, seq_len: int, val_fraction: float = VAL_FRACTION,
                 seed: int = 0) -> "ShardBatches":
         return ShardBatches(self, split, batch_size, seq_len, val_fraction, seed)
 
@@ -172,7 +172,7 @@ class ShardBatches:
     function of (seed, index, split), {"idx": (batch_size, seq_len + 1) int64}."""
 
     def __init__(self, shards: TokenShards, split: str, batch_size: int, seq_len: int,
-                 val_fraction: float = 0.05, seed: int = 0):
+                 val_fraction: float = VAL_FRACTION, seed: int = 0):
         if split not in ("train", "val"):
             raise ValueError(f"split must be train or val, got {split!r}")
         if not 0 < val_fraction < 1:
