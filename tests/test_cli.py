@@ -217,7 +217,8 @@ def test_the_command_table_makes_every_subcommand():
      lambda job: (job.train.max_steps, job.train.max_minutes, job.lora.rank) == (None, 2, 4)),
     (["train", "--preset", "dense-tiny", "--out", "o", "--steps", "3"],
      lambda job: (job.config.max_steps, job.config.out) == (3, None)),
-    (["serve", "--max-batch", "3", "--port", "0"], lambda job: (job.config.engine.max_batch, job.config.port) == (3, 0)),
+    (["serve", "--max-batch", "3", "--port", "0"],
+     lambda job: (job.config.engine.max_batch, job.config.port) == (3, 0)),
 ])
 def test_flags_build_the_job(argv, check):
     import dataclasses

@@ -145,7 +145,8 @@ def _options(cls, base, skip, path, prefix, outer: Nested):
             continue  # a config not marked nested keeps its defaults on the command line
         fl = f.metadata.get("flag", Flag())
         dest = prefix + f.name
-        flags = () if fl.positional else tuple("--" + (prefix + n).replace("_", "-") for n in outer.names.get(f.name, (f.name,)))
+        names = outer.names.get(f.name, (f.name,))
+        flags = () if fl.positional else tuple("--" + (prefix + n).replace("_", "-") for n in names)
         doc = outer.help.get(f.name) or fl.help or docs.get(f.name, "")
         if fl.positional or fl.action == "store_true" or "(default:" in doc:
             help_ = doc
@@ -159,22 +160,25 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
     for o in options(cls, skip):
         fl, required = o.flag, o.default is dataclasses.MISSING
         name = o.names[0][2:].replace("-", "_") if o.names else o.dest
-        if fl.metavar is None and name != o.dest:  # a renamed flag's value: --tokens TOKENS, not MAX_TOKENS
-            fl = dataclasses.replace(fl, metavar=name.upper())
+        metavar = fl.metavar
+        if metavar is None and o.many and fl.action is None and not fl.positional:
+            metavar = "A,B"
+        elif metavar is None and name != o.dest:  # a renamed flag's value: --tokens TOKENS, not MAX_TOKENS
+            metavar = name.upper()
         if fl.positional:
-            parser.add_argument(o.dest, nargs="+" if o.many else None, type=o.type, metavar=fl.metavar, help=o.help)
+            parser.add_argument(o.dest, nargs="+" if o.many else None, type=o.type, metavar=metavar, help=o.help)
         elif o.type is bool:
             action = fl.action or argparse.BooleanOptionalAction
             parser.add_argument(*o.names, dest=o.dest, action=action, default=None, help=o.help)
         elif fl.action in ("append", "extend"):
             parser.add_argument(*o.names, dest=o.dest, action=fl.action, nargs=fl.nargs, type=o.type, default=None,
-                                required=required, metavar=fl.metavar, help=o.help)
+                                required=required, metavar=metavar, help=o.help)
         elif o.many:
-            parser.add_argument(*o.names, dest=o.dest, default=None, required=required, metavar="A,B" if o.flag.metavar is None else fl.metavar,
-                                help=o.help, type=lambda s, t=o.type: tuple(t(x) for x in s.split(",") if x))
+            parser.add_argument(*o.names, dest=o.dest, default=None, required=required, metavar=metavar, help=o.help,
+                                type=lambda s, t=o.type: tuple(t(x) for x in s.split(",") if x))
         else:
             parser.add_argument(*o.names, dest=o.dest, type=o.type, default=None, required=required,
-                                metavar=fl.metavar, choices=fl.choices, help=o.help)
+                                metavar=metavar, choices=fl.choices, help=o.help)
 
 
 def config_from_args(cls: type, ns: argparse.Namespace, base: Any = None, **overrides: Any):
@@ -188,7 +192,7 @@ def config_from_flags(cls: type, values: dict[str, Any], base: Any = None):
     """Build `cls` from values named as its flags are (`lr` sets train.lr when `train` is nested), else
     as its own fields (a nested config given whole); lists become tuples. A name that is neither is a
     TypeError."""
-    paths = {f.name: (f.name,) for f in dataclasses.fields(cls)} | {o.dest: o.path for o in options(cls)}
+    paths = _paths(cls)
     unknown = sorted(set(values) - set(paths))
     if unknown:
         raise TypeError(f"{cls.__name__} has no field or flag {', '.join(unknown)}")
@@ -198,7 +202,12 @@ def config_from_flags(cls: type, values: dict[str, Any], base: Any = None):
 
 def flag_names(cls: type) -> list[str]:
     """Every name `config_from_flags` takes for `cls`."""
-    return sorted({o.dest for o in options(cls)} | {f.name for f in dataclasses.fields(cls) if f.init})
+    return sorted(_paths(cls))
+
+
+def _paths(cls: type) -> dict[str, tuple[str, ...]]:
+    """Name `config_from_flags` takes -> the path of the field it sets (a flag's name wins over a field's)."""
+    return {f.name: (f.name,) for f in dataclasses.fields(cls) if f.init} | {o.dest: o.path for o in options(cls)}
 
 
 def _assemble(cls, given: dict[tuple[str, ...], Any], base, path, sub: Nested | None):
