@@ -51,6 +51,14 @@ class QkNorm(IntEnum):
     PROJ = 2
 
 
+class Mixer(IntEnum):
+    """ll_mixer: a layer's sequence mixer."""
+
+    ATTENTION = 0
+    MAMBA = 1
+    MLSTM = 2
+
+
 class DType(IntEnum):
     """ll_dtype: element types of gemv()'s operands."""
 
@@ -60,7 +68,7 @@ class DType(IntEnum):
 
 ENUMS: dict[str, tuple[type[IntEnum], str]] = {
     "ll_kind": (Kind, "LL_KIND_"), "ll_variant": (Variant, "LL_VARIANT_"), "ll_dtype": (DType, "LL_DT_"),
-    "ll_act": (Act, "LL_ACT_"), "ll_qk_norm": (QkNorm, "LL_QK_NORM_")}
+    "ll_act": (Act, "LL_ACT_"), "ll_qk_norm": (QkNorm, "LL_QK_NORM_"), "ll_mixer": (Mixer, "LL_MIXER_")}
 """C enum name -> (its mirror, the prefix of its constants' C names)."""
 
 
@@ -86,13 +94,30 @@ class Moe(ctypes.Structure):
     _fields_ = [("router", vp), ("gate_up", vp), ("down", vp)]
 
 
+class Mamba(ctypes.Structure):
+    """mamba_t: a Mamba-2 mixer, its parameters and its per-row states."""
+
+    _c_name_ = "mamba_t"
+    _fields_ = [("in_proj", Linear), ("out_proj", Linear), ("conv_w", vp), ("conv_b", vp), ("dt_bias", vp), ("A", vp),
+                ("D", vp), ("norm", vp), ("state_ssm", vp), ("state_conv", vp), ("snap_ssm", vp), ("snap_conv", vp)]
+
+
+class Mlstm(ctypes.Structure):
+    """mlstm_t: an mLSTM mixer, its parameters and its per-row states."""
+
+    _c_name_ = "mlstm_t"
+    _fields_ = [("w_in", Linear), ("w_out", Linear), ("gate_bias", vp), ("norm", vp), ("state_c", vp),
+                ("state_n", vp), ("state_m", vp), ("snap_c", vp), ("snap_n", vp), ("snap_m", vp)]
+
+
 class Layer(ctypes.Structure):
     """layer_t: one layer of the fused step."""
 
     _c_name_ = "layer_t"
-    _fields_ = [("attn_norm", vp), ("attn_post_norm", vp), ("ffn_norm", vp), ("ffn_post_norm", vp),
+    _fields_ = [("mixer", i64), ("attn_norm", vp), ("attn_post_norm", vp), ("ffn_norm", vp), ("ffn_post_norm", vp),
                 ("q_norm", vp), ("k_norm", vp), ("rope", i64), ("window", i64), ("k_cache", vp), ("v_cache", vp),
-                ("wqkv", Linear), ("wo", Linear), ("w_gate_up", Linear), ("w_down", Linear), ("moe", Moe)]
+                ("wqkv", Linear), ("wo", Linear), ("w_gate_up", Linear), ("w_down", Linear), ("moe", Moe),
+                ("mamba", Mamba), ("mlstm", Mlstm)]
 
 
 class Step(ctypes.Structure):
@@ -103,6 +128,7 @@ class Step(ctypes.Structure):
                 ("ffn_dim", i64), ("vocab", i64), ("max_len", i64), ("kv_f16", i64), ("eps", f64),
                 ("act", i64), ("qk_norm", i64), ("attn_scale", f64), ("attn_softcap", f64),
                 ("final_softcap", f64), ("rot_dim", i64), ("n_experts", i64), ("top_k", i64), ("norm_topk", i64),
+                ("ssm_heads", i64), ("ssm_head_dim", i64), ("ssm_state", i64), ("ssm_conv", i64), ("n_snap", i64),
                 ("n_tok", i64), ("rows", vp), ("pos", vp), ("n_out", i64), ("out_idx", vp), ("x", vp),
                 ("logits", vp), ("cos", vp), ("sin", vp), ("scratch", vp), ("final_norm", vp),
                 ("lm_head", Linear), ("layers", vp)]
@@ -115,7 +141,7 @@ class AbiEntry(ctypes.Structure):
     _fields_ = [("name", ctypes.c_char_p), ("value", i64)]
 
 
-STRUCTS: tuple[type[ctypes.Structure], ...] = (Linear, GemvArgs, Moe, Layer, Step, AbiEntry)
+STRUCTS: tuple[type[ctypes.Structure], ...] = (Linear, GemvArgs, Moe, Mamba, Mlstm, Layer, Step, AbiEntry)
 
 _int, _P = ctypes.c_int, ctypes.POINTER
 PROTOTYPES: dict[str, tuple[object, tuple | None]] = {

@@ -52,6 +52,13 @@ typedef enum {
     LL_QK_NORM_PROJ = 2, /* over the whole q (n_heads head_dim) and k (n_kv_heads head_dim) projections (OLMo 2) */
 } ll_qk_norm;
 
+/* A layer's sequence mixer (layer_t.mixer): which of its structs the fused step reads. */
+typedef enum {
+    LL_MIXER_ATTENTION = 0, /* grouped-query attention over the KV cache (layer_t's attention fields) */
+    LL_MIXER_MAMBA = 1,     /* Mamba-2 SSD (core/ssm.py), state per cache row (layer_t.mamba) */
+    LL_MIXER_MLSTM = 2,     /* xLSTM's mLSTM (core/xlstm.py), state per cache row (layer_t.mlstm) */
+} ll_mixer;
+
 /* Element types of gemv()'s x, w and y (the same codes as LL_KIND_F32 / LL_KIND_BF16). */
 typedef enum { LL_DT_F32 = 0, LL_DT_BF16 = 1 } ll_dtype;
 
@@ -87,10 +94,45 @@ typedef struct {
     const linear_t *down;     /* (n_experts,): each (dim, ffn_dim) */
 } moe_t;
 
-/* One attention layer of the fused step and its feed-forward. Norm weights are fp32 and already
- * hold (norm_offset + weight); a NULL norm is not applied. */
+/* A recurrent layer's state per cache row is a few fp32 tensors (rows, ...), like the KV cache. The
+ * step also keeps, per row and tensor, snapshots (rows, n_snap + 1, ...) of the last call's
+ * positions, so a caller can rewind the row (rejected drafts, forks): with T the row's tokens in the
+ * call and w = min(T, n_snap), slot 0 holds the state before its last w tokens and slot i the state
+ * after the i-th of them. NULL snapshots (or n_snap 0): none are kept. */
+
+/* A Mamba-2 mixer (core/ssm.py): in_proj to z | x B C | dt, a causal depthwise convolution over
+ * x B C and SiLU, dt = softplus(dt + dt_bias), per head h = exp(dt A) h + dt x B^T and
+ * y = h C + D x, then norm(y silu(z)) and out_proj. Widths: step_args_t.ssm_*. */
 typedef struct {
-    const float *attn_norm, *attn_post_norm; /* (dim,): before attention / on its output */
+    linear_t in_proj;            /* (d_inner + conv_dim + n_heads, dim), d_inner = heads head_dim,
+                                    conv_dim = d_inner + 2 state */
+    linear_t out_proj;           /* (dim, d_inner) */
+    const float *conv_w;         /* (conv, conv_dim): tap-major, the transpose of the module's weight */
+    const float *conv_b;         /* (conv_dim,) */
+    const float *dt_bias, *A, *D; /* (heads,) each; A = -exp(A_log) */
+    const float *norm;           /* (d_inner,): the gated RMSNorm's weight */
+    float *state_ssm, *state_conv; /* (rows, heads, head_dim, state), (rows, conv - 1, conv_dim) */
+    float *snap_ssm, *snap_conv;   /* their snapshots: (rows, n_snap + 1, ...) */
+} mamba_t;
+
+/* An mLSTM mixer (core/xlstm.py) of step_args_t.n_heads heads of head_dim d: w_in to q | k | v | o
+ * (each heads d) | i~ | f~ (heads each), the exponentially gated matrix memory with its max-state
+ * stabiliser, a per-head RMSNorm times norm, sigmoid(o), w_out. */
+typedef struct {
+    linear_t w_in;          /* (4 heads d + 2 heads, dim) */
+    linear_t w_out;         /* (dim, heads d) */
+    const float *gate_bias; /* (2 heads,): input gates, then forget gates */
+    const float *norm;      /* (heads d,) */
+    float *state_c, *state_n, *state_m; /* C (rows, heads, d, d), n (rows, heads, d), m (rows, heads) */
+    float *snap_c, *snap_n, *snap_m;    /* their snapshots: (rows, n_snap + 1, ...) */
+} mlstm_t;
+
+/* One layer of the fused step: its mixer (attention, Mamba or mLSTM) and its feed-forward. Norm
+ * weights are fp32 and already hold (norm_offset + weight); a NULL norm is not applied. The fields
+ * from q_norm to wo are the attention mixer's. */
+typedef struct {
+    int64_t mixer;                           /* ll_mixer */
+    const float *attn_norm, *attn_post_norm; /* (dim,): before the mixer / on its output */
     const float *ffn_norm, *ffn_post_norm;   /* (dim,): before the feed-forward / on its output */
     const float *q_norm, *k_norm;            /* step_args_t.qk_norm's weights: (head_dim,) per head,
                                                 or (n_heads head_dim,) and (n_kv_heads head_dim,) */
@@ -100,6 +142,8 @@ typedef struct {
     linear_t wqkv, wo;                       /* q|k|v (optionally biased) and the output projection */
     linear_t w_gate_up, w_down;              /* the dense gated feed-forward (unused with moe.router) */
     moe_t moe;
+    mamba_t mamba;                           /* LL_MIXER_MAMBA */
+    mlstm_t mlstm;                           /* LL_MIXER_MLSTM */
 } layer_t;
 
 /* The fused step's arguments: the model's shape and switches, this call's tokens and where results go. */
@@ -116,8 +160,11 @@ typedef struct {
     int64_t rot_dim;          /* values of each head that rotate (rotate-half over them), <= head_dim */
     int64_t n_experts, top_k; /* MoE layers */
     int64_t norm_topk;        /* 1: the top_k probabilities are renormalised to sum to 1 */
+    int64_t ssm_heads, ssm_head_dim, ssm_state, ssm_conv; /* Mamba layers: heads, their width, state width N,
+                                                             convolution width */
+    int64_t n_snap;           /* recurrent layers: snapshot slots per row and tensor, minus one */
     int64_t n_tok;            /* tokens in this call, 1..llama_step_max_tokens() */
-    const int64_t *rows;      /* (n_tok,): cache row of each token */
+    const int64_t *rows;      /* (n_tok,): cache row of each token; a row's tokens in position order */
     const int64_t *pos;       /* (n_tok,): position of each token in its row */
     int64_t n_out;            /* tokens whose logits are wanted */
     const int64_t *out_idx;   /* (n_out,): which tokens, in the order the logits come out */
@@ -167,7 +214,7 @@ int qgemv_int4_pack(void); /* weight rows per group of LL_KIND_INT4_BATCH in thi
 int qgemv_avx2(void);
 int qgemv_isa(void);       /* 0 scalar, 1 AVX2 maddubs, 2 AVX-VNNI, 3 AVX-512 VNNI 256-bit, 4 512-bit */
 
-/* ------------------------------------------------------------------ llama_step.c */
+/* ------------------------------------------------------------------ llama_step.c (mamba_step.c, mlstm_step.c) */
 
 int llama_step_max_tokens(void);
 int llama_step_kv_f16(int64_t head_dim); /* whether this build's step keeps fp16 caches for that width */

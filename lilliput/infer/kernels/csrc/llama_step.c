@@ -6,7 +6,8 @@
  * post-norms (a NULL norm is skipped; weights arrive as offset + weight), SiLU or tanh-GELU gates,
  * a softmax scale and soft-capped scores and logits, sliding-window layers, per-layer rotary tables
  * (partial rotary: the first rot_dim values of each head; none: NoPE), and MoE layers whose experts
- * each run once per call over the tokens routed to them.
+ * each run once per call over the tokens routed to them. A layer's mixer is attention (here), Mamba-2
+ * (mamba_step.c) or the mLSTM (mlstm_step.c): hybrids mix them layer by layer (layer_t.mixer).
  *
  * The n tokens of a call each belong to a row of the KV cache at a position of their own: B
  * sequences decoding one token each (continuous batching), or the k + 1 tokens of one sequence
@@ -14,19 +15,15 @@
  * once per call for all n tokens (the GEMV kernels take up to 8 right-hand sides; more are
  * taken 8 at a time). Tokens of one row must come in position order: a token attends to its
  * row's keys up to its own position, written by this call's earlier tokens or by earlier calls.
+ * A recurrent layer's state advances through a row's tokens in call order, so in a model with one
+ * a row's tokens must also sit at consecutive positions (any other call is refused, -2).
  *
  * Arguments come in one struct, `step_args_t` (lilliput.h, mirrored and checked at load by
  * infer/kernels/abi.py); every linear layer is a `linear_t` run by linear_run() (qgemv.c).
  *
  * Attention runs on the GEMV thread pool, one (token, head) pair per work item.
  */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
-#include "lilliput.h"
-
-#define MAX_TOK 64
+#include "step.h"
 
 int llama_step_max_tokens(void) { return MAX_TOK; }
 
@@ -40,8 +37,6 @@ static void rope(float *x, const float *cos, const float *sin, int64_t heads, in
             x[i + h2] = x2 * cos[i + h2] + x1 * sin[i + h2];
         }
 }
-
-typedef float v8 __attribute__((vector_size(32)));
 
 static inline float dot(const float *a, const float *b, int64_t n) {
     int64_t i = 0;
@@ -65,7 +60,6 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return d;
 }
 
-typedef int32_t vi8 __attribute__((vector_size(32)));
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define STEP_DOT8 1
@@ -94,46 +88,6 @@ static inline __attribute__((always_inline)) __m256 dot8(const float *q, const v
 #define STEP_DOT8 0
 #endif
 
-
-/* e^x for 8 floats with x <= 0 (softmax scores minus their max): 2^n e^r with n = round(x / ln 2),
- * |r| <= ln 2 / 2 and e^r by its Taylor series to r^7 (relative error about one ulp); x below -87
- * gives 0. A scalar expf per score cost ~1 ms per token at 200 tokens of context. */
-static inline v8 exp_v8(v8 x) {
-    const v8 lo = (v8){0} - 87.0f, log2e = (v8){0} + 1.44269504f, shift = (v8){0} + 12582912.0f;
-    const v8 ln2_hi = (v8){0} + 0.693359375f, ln2_lo = (v8){0} - 2.12194440e-4f;
-    const vi8 under = x < lo;
-    x = (v8)(((vi8)x & ~under) | ((vi8)lo & under));
-    const v8 n = (x * log2e + shift) - shift; /* round to nearest */
-    const v8 r = (x - n * ln2_hi) - n * ln2_lo;
-    v8 p = (v8){0} + 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
-    return (v8)((vi8)(p * (v8)bits) & ~under);
-}
-
-/* o = silu(g) * u over n values: g sigmoid(g), sigmoid from e = e^-|g| (exp_v8's range) as 1 / (1 + e)
- * for g >= 0 and e / (1 + e) below. A scalar expf per value (46k per token) cost ~0.4 ms of an 8.4 ms batch-1 step.
- * o may be g itself, or lie below it by at least 8 floats (the step compacts rows in place). */
-static void silu_mul(const float *g, const float *u, float *o, int64_t n) {
-    int64_t i = 0;
-    const v8 one = (v8){0} + 1.0f;
-    for (; i + 8 <= n; i += 8) {
-        v8 gv, uv;
-        memcpy(&gv, g + i, sizeof gv), memcpy(&uv, u + i, sizeof uv);
-        const vi8 neg = gv < 0;
-        const v8 e = exp_v8((v8)((vi8)gv | ((vi8){0} + (-2147483647 - 1)))); /* -|g|: the sign bit set */
-        const v8 num = (v8)(((vi8)e & neg) | ((vi8)one & ~neg));
-        const v8 r = gv * num / (one + e) * uv;
-        memcpy(o + i, &r, sizeof r);
-    }
-    for (; i < n; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-}
 
 /* o = gelu(g) * u over n values, GELU's tanh approximation (torch's approximate="tanh"):
  * 0.5 g (1 + tanh(u)) with u = sqrt(2 / pi) (g + 0.044715 g^3) and tanh(u) = sign(u) (1 - e) / (1 + e),
@@ -371,12 +325,80 @@ static void store_kv(void *dst, const float *x, int64_t n, const int f16) {
     memcpy(dst, x, sizeof(float) * n);
 }
 
-/* Floats of scratch a call of n tokens needs: h (n, dim), qkv, attention output, gate|up, and for MoE
- * models the feed-forward's output, gathered inputs and outputs, router probabilities and choices. */
+/* The attention mixer of layer ly over the call's n tokens: in (n, dim) -> out (n, dim), each token's
+ * key and value written to its row's cache at its position. qkv, att: scratch. */
+static int attention_mix(const step_args_t *a, const layer_t *ly, const float *in, float *out, float *qkv,
+                         float *att) {
+    const int64_t n = a->n_tok, nh = a->n_heads, nkv = a->n_kv_heads, hd = a->head_dim, L = a->max_len,
+                  rot = a->rot_dim, nqkv = (nh + 2 * nkv) * hd, row_stride = nkv * L * hd;
+    const int64_t *rows = a->rows, *pos = a->pos;
+    const size_t es = a->kv_f16 ? 2 : 4;
+    char *kc = ly->k_cache, *vc = ly->v_cache;
+    int rc;
+    if (a->qk_norm != LL_QK_NORM_NONE && !(ly->q_norm && ly->k_norm)) return -4;
+    if (!kc || !vc) return -4;
+    if ((rc = linear_run(&ly->wqkv, in, qkv, n))) return rc;
+    for (int64_t t = 0; t < n; t++) {
+        float *q = qkv + t * nqkv, *k = q + nh * hd;
+        const float *v = k + nkv * hd;
+        if (a->qk_norm == LL_QK_NORM_HEAD) {
+            rmsnorm_f32(q, ly->q_norm, q, nh, hd, a->eps);
+            rmsnorm_f32(k, ly->k_norm, k, nkv, hd, a->eps);
+        } else if (a->qk_norm == LL_QK_NORM_PROJ) {
+            rmsnorm_f32(q, ly->q_norm, q, 1, nh * hd, a->eps);
+            rmsnorm_f32(k, ly->k_norm, k, 1, nkv * hd, a->eps);
+        }
+        if (ly->rope >= 0) /* q and k heads */
+            rope(q, a->cos + (ly->rope * n + t) * rot, a->sin + (ly->rope * n + t) * rot, nh + nkv, hd, rot);
+        for (int64_t j = 0; j < nkv; j++) {
+            const int64_t at = (rows[t] * row_stride + (j * L + pos[t]) * hd) * es;
+            store_kv(kc + at, k + j * hd, hd, (int)a->kv_f16);
+            store_kv(vc + at, v + j * hd, hd, (int)a->kv_f16);
+        }
+    }
+    attn_ctx_t ctx = {a, ly->window, qkv, kc, vc, att};
+    gemv_pool_items(attend_items, &ctx, NULL, n * nkv, hd, 1);
+    return linear_run(&ly->wo, att, out, n);
+}
+
+/* The call's tokens grouped by row (step.h) for the recurrent mixers: -2 when a row's tokens are not
+ * at consecutive positions in call order (its state could not advance one token at a time). */
+static int group_rows(const step_args_t *a, step_rows_t *g) {
+    const int64_t n = a->n_tok;
+    int64_t of[MAX_TOK], at[MAX_TOK];
+    g->n = 0;
+    for (int64_t t = 0; t < n; t++) {
+        int64_t i = 0;
+        while (i < g->n && g->row[i] != a->rows[t]) i++;
+        if (i == g->n) g->row[i] = a->rows[t], g->len[i] = 0, g->n++;
+        of[t] = i, g->len[i]++;
+    }
+    for (int64_t i = 0, f = 0; i < g->n; f += g->len[i], i++) g->first[i] = at[i] = f;
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t i = of[t];
+        if (at[i] > g->first[i] && a->pos[t] != a->pos[g->tok[at[i] - 1]] + 1) return -2;
+        g->tok[at[i]++] = t;
+    }
+    return 0;
+}
+
+static int64_t moe_floats(const step_args_t *a, int64_t n) {
+    return a->n_experts > 0 ? n * (3 * a->dim + a->n_experts + 2 * a->top_k + 2) : 0;
+}
+
+/* Floats of scratch a call of n tokens needs: h (n, dim), qkv, attention output, gate|up; for MoE
+ * models the feed-forward's output, gathered inputs and outputs, router probabilities and choices;
+ * for recurrent layers the most their mixer needs (a->layers must be set). */
 int64_t step_scratch_floats(const step_args_t *a, int64_t n) {
-    const int64_t moe = a->n_experts > 0 ? n * (3 * a->dim + a->n_experts + 2 * a->top_k + 2) : 0;
+    int64_t rec = 0;
+    for (int64_t l = 0; a->layers && l < a->n_layers; l++) {
+        const int64_t mixer = a->layers[l].mixer;
+        const int64_t f = mixer == LL_MIXER_MAMBA ? mamba_scratch_floats(a, n)
+                          : mixer == LL_MIXER_MLSTM ? mlstm_scratch_floats(a, n) : 0;
+        rec = f > rec ? f : rec;
+    }
     return n * (a->dim + (a->n_heads + 2 * a->n_kv_heads) * a->head_dim + a->n_heads * a->head_dim
-                + 2 * a->ffn_dim) + moe + 64;
+                + 2 * a->ffn_dim) + moe_floats(a, n) + rec + 64;
 }
 
 static void add_rows(float *x, const float *h, int64_t n) {
@@ -385,53 +407,40 @@ static void add_rows(float *x, const float *h, int64_t n) {
 
 int llama_step(const step_args_t *a) {
     const int64_t n = a->n_tok, dim = a->dim, nh = a->n_heads, nkv = a->n_kv_heads, hd = a->head_dim,
-                  L = a->max_len, rot = a->rot_dim;
+                  rot = a->rot_dim;
     if (n < 1 || n > MAX_TOK || a->n_out < 0 || a->n_out > n || nh % nkv || hd % 2 || rot % 2 || rot > hd ||
-        (a->n_experts > 0 && (a->top_k < 1 || a->top_k > a->n_experts)))
+        (a->n_experts > 0 && (a->top_k < 1 || a->top_k > a->n_experts)) || a->n_snap < 0)
         return -1;
     if (a->kv_f16 && !llama_step_kv_f16(hd)) return -3;
-    const int64_t *rows = a->rows, *pos = a->pos;
     for (int64_t t = 0; t < n; t++)
-        if (pos[t] < 0 || pos[t] >= L || rows[t] < 0) return -2;
-    const int64_t nqkv = (nh + 2 * nkv) * hd, row_stride = nkv * L * hd;
-    float *x = a->x;
-    float *h = a->scratch;            /* (n, dim) */
-    float *qkv = h + n * dim;         /* (n, nqkv) */
-    float *att = qkv + n * nqkv;      /* (n, nh hd) */
-    float *gu = att + n * nh * hd;    /* (n, 2 ffn) */
-    float *mo = gu + n * 2 * a->ffn_dim; /* MoE: (n, dim) output, then moe_ffn's buffers */
+        if (a->pos[t] < 0 || a->pos[t] >= a->max_len || a->rows[t] < 0) return -2;
     const layer_t *layers = a->layers;
-    const size_t es = a->kv_f16 ? 2 : 4;
+    int recurrent = 0;
+    for (int64_t l = 0; l < a->n_layers; l++) {
+        const int64_t mixer = layers[l].mixer;
+        if (mixer != LL_MIXER_ATTENTION && mixer != LL_MIXER_MAMBA && mixer != LL_MIXER_MLSTM) return -1;
+        if (mixer == LL_MIXER_MAMBA && (a->ssm_heads < 1 || a->ssm_head_dim < 1 || a->ssm_state < 1 || a->ssm_conv < 1))
+            return -1;
+        recurrent |= mixer != LL_MIXER_ATTENTION;
+    }
+    step_rows_t groups;
+    if (recurrent && group_rows(a, &groups)) return -2;
+    float *x = a->x;
+    float *h = a->scratch;                         /* (n, dim) */
+    float *qkv = h + n * dim;                      /* (n, (nh + 2 nkv) hd) */
+    float *att = qkv + n * (nh + 2 * nkv) * hd;    /* (n, nh hd) */
+    float *gu = att + n * nh * hd;                 /* (n, 2 ffn) */
+    float *mo = gu + n * 2 * a->ffn_dim;           /* MoE: (n, dim) output, then moe_ffn's buffers */
+    float *rec = mo + moe_floats(a, n);            /* a recurrent mixer's buffers */
     int rc;
     for (int64_t l = 0; l < a->n_layers; l++) {
         const layer_t *ly = layers + l;
-        char *kc = ly->k_cache, *vc = ly->v_cache;
-        if (a->qk_norm != LL_QK_NORM_NONE && !(ly->q_norm && ly->k_norm)) return -4;
-
         const float *in = x;
         if (ly->attn_norm) rmsnorm_f32(x, ly->attn_norm, h, n, dim, a->eps), in = h;
-        if ((rc = linear_run(&ly->wqkv, in, qkv, n))) return rc;
-        for (int64_t t = 0; t < n; t++) {
-            float *q = qkv + t * nqkv, *k = q + nh * hd;
-            const float *v = k + nkv * hd;
-            if (a->qk_norm == LL_QK_NORM_HEAD) {
-                rmsnorm_f32(q, ly->q_norm, q, nh, hd, a->eps);
-                rmsnorm_f32(k, ly->k_norm, k, nkv, hd, a->eps);
-            } else if (a->qk_norm == LL_QK_NORM_PROJ) {
-                rmsnorm_f32(q, ly->q_norm, q, 1, nh * hd, a->eps);
-                rmsnorm_f32(k, ly->k_norm, k, 1, nkv * hd, a->eps);
-            }
-            if (ly->rope >= 0) /* q and k heads */
-                rope(q, a->cos + (ly->rope * n + t) * rot, a->sin + (ly->rope * n + t) * rot, nh + nkv, hd, rot);
-            for (int64_t j = 0; j < nkv; j++) {
-                const int64_t at = (rows[t] * row_stride + (j * L + pos[t]) * hd) * es;
-                store_kv(kc + at, k + j * hd, hd, (int)a->kv_f16);
-                store_kv(vc + at, v + j * hd, hd, (int)a->kv_f16);
-            }
-        }
-        attn_ctx_t ctx = {a, ly->window, qkv, kc, vc, att};
-        gemv_pool_items(attend_items, &ctx, NULL, n * nkv, hd, 1);
-        if ((rc = linear_run(&ly->wo, att, h, n))) return rc;
+        rc = ly->mixer == LL_MIXER_MAMBA   ? mamba_mix(a, ly, &groups, in, h, rec)
+             : ly->mixer == LL_MIXER_MLSTM ? mlstm_mix(a, ly, &groups, in, h, rec)
+                                           : attention_mix(a, ly, in, h, qkv, att);
+        if (rc) return rc;
         if (ly->attn_post_norm) rmsnorm_f32(h, ly->attn_post_norm, h, n, dim, a->eps);
         add_rows(x, h, n * dim);
 
