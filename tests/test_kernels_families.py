@@ -99,9 +99,11 @@ def test_a_batch_of_rows_equals_each_row_alone(name):
 
 def test_fast_path_reason_names_what_cannot_run(tiny_model):
     assert fast_path_reason(tiny_model) == ""
-    mamba = GPT(ModelConfig(vocab_size=256, dim=32, n_layers=2, n_heads=2, max_seq_len=64,
-                            layer_mixers=("attention", "mamba")))
-    assert "mamba" in fast_path_reason(mamba) and FusedStep.for_model(mamba) is None
+    hybrid = GPT(ModelConfig(vocab_size=256, dim=32, n_layers=2, n_heads=2, max_seq_len=64,
+                             layer_mixers=("attention", "mamba")))
+    assert fast_path_reason(hybrid) == ""
+    hybrid.layers[1].mixer = torch.nn.Identity()  # not the Mamba the config names
+    assert "Mamba" in fast_path_reason(hybrid) and FusedStep.for_model(hybrid) is None
     capped = GPT(ModelConfig(vocab_size=256, dim=32, n_layers=1, n_heads=2, max_seq_len=64, ffn="moe",
                              moe_experts=2, moe_top_k=1, moe_capacity=1.0))
     assert "capacity" in fast_path_reason(capped)
@@ -114,6 +116,8 @@ def test_runner_says_once_why_the_torch_modules_run(tiny_model):
 
     assert ModelRunner(tiny_model, 1, 16, torch.float32).fused_reason == ""
     assert "bfloat16" in ModelRunner(tiny_model, 1, 16, torch.bfloat16).fused_reason
-    mamba = GPT(ModelConfig(vocab_size=256, dim=32, n_layers=2, n_heads=2, max_seq_len=64,
-                            layer_mixers=("attention", "mamba")))
-    assert "mamba" in ModelRunner(mamba, 1, 16).fused_reason
+    hybrid = GPT(ModelConfig(vocab_size=256, dim=32, n_layers=2, n_heads=2, max_seq_len=64,
+                             layer_mixers=("attention", "mamba")))
+    assert ModelRunner(hybrid, 1, 16).fused_reason == ""
+    hybrid.layers[1].mixer.in_proj.half()  # fp16: no descriptor
+    assert "layers.1.mixer.in_proj" in ModelRunner(hybrid, 1, 16).fused_reason

@@ -7,6 +7,9 @@ therefore keeps, for each row, the states at the positions its last forward pass
 most `SNAPSHOTS` + 1 of them, the state before the forward's last `SNAPSHOTS` tokens included).
 That covers what the engine does: `commit` after `verify` (k + 1 tokens), `fork` (back one token),
 a decode step (back one token). Rewinding further back raises a ValueError.
+
+A step that advances rows without the torch modules (the fused C step of lilliput.infer) writes the
+states in place and their snapshots into `snapshot_slots()`, then reports with `advanced`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ class RecurrentState(MixerState):
     forward of T tokens: the state itself (S); snapshots (w + 1) * S, replaced by each forward (a
     decode step keeps 2 * S: the state before and after it); `truncate` to a kept position copies
     S; `copy_row` copies S and shares the (never modified) snapshot tensors; `reset` zero-fills S;
-    `grow` is free (the size does not depend on the length).
+    `grow` is free (the size does not depend on the length). With `snapshot_slots()` (the fused
+    step's), (SNAPSHOTS + 1) * S more per row, for good; `copy_row` then copies the slots in use too.
 
     A mixer's forward reads the states of its batch rows with `read(step)`, and hands back with
     `write(step, before, tail)` the state before its last w = `window(T)` tokens and the states
@@ -40,7 +44,9 @@ class RecurrentState(MixerState):
         self.fills = {k: 0.0 for k in shapes} | (fills or {})
         self.tensors = {k: torch.full((rows, *s), self.fills[k], device=device, dtype=dtype) for k, s in shapes.items()}
         self.lengths = [0] * rows
-        self.snaps: list[tuple[int, dict[str, torch.Tensor]] | None] = [None] * rows  # (first position, (w+1, *shape))
+        # (first position, {name: (w+1, *shape)}), or (first position, None) for states in `slots`
+        self.snaps: list[tuple[int, dict[str, torch.Tensor] | None] | None] = [None] * rows
+        self.slots: dict[str, torch.Tensor] | None = None  # {name: (rows, SNAPSHOTS + 1, *shape)}
         self.limit, self.name = max_len, name
 
     @property
@@ -68,6 +74,21 @@ class RecurrentState(MixerState):
             self.snaps[r] = (s + step.T - w, {k: torch.cat([before[k][b:b + 1], tail[k][b]]).detach().to(t.dtype)
                                                for k, t in self.tensors.items()})
 
+    def snapshot_slots(self) -> dict[str, torch.Tensor]:
+        """{name: (rows, SNAPSHOTS + 1, *shape)}: where a step that advances rows in place keeps their
+        snapshots (allocated on first call: SNAPSHOTS + 1 states per row, held for good)."""
+        if self.slots is None:
+            self.slots = {k: t.new_empty((t.shape[0], SNAPSHOTS + 1, *t.shape[1:])) for k, t in self.tensors.items()}
+        return self.slots
+
+    def advanced(self, counts: dict[int, int]) -> None:
+        """Rows advanced in place by another step: row r by counts[r] tokens, its state after each of
+        the last w = window(counts[r]) of them in `snapshot_slots()` slots 1..w, the state before them in
+        slot 0."""
+        for r, k in counts.items():
+            self.lengths[r] += k
+            self.snaps[r] = (self.lengths[r] - self.window(k), None)
+
     def truncate(self, row: int, n: int) -> None:
         length = self.lengths[row]
         if n == length:
@@ -81,8 +102,8 @@ class RecurrentState(MixerState):
                              f"{kept} (the last forward's, at most {SNAPSHOTS} tokens back)")
         p0, states = snap
         for k, t in self.tensors.items():
-            t[row] = states[k][n - p0]
-        self.snaps[row] = (p0, {k: s[:n - p0 + 1] for k, s in states.items()})
+            t[row] = (self.slots[k][row] if states is None else states[k])[n - p0]
+        self.snaps[row] = (p0, None if states is None else {k: s[:n - p0 + 1] for k, s in states.items()})
         self.lengths[row] = n
 
     def can_truncate(self, row: int, n: int) -> bool:
@@ -92,6 +113,10 @@ class RecurrentState(MixerState):
     def copy_row(self, src: int, dst: int, n: int) -> None:
         for t in self.tensors.values():
             t[dst] = t[src]
+        snap = self.snaps[src]
+        if snap is not None and snap[1] is None:  # slots are rewritten in place: dst needs its own copy
+            for s in self.slots.values():
+                s[dst, :self.lengths[src] - snap[0] + 1] = s[src, :self.lengths[src] - snap[0] + 1]
         self.snaps[dst], self.lengths[dst] = self.snaps[src], self.lengths[src]
         self.truncate(dst, n)
 
@@ -105,6 +130,7 @@ class RecurrentState(MixerState):
 
     def nbytes(self) -> int:
         held = sum(t.numel() * t.element_size() for t in self.tensors.values())
-        snaps = sum(s.numel() * s.element_size() for snap in self.snaps if snap for s in snap[1].values())
-        return held + snaps
+        snaps = sum(s.numel() * s.element_size() for snap in self.snaps if snap and snap[1] for s in snap[1].values())
+        slots = sum(s.numel() * s.element_size() for s in (self.slots or {}).values())
+        return held + snaps + slots
 

@@ -7,12 +7,15 @@ chunk. Each weight matrix is read once per call (each expert's once, for the tok
 It runs every family `lilliput.core.model` builds from attention blocks: biases, qk-norm (per head
 or over the projection), (offset + weight) norms, pre- and post-norms, SwiGLU or GeGLU, embedding
 scale, attention scale and soft-caps, sliding-window layers, per-layer rotary tables (partial, NoPE,
-local bases, every scaling: the tables come from each layer's `rotary`), and MoE feed-forwards.
-`fast_path_reason(model)` says why a model cannot run here ("" when it can); `FusedStep.for_model`
-then returns None and the runner uses the torch modules. The step reads and writes the same
-`DecodeState` tensors the torch prefill fills: fp32, or fp16 where the build has F16C (`kv_f16`;
-the engine's default there, as llama.cpp's: attention in a batched step reads every row's cache,
-every layer).
+local bases, every scaling: the tables come from each layer's `rotary`), and MoE feed-forwards; and
+the recurrent mixers, Mamba-2 (core/ssm.py) and the mLSTM (core/xlstm.py), alone or mixed with
+attention layer by layer (hybrids). `fast_path_reason(model)` says why a model cannot run here (""
+when it can); `FusedStep.for_model` then returns None and the runner uses the torch modules. The
+step reads and writes the same `DecodeState` tensors the torch prefill fills: KV caches in fp32, or
+fp16 where the build has F16C (`kv_f16`; the engine's default there, as llama.cpp's: attention in a
+batched step reads every row's cache, every layer), and a recurrent layer's fp32 states, advanced
+token by token in each row's order, their snapshots (for rewinding) in the state's
+`snapshot_slots()`.
 
 The argument block is `abi.Step` (step_args_t of kernels/csrc/lilliput.h, checked at load) and
 every linear layer is described by `kernels.descriptor.for_module`: plain fp32/bf16 `nn.Linear`
@@ -27,19 +30,26 @@ import torch
 import torch.nn as nn
 
 from lilliput.core.model import GPT, DecodeState, KVState
+from lilliput.core.recurrent import SNAPSHOTS, RecurrentState
+from lilliput.core.ssm import Mamba
+from lilliput.core.xlstm import MLSTM
 from lilliput.infer.kernels import abi, build, descriptor
 from lilliput.infer.kernels.build import Kernel
 
 _QK = {None: abi.QkNorm.NONE, "head": abi.QkNorm.HEAD, "proj": abi.QkNorm.PROJ}
 _ACT = {"silu": abi.Act.SILU, "gelu_tanh": abi.Act.GELU_TANH}
+_MIXERS = {"attention": abi.Mixer.ATTENTION, "mamba": abi.Mixer.MAMBA, "mlstm": abi.Mixer.MLSTM}
+_PROJECTIONS = {"attention": ("wqkv", "wo"), "mamba": ("in_proj", "out_proj"), "mlstm": ("w_in", "w_out")}
+"""Each mixer's input and output projections, in the order the step's structs take them."""
 
 
 def _linears(model: GPT) -> list[tuple[str, nn.Module]]:
-    """Every linear layer the step runs, named: the output layer, then per layer q|k|v, output, and
-    gate|up, down of the dense feed-forward or of each expert."""
+    """Every linear layer the step runs, named: the output layer, then per layer the mixer's input
+    and output projections, and gate|up, down of the dense feed-forward or of each expert."""
     out = [("lm_head", model.lm_head)]
     for i, blk in enumerate(model.layers):
-        out += [(f"layers.{i}.mixer.wqkv", blk.mixer.wqkv), (f"layers.{i}.mixer.wo", blk.mixer.wo)]
+        out += [(f"layers.{i}.mixer.{name}", getattr(blk.mixer, name))
+                for name in _PROJECTIONS[model.config.mixer_at(i)]]
         experts = getattr(blk.ffn, "experts", None)
         for j, ffn in enumerate(experts if experts is not None else [blk.ffn]):
             p = f"layers.{i}.ffn." + (f"experts.{j}." if experts is not None else "")
@@ -57,9 +67,14 @@ def _reason(model: nn.Module) -> tuple[str, list[abi.Linear]]:
     c = model.config
     if model.norm.weight.device.type != "cpu":
         return f"the model is on {model.norm.weight.device.type}, the fused step runs on CPU", []
-    mixers = sorted({c.mixer_at(i) for i in range(c.n_layers)} - {"attention"})
+    mixers = sorted({c.mixer_at(i) for i in range(c.n_layers)} - set(_MIXERS))
     if mixers:
-        return f"the fused step runs attention layers only, not {', '.join(mixers)}", []
+        return f"the fused step runs attention, Mamba and mLSTM layers, not {', '.join(mixers)}", []
+    kinds = {"mamba": Mamba, "mlstm": MLSTM}
+    for i, blk in enumerate(model.layers):
+        kind = kinds.get(c.mixer_at(i))
+        if kind is not None and type(blk.mixer) is not kind:
+            return f"layer {i}'s mixer is a {type(blk.mixer).__name__}, not lilliput's {kind.__name__}", []
     if c.ffn not in ("swiglu", "moe"):
         return f"the fused step runs gated and MoE feed-forwards, not {c.ffn!r}", []
     if c.ffn == "moe" and c.moe_capacity is not None:
@@ -104,7 +119,7 @@ class FusedStep:
             ffn_dim=c.ffn_dim, vocab=c.vocab_size, eps=c.norm_eps, act=_ACT[c.act], qk_norm=_QK[c.qk_norm],
             attn_scale=c.attn_scale or 0.0, attn_softcap=c.attn_softcap or 0.0, final_softcap=c.final_softcap or 0.0,
             rot_dim=c.rot_dim, n_experts=c.moe_experts if moe else 0, top_k=c.moe_top_k if moe else 0,
-            norm_topk=int(c.moe_norm_topk))
+            norm_topk=int(c.moe_norm_topk), n_snap=SNAPSHOTS)
         self.final_norm = _norm(model.norm)
         a.final_norm = self.final_norm.data_ptr()
         a.lm_head = descs[0]
@@ -114,20 +129,17 @@ class FusedStep:
         self._keep: list = []  # fp32 norms, routers and expert descriptor arrays the structs point at
         it = iter(descs[1:])
         for i, blk in enumerate(model.layers):
-            la, mix = self.layer_args[i], blk.mixer
+            la, mix, kind = self.layer_args[i], blk.mixer, c.mixer_at(i)
             norms = [_norm(getattr(blk, n, None)) for n in ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm")]
-            qk = [_norm(getattr(mix, n, None)) for n in ("q_norm", "k_norm")] if c.qk_norm else [None, None]
-            self._keep += norms + qk
+            self._keep += norms
+            la.mixer = _MIXERS[kind]
             la.attn_norm, la.attn_post_norm, la.ffn_norm, la.ffn_post_norm = map(_ptr, norms)
-            la.q_norm, la.k_norm = map(_ptr, qk)
-            if mix.rotary is None:
-                la.rope = -1
+            if kind == "attention":
+                self._attention(la, mix, next(it), next(it))
+            elif kind == "mamba":
+                self._mamba(la, mix, next(it), next(it))
             else:
-                if all(r is not mix.rotary for r in self.rotaries):
-                    self.rotaries.append(mix.rotary)
-                la.rope = next(j for j, r in enumerate(self.rotaries) if r is mix.rotary)
-            la.window = mix.window or 0
-            la.wqkv, la.wo = next(it), next(it)
+                self._mlstm(la, mix, next(it), next(it))
             if moe:
                 E = c.moe_experts
                 gate_up, down = (abi.Linear * E)(), (abi.Linear * E)()
@@ -153,6 +165,38 @@ class FusedStep:
         a.rows, a.pos, a.out_idx = (self.meta[i].data_ptr() for i in range(3))
         self._bound: tuple[int, int] | None = None
 
+    def _attention(self, la: abi.Layer, mix: nn.Module, wqkv: abi.Linear, wo: abi.Linear) -> None:
+        qk = [_norm(getattr(mix, n, None)) for n in ("q_norm", "k_norm")] if self.config.qk_norm else [None, None]
+        self._keep += qk
+        la.q_norm, la.k_norm = map(_ptr, qk)
+        if mix.rotary is None:
+            la.rope = -1
+        else:
+            if all(r is not mix.rotary for r in self.rotaries):
+                self.rotaries.append(mix.rotary)
+            la.rope = next(j for j, r in enumerate(self.rotaries) if r is mix.rotary)
+        la.window = mix.window or 0
+        la.wqkv, la.wo = wqkv, wo
+
+    def _floats(self, *ts: torch.Tensor) -> list[int]:
+        """Pointers to fp32 contiguous copies (or the tensors themselves) of small parameters, kept alive."""
+        ts = [t.detach().float().contiguous() for t in ts]
+        self._keep += ts
+        return [t.data_ptr() for t in ts]
+
+    def _mamba(self, la: abi.Layer, mix: Mamba, in_proj: abi.Linear, out_proj: abi.Linear) -> None:
+        a = self.args
+        a.ssm_heads, a.ssm_head_dim, a.ssm_state, a.ssm_conv = mix.nh, mix.hs, mix.N, mix.K
+        conv_w, conv_b, dt_bias, A, D, norm = self._floats(
+            mix.conv_weight.t(), mix.conv_bias, mix.dt_bias, -torch.exp(mix.A_log.detach().float()), mix.D,
+            mix.norm_weight)
+        la.mamba = abi.Mamba(in_proj=in_proj, out_proj=out_proj, conv_w=conv_w, conv_b=conv_b, dt_bias=dt_bias, A=A,
+                             D=D, norm=norm)
+
+    def _mlstm(self, la: abi.Layer, mix: MLSTM, w_in: abi.Linear, w_out: abi.Linear) -> None:
+        gate_bias, norm = self._floats(mix.gate_bias, mix.norm_weight)
+        la.mlstm = abi.Mlstm(w_in=w_in, w_out=w_out, gate_bias=gate_bias, norm=norm)
+
     @classmethod
     def for_model(cls, model: GPT) -> "FusedStep | None":
         """The step for `model`, or None where it cannot run it (`fast_path_reason` says why)."""
@@ -169,16 +213,32 @@ class FusedStep:
         return step
 
     def bind(self, state: DecodeState) -> None:
-        """Point the step at a decode state's caches (fp32, or fp16 where `kv_f16`; CPU). Call again
-        after it grows."""
-        first = state.layers[0]
+        """Point the step at a decode state's caches (fp32, or fp16 where `kv_f16`; CPU) and recurrent
+        states (fp32, CPU). Call again after it grows."""
+        kv = [s for s in state.layers if isinstance(s, KVState)]
         dtypes = (torch.float32, torch.float16) if self.kv_f16 else (torch.float32,)
-        if not isinstance(first, KVState) or first.k.dtype not in dtypes or first.k.device.type != "cpu":
-            raise ValueError(f"the fused step needs a CPU attention state of {' or '.join(map(str, dtypes))}")
-        self.args.max_len = first.max_len
-        self.args.kv_f16 = int(first.k.dtype == torch.float16)
+        if len({s.k.dtype for s in kv}) > 1 or any(s.k.dtype not in dtypes or s.k.device.type != "cpu" for s in kv):
+            raise ValueError(f"the fused step needs CPU attention caches of {' or '.join(map(str, dtypes))}")
+        rec = [s for s in state.layers if isinstance(s, RecurrentState)]
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
+               for s in rec for t in s.tensors.values()):
+            raise ValueError("the fused step needs contiguous fp32 CPU recurrent states")
+        self.args.max_len = kv[0].max_len if kv else state.max_len
+        self.args.kv_f16 = int(bool(kv) and kv[0].k.dtype == torch.float16)
         for la, s in zip(self.layer_args, state.layers):
-            la.k_cache, la.v_cache = s.k.data_ptr(), s.v.data_ptr()
+            if la.mixer == abi.Mixer.ATTENTION:
+                la.k_cache, la.v_cache = s.k.data_ptr(), s.v.data_ptr()
+                continue
+            t, slots = s.tensors, s.snapshot_slots()
+            if la.mixer == abi.Mixer.MAMBA:
+                m = la.mamba
+                m.state_ssm, m.state_conv = t["ssm"].data_ptr(), t["conv"].data_ptr()
+                m.snap_ssm, m.snap_conv = slots["ssm"].data_ptr(), slots["conv"].data_ptr()
+            else:
+                m = la.mlstm
+                m.state_c, m.state_n, m.state_m = (t[k].data_ptr() for k in "Cnm")
+                m.snap_c, m.snap_n, m.snap_m = (slots[k].data_ptr() for k in "Cnm")
+        self._recurrent = rec
         self._bound = (id(state), state.generation)
 
     def _rotary_rows(self, n: int, pos: list[int], rows: list[int], ends: dict[int, int]) -> None:
@@ -202,8 +262,9 @@ class FusedStep:
     def __call__(self, state: DecodeState, tokens: list[int], rows: list[int], out: list[int] | None = None
                  ) -> torch.Tensor:
         """Append token t to state row rows[t] (at that row's length; a row may appear several times,
-        in order) and return the logits (len(out), V) fp32 of the tokens indexed by `out` (default
-        all). The returned tensor is reused by the next call."""
+        in order: recurrent layers advance the row's state through them in that order) and return the
+        logits (len(out), V) fp32 of the tokens indexed by `out` (default all). The returned tensor is
+        reused by the next call."""
         n = len(tokens)
         if not 0 < n <= self.max_tokens or len(rows) != n:
             raise ValueError(f"the fused step takes 1..{self.max_tokens} tokens with one row each, got {n}")
@@ -235,4 +296,6 @@ class FusedStep:
             raise RuntimeError(f"llama_step failed (code {rc}) for rows {rows} at positions {pos}")
         for r, k in seen.items():
             lengths[r] += k
+        for s in self._recurrent:
+            s.advanced(seen)
         return self.logits[:len(out)]

@@ -34,9 +34,11 @@ from lilliput.infer.kernels import abi
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = tuple(sorted(CSRC.glob("*.c")))
 """Compiled together into one library: the GEMV kernel and its thread pool (gemv.c), the quantized
-kernels (qgemv*.c), the fused decode step built on them (llama_step.c) and the ABI table (abi.c)."""
+kernels (qgemv*.c), the fused decode step built on them (llama_step.c, its recurrent mixers in
+mamba_step.c and mlstm_step.c) and the ABI table (abi.c)."""
 HEADERS = tuple(sorted(CSRC.glob("*.h")))
-"""lilliput.h (the interface) and the quantized kernels' private qgemv.h: part of the cache key."""
+"""lilliput.h (the interface), the quantized kernels' private qgemv.h and the fused step's private
+step.h: part of the cache key."""
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
 ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f", "-mno-avxvnni", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16")}
 """What ``LILLIPUT_ISA`` adds to FLAGS: native (the default) lets -march=native choose."""
