@@ -15,10 +15,17 @@
    second, named field).
 4. int8 batch 8 / batch 1 with the AVX2 kernels forced (`LILLIPUT_ISA=avx2`, in a child process:
    a process loads one build), the kernels an AVX2-only machine runs.
+5. The arena's architectures (dense, MoE, Mamba-2, xLSTM, hybrid: the `*-arena` presets, randomly
+   initialised: speed only) decoding at batch 1 and 16 from each of the arena's context lengths
+   (256 .. 8192), each through the engine (its fused C step where it runs the model; one prefill
+   per run, copied to the other rows), interleaved round by round: `arch_decode_tok_s`
+   {arch: {"b1": {context: median tok/s}}}, `arch_vs_dense` (the same over dense's) and
+   `mamba_vs_dense_batch1_min` (the least over contexts of Mamba / dense at batch 1; target >= 1).
 
 Writes bench/results/engine.json with `int8_batch8_vs_batch1`, `int8_batch8_vs_batch1_avx2`,
-`continuous_vs_sequential` and `int8_fraction_of_limit`, and the instruction sets the kernels were
-built with.
+`continuous_vs_sequential`, `int8_fraction_of_limit` and `mamba_vs_dense_batch1_min`, and the
+instruction sets the kernels were built with. `--arch-only` runs part 5 alone (with
+`--arch-contexts 64 --arch-batches 1 --arch-new 4 --repeats 1`: a smoke run of seconds).
 """
 
 from __future__ import annotations
@@ -38,13 +45,17 @@ import torch
 
 from lilliput.compress.quantize import RTNConfig, quantize_
 from lilliput.core.checkpoint import load_model, to_transformers
+from lilliput.core.config import preset
 from lilliput.core.record import run_record, write_json
+from lilliput.core.tokenizer import ByteTokenizer
 from lilliput.eval.efficiency import (decode_rate, engine_rates, interleave, linear_bytes, memory_bandwidth,
-                                       percentile, read_bandwidth_gb_s, spread)
+                                       parameter_count, percentile, read_bandwidth_gb_s, spread)
 from lilliput.eval.tasks import lambada_passages
 from lilliput.infer import kernels
 from lilliput.infer.engine import Engine, EngineConfig
+from lilliput.infer.fused import fast_path_reason
 from lilliput.infer.sequence import GenerationConfig
+from lilliput.jobs.arena import ARCHS, ArenaJob, arena_model
 
 OUT = Path(__file__).parent / "results" / "engine.json"
 
@@ -116,6 +127,54 @@ def avx2_int8(args) -> dict:
                                  "values": [round(x, 1) for x in v["values"]]} for b, v in got["decode_tok_s"].items()}}
 
 
+def arch_decode(args) -> dict:
+    """Part 5: decode tok/s of the arena's architectures at each batch and context, through the engine."""
+    archs = args.archs.split(",")
+    unknown = sorted(set(archs) - set(ARCHS))
+    if unknown:
+        raise SystemExit(f"unknown architectures {unknown}; known: {', '.join(ARCHS)}")
+    contexts = [int(c) for c in args.arch_contexts.split(",")]
+    batches = [int(b) for b in args.arch_batches.split(",")]
+    need = max(contexts) + args.arch_new
+    models = {a: arena_model(a, 0, max_seq_len=need if need > preset(ARCHS[a]).max_seq_len else None) for a in archs}
+    g = torch.Generator().manual_seed(0)
+    prompts = {c: torch.randint(0, 256, (c,), generator=g).tolist() for c in contexts}
+    tok = ByteTokenizer()
+
+    def run(model, batch: int, context: int) -> float:
+        return engine_rates(model, tok, prompts[context], batch, args.arch_new, share_prefill=True,
+                            prefill_chunk=512)["decode_tok_s"]
+
+    runs = {f"{a} b{b} @{c}": (lambda m=m, b=b, c=c: run(m, b, c)) for a, m in models.items() for b in batches
+            for c in contexts}
+    print(f"architectures: {len(runs)} configurations x {args.repeats} rounds", file=sys.stderr)
+    got = interleave(runs, repeats=args.repeats, warmup=1)
+    med = {k: v["median"] for k, v in got.items()}
+    for k, v in med.items():
+        print(f"  {k:<22} {v:9.1f} tok/s", file=sys.stderr)
+    table = {a: {f"b{b}": {str(c): round(med[f"{a} b{b} @{c}"], 1) for c in contexts} for b in batches} for a in archs}
+    vs_dense = {a: {f"b{b}": {str(c): round(med[f"{a} b{b} @{c}"] / med[f"dense b{b} @{c}"], 3) for c in contexts}
+                    for b in batches} for a in archs if a != "dense"} if "dense" in archs else {}
+    mamba_b1 = vs_dense.get("mamba", {}).get("b1")
+    return {
+        "arch_decode_tok_s": table,
+        "arch_decode_values": {k: [round(x, 1) for x in v["values"]] for k, v in got.items()},
+        "arch_vs_dense": vs_dense,
+        "mamba_vs_dense_batch1_min": min(mamba_b1.values()) if mamba_b1 else None,
+        "arch_fast_path": {a: fast_path_reason(m) or "fused C step" for a, m in models.items()},
+        "arch_parameters": {a: parameter_count(m) for a, m in models.items()},
+        "arch_setup": {"presets": {a: ARCHS[a] for a in archs}, "contexts": contexts, "batches": batches,
+                       "new_tokens": args.arch_new, "init": "random (seed 0): speed only",
+                       "prompt": "random bytes of the context's length, prefilled once in chunks of 512 and "
+                                 "copied to every row (Engine.add_n)"},
+    }
+
+
+def write(args, argv, result: dict) -> None:
+    write_json(args.out, run_record("bench/engine.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                                    **result))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -129,10 +188,21 @@ def main(argv=None) -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--no-avx2", action="store_true", help="skip the AVX2-forced int8 batch ratio")
     ap.add_argument("--int8-only", action="store_true", help=argparse.SUPPRESS)  # the AVX2 child: int8 decode, JSON out
+    ap.add_argument("--arch-only", action="store_true", help="run part 5 (the arena's architectures) alone")
+    ap.add_argument("--archs", default=",".join(ARCHS), help="arena architectures of part 5")
+    ap.add_argument("--arch-batches", default="1,16", help="batch sizes of part 5")
+    ap.add_argument("--arch-contexts", default=",".join(map(str, ArenaJob().contexts)),
+                    help="context lengths of part 5 (default: the arena's)")
+    ap.add_argument("--arch-new", type=int, default=64, help="decoded tokens per sequence in part 5")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     kernels.set_threads(args.threads)
+    if args.arch_only:
+        result = {"threads": args.threads, "repeats": args.repeats, **arch_decode(args), "kernels": kernels.describe()}
+        write(args, argv, result)
+        print(f"mamba_vs_dense_batch1_min {result['mamba_vs_dense_batch1_min']}; wrote {args.out}", file=sys.stderr)
+        return 0
     batches = [int(b) for b in args.batches.split(",")]
 
     model, tok = load_model(None, device="cpu")
@@ -174,6 +244,7 @@ def main(argv=None) -> int:
     def ratio(a, b):
         return round(med[a] / med[b], 3) if a in med and b in med else None
 
+    archs = arch_decode(args)
     result = {
         "threads": args.threads, "new_tokens": args.new, "prompt_tokens": args.prompt, "repeats": args.repeats,
         "int8_batch8_vs_batch1": ratio("lilliput int8 b8", "lilliput int8 b1"),
@@ -197,17 +268,17 @@ def main(argv=None) -> int:
         "serving": serving,
         "serving_requests": {"n": len(reqs), "rate_per_s": args.rate, "prompt_tokens": [r["prompt"].__len__() for r in reqs],
                              "new_tokens": [r["new"] for r in reqs]},
+        **archs,
         "kernels": kernels.describe(),
         "note": "decode tok/s: tokens after the first, over the time after every row's prefill; lilliput and "
                 "transformers on the same fp32 weights (int8/int4: RTN per channel / g128). limit = read "
                 "bandwidth / bytes of every matrix per token (the KV cache ignored).",
     }
-    write_json(args.out, run_record("bench/engine.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                                    **result))
+    write(args, argv, result)
     print(f"int8_batch8_vs_batch1 {result['int8_batch8_vs_batch1']} (AVX2 forced: "
           f"{result['int8_batch8_vs_batch1_avx2']}), continuous_vs_sequential "
-          f"{result['continuous_vs_sequential']}, int8_fraction_of_limit {result['int8_fraction_of_limit']}; "
-          f"wrote {args.out}", file=sys.stderr)
+          f"{result['continuous_vs_sequential']}, int8_fraction_of_limit {result['int8_fraction_of_limit']}, "
+          f"mamba_vs_dense_batch1_min {result['mamba_vs_dense_batch1_min']}; wrote {args.out}", file=sys.stderr)
     return 0
 
 

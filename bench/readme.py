@@ -84,6 +84,11 @@ def _engine(results: Path) -> str | None:
     r = load(results, "engine")
     if r is None:
         return None
+    parts = [f(r) for key, f in (("decode_tok_s", _engine_smollm2), ("arch_decode_tok_s", _engine_archs)) if key in r]
+    return "\n\n".join(parts + [source(r, "engine")])
+
+
+def _engine_smollm2(r: dict) -> str:
     d = r["decode_tok_s"]
     batches = sorted({int(k.rsplit("b", 1)[1]) for k in d}, key=int)
     rows = []
@@ -106,8 +111,18 @@ def _engine(results: Path) -> str | None:
                 ["int8 batch 1 / read-bandwidth limit (`int8_fraction_of_limit`)",
                  f"**{fmt(r['int8_fraction_of_limit'])}** (limit {fmt(r['limit_tok_s']['int8'])} tok/s at "
                  f"{fmt(r['read_bandwidth_gb_s'])} GB/s)"],
-                ["fp32 batch 1 / limit", fmt(r.get("fp32_fraction_of_limit"))]])
-            + "\n\n" + source(r, "engine"))
+                ["fp32 batch 1 / limit", fmt(r.get("fp32_fraction_of_limit"))]]))
+
+
+def _engine_archs(r: dict) -> str:
+    d, setup = r["arch_decode_tok_s"], r["arch_setup"]
+    contexts = [str(c) for c in setup["contexts"]]
+    rows = [[f"{arch} b{b[1:]}", *(v[c] for c in contexts)] for arch, by_batch in d.items() for b, v in by_batch.items()]
+    return (f"The arena's architectures (`*-arena` presets, random init), decode-only tok/s through the engine at each "
+            f"context, {setup['new_tokens']} new tokens, median of {r['repeats']} interleaved rounds; Mamba / dense "
+            f"at batch 1, least over contexts (`mamba_vs_dense_batch1_min`): "
+            f"**{fmt(r.get('mamba_vs_dense_batch1_min'))}**:\n\n"
+            + md(["architecture, batch", *(f"context {c}" for c in contexts)], rows))
 
 
 @table("generate_speed")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lilliput.compress.quantize import RTNConfig, quantize_
+from lilliput.core.config import preset
 from lilliput.core.model import GPT
 from lilliput.eval import efficiency as eff
 
@@ -62,6 +63,16 @@ def test_decode_speeds_interleave(tiny_model, byte_tokenizer):
     assert set(speeds) == {"x", "y"} and all(s["n"] == 2 and s["median"] > 0 for s in speeds.values())
 
 
+@pytest.mark.parametrize("share", [False, True])
+def test_engine_rates_decode_every_row(share, byte_tokenizer, one_thread):
+    """The rows are copies of one prompt, prefilled once when shared (in chunks: a long context)."""
+    torch.manual_seed(0)
+    model = GPT(preset("mamba-tiny")).eval()
+    got = eff.engine_rates(model, byte_tokenizer, list(range(40)), 3, 5, share_prefill=share,
+                           prefill_chunk=16 if share else None)
+    assert got["tokens"] == 15 and got["decode_tok_s"] > 0
+
+
 def test_percentile_interpolates_like_numpy():
     xs = [5.0, 1.0, 3.0, 2.0, 4.0]
     assert eff.percentile(xs, 50) == 3.0 and eff.percentile(xs, 0) == 1.0 and eff.percentile(xs, 100) == 5.0
@@ -77,6 +88,4 @@ def test_percentile_interpolates_like_numpy():
     ("hybrid-tiny", 2 * 2 * 8 * 4, 3 * (4 * 16 * 16 + 3 * 96) * 4),
 ])
 def test_decode_state_bytes_split_growing_and_fixed_state(name, per_token, per_sequence):
-    from lilliput.core.config import preset
-
     assert eff.decode_state_bytes(GPT(preset(name))) == {"per_token": per_token, "per_sequence": per_sequence}

@@ -305,15 +305,19 @@ def end_to_end_rate(tokens: int, seconds: float) -> float:
     return tokens / seconds if tokens > 0 and seconds > 0 else 0.0
 
 
-def engine_rates(model, tokenizer, prompt: list[int], batch: int, new_tokens: int) -> dict[str, float]:
+def engine_rates(model, tokenizer, prompt: list[int], batch: int, new_tokens: int, share_prefill: bool = False,
+                 prefill_chunk: int | None = None) -> dict[str, float]:
     """One run of `batch` copies of `prompt` through one engine, `new_tokens` each (greedy, eos ignored):
     {"decode_tok_s": decode-only, all rows together, "end_to_end_tok_s": prefill included, "seconds",
     "tokens"}. Every speed a user sees (bench/engine.py, `lilliput bench`, the shrink job, the demo)
-    is measured by this loop."""
+    is measured by this loop. share_prefill: the rows are `Engine.add_n` samples of the prompt, which
+    prefill it once and copy it (decode at a long context without `batch` prefills); prefill_chunk:
+    prompt tokens per engine step (default: every row's at once)."""
     engine = Engine(model, tokenizer, EngineConfig(max_batch=batch, max_len=len(prompt) + new_tokens,
-                                                   prefill_chunk=len(prompt) * batch))
+                                                   prefill_chunk=prefill_chunk or len(prompt) * batch))
+    cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
     t0 = time.perf_counter()
-    seqs = [engine.add(prompt, GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)) for _ in range(batch)]
+    seqs = engine.add_n(prompt, cfg, batch) if share_prefill else [engine.add(prompt, cfg) for _ in range(batch)]
     while any(s.status is not Status.RUNNING for s in seqs) and engine.has_work():
         engine.step()
     before = sum(len(s.output) for s in seqs)
