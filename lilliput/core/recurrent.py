@@ -82,9 +82,9 @@ class RecurrentState(MixerState):
         return self.slots
 
     def advanced(self, counts: dict[int, int]) -> None:
-        """Rows advanced in place by another step: row r by counts[r] tokens, its state after each of
-        the last w = window(counts[r]) of them in `snapshot_slots()` slots 1..w, the state before them in
-        slot 0."""
+        """Rows advanced in place by another step: row r by counts[r] tokens, the state before the last
+        w = window(counts[r]) of them in `snapshot_slots()` slot 0, after each but the last in slots
+        1..w-1 (after the last: the state itself, which `truncate` to the row's length never reads)."""
         for r, k in counts.items():
             self.lengths[r] += k
             self.snaps[r] = (self.lengths[r] - self.window(k), None)

@@ -97,8 +97,9 @@ typedef struct {
 /* A recurrent layer's state per cache row is a few fp32 tensors (rows, ...), like the KV cache. The
  * step also keeps, per row and tensor, snapshots (rows, n_snap + 1, ...) of the last call's
  * positions, so a caller can rewind the row (rejected drafts, forks): with T the row's tokens in the
- * call and w = min(T, n_snap), slot 0 holds the state before its last w tokens and slot i the state
- * after the i-th of them. NULL snapshots (or n_snap 0): none are kept. */
+ * call and w = min(T, n_snap), slot 0 holds the state before its last w tokens and slot i < w the
+ * state after the i-th of them (after the last: the state itself; slot w is not written). NULL
+ * snapshots (or n_snap 0): none are kept. */
 
 /* A Mamba-2 mixer (core/ssm.py): in_proj to z | x B C | dt, a causal depthwise convolution over
  * x B C and SiLU, dt = softplus(dt + dt_bias), per head h = exp(dt A) h + dt x B^T and

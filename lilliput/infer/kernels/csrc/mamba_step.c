@@ -29,9 +29,10 @@ typedef struct {
     float *y;         /* (n, d_inner) */
 } ssd_ctx_t;
 
-/* h = da h + xd B^T over one head's (hs, N) state, and y[p] = h[p] . C */
-static inline void ssd_update(float *h, const float *x, const float *B, const float *C, float dt, float da,
-                              float D, float *y, int64_t hs, int64_t N) {
+/* h = da h + xd B^T over one head's (hs, N) state, and y[p] = h[p] . C + D x[p]; the state before the
+ * update also goes to `save` where it is not NULL (a snapshot, written as the state is read anyway). */
+static inline void ssd_update(float *h, float *save, const float *x, const float *B, const float *C, float dt,
+                              float da, float D, float *y, int64_t hs, int64_t N) {
     for (int64_t p = 0; p < hs; p++) {
         float *hp = h + p * N;
         const float xd = dt * x[p];
@@ -42,6 +43,7 @@ static inline void ssd_update(float *h, const float *x, const float *B, const fl
             for (; i < N; i += 8) {
                 v8 hv, bv, cv;
                 memcpy(&hv, hp + i, 32), memcpy(&bv, B + i, 32), memcpy(&cv, C + i, 32);
+                if (save) memcpy(save + p * N + i, &hv, 32);
                 hv = da * hv + xd * bv;
                 memcpy(hp + i, &hv, 32);
                 av += hv * cv;
@@ -49,6 +51,7 @@ static inline void ssd_update(float *h, const float *x, const float *B, const fl
             for (int k = 0; k < 8; k++) acc += av[k];
         }
         for (; i < N; i++) {
+            if (save) save[p * N + i] = hp[i];
             hp[i] = da * hp[i] + xd * B[i];
             acc += hp[i] * C[i];
         }
@@ -71,11 +74,10 @@ static void ssd_items(const float *unused, const void *ctxv, void *unused_y, int
         float *snap = m->snap_ssm ? m->snap_ssm + (row * slots * nh + h) * hsz : NULL; /* slot s: + s nh hsz */
         for (int64_t j = 0; j < T; j++) {
             const int64_t t = c->g->tok[c->g->first[gi] + j];
-            if (snap && snap_before(j, T, a->n_snap)) memcpy(snap, st, sizeof(float) * hsz);
             const float *u = c->xbc + t * cd;
             const float dt = c->dt[t * nh + h];
-            ssd_update(st, u + h * hs, u + di, u + di + N, dt, expf(dt * m->A[h]), m->D[h], c->y + t * di + h * hs,
-                       hs, N);
+            ssd_update(st, snap && snap_before(j, T, a->n_snap) ? snap : NULL, u + h * hs, u + di, u + di + N, dt,
+                       expf(dt * m->A[h]), m->D[h], c->y + t * di + h * hs, hs, N);
             const int64_t s = snap_after(j, T, a->n_snap);
             if (snap && s >= 0) memcpy(snap + s * nh * hsz, st, sizeof(float) * hsz);
         }

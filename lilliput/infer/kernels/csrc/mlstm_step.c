@@ -27,9 +27,10 @@ typedef struct {
     float *hb;         /* (n, heads d) */
 } mlstm_ctx_t;
 
-/* One head's update by one token and its output h (d,) before the norm; C, n, m in place. */
-static void mlstm_update(float *C, float *nv, float *mv, const float *q, const float *k, const float *v, float iv,
-                         float fv, float scale, float *h, int64_t d) {
+/* One head's update by one token and its output h (d,) before the norm; C, n, m in place, and C's rows
+ * before the update also to `save` where it is not NULL (a snapshot, written as C is read anyway). */
+static void mlstm_update(float *C, float *save, float *nv, float *mv, const float *q, const float *k, const float *v,
+                         float iv, float fv, float scale, float *h, int64_t d) {
     const float log_f = fminf(fv, 0.0f) - log1pf(expf(-fabsf(fv))); /* log sigmoid, as torch's */
     const float m_new = fmaxf(log_f + *mv, iv);
     const float fg = expf(log_f + *mv - m_new), ig = expf(iv - m_new);
@@ -38,6 +39,7 @@ static void mlstm_update(float *C, float *nv, float *mv, const float *q, const f
     for (int64_t r = 0; r < d; r++) { /* row r of C: updated and read in one pass */
         float *row = C + r * d;
         const float kr = ig * k[r], qr = q[r] * scale;
+        if (save) memcpy(save + r * d, row, sizeof(float) * d);
         for (int64_t b = 0; b < d; b++) {
             row[b] = fg * row[b] + kr * v[b];
             h[b] += qr * row[b];
@@ -66,16 +68,16 @@ static void mlstm_items(const float *unused, const void *ctxv, void *unused_y, i
         const int snap = m->snap_c && m->snap_n && m->snap_m;
         for (int64_t j = 0; j < T; j++) {
             const int64_t t = c->g->tok[c->g->first[gi] + j];
-            if (snap && snap_before(j, T, a->n_snap)) {
-                memcpy(m->snap_c + snap_at * d * d, C, sizeof(float) * d * d);
+            const int before = snap && snap_before(j, T, a->n_snap);
+            if (before) {
                 memcpy(m->snap_n + snap_at * d, nv, sizeof(float) * d);
                 m->snap_m[snap_at] = *mv;
             }
             const float *p = c->proj + t * P;
             float *o = c->hb + t * nh * d + h * d;
-            mlstm_update(C, nv, mv, p + h * d, p + (nh + h) * d, p + (2 * nh + h) * d,
-                         p[4 * nh * d + h] + m->gate_bias[h], p[4 * nh * d + nh + h] + m->gate_bias[nh + h], scale,
-                         o, d);
+            mlstm_update(C, before ? m->snap_c + snap_at * d * d : NULL, nv, mv, p + h * d, p + (nh + h) * d,
+                         p + (2 * nh + h) * d, p[4 * nh * d + h] + m->gate_bias[h],
+                         p[4 * nh * d + nh + h] + m->gate_bias[nh + h], scale, o, d);
             float ss = 0.0f; /* the head's RMSNorm, the norm weight and the output gate sigmoid(o) */
             for (int64_t b = 0; b < d; b++) ss += o[b] * o[b];
             const float inv = 1.0f / sqrtf(ss / (float)d + eps);

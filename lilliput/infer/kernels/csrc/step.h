@@ -27,7 +27,7 @@ typedef struct {
 
 /* Snapshots (lilliput.h): of a row's T tokens in the call, the last w = min(T, n_snap) are kept.
  * snap_before: whether the state before token j goes to slot 0; snap_after: the slot that takes the
- * state after token j (-1: none). */
+ * state after token j (-1: none; never the last token's: that is the state itself). */
 static inline int snap_before(int64_t j, int64_t T, int64_t n_snap) {
     const int64_t w = T < n_snap ? T : n_snap;
     return w > 0 && j == T - w;
@@ -35,7 +35,7 @@ static inline int snap_before(int64_t j, int64_t T, int64_t n_snap) {
 
 static inline int64_t snap_after(int64_t j, int64_t T, int64_t n_snap) {
     const int64_t w = T < n_snap ? T : n_snap;
-    return w > 0 && j >= T - w ? j - (T - w) + 1 : -1;
+    return w > 0 && j >= T - w && j < T - 1 ? j - (T - w) + 1 : -1;
 }
 
 /* e^x for 8 floats with x <= 0 (softmax scores minus their max): 2^n e^r with n = round(x / ln 2),
