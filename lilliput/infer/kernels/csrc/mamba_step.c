@@ -103,7 +103,9 @@ int mamba_mix(const step_args_t *a, const layer_t *ly, const step_rows_t *g, con
     const mamba_t *m = &ly->mamba;
     const int64_t n = a->n_tok, nh = a->ssm_heads, hs = a->ssm_head_dim, N = a->ssm_state, K = a->ssm_conv;
     const int64_t di = nh * hs, cd = di + 2 * N, P = di + cd + nh, wsz = (K - 1) * cd, slots = a->n_snap + 1;
-    if (!m->state_ssm || (K > 1 && !m->state_conv) || m->in_proj.n != P || m->out_proj.k != di) return -4;
+    if (!m->state_ssm || (K > 1 && !m->state_conv) || !m->conv_w || !m->conv_b || !m->dt_bias || !m->A || !m->D ||
+        !m->norm || m->in_proj.n != P || m->in_proj.k != a->dim || m->out_proj.n != a->dim || m->out_proj.k != di)
+        return -4;
     float *proj = buf, *xbc = proj + n * P, *y = xbc + n * cd, *dt = y + n * di;
     int rc;
     if ((rc = linear_run(&m->in_proj, in, proj, n))) return rc;

@@ -97,7 +97,9 @@ int mlstm_mix(const step_args_t *a, const layer_t *ly, const step_rows_t *g, con
               float *buf) {
     const mlstm_t *m = &ly->mlstm;
     const int64_t n = a->n_tok, nh = a->n_heads, d = a->head_dim, P = 4 * nh * d + 2 * nh;
-    if (!m->state_c || !m->state_n || !m->state_m || m->w_in.n != P || m->w_out.k != nh * d) return -4;
+    if (!m->state_c || !m->state_n || !m->state_m || !m->gate_bias || !m->norm || m->w_in.n != P ||
+        m->w_in.k != a->dim || m->w_out.n != a->dim || m->w_out.k != nh * d)
+        return -4;
     float *proj = buf, *hb = proj + n * P;
     int rc;
     if ((rc = linear_run(&m->w_in, in, proj, n))) return rc;
