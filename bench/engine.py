@@ -34,7 +34,6 @@ import argparse
 import copy
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from lilliput.core.record import run_record, write_json
 from lilliput.core.tokenizer import ByteTokenizer
 from lilliput.eval.efficiency import (decode_rate, engine_rates, interleave, linear_bytes, memory_bandwidth,
                                        parameter_count, percentile, read_bandwidth_gb_s, spread)
+from lilliput.eval.serve_peer import mixed_requests
 from lilliput.eval.tasks import lambada_passages
 from lilliput.infer import kernels
 from lilliput.infer.engine import Engine, EngineConfig
@@ -75,36 +75,22 @@ def hf_decode_tok_s(hf, prompt: list[int], batch: int, new: int) -> float:
     return decode_rate(batch * (new - 1), run(new) - first)
 
 
-def requests(tok, n: int, rate: float, seed: int) -> list[dict]:
-    """n requests: prompts of 16-256 tokens cut from LAMBADA passages, 16-128 new tokens, arrival
-    times of a Poisson process of `rate` requests/s."""
-    rng = random.Random(seed)
-    text = tok.encode("\n\n".join(lambada_passages(120)), bos=False)
-    out, t = [], 0.0
-    for _ in range(n):
-        plen, new = rng.choice([16, 32, 64, 128, 256]), rng.choice([16, 32, 64, 128])
-        start = rng.randrange(0, len(text) - plen)
-        out.append({"prompt": text[start:start + plen], "new": new, "arrival": t})
-        t += rng.expovariate(rate)
-    return out
-
-
-def serve(model, tok, reqs: list[dict], max_batch: int) -> dict:
+def serve(model, tok, reqs: list, max_batch: int) -> dict:
     """Run the requests through one engine as they arrive (max_batch=1: one at a time)."""
     engine = Engine(model, tok, EngineConfig(max_batch=max_batch, max_len=512))
     pending, seqs = list(reqs), []
     t0 = time.perf_counter()
     while pending or engine.has_work():
         now = time.perf_counter() - t0
-        while pending and pending[0]["arrival"] <= now:
+        while pending and pending[0].arrival <= now:
             r = pending.pop(0)
-            s = engine.add(r["prompt"], GenerationConfig(max_new_tokens=r["new"], ignore_eos=True))
-            s.arrival = t0 + r["arrival"]  # queueing before admission counts, as a client sees it
+            s = engine.add(r.prompt, GenerationConfig(max_new_tokens=r.new, ignore_eos=True))
+            s.arrival = t0 + r.arrival  # queueing before admission counts, as a client sees it
             seqs.append(s)
         if engine.has_work():
             engine.step()
         elif pending:
-            time.sleep(max(0.0, pending[0]["arrival"] - (time.perf_counter() - t0)))
+            time.sleep(max(0.0, pending[0].arrival - (time.perf_counter() - t0)))
     wall = time.perf_counter() - t0
     ttft = [s.first_token_at - s.arrival for s in seqs]
     tokens = sum(len(s.output) for s in seqs)
@@ -226,7 +212,7 @@ def main(argv=None) -> int:
     for k, v in decode.items():
         print(f"  {k:<26} {v['median']:8.1f} tok/s", file=sys.stderr)
 
-    reqs = requests(tok, args.requests, args.rate, seed=0)
+    reqs = mixed_requests(tok, args.requests, args.rate, seed=0)
     serving = {"int8 continuous (16 rows)": serve(models["int8"], tok, reqs, 16),
                "int8 one at a time": serve(models["int8"], tok, reqs, 1)}
     for k, v in serving.items():
@@ -266,8 +252,8 @@ def main(argv=None) -> int:
         "decode_tok_s": {k: {**{s: round(x, 2) for s, x in spread(v["values"]).items()},
                              "values": [round(x, 1) for x in v["values"]]} for k, v in decode.items()},
         "serving": serving,
-        "serving_requests": {"n": len(reqs), "rate_per_s": args.rate, "prompt_tokens": [r["prompt"].__len__() for r in reqs],
-                             "new_tokens": [r["new"] for r in reqs]},
+        "serving_requests": {"n": len(reqs), "rate_per_s": args.rate, "prompt_tokens": [len(r.prompt) for r in reqs],
+                             "new_tokens": [r.new for r in reqs]},
         **archs,
         "kernels": kernels.describe(),
         "note": "decode tok/s: tokens after the first, over the time after every row's prefill; lilliput and "

@@ -1,0 +1,121 @@
+"""The serving comparison: workloads, statistics, server processes.
+
+Everything here runs without vLLM or llama.cpp (a tiny in-process `lilliput serve` plays the server).
+"""
+
+import sys
+
+import pytest
+import torch
+
+from lilliput.core.config import preset
+from lilliput.core.model import GPT
+from lilliput.core.tokenizer import ByteTokenizer
+from lilliput.eval import serve_peer as sp
+
+LAMBADA_LENGTHS, NEW = {16, 32, 64, 128, 256}, {16, 32, 64, 128}
+
+
+# --- workloads -------------------------------------------------------------------------------------
+
+def test_mixed_requests_are_engine_benchs_mix_seeded():
+    tok = ByteTokenizer()
+    reqs = sp.mixed_requests(tok, 32, rate=16.0, seed=0)
+    assert len(reqs) == 32 and reqs == sp.mixed_requests(tok, 32, rate=16.0, seed=0)
+    assert {len(r.prompt) for r in reqs} <= LAMBADA_LENGTHS and {r.new for r in reqs} <= NEW
+    arrivals = [r.arrival for r in reqs]
+    assert arrivals[0] == 0.0 and arrivals == sorted(arrivals)
+    assert 0.5 < arrivals[-1] < 6  # 31 gaps of a 16/s Poisson process: ~1.9 s
+    assert reqs != sp.mixed_requests(tok, 32, rate=16.0, seed=1)
+
+
+def test_stream_requests_start_together_with_fixed_lengths():
+    reqs = sp.stream_requests(ByteTokenizer(), 16, prompt_tokens=64, new=64)
+    assert len(reqs) == 16 and all(len(r.prompt) == 64 and r.new == 64 and r.arrival == 0 for r in reqs)
+    assert len({tuple(r.prompt) for r in reqs}) > 1
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        sp.stream_requests(ByteTokenizer(), 1, prompt_tokens=10**9, new=4)
+
+
+def test_bodies_are_greedy_with_exact_lengths():
+    r = sp.Request([5, 6, 7], 9)
+    assert sp.token_body(r) == {"prompt": [5, 6, 7], "max_tokens": 9, "temperature": 0,
+                                "extra_body": {"ignore_eos": True}}
+    tok = ByteTokenizer()
+    body = sp.text_body(sp.Request(tok.encode("abc", bos=False), 4), tok, [2, 3])
+    assert body["prompt"] == "abc" and body["logit_bias"] == {"2": -100, "3": -100} and body["temperature"] == 0
+
+
+# --- statistics ------------------------------------------------------------------------------------
+
+def test_summary_counts_tokens_over_wall_time_and_ttft_percentiles():
+    results = [{"ttft": t, "out": 10} for t in (0.1, 0.2, 0.3, 0.4, 1.0)] + [{"error": "boom"}]
+    s = sp.summarize(results, seconds=2.0)
+    assert s["requests"] == 6 and s["errors"] == 1 and s["output_tokens"] == 50
+    assert s["output_tok_s"] == 25.0
+    assert s["ttft_p50_s"] == 0.3
+    assert s["ttft_p99_s"] == pytest.approx(0.4 + 0.96 * 0.6, abs=1e-4)  # numpy's linear interpolation
+    assert sp.summarize([{"error": "x"}], 1.0)["ttft_p50_s"] is None
+
+
+def test_text_equality_over_requests_both_answered():
+    assert sp.text_equality(["a", "b", "c", None], ["a", "x", "c", "d"]) == \
+        {"compared": 3, "identical": 2, "fraction": 0.667}
+    assert sp.text_equality([None], ["a"])["fraction"] is None
+    with pytest.raises(ValueError, match="different request lists"):
+        sp.text_equality(["a"], ["a", "b"])
+    assert sp.common_prefix_chars("hello world", "hello there") == 6
+
+
+# --- a real server in this process -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_server():
+    from lilliput.serve.app import ServeConfig, Server
+
+    def load():
+        torch.manual_seed(0)
+        return GPT(preset("tiny")).eval(), ByteTokenizer()
+
+    torch.set_num_threads(1)
+    s = Server(ServeConfig(port=0, max_batch=4), load, name=sp.SERVED_NAME).start(wait_loaded=True)
+    yield s
+    s.stop()
+
+
+def test_workload_through_the_openai_endpoint(tiny_server):
+    reqs = [sp.Request(list(b"the quick brown fox"), 6), sp.Request(list(b"jumps over"), 3, arrival=0.05)]
+    got = sp.run_workload(tiny_server.url, reqs)
+    assert got["errors"] == 0 and got["output_tokens"] == 9 and got["output_tok_s"] > 0
+    assert 0 < got["ttft_p50_s"] <= got["ttft_p99_s"] < got["seconds"]
+    again = sp.repeat_workload(tiny_server.url, reqs, repeats=2)
+    assert len(again["runs"]) == 2 and again["output_tokens"] == 9
+    assert sp.text_equality(got["texts"], again["texts"])["fraction"] == 1.0  # greedy: the same text each run
+
+
+def test_a_refused_request_is_an_error_of_the_run(tiny_server):
+    got = sp.run_workload(tiny_server.url, [sp.Request([1, 2], 10**6)])
+    assert got["errors"] == 1 and got["texts"] == [None] and got["error_examples"]
+
+
+HEALTH_SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_server_process_waits_for_health_and_stops():
+    port = sp.free_port()
+    with sp.ServerProcess([sys.executable, "-c", HEALTH_SERVER, str(port)], port, timeout=30) as srv:
+        assert srv.ready_seconds is not None and srv.proc.poll() is None
+    assert srv.proc.poll() is not None
+
+
+def test_server_process_that_exits_reports_its_log():
+    with pytest.raises(RuntimeError, match="exited with status 3"):
+        with sp.ServerProcess([sys.executable, "-c", "print('no model here'); raise SystemExit(3)"], sp.free_port()):
+            pass
