@@ -27,17 +27,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+from lilliput.eval import serve_peer as sp
 from lilliput.eval.efficiency import percentile
 
 OUT = Path(__file__).parent / "results" / "serve_load.json"
@@ -61,48 +58,15 @@ def dist(xs: list[float]) -> dict:
 
 # --- the server process ----------------------------------------------------------------------------
 
-class ServerProcess:
+class ServerProcess(sp.ServerProcess):
+    """`python -m lilliput.cli serve`, as a user starts it."""
+
     def __init__(self, model: str | None, max_batch: int, threads: int, prefix_cache: bool = True):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "lilliput.cli", "serve", "--port", str(self.port), "--max-batch", str(max_batch),
-               "--served-name", "m", "--prefix-cache" if prefix_cache else "--no-prefix-cache"]
+        port = sp.free_port()
+        cmd = [sys.executable, "-m", "lilliput.cli", "serve", "--port", str(port), "--max-batch", str(max_batch),
+               "--served-name", sp.SERVED_NAME, "--prefix-cache" if prefix_cache else "--no-prefix-cache"]
         cmd += ["--model", model] if model else []
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                tail = self.log.read().decode(errors="replace")[-2000:]
-                raise RuntimeError(f"the server exited with status {self.proc.returncode}:\n{tail}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("the server did not become healthy")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-    def __enter__(self):
-        self.wait_ready()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+        super().__init__(cmd, port, {"OMP_NUM_THREADS": str(threads)}, timeout=600)
 
 
 # --- requests ----------------------------------------------------------------------------------------
@@ -132,28 +96,6 @@ def prefix_mix(tok, n: int, tiny: bool) -> list[list[int]]:
             for i in range(n)]
 
 
-async def one(client, body: dict) -> dict:
-    """One streaming completion: TTFT, ITLs, E2EL, output tokens (or the error)."""
-    t0 = time.perf_counter()
-    stamps, usage = [], None
-    try:
-        stream = await client.completions.create(model="m", stream=True, stream_options={"include_usage": True},
-                                                 temperature=0, **body)
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].text:
-                stamps.append(time.perf_counter())
-            if chunk.usage is not None:
-                usage = chunk.usage
-    except Exception as e:  # counted as an error of the run
-        return {"error": f"{type(e).__name__}: {e}"}
-    end = time.perf_counter()
-    out = usage.completion_tokens if usage else len(stamps)
-    ttft = (stamps[0] - t0) if stamps else end - t0
-    return {"ttft": ttft, "itl": [b - a for a, b in zip(stamps, stamps[1:])], "e2el": end - t0, "out": out,
-            "tpot": (end - t0 - ttft) / (out - 1) if out > 1 else None, "cached": usage.prompt_tokens_details.cached_tokens
-            if usage and usage.prompt_tokens_details else 0}
-
-
 async def load_level(url: str, reqs: list[dict], clients: int, duration: float, max_requests: int) -> dict:
     """`clients` workers sending requests from the mix back to back until time or count runs out."""
     import openai
@@ -168,8 +110,8 @@ async def load_level(url: str, reqs: list[dict], clients: int, duration: float, 
             if i is None:
                 return
             r = reqs[i % len(reqs)]
-            results.append(await one(client, {"prompt": r["prompt"], "max_tokens": r["max_tokens"],
-                                              "extra_body": {"ignore_eos": True}}))
+            results.append(await sp.stream_completion(client, {"prompt": r["prompt"], "max_tokens": r["max_tokens"],
+                                                                "temperature": 0, "extra_body": {"ignore_eos": True}}))
 
     await asyncio.gather(*(worker() for _ in range(clients)))
     wall = time.perf_counter() - t0
@@ -202,7 +144,7 @@ async def ttft_one_at_a_time(url: str, prompts: list[list[int]]) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
-    rs = [await one(client, {"prompt": p, "max_tokens": 4}) for p in prompts]
+    rs = [await sp.stream_completion(client, {"prompt": p, "max_tokens": 4, "temperature": 0}) for p in prompts]
     await client.close()
     ok = [r for r in rs if "error" not in r]
     return {"requests": len(rs), "errors": len(rs) - len(ok), "prompt_tokens_mean": round(statistics.fmean(map(len, prompts)), 1),
