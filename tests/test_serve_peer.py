@@ -1,8 +1,10 @@
-"""The serving comparison: workloads, statistics, server processes.
+"""The serving comparison: workloads, statistics, server processes, the job's config and summary.
 
-Everything here runs without vLLM or llama.cpp (a tiny in-process `lilliput serve` plays the server).
+Everything here runs without vLLM or llama.cpp (a tiny in-process `lilliput serve` plays the server);
+the one test that needs vLLM's venv skips when it is not installed, and nothing here installs anything.
 """
 
+import json
 import sys
 
 import pytest
@@ -11,7 +13,9 @@ import torch
 from lilliput.core.config import preset
 from lilliput.core.model import GPT
 from lilliput.core.tokenizer import ByteTokenizer
+from lilliput.eval import peers
 from lilliput.eval import serve_peer as sp
+from lilliput.jobs import serve_peer as job
 
 LAMBADA_LENGTHS, NEW = {16, 32, 64, 128, 256}, {16, 32, 64, 128}
 
@@ -60,7 +64,8 @@ def test_summary_counts_tokens_over_wall_time_and_ttft_percentiles():
 
 def test_text_equality_over_requests_both_answered():
     assert sp.text_equality(["a", "b", "c", None], ["a", "x", "c", "d"]) == \
-        {"compared": 3, "identical": 2, "fraction": 0.667}
+        {"compared": 3, "identical": 2, "fraction": 0.667, "differing_shared_prefix": 0.0}
+    assert sp.text_equality(["abcd"], ["abxy"])["differing_shared_prefix"] == 0.5
     assert sp.text_equality([None], ["a"])["fraction"] is None
     with pytest.raises(ValueError, match="different request lists"):
         sp.text_equality(["a"], ["a", "b"])
@@ -119,3 +124,72 @@ def test_server_process_that_exits_reports_its_log():
     with pytest.raises(RuntimeError, match="exited with status 3"):
         with sp.ServerProcess([sys.executable, "-c", "print('no model here'); raise SystemExit(3)"], sp.free_port()):
             pass
+
+
+# --- the job's config and `lilliput bench --peer` ---------------------------------------------------
+
+def test_peer_config_validates():
+    with pytest.raises(ValueError, match="unknown peer 'sglang'"):
+        job.PeerBenchConfig(peer="sglang")
+    with pytest.raises(ValueError, match="streams must be >= 1"):
+        job.PeerBenchConfig(streams=0)
+    with pytest.raises(ValueError, match="rate must be > 0"):
+        job.PeerBenchConfig(rate=0)
+
+
+def test_summary_ratios_best_row_and_equality():
+    from types import SimpleNamespace
+
+    def row(engine, fmt, tok_s, texts):
+        return {"engine": engine, "format": fmt,
+                **{w: {"output_tok_s": tok_s, "texts": texts} for w in ("streams", "arrivals")}}
+
+    measured = [row("lilliput", "bf16", 30.0, ["a", "b"]), row("lilliput", "int8", 90.0, ["a", "c"]),
+                row("vLLM", "bf16", 10.0, ["a", "x"]), row("vLLM", "fp32", 20.0, ["a", "b"]),
+                {"engine": "vLLM", "format": "int8", "error": "did not start"}]
+    art = SimpleNamespace(label="tiny", folder="/x", made={})
+    got = job.summary(job.PeerBenchConfig(), job.VllmPeer(), measured, {"install_seconds": 1.0}, art)
+    assert got["serve_bf16_vs_vllm_bf16"] == 3.0 and got["serve_int8_vs_vllm_bf16"] == 9.0
+    assert got["serve_int8_vs_vllm_best"] == 4.5 and got["vllm_best_format"] == "fp32"
+    assert got["greedy_identical_bf16"] == 0.5  # 2 of 4 completions (both workloads) equal vLLM bf16's
+    assert got["text_equality"]["lilliput bf16 vs vLLM fp32"]["streams"]["fraction"] == 1.0
+    assert all("texts" not in r.get("streams", {}) for r in got["rows"]) and got["rows"][-1]["error"]
+
+
+# --- vLLM itself (its own venv) --------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.skipif(peers.vllm_install_note() is None, reason="vLLM is not installed (python -m lilliput.eval.peers vllm)")
+def test_vllm_venv_imports_the_pinned_build():
+    import subprocess
+
+    python = peers.ensure_vllm(install=False)
+    note = peers.vllm_install_note()
+    got = subprocess.run([str(python), "-c", "import vllm, transformers; print(vllm.__version__)"],
+                         capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout.strip().splitlines()[-1] == note["vllm"] == peers.VLLM_PIN.split("==")[1]
+    assert note["install_seconds"] > 0
+
+
+def test_w8a8_folder_carries_lilliputs_int8_codes_and_scales(tiny_model, byte_tokenizer, tmp_path, one_thread):
+    from safetensors.torch import load_file
+
+    from lilliput.compress.quantize import RTNConfig, quantize_
+    from lilliput.export.weights import hf_weights
+
+    q = quantize_(tiny_model, RTNConfig(bits=8))
+    job.write_w8a8(q, byte_tokenizer, tmp_path / "w8a8")
+    state = load_file(tmp_path / "w8a8" / "model.safetensors")
+    cfg = json.loads((tmp_path / "w8a8" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors" and cfg["ignore"] == ["lm_head"]
+    group = cfg["config_groups"]["group_0"]
+    assert group["weights"]["strategy"] == "channel" and group["input_activations"]["dynamic"] is True
+    layers = [n for n, w in hf_weights(q).items() if n.startswith("model.layers.") and not isinstance(w, torch.Tensor)]
+    assert layers and all(state[n].dtype == torch.int8 for n in layers)
+    for name in layers:
+        w = hf_weights(q)[name]
+        scale = state[name.removesuffix("weight") + "weight_scale"]
+        assert scale.shape == (w.shape[0], 1)
+        torch.testing.assert_close(state[name].float() * scale.float(), w.dequantize(), rtol=1e-2, atol=1e-3)
+    assert state["lm_head.weight"].dtype == torch.bfloat16  # the output layer stays float (vLLM ignores it)

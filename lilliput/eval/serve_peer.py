@@ -11,7 +11,7 @@ same ids reach every server: no tokenizer or BOS difference), greedy (temperatur
 One run gives output tokens/s (every output token over the time from the first send to the last
 token), TTFT p50/p99 (from each request's send, which is its arrival) and each request's text,
 for greedy text equality between servers (`text_equality`). The server under test runs as its
-own process (`ServerProcess`, started from a command line), so any server with /health works.
+own process (`ServerProcess`, started from a command line, ready when a health path answers).
 """
 
 from __future__ import annotations
@@ -91,16 +91,19 @@ def summarize(results: list[dict], seconds: float) -> dict:
 
 def text_equality(a: list[str | None], b: list[str | None]) -> dict:
     """The fraction of requests whose completions are identical, over the requests both servers answered
-    (None: a failed request)."""
+    (None: a failed request), and how far the others agree: the mean share of the longer completion's
+    characters that both share from the start (where greedy decoding first went another way)."""
     if len(a) != len(b):
         raise ValueError(f"the runs answered different request lists ({len(a)} vs {len(b)})")
     pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
     same = sum(x == y for x, y in pairs)
-    return {"compared": len(pairs), "identical": same, "fraction": round(same / len(pairs), 3) if pairs else None}
+    differ = [common_prefix_chars(x, y) / max(len(x), len(y)) for x, y in pairs if x != y]
+    return {"compared": len(pairs), "identical": same, "fraction": round(same / len(pairs), 3) if pairs else None,
+            "differing_shared_prefix": round(statistics.fmean(differ), 3) if differ else None}
 
 
 def common_prefix_chars(a: str, b: str) -> int:
-    """Characters two completions share from their start (where greedy decoding first diverged)."""
+    """Characters two completions share from their start."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -196,14 +199,15 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A server started from a command line, healthy when GET /health answers 200; stopped on exit.
+    """A server started from a command line, ready when GET `health` answers 200; stopped on exit.
 
         with ServerProcess(cmd, port) as srv:
             run_workload(srv.url, reqs)
     """
 
-    def __init__(self, cmd: list[str], port: int, env: dict[str, str] | None = None, timeout: float = 900):
-        self.cmd, self.port, self.timeout = cmd, port, timeout
+    def __init__(self, cmd: list[str], port: int, env: dict[str, str] | None = None, timeout: float = 900,
+                 health: str = "/health"):
+        self.cmd, self.port, self.timeout, self.health = cmd, port, timeout, health
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.TemporaryFile()
         self.started = time.perf_counter()
@@ -221,7 +225,7 @@ class ServerProcess:
                 raise RuntimeError(f"`{' '.join(self.cmd[:6])} ...` exited with status {self.proc.returncode}:\n"
                                    f"{self.tail()}")
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                with urllib.request.urlopen(self.url + self.health, timeout=2) as r:
                     if r.status == 200:
                         self.ready_seconds = time.perf_counter() - self.started
                         return
