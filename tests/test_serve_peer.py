@@ -1,4 +1,4 @@
-"""The serving comparison: workloads, statistics, server processes, the job's config and summary.
+"""The serving comparison: workloads, statistics, server processes, `lilliput bench --peer` arguments.
 
 Everything here runs without vLLM or llama.cpp (a tiny in-process `lilliput serve` plays the server);
 the one test that needs vLLM's venv skips when it is not installed, and nothing here installs anything.
@@ -10,11 +10,13 @@ import sys
 import pytest
 import torch
 
+from lilliput.cli import main
 from lilliput.core.config import preset
 from lilliput.core.model import GPT
 from lilliput.core.tokenizer import ByteTokenizer
 from lilliput.eval import peers
 from lilliput.eval import serve_peer as sp
+from lilliput.infer.engine import EngineConfig
 from lilliput.jobs import serve_peer as job
 
 LAMBADA_LENGTHS, NEW = {16, 32, 64, 128, 256}, {16, 32, 64, 128}
@@ -83,7 +85,7 @@ def tiny_server():
         return GPT(preset("tiny")).eval(), ByteTokenizer()
 
     torch.set_num_threads(1)
-    s = Server(ServeConfig(port=0, max_batch=4), load, name=sp.SERVED_NAME).start(wait_loaded=True)
+    s = Server(ServeConfig(port=0, engine=EngineConfig(max_batch=4)), load, name=sp.SERVED_NAME).start(wait_loaded=True)
     yield s
     s.stop()
 
@@ -137,6 +139,13 @@ def test_peer_config_validates():
         job.PeerBenchConfig(rate=0)
 
 
+def fake_result(cfg) -> dict:
+    k = job.PEERS[cfg.peer].key
+    return {"peer_key": k, f"serve_bf16_vs_{k}_bf16": 2.0, f"serve_int8_vs_{k}_bf16": 4.0,
+            f"serve_int8_vs_{k}_best": 3.0, f"{k}_best_format": "fp32",
+            "greedy_identical_bf16": 0.5}
+
+
 def test_summary_ratios_best_row_and_equality():
     from types import SimpleNamespace
 
@@ -154,6 +163,44 @@ def test_summary_ratios_best_row_and_equality():
     assert got["greedy_identical_bf16"] == 0.5  # 2 of 4 completions (both workloads) equal vLLM bf16's
     assert got["text_equality"]["lilliput bf16 vs vLLM fp32"]["streams"]["fraction"] == 1.0
     assert all("texts" not in r.get("streams", {}) for r in got["rows"]) and got["rows"][-1]["error"]
+
+
+def test_bench_peer_flags_reach_the_job_and_write_one_record(monkeypatch, tmp_path, capsys):
+    seen = []
+    monkeypatch.setattr(job, "run_peer_bench", lambda cfg: seen.append(cfg) or fake_result(cfg))
+    rc = main(["bench", "--peer", "llama.cpp", "--streams", "4", "--new-tokens", "16", "--requests", "8",
+               "--repeats", "1", "--threads", "2", "--rows", "lilliput int8,llama.cpp Q8_0", "--no-install",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    cfg = seen[0]
+    assert (cfg.peer, cfg.streams, cfg.new_tokens, cfg.requests, cfg.repeats, cfg.threads, cfg.install) == \
+        ("llama.cpp", 4, 16, 8, 1, 2, False)
+    assert cfg.rows == ("lilliput int8", "llama.cpp Q8_0") and cfg.model is None
+    assert cfg.prompt_tokens == job.PeerBenchConfig.prompt_tokens  # untouched flags keep the config's defaults
+    record = json.loads((tmp_path / "vs_llamacpp.json").read_text())
+    assert record["serve_bf16_vs_llamacpp_bf16"] == 2.0 and record["command"].startswith("lilliput ")
+    assert "serve_int8_vs_llamacpp_best 3.0 (best fp32)" in capsys.readouterr().out
+
+
+def test_bench_peer_user_errors_are_one_line(monkeypatch, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--peer", "sglang"])
+    assert e.value.code == 2 and "invalid choice: 'sglang'" in capsys.readouterr().err
+    assert main(["bench", "--peer", "vllm", "--model", "a", "--model", "b"]) == 2
+    assert "one model" in capsys.readouterr().err
+    monkeypatch.setenv("LILLIPUT_CACHE", str(tmp_path))  # no vLLM venv there, and --no-install: nothing installs
+    assert main(["bench", "--peer", "vllm", "--no-install", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "vLLM is not installed" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_without_peer_still_builds_a_bench_config(monkeypatch, tmp_path):
+    from lilliput.eval import bench
+
+    seen = []
+    monkeypatch.setattr(bench, "run_bench", lambda cfg: seen.append(cfg))
+    assert main(["bench", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    assert seen[0].repeats == 2 and seen[0].models == (None,)
 
 
 # --- vLLM itself (its own venv) --------------------------------------------------------------------

@@ -78,7 +78,7 @@ COMMANDS = (
     Command("export", export.ExportJob, export.run_export, "write a model for llama.cpp (gguf), transformers/vLLM (hf) "
             "or ONNX Runtime (onnx)", say=export.summary),
     Command("bench", measure.BenchJob, measure.run_benchmark,
-            "quality, latency, throughput, memory and energy of models"),
+            "quality, latency, throughput, memory and energy of models; --peer: lilliput serve beside vLLM or llama.cpp"),
     Command("report", measure.ReportJob, measure.run_report, "an HTML + markdown report from bench or shrink runs",
             say="report: {}".format),
     Command("serve", serve.ServeJob, serve.run_serve, "an OpenAI-compatible HTTP server (continuous batching)"),

@@ -15,6 +15,7 @@ from lilliput.eval.bench import BenchConfig
 from lilliput.eval.perplexity import PerplexityConfig
 from lilliput.eval.report import ReportConfig
 from lilliput.eval.tasks import TaskConfig
+from lilliput.jobs.serve_peer import PEERS, PeerBenchConfig
 from lilliput.jobs.text_file import read_text
 
 
@@ -71,15 +72,40 @@ class BenchJob:
     """A model to measure (repeat for more; omit, or give "embedded", for the embedded one)."""
     config: BenchConfig = field(default=BenchConfig(), metadata=nested(skip=("models",)))
     """What to measure and how often."""
+    peer: str | None = field(default=None, metadata=flag(choices=tuple(PEERS)))
+    """Instead: lilliput serve beside a serving peer (vllm or llama.cpp) on one model, writing OUT/vs_<peer>.json
+    (--threads, --new-tokens, --repeats and --out apply too; default: none, the bench above)."""
+    serving: PeerBenchConfig = field(default=PeerBenchConfig(), metadata=nested(
+        skip=("model", "peer", "new_tokens", "repeats", "threads")))
+    """The serving comparison's workloads and rows (with --peer)."""
 
 
 def run_benchmark(job: BenchJob) -> None:
     from lilliput.eval.bench import run_bench
 
     models = tuple(None if m in ("", "embedded") else m for m in (job.model or [None]))
+    if job.peer is not None:
+        return run_peer(job, models)
     cfg = dataclasses.replace(job.config, models=models)
     run_bench(cfg)
     print(f"wrote {Path(cfg.out) / 'bench.json'}")
+
+
+def run_peer(job: BenchJob, models: tuple[str | None, ...]) -> None:
+    """`bench --peer`: lilliput serve beside a serving peer on one model; writes <out>/vs_<peer>.json."""
+    from lilliput.core.record import run_record, write_json
+    from lilliput.jobs.serve_peer import headline, run_peer_bench
+
+    if len(models) != 1:
+        raise ValueError(f"--peer compares one model, got {len(models)} --model flags")
+    c = job.config
+    cfg = dataclasses.replace(job.serving, peer=job.peer, model=models[0], threads=c.threads, new_tokens=c.new_tokens,
+                              repeats=c.repeats)
+    result = run_peer_bench(cfg)
+    # the command line as the record's command; every value it set is in the record's config
+    out = write_json(Path(c.out) / f"vs_{result['peer_key']}.json", run_record(f"lilliput bench --peer {cfg.peer}",
+                                                                                **result))
+    print(f"{headline(result)}; wrote {out}")
 
 
 @dataclass(frozen=True)
