@@ -168,10 +168,11 @@ async def _run(url: str, reqs: list[Request], body: Callable[[Request], dict]) -
 
 
 def run_workload(url: str, reqs: list[Request], body: Callable[[Request], dict] = token_body) -> dict:
-    """Send every request at its arrival time; the summary, plus each request's text (None: failed)
-    and the first errors."""
+    """Send every request at its arrival time; the summary, the tokens asked for (fewer came back when a
+    server stopped early), each request's text (None: failed) and the first errors."""
     results, seconds = asyncio.run(_run(url, reqs, body))
-    return {**summarize(results, seconds), "texts": [r.get("text") for r in results],
+    return {**summarize(results, seconds), "requested_tokens": sum(r.new for r in reqs),
+            "texts": [r.get("text") for r in results],
             "error_examples": [r["error"] for r in results if "error" in r][:3]}
 
 
@@ -186,7 +187,7 @@ def repeat_workload(url: str, reqs: list[Request], repeats: int, body: Callable[
     return {"output_tok_s": round(statistics.median(rates), 2), "output_tok_s_range": [min(rates), max(rates)],
             "ttft_p50_s": mid["ttft_p50_s"], "ttft_p99_s": mid["ttft_p99_s"],
             "errors": sum(r["errors"] for r in runs), "requests": mid["requests"],
-            "output_tokens": mid["output_tokens"], "runs": [{k: v for k, v in r.items() if k != "texts"} for r in runs],
+            "output_tokens": mid["output_tokens"], "requested_tokens": mid["requested_tokens"], "runs": [{k: v for k, v in r.items() if k != "texts"} for r in runs],
             "texts": runs[0]["texts"]}
 
 

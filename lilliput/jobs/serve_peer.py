@@ -261,7 +261,8 @@ class LlamaCppPeer:
                 sys.executable, "-m", "llama_cpp.server", "--model", str(art.export("gguf", t)),
                 "--model_alias", sp.SERVED_NAME,
                 "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(n), "--n_threads_batch", str(n),
-                "--n_ctx", "2048"], body=lambda r: sp.text_body(r, art.tokenizer, eos), health="/v1/models"))
+                "--n_ctx", "2048", "--interrupt_requests", "False"],  # queue concurrent requests, not cut them off
+                body=lambda r: sp.text_body(r, art.tokenizer, eos), health="/v1/models"))
         return out
 
 
