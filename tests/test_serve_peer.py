@@ -5,6 +5,7 @@ the one test that needs vLLM's venv skips when it is not installed, and nothing 
 """
 
 import json
+import os
 import sys
 
 import pytest
@@ -137,6 +138,10 @@ def test_peer_config_validates():
         job.PeerBenchConfig(streams=0)
     with pytest.raises(ValueError, match="rate must be > 0"):
         job.PeerBenchConfig(rate=0)
+    with pytest.raises(ValueError, match=r"unknown rows \['vLLM Q8_0'\]: pick from lilliput bf16, lilliput int8, "
+                                         "vLLM bf16, vLLM fp32, vLLM int8"):
+        job.PeerBenchConfig(rows=("vLLM bf16", "vLLM Q8_0"))
+    assert job.PeerBenchConfig(peer="llama.cpp", rows=("llama.cpp Q8_0",)).rows == ("llama.cpp Q8_0",)
 
 
 def fake_result(cfg) -> dict:
@@ -240,3 +245,32 @@ def test_w8a8_folder_carries_lilliputs_int8_codes_and_scales(tiny_model, byte_to
         assert scale.shape == (w.shape[0], 1)
         torch.testing.assert_close(state[name].float() * scale.float(), w.dequantize(), rtol=1e-2, atol=1e-3)
     assert state["lm_head.weight"].dtype == torch.bfloat16  # the output layer stays float (vLLM ignores it)
+
+
+def test_rows_and_their_server_flags(tmp_path):
+    from types import SimpleNamespace
+
+    art = SimpleNamespace(spec=None, int8=lambda: tmp_path / "int8", int8_w8a8=lambda: tmp_path / "w8a8",
+                          export=lambda fmt, type: tmp_path / f"{fmt}-{type}", tokenizer=ByteTokenizer())
+    built = {}
+    for name in job.PEERS:
+        cfg = job.PeerBenchConfig(peer=name, threads=2, max_batch=16)
+        peer = job.PEERS[name]()
+        peer.python = tmp_path / "venv" / "bin" / "python"
+        rows = job.lilliput_rows(cfg, art) + peer.rows(cfg, art)
+        assert [r.name for r in rows] == job.row_names(name)
+        built.update({r.name: r for r in rows})
+        cmds = {r.name: r.command(1234) for r in rows}
+        # lilliput: explicit flags only, so a changed default of `lilliput serve` cannot change a row
+        assert cmds["lilliput bf16"][-2:] == ["--dtype", "bfloat16"] and "--model" not in cmds["lilliput bf16"]
+        assert cmds["lilliput int8"][-2:] == ["--model", str(tmp_path / "int8")]
+        assert all(c[c.index("--port") + 1] == "1234" for c in cmds.values())
+
+    def flag(row: str, name: str) -> str:
+        cmd = built[row].command(1)
+        return cmd[cmd.index(name) + 1]
+
+    assert flag("vLLM fp32", "--dtype") == "float32" and flag("vLLM int8", "--model") == str(tmp_path / "w8a8")
+    assert flag("vLLM bf16", "--max-num-seqs") == "16" and flag("llama.cpp Q8_0", "--interrupt_requests") == "False"
+    cores = ",".join(map(str, sorted(os.sched_getaffinity(0))[:2]))
+    assert built["vLLM bf16"].env["VLLM_CPU_OMP_THREADS_BIND"] == cores  # lilliput's cores, none reserved

@@ -73,6 +73,9 @@ class PeerBenchConfig:
             raise ValueError(f"rate must be > 0, got {self.rate}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 (or None for all cores), got {self.threads}")
+        unknown = sorted(set(self.rows) - set(row_names(self.peer)))
+        if unknown:
+            raise ValueError(f"unknown rows {unknown}: pick from {', '.join(row_names(self.peer))}")
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,7 @@ VLLM_PRELOAD = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "lib/libio
 
 class VllmPeer:
     name, key = "vLLM", "vllm"
+    formats = ("bf16", "fp32", "int8")
 
     def install(self, cfg: PeerBenchConfig) -> dict:
         from lilliput.eval.peers import ensure_vllm, vllm_install_note
@@ -234,7 +238,7 @@ class VllmPeer:
                 "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port), "--served-model-name", sp.SERVED_NAME,
                 "--max-num-seqs", str(cfg.max_batch), "--max-model-len", "2048"]
 
-        return [Row(self.name, "bf16", command(lambda: art.export("hf", "bfloat16"), "bfloat16"), env),
+        return [Row(self.name, "bf16", command(lambda: art.export("hf", "bfloat16"), "bfloat16"), env),  # formats' order
                 Row(self.name, "fp32", command(lambda: art.export("hf", "float32"), "float32"), env),
                 Row(self.name, "int8", command(lambda: art.int8_w8a8(), "bfloat16"), env)]
 
@@ -269,6 +273,12 @@ class LlamaCppPeer:
 PEERS = {"vllm": VllmPeer, "llama.cpp": LlamaCppPeer}
 
 
+def row_names(peer: str) -> list[str]:
+    """Every row a comparison with `peer` runs, in order: lilliput's, then the peer's."""
+    p = PEERS[peer]
+    return ["lilliput bf16", "lilliput int8", *(f"{p.name} {f}" for f in p.formats)]
+
+
 # --- the run ----------------------------------------------------------------------------------------
 
 def measure_row(row: Row, streams: list[sp.Request], arrivals: list[sp.Request], repeats: int) -> dict:
@@ -297,9 +307,6 @@ def run_peer_bench(cfg: PeerBenchConfig, log: Callable[[str], None] = lambda m: 
     art = Artefacts(cfg.model)
     rows = lilliput_rows(cfg, art) + peer.rows(cfg, art)
     if cfg.rows:
-        unknown = set(cfg.rows) - {r.name for r in rows}
-        if unknown:
-            raise ValueError(f"unknown rows {sorted(unknown)}: pick from {', '.join(r.name for r in rows)}")
         rows = [r for r in rows if r.name in cfg.rows]
     tok = art.tokenizer
     streams = sp.stream_requests(tok, cfg.streams, cfg.prompt_tokens, cfg.new_tokens, seed=0)
