@@ -76,8 +76,10 @@ class BenchJob:
     """Instead: lilliput serve beside a serving peer (vllm or llama.cpp) on one model, writing OUT/vs_<peer>.json
     (--threads, --new-tokens, --repeats and --out apply too; default: none, the bench above)."""
     serving: PeerBenchConfig = field(default=PeerBenchConfig(), metadata=nested(
-        skip=("model", "peer", "new_tokens", "repeats", "threads")))
-    """The serving comparison's workloads and rows (with --peer)."""
+        skip=("model", "peer", "new_tokens", "repeats", "threads", "rows")))
+    """The serving comparison's workloads (with --peer)."""
+    rows: tuple[str, ...] = ()
+    """With --peer: rows to run, e.g. "lilliput bf16,vLLM bf16" (empty: all of the peer's rows)."""
 
 
 def run_benchmark(job: BenchJob) -> None:
@@ -100,7 +102,7 @@ def run_peer(job: BenchJob, models: tuple[str | None, ...]) -> None:
         raise ValueError(f"--peer compares one model, got {len(models)} --model flags")
     c = job.config
     cfg = dataclasses.replace(job.serving, peer=job.peer, model=models[0], threads=c.threads, new_tokens=c.new_tokens,
-                              repeats=c.repeats)
+                              repeats=c.repeats, rows=job.rows)
     result = run_peer_bench(cfg)
     # the command line as the record's command; every value it set is in the record's config
     out = write_json(Path(c.out) / f"vs_{result['peer_key']}.json", run_record(f"lilliput bench --peer {cfg.peer}",
