@@ -250,3 +250,22 @@ def test_stats_and_the_row_pool_follow_the_requests(tiny_model, byte_tokenizer, 
     again = engine.add("shared prefix, two", cfg)
     engine.run()
     assert again.cached_tokens == len("shared prefix, ") and again.row == first[0].row
+
+
+def test_bf16_prompt_chunks_run_in_the_c_step_where_the_cpu_has_no_bf16_arithmetic():
+    """torch's bf16 products are ~15x slower than the C step on AVX2 CPUs: long chunks stay in C there."""
+    from lilliput.infer import kernels
+    from lilliput.infer.runner import FUSED_EXTEND_MAX, ModelRunner
+
+    torch.manual_seed(0)
+    from lilliput.core.config import preset
+    from lilliput.core.model import GPT
+
+    runner = ModelRunner(GPT(preset("tiny")).eval().to(torch.bfloat16), rows=2, max_len=128)
+    if runner.fused is None:
+        pytest.skip(runner.fused_reason)
+    native_bf16 = kernels.cpu_has("avx512_bf16", "amx_bf16")
+    assert runner.bf16_in_c is not native_bf16
+    assert runner.can_mix(FUSED_EXTEND_MAX * 4) is not native_bf16
+    fp32 = ModelRunner(GPT(preset("tiny")).eval(), rows=2, max_len=128)
+    assert not fp32.bf16_in_c and fp32.can_mix(FUSED_EXTEND_MAX * 4) is fp32.fused.one_pass

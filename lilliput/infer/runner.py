@@ -16,7 +16,10 @@ FUSED_EXTEND_MAX = 16
 """Longest run of one row's tokens sent to the fused step when its layers take 8 rows per pass
 over the weights; longer prompt chunks go to torch, whose matrix-matrix products win once every
 weight is used by that many rows. A step whose layers take any number of rows in one pass
-(`FusedStep.one_pass`: int8 or int4 in the batch layout) runs every chunk, `max_tokens` at a time."""
+(`FusedStep.one_pass`: int8 or int4 in the batch layout) runs every chunk, `max_tokens` at a time,
+and so does a bf16 model on a CPU without bf16 arithmetic (no AVX-512 BF16 or AMX), where torch's
+bf16 products are slower than the C step's (a 64-token prompt of SmolLM2 on 2 Zen 3 cores: torch
+~12 s, the C step ~0.8 s)."""
 
 
 class ModelRunner:
@@ -28,6 +31,8 @@ class ModelRunner:
         if cpu:
             accelerate_(model)
         self.fused = FusedStep.for_model(model) if cpu else None
+        # bf16 weights where the CPU has no bf16 arithmetic: every prompt chunk runs in the C step
+        self.bf16_in_c = cpu and p.dtype == torch.bfloat16 and not kernels.cpu_has("avx512_bf16", "amx_bf16")
         if kv_dtype is None:  # fp16 where the fused step keeps it, else the model's float dtype
             kv_dtype = torch.float16 if self.fused and self.fused.kv_f16 else \
                 torch.float32 if self.fused else (p.dtype if p.is_floating_point() else torch.float32)
@@ -61,7 +66,7 @@ class ModelRunner:
 
     def can_mix(self, longest: int) -> bool:
         """Whether `mixed` runs work whose longest run of one row's tokens is `longest` in the C step."""
-        return self.fused is not None and (longest <= FUSED_EXTEND_MAX or self.fused.one_pass)
+        return self.fused is not None and (longest <= FUSED_EXTEND_MAX or self.fused.one_pass or self.bf16_in_c)
 
     @torch.inference_mode()
     def mixed(self, work: list[tuple[int, list[int], str]]) -> list[torch.Tensor | None]:

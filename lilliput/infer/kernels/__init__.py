@@ -11,10 +11,10 @@ The fused decode step that runs a whole model in one C call is `lilliput.infer.f
 
 from lilliput.infer.kernels import abi, build, descriptor, ops
 from lilliput.infer.kernels.abi import Kind, Variant
-from lilliput.infer.kernels.build import Kernel, available, unavailable_reason
+from lilliput.infer.kernels.build import Kernel, available, cpu_has, unavailable_reason
 from lilliput.infer.kernels.ops import (MAX_ROWS, argmax, decode_threads, describe, get_threads, linear,
                                         rmsnorm, set_spin_us, set_threads)
 
-__all__ = ["abi", "build", "descriptor", "ops", "Kind", "Variant", "Kernel", "available", "unavailable_reason",
+__all__ = ["abi", "build", "descriptor", "ops", "Kind", "Variant", "Kernel", "available", "cpu_has", "unavailable_reason",
            "MAX_ROWS", "argmax", "decode_threads", "describe", "get_threads", "linear", "rmsnorm",
            "set_spin_us", "set_threads"]

@@ -84,6 +84,12 @@ def find_compiler() -> str | None:
     return None
 
 
+def cpu_has(*flags: str) -> bool:
+    """Whether this CPU reports any of `flags` in /proc/cpuinfo (False where it cannot be read)."""
+    return any(f" {f} " in f" {line} " for line in _cpu_signature().splitlines() if line.startswith(("flags", "Features"))
+               for f in flags)
+
+
 def _cpu_signature() -> str:
     """What -march=native depends on: the CPU model and its feature flags."""
     try:
