@@ -270,12 +270,21 @@ def _test_time(results: Path) -> str | None:
     r = load(results, "test_time")
     if r is None:
         return None
-    a, toks = r["accuracy"], r["compute"]["generated_tokens"]
-    rows = [[n, a["best_of_n"][n], a["vote"][n], a["weighted_vote"][n], a["oracle"][n], toks.get(n)]
-            for n in a["best_of_n"]]
-    return (f"{r['questions']} checkable questions, {r['sampler_model']}, temperature {r['temperature']}:\n\n"
-            + md(["n", "best-of-n", "majority vote", "weighted vote", "oracle", "generated tokens"], rows)
-            + f"\n\n`best_gain` over greedy: **{fmt(r['best_gain'])}** ({r['best_method']}).\n\n" + source(r, "test_time"))
+    runs, g = r["runs"], r["greedy"]
+    rows = [[n, v["seconds"], v["seconds_vs_fp32_greedy"], v["accuracy"]["best_of_n"], v["accuracy"]["vote"],
+             v["accuracy"]["weighted_vote"], v["accuracy"]["oracle"]] for n, v in runs.items()]
+    eq = r["equal_time"]
+    equal = "no int8 run fitted fp32 greedy's seconds" if eq is None else (
+        f"at equal time (n = {eq['n']}, {eq['int8_seconds']} s against {eq['fp32_greedy_seconds']} s) the gain over fp32 "
+        "greedy is " + ", ".join(f"{m} {fmt(v['mean'])} [{fmt(v['ci_low'])}, {fmt(v['ci_high'])}]"
+                                 for m, v in eq["gain_vs_fp32_greedy"].items()))
+    return (f"{r['questions']} checkable questions, {r['sampler_model']}, temperature {r['temperature']}; greedy "
+            f"fp32 {fmt(g['fp32']['accuracy'])} in {g['fp32']['seconds']} s, greedy int8 {fmt(g['int8']['accuracy'])} "
+            f"in {g['int8']['seconds']} s:\n\n"
+            + md(["int8 samples n", "seconds", "x fp32 greedy's", "best-of-n", "majority vote", "weighted vote",
+                  "oracle"], rows)
+            + f"\n\n{equal} (95% bootstrap over questions); `equal_time_gain_ci_low` "
+            f"**{fmt(r['equal_time_gain_ci_low'])}**.\n\n" + source(r, "test_time"))
 
 
 @table("watermark")
