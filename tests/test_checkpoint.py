@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,17 @@ def test_lilliput_checkpoint_roundtrip(tiny_model, byte_tokenizer, tmp_path):
     torch.testing.assert_close(model(idx), tiny_model(idx))
     assert tok.encode("héllo") == byte_tokenizer.encode("héllo")
     assert json.loads((out / "run.json").read_text())["lilliput"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_loaded_weights_are_in_memory_not_a_mapping_of_the_file(tiny_model, byte_tokenizer, tmp_path):
+    """A mapped file's pages become resident as they are first read: a server's RSS grew with each new
+    token id's embedding row (issue 22)."""
+    out = save_checkpoint(tiny_model, byte_tokenizer, tmp_path / "ckpt")
+    model, _ = load_model(str(out), device="cpu")
+    weights = str((out / "model.safetensors").resolve())
+    assert not [line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(weights)]
+    assert model.tok_emb.weight.shape == tiny_model.tok_emb.weight.shape
 
 
 def test_save_over_existing_replaces_whole_folder(tiny_model, byte_tokenizer, tmp_path):

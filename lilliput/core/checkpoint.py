@@ -80,6 +80,10 @@ def _place(model: GPT, device, dtype) -> GPT:
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors files, read into memory. Not mapped (safetensors'
+    default): a mapped page becomes resident only when first read, and an embedding table is read a
+    row per token id, so a server's RSS grew with every new token id it saw (SmolLM2's float32
+    table: up to 108 MiB, issue 22)."""
     from safetensors.torch import load_file
 
     files = sorted(folder.glob("*.safetensors"))
@@ -88,7 +92,7 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            sd.update(load_file(f))
+            sd.update(load_file(f, backend="pread"))
         except Exception as e:
             raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
     return sd
