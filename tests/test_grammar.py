@@ -1,6 +1,7 @@
 """Constrained decoding with llguidance: a tiny random model writes JSON that parses and validates."""
 
 import json
+import math
 
 import pytest
 
@@ -52,6 +53,19 @@ def test_each_sample_has_its_own_matcher(tiny_model, eos_bytes, one_thread):
         f.processors = [grammar.processor()]
     engine.run()
     assert all(json.loads(s.text)["k"] in "xy" for s in [first, *forks])
+
+
+def test_logprobs_list_only_tokens_the_grammar_allows(tiny_model, eos_bytes, one_thread):
+    """Where the grammar allows fewer tokens than asked for, the alternatives stop there: a -inf is
+    no alternative, and JSON cannot carry it (it was a 500 from the server)."""
+    grammar = JsonGrammar.from_schema(eos_bytes, {"type": "object", "properties": {"k": {"const": 1}},
+                                                  "required": ["k"], "additionalProperties": False}, 256)
+    engine = Engine(tiny_model, eos_bytes, EngineConfig(max_batch=1))
+    seq = engine.add("q", GenerationConfig(max_new_tokens=30, logprobs=5), [grammar.processor()])
+    engine.run()
+    assert json.loads(seq.text) == {"k": 1} and len(seq.logprobs) == len(seq.output)
+    assert all(math.isfinite(lp) for r in seq.logprobs for _, lp in [(r["token"], r["logprob"]), *r["top"]])
+    assert min(len(r["top"]) for r in seq.logprobs) == 1  # '{"k": 1}' is forced, token by token
 
 
 def test_bad_schemas_and_tokenizers_are_value_errors(byte_tokenizer, eos_bytes):

@@ -43,6 +43,7 @@ def record(seq: Sequence, logits: torch.Tensor, tok: int) -> None:
     if k is None or tok in seq.eos:
         return
     lp = torch.log_softmax(logits.float(), -1)
+    k = min(k, int(torch.isfinite(lp).sum()))  # a token a processor ruled out (-inf) is no alternative
     top = torch.topk(lp, k) if k else None
     seq.logprobs.append({"token": tok, "logprob": float(lp[tok]),
                          "top": list(zip(top.indices.tolist(), top.values.tolist())) if top else []})
