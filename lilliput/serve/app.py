@@ -222,6 +222,10 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
             if finished < job.n:
                 worker.abort(job)
                 metrics.inc("requests_aborted_total")
+            # A client that leaves cancels this generator through anyio, whose CancelledError sits in a
+            # reference cycle with its traceback, and so with this frame, until a full collection (~80k
+            # new long-lived objects away): this frame lets go of the request's job and sequences now.
+            job = text = end = usage = event = None
         yield "data: [DONE]\n\n"
 
     def answers(job: Job) -> dict:

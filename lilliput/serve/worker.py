@@ -152,8 +152,9 @@ class Worker:
         if job.aborted:
             return
         try:
-            seqs = self.engine.add_n(job.ids, job.sample_cfg(first), n, job.processors,
-                                     on_text=lambda s, t: self._on_text(job, s, t))
+            # a bound method, not a closure over the job: job -> seqs -> closure -> job would be a cycle,
+            # freed only by a full collection (and a request's garbage then waits for one)
+            seqs = self.engine.add_n(job.ids, job.sample_cfg(first), n, job.processors, on_text=self._on_text)
         except Exception as e:  # the handler checks lengths and settings first; this is a last line
             job.post("error", f"{type(e).__name__}: {e}")
             return
@@ -162,7 +163,10 @@ class Worker:
             job.index[seq.id] = first + i
             self._jobs[seq.id] = job
 
-    def _on_text(self, job: Job, seq: Sequence, text: str) -> None:
+    def _on_text(self, seq: Sequence, text: str) -> None:
+        job = self._jobs.get((seq.origin or seq).id)
+        if job is None:  # aborted: no one reads it
+            return
         now = time.perf_counter()
         if self.metrics is not None and seq.id in job.last_text_at:
             self.metrics.observe("itl", now - job.last_text_at[seq.id])
