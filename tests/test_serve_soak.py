@@ -23,6 +23,7 @@ from lilliput.core.model import GPT
 from lilliput.core.tokenizer import ByteTokenizer
 from lilliput.infer import grammar
 from lilliput.infer.sequence import Sequence
+from lilliput.infer.engine import EngineConfig
 from lilliput.serve.app import ServeConfig, Server
 from lilliput.serve.worker import Job
 
@@ -48,7 +49,7 @@ def server(checkpoint):
         return model, tok
 
     torch.set_num_threads(1)
-    s = Server(ServeConfig(port=0, max_batch=4, max_body_bytes=4096), load, name="tiny").start(wait_loaded=True)
+    s = Server(ServeConfig(port=0, engine=EngineConfig(max_batch=4), max_body_bytes=4096), load, name="tiny").start(wait_loaded=True)
     engine = s.worker.engine
     step = engine.step
     engine.step = lambda: (time.sleep(0.002), step())[1]  # slow enough for a client to leave mid-answer
