@@ -40,7 +40,7 @@ import torch
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_TOKEN = np.uint64(0xD6E8FEB86659FD93)
+TOKEN_SALT = np.uint64(0xD6E8FEB86659FD93)
 
 
 @dataclass(frozen=True)
@@ -74,30 +74,32 @@ def key_id(key: str) -> str:
     return hashlib.sha256(f"lilliput-watermark-id:{key}".encode("utf-8")).hexdigest()[:16]
 
 
-def _key_seed(key: str) -> np.uint64:
+def key_seed(key: str, domain: str = "lilliput-watermark") -> np.uint64:
+    """64 secret bits of `key`; each scheme hashes it under its own `domain`, so one key string
+    seeds unrelated hashes in two schemes."""
     if not key:
         raise ValueError("the watermark key is empty: pass a secret string")
-    return np.frombuffer(hashlib.sha256(f"lilliput-watermark:{key}".encode("utf-8")).digest()[:8], np.uint64)[0]
+    return np.frombuffer(hashlib.sha256(f"{domain}:{key}".encode("utf-8")).digest()[:8], np.uint64)[0]
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
+def mix64(z: np.ndarray) -> np.ndarray:
     """splitmix64's finalizer on uint64 arrays (wrapping arithmetic)."""
     z = (z ^ (z >> np.uint64(30))) * _M1
     z = (z ^ (z >> np.uint64(27))) * _M2
     return z ^ (z >> np.uint64(31))
 
 
-def _seeds(key: np.uint64, contexts: np.ndarray) -> np.ndarray:
+def context_seeds(key: np.uint64, contexts: np.ndarray) -> np.ndarray:
     """Hash chain over context tokens: (N, h) int -> (N,) uint64 seeds."""
     s = np.full(contexts.shape[0], key, dtype=np.uint64)
     for j in range(contexts.shape[1]):
-        s = _mix(s ^ (contexts[:, j].astype(np.uint64) * _GOLDEN))
+        s = mix64(s ^ (contexts[:, j].astype(np.uint64) * _GOLDEN))
     return s
 
 
 def _green(seeds: np.ndarray, tokens: np.ndarray, gamma: float) -> np.ndarray:
     """Elementwise green membership of tokens under seeds (broadcasting) -> bool."""
-    u = _mix(seeds ^ (tokens.astype(np.uint64) * _TOKEN)) >> np.uint64(11)  # 53 uniform bits
+    u = mix64(seeds ^ (tokens.astype(np.uint64) * TOKEN_SALT)) >> np.uint64(11)  # 53 uniform bits
     return u < np.uint64(int(gamma * (1 << 53)))
 
 
@@ -105,7 +107,7 @@ class Watermark:
     """The logits processor: adds `delta` to the green list seeded by the previous tokens."""
 
     def __init__(self, key: str, cfg: WatermarkConfig = WatermarkConfig()):
-        self.key, self.cfg, self._seed = key, cfg, _key_seed(key)
+        self.key, self.cfg, self._seed = key, cfg, key_seed(key)
         self._vocab: np.ndarray | None = None
 
     @property
@@ -117,7 +119,7 @@ class Watermark:
         if self._vocab is None or self._vocab.shape[0] != vocab_size:
             self._vocab = np.arange(vocab_size, dtype=np.uint64)
         h = self.cfg.context_width
-        seed = _seeds(self._seed, np.asarray([list(context[-h:])], dtype=np.int64))
+        seed = context_seeds(self._seed, np.asarray([list(context[-h:])], dtype=np.int64))
         return torch.from_numpy(_green(seed, self._vocab, self.cfg.gamma))
 
     def __call__(self, ids: list[int], prompt_len: int, logits: torch.Tensor) -> torch.Tensor:
@@ -166,7 +168,7 @@ class Detector:
     """Scores token ids or text for the watermark of `key`; needs no model."""
 
     def __init__(self, key: str, cfg: WatermarkConfig = WatermarkConfig()):
-        self.key, self.cfg, self._seed = key, cfg, _key_seed(key)
+        self.key, self.cfg, self._seed = key, cfg, key_seed(key)
 
     def green_flags(self, ids: Sequence[int], prompt_len: int = 0) -> np.ndarray:
         """(n,) bool green flag of each scored token (after the prompt, repeats dropped as configured)."""
@@ -183,7 +185,7 @@ class Detector:
             _, first = np.unique(grams, axis=0, return_index=True)
             keep = np.sort(first)
             contexts, tokens = contexts[keep], tokens[keep]
-        return _green(_seeds(self._seed, contexts), tokens, self.cfg.gamma)
+        return _green(context_seeds(self._seed, contexts), tokens, self.cfg.gamma)
 
     def detect(self, ids: Sequence[int], prompt_len: int = 0) -> Detection:
         """Score token ids; the first `prompt_len` of them (the prompt) only give context."""
