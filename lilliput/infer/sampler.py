@@ -4,7 +4,8 @@ its acceptance test from the same pieces (`process`, `probabilities`, `draw`, `r
 draw from one distribution and record one format.
 
 Each sequence samples with its own settings, its own `torch.Generator` and its own chain of
-logits processors (sampling.py holds the filters and the processors themselves).
+logits processors (sampling.py holds the filters and the processors themselves); a processor that
+draws the token itself (`TokenDrawer`: a distortion-free watermark) replaces the multinomial draw.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def record(seq: Sequence, logits: torch.Tensor, tok: int) -> None:
 
 
 def sample(seq: Sequence, logits: torch.Tensor) -> int | None:
-    """One token for `seq` from its next-token logits (V,): processors, draw, log-probabilities.
+    """One token for `seq` from its next-token logits (V,): processors, draw (by seq's drawer when a
+    processor draws the token), log-probabilities.
     None when the processors allow no token at all (a grammar that is complete): the sequence then
     ends with "stop"."""
     if seq.processors:
@@ -58,7 +60,12 @@ def sample(seq: Sequence, logits: torch.Tensor) -> int | None:
         if not bool(torch.isfinite(logits).any()):
             return None
     cfg = seq.cfg
-    tok = int(logits.argmax()) if cfg.temperature <= 0 else draw(seq, probabilities(cfg, logits))
+    if cfg.temperature <= 0:
+        tok = int(logits.argmax())
+    elif seq.drawer is not None:
+        tok = seq.drawer.draw(seq.tokens, len(seq.prompt), probabilities(cfg, logits), seq.generator)
+    else:
+        tok = draw(seq, probabilities(cfg, logits))
     record(seq, logits, tok)
     return tok
 

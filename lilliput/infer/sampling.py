@@ -1,5 +1,6 @@
 """From logits to the next token: pure filters (temperature, top-k, top-p), the draw, and the
-per-sequence logits processors (repetition penalty; watermarks and grammars plug in the same way)."""
+per-sequence logits processors (repetition penalty; watermarks and grammars plug in the same way;
+a processor that draws the token itself, a `TokenDrawer`, replaces the multinomial draw)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,31 @@ class LogitsProcessor:
 
     def __call__(self, ids: list[int], prompt_len: int, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+class TokenDrawer(LogitsProcessor):
+    """A processor that draws the token itself, in place of the sampler's multinomial draw: a
+    distortion-free watermark (Gumbel-max) is a keyed choice that is an exact sample from the
+    distribution it is given. It rides in the chain like any processor (its `__call__` leaves the
+    logits as they are) and `draw` gets `probs` (V,): what the sampler would draw from, after the
+    whole chain, temperature, top-k and top-p; `generator` is the sequence's own, for steps the
+    drawer leaves to chance. The sampler finds it by its `draw` method (duck typing: lilliput.data
+    implements it without importing infer); one per chain, and only when sampling (temperature > 0)."""
+
+    def __call__(self, ids: list[int], prompt_len: int, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def draw(self, ids: list[int], prompt_len: int, probs: torch.Tensor, generator: torch.Generator) -> int:
+        raise NotImplementedError
+
+
+def drawer_of(processors: list[LogitsProcessor]) -> LogitsProcessor | None:
+    """The processor of a chain that draws the token (it has a `draw` method), or None."""
+    drawers = [p for p in processors if callable(getattr(p, "draw", None))]
+    if len(drawers) > 1:
+        raise ValueError(f"{len(drawers)} processors draw the token ({', '.join(type(p).__name__ for p in drawers)}): "
+                         "keep one")
+    return drawers[0] if drawers else None
 
 
 class RepetitionPenalty(LogitsProcessor):

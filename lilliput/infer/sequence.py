@@ -17,7 +17,7 @@ from typing import Callable, Sequence as Seq
 import torch
 
 from lilliput.core.tokenizer import StreamDecoder
-from lilliput.infer.sampling import LogitsProcessor, RepetitionPenalty
+from lilliput.infer.sampling import LogitsProcessor, RepetitionPenalty, drawer_of
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,11 @@ class Sequence:
         if not self.prompt:
             raise ValueError("a prompt is empty: give at least one token of text")
         self.processors = self.cfg.processors() + list(self.processors)
+        self.drawer = drawer_of(self.processors)
+        """The processor that draws this sequence's tokens (a distortion-free watermark), or None."""
+        if self.drawer is not None and self.cfg.temperature <= 0:
+            raise ValueError(f"{type(self.drawer).__name__} draws the token by sampling: set temperature > 0 "
+                             "(1.0 samples the model's own distribution)")
         seed = self.cfg.seed if self.cfg.seed is not None else torch.seed() % 2**63
         self.generator = torch.Generator().manual_seed(seed)
         self._sent = 0
