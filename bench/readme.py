@@ -292,12 +292,34 @@ def _watermark(results: Path) -> str | None:
     r = load(results, "watermark")
     if r is None:
         return None
-    rows = [[n, v["tpr"], v["threshold_z"], v["median_z"]] for n, v in r["by_length"].items()]
-    return ("True-positive rate at a 0.1% false-positive rate on human text, by length:\n\n"
-            + md(["tokens", "TPR", "threshold z", "median z"], rows)
-            + f"\n\n`tpr_at_fpr_1e-3` **{fmt(r['tpr_at_fpr_1e-3'])}** (after re-tokenizing "
-              f"{fmt(r['tpr_at_fpr_1e-3_retokenized'])}); perplexity cost `ppl_cost` **{fmt(r['ppl_cost'])}** "
-              f"({fmt(r['ppl_watermarked'])} vs {fmt(r['ppl_plain'])}).\n\n" + source(r, "watermark"))
+    df = r.get("distortion_free") or {}
+    gl = df.get("by_length", {})
+    rows = [[n, v["tpr"], v["threshold_z"], v["median_z"],
+             *((gl[n]["tpr"], gl[n]["median_log10_p"]) if n in gl else ("-", "-"))] for n, v in r["by_length"].items()]
+    out = ("True-positive rate at a 0.1% false-positive rate on human text, by length (green list: the z that at "
+           "most 0.1% of human passages exceed; Gumbel-max: exact p <= 1e-3):\n\n"
+           + md(["tokens", "green-list TPR", "threshold z", "median z", "Gumbel TPR", "median log10 p"], rows))
+
+    def ci(v) -> str:
+        return f"[{fmt(v[0])}, {fmt(v[1])}]" if v else "-"
+
+    def scheme(name: str, x: dict) -> list:
+        rob = x.get("robustness", {})
+        return [name, x["tpr_at_fpr_1e-3"], ci(x.get("tpr_at_fpr_1e-3_ci95")), x["tpr_at_fpr_1e-3_retokenized"],
+                x["ppl_cost"], ci(x.get("ppl_cost_ci95")),
+                *(fmt(rob.get(f"replace_{k}", {}).get("tpr")) for k in ("0.1", "0.2", "0.3"))]
+
+    rows = [scheme("green list (Kirchenbauer)", r)] + ([scheme("Gumbel-max (distortion-free)", df)] if df else [])
+    out += (f"\n\nAt {r.get('settings', {}).get('length', 200)} tokens (intervals: 95%, Clopper-Pearson for TPR, bootstrap over prompts for the perplexity "
+            "cost; the last three columns: TPR after replacing that share of tokens by random ones):\n\n"
+            + md(["scheme", "`tpr_at_fpr_1e-3`", "95% CI", "re-tokenized", "`ppl_cost`", "95% CI", "10%", "20%", "30%"],
+                 rows))
+    if df:
+        h = df["human"]
+        out += (f"\n\nGumbel p-values on {h['n']} human passages: {fmt(h['fpr_at_1e-3'])} at or below 1e-3, "
+                f"{fmt(h['share_below_0.01'])} below 0.01, {fmt(h['share_below_0.05'])} below 0.05 (KS distance from "
+                f"uniform {fmt(h['ks_distance'])}, 1% critical value {fmt(h['ks_critical_1pct'])}).")
+    return out + "\n\n" + source(r, "watermark")
 
 
 @table("collapse")
@@ -418,6 +440,11 @@ NESTED: dict[str, Callable[[dict], dict]] = {
     "eval_smollm2": lambda r: {"lambada perplexity": r["lambada_perplexity"]["perplexity"],
                                **{k: v["lilliput"] for k, v in r["comparison"].items()}},
     "gemv": lambda r: {f"{k} kernel_gb_s": r[k].get("kernel_gb_s") for k in ("fp32", "bf16") if isinstance(r.get(k), dict)},
+    "watermark": lambda r: {"tpr_at_fpr_1e-3": r["tpr_at_fpr_1e-3"], "ppl_cost": r["ppl_cost"],
+                            "distortion_free tpr_at_fpr_1e-3": r["distortion_free"]["tpr_at_fpr_1e-3"],
+                            "distortion_free ppl_cost": r["distortion_free"]["ppl_cost"],
+                            "robustness replace_0.3 tpr": r["robustness"]["replace_0.3"]["tpr"],
+                            "distortion_free replace_0.3 tpr": r["distortion_free"]["robustness"]["replace_0.3"]["tpr"]},
     "textbook": lambda r: {f"ppl_human at {x['synthetic_fraction']:g} synthetic": x["ppl_human"] for x in r["students"]},
 }
 """Headline figures of the results files whose figures are nested."""

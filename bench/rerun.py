@@ -58,7 +58,7 @@ SCRIPTS: tuple[Step, ...] = (
     Step("finetune", ("--threads", "2", "--no-qlora", "--steps", "120", "--min-lr-ratio", "0.1", "--minutes", "60"),
          minutes=10),
     Step("arena", minutes=14),
-    Step("watermark", ("--generations", "128"), minutes=12),
+    Step("watermark", minutes=25),
     Step("curate", minutes=4),
     Step("textbook", ("--tokens", "150000"), minutes=25),
     Step("collapse", ("--ledgers", "runs/collapse-ledgers"), minutes=52),
