@@ -159,3 +159,39 @@ def test_config_errors_name_the_fix():
     short = GumbelDetector("k").score(40.0, 10)
     assert short.verdict == "insufficient evidence" and not short.watermarked and short.p_value < 1e-6
 
+
+def test_cli_generate_gumbel_then_detect(tmp_path, tiny_model, byte_tokenizer, capsys):
+    from lilliput.cli import main
+    from lilliput.core.checkpoint import save_checkpoint
+
+    ckpt = str(save_checkpoint(tiny_model, byte_tokenizer, tmp_path / "tiny"))
+    assert main(["generate", "Once upon", "--model", ckpt, "--max-new-tokens", "150", "--temperature", "1.0",
+                 "--seed", "3", "--watermark", "k3y", "--watermark-scheme", "gumbel", "--no-stream"]) == 0
+    text = capsys.readouterr().out[:-1]
+    path = tmp_path / "out.txt"
+    path.write_bytes(text.encode("utf-8", errors="surrogateescape"))
+    detect = ["watermark", "detect", str(path), "--model", ckpt, "--scheme", "gumbel", "--json"]
+    assert main(detect + ["--key", "k3y"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["watermarked"] is True and got["p_value"] < 1e-4 and got["tokens_scored"] > 25
+    assert main(detect + ["--key", "other"]) == 0
+    assert json.loads(capsys.readouterr().out)["watermarked"] is False
+    assert main(["watermark", "detect", str(path), "--model", ckpt, "--key", "k3y", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["watermarked"] is False  # the green-list detector sees nothing
+
+
+def test_cli_refuses_the_other_schemes_settings(tmp_path, tiny_model, byte_tokenizer, capsys):
+    from lilliput.cli import main
+    from lilliput.core.checkpoint import save_checkpoint
+
+    ckpt = str(save_checkpoint(tiny_model, byte_tokenizer, tmp_path / "tiny"))
+    path = tmp_path / "t.txt"
+    path.write_text("some text to score")
+    base = ["watermark", "detect", str(path), "--model", ckpt, "--key", "k"]
+    assert main(base + ["--scheme", "gumbel", "--gamma", "0.5"]) != 0
+    assert "--gamma is a green-list setting" in capsys.readouterr().err
+    assert main(base + ["--fpr", "0.01"]) != 0
+    assert "--fpr is a gumbel setting" in capsys.readouterr().err
+    assert main(["generate", "Once", "--model", ckpt, "--max-new-tokens", "4", "--temperature", "0",
+                 "--watermark", "k", "--watermark-scheme", "gumbel", "--no-stream"]) != 0
+    assert "temperature" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from lilliput.core.checkpoint import LoadConfig
 from lilliput.core.options import flag, nested
 from lilliput.infer.sequence import GenerationConfig
 from lilliput.infer.speculative import SpeculationConfig
+from lilliput.jobs.watermark import SCHEMES, watermark_processor
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,11 @@ class GenerateJob:
     vote: bool = field(default=False, metadata=flag(action="store_true"))
     """With --best-of: the most frequent answer instead."""
     watermark: str | None = field(default=None, metadata=flag(metavar="KEY"))
-    """Watermark the output with this secret key (Kirchenbauer et al. 2023; detect with
-    `lilliput watermark detect --key KEY`)."""
+    """Watermark the output with this secret key (detect with `lilliput watermark detect --key KEY --scheme
+    SCHEME`)."""
+    watermark_scheme: str = field(default=SCHEMES[0], metadata=flag(choices=SCHEMES))
+    """green-list: Kirchenbauer et al. 2023 (biases the logits); gumbel: distortion-free Gumbel-max sampling
+    (Aaronson; needs --temperature > 0)."""
     ledger: str | None = None
     """Record the output in this provenance ledger as synthetic text."""
     generation: int = 1
@@ -98,9 +102,7 @@ def run_generate(job: GenerateJob) -> None:
     on_text = _stream(job.no_stream)
     procs = []
     if job.watermark:
-        from lilliput.data.watermark import Watermark
-
-        procs.append(Watermark(job.watermark))
+        procs.append(watermark_processor(job.watermark_scheme, job.watermark))
     if job.json_schema:
         from lilliput.infer.grammar import JsonGrammar, read_schema
 
@@ -150,7 +152,8 @@ def _record_generation(job: GenerateJob, model, tok, cfg: GenerationConfig, g) -
     from lilliput.data.ledger import Entry, Generator, Ledger, model_fingerprint
     from lilliput.data.watermark import key_id
 
-    gen = Generator(model=model_fingerprint(model), sampling=dataclasses.asdict(cfg), seed=cfg.seed,
+    scheme = {"watermark_scheme": job.watermark_scheme} if job.watermark else {}
+    gen = Generator(model=model_fingerprint(model), sampling=dataclasses.asdict(cfg) | scheme, seed=cfg.seed,
                     watermark_key_id=key_id(job.watermark) if job.watermark else None)
     with Ledger.open(job.ledger) as ledger:
         doc_id = ledger.add(Entry(text=g.text, tokens=len(g.tokens), tokenizer=repr(tok),
