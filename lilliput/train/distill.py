@@ -343,8 +343,9 @@ def _budget_windows(cfg: DistillConfig, world: int) -> int:
 
 
 def distill(teacher: GPT, student: GPT, tokenizer, cfg: DistillConfig, documents=None,
-            student_tokenizer=None) -> GPT:
-    """Train `student` to imitate `teacher` on `documents` (the default corpus when None); returns it.
+            student_tokenizer=None, stream: torch.Tensor | None = None) -> GPT:
+    """Train `student` to imitate `teacher` on `documents` (the default corpus when None), or on
+    `stream`, documents already tokenized into one token stream; returns it.
 
     Writes train_log.jsonl, trainer_state.pt and run.json under cfg.train.out (when set) and resumes
     from a trainer_state.pt already there."""
@@ -353,7 +354,10 @@ def distill(teacher: GPT, student: GPT, tokenizer, cfg: DistillConfig, documents
         raise ValueError("mode feature needs models with a features() method (lilliput GPT)")
     for p in teacher.parameters():
         p.requires_grad_(False)
-    stream = token_stream(tokenizer, documents if documents is not None else default_documents())
+    if stream is None:
+        stream = token_stream(tokenizer, documents if documents is not None else default_documents())
+    elif documents is not None:
+        raise ValueError("give documents or a token stream, not both")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.top_k is not None:
         from lilliput.train.data import random_windows
