@@ -5,7 +5,7 @@ and transformers; `lilliput.eval.peers.ensure_vllm`, the install time is recorde
 lilliput's Hugging Face export of the model in bfloat16 and float32 (on a CPU without AVX-512 BF16
 vLLM's oneDNN bf16 matmul is unavailable and it falls back to torch), and lilliput's int8 model as a
 compressed-tensors W8A8 folder (vLLM's CPU int8 path). lilliput serves the same weights in bfloat16
-(`--dtype bfloat16`) and as its int8 RTN checkpoint (`--model FOLDER`). One server at a time,
+(`--dtype bfloat16 --no-quantize`) and as its int8 RTN checkpoint (`--model FOLDER`). One server at a time,
 through their OpenAI endpoints, streaming, greedy: (a) 16 concurrent streams of 64 tokens, (b) the
 32 mixed requests of bench/engine.py (LAMBADA prompts of 16-256 tokens, 16-128 new tokens, Poisson
 arrivals). The code is the library's (`lilliput.jobs.serve_peer`), the one `lilliput bench --peer

@@ -3,6 +3,7 @@
 The official `openai` client is the client for well-formed requests; raw HTTP (http.client) sends the
 malformed ones. Every server is started inside the test module and stopped at its end."""
 
+import copy
 import http.client
 import json
 import threading
@@ -344,9 +345,32 @@ def test_serve_command_builds_its_config_from_flags():
                                     "--no-prefix-cache"])
     cfg = config_from_args(ServeConfig, ns)
     assert (cfg.host, cfg.port, cfg.api_key, cfg.engine.max_batch, cfg.engine.prefix_cache) == ("127.0.0.1", 0, "k", 3, False)
-    assert ns.model == "m.gguf" and ns.entry.job is ServeJob
+    assert ns.model == "m.gguf" and ns.entry.job is ServeJob and cfg.quantize
+    assert not config_from_args(ServeConfig, build_parser().parse_args(["serve", "--no-quantize"])).quantize
     with pytest.raises(ValueError, match="port"):
         ServeConfig(port=70000)
+
+
+def test_a_float_model_is_served_as_int8_unless_told():
+    from lilliput.compress.quantize import RTNConfig, quantize_
+    from lilliput.core.layers import layer_specs
+
+    def kinds(cfg, load):
+        s = Server(cfg, load, name="tiny").start(wait_loaded=True)
+        try:
+            r = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0).completions.create(
+                model="tiny", prompt="int8?", max_tokens=3)
+            assert r.usage.completion_tokens == 3
+            return {spec["kind"] for spec in layer_specs(s.worker.engine.model).values()}
+        finally:
+            s.stop()
+
+    assert kinds(ServeConfig(port=0), tiny) == {"int8"}  # the default: quantized on load (RTN)
+    assert kinds(ServeConfig(port=0, quantize=False), tiny) == set()  # --no-quantize: float, as loaded
+    def int4():
+        return quantize_(tiny()[0], RTNConfig(bits=4, group_size=32, lm_head_bits=4)), ByteTokenizer()
+
+    assert kinds(ServeConfig(port=0), int4) == {"int4"}  # already shrunk: served as it is
 
 
 @pytest.mark.parametrize("threshold, answered_by", [(1e9, "small"), (-1.0, "large")])
@@ -359,7 +383,8 @@ def test_routed_pair_says_which_model_answered(threshold, answered_by):
     from lilliput.infer.sequence import GenerationConfig
 
     want = Engine(*seeded(0 if answered_by == "small" else 1)).generate(["route me"], GenerationConfig(max_new_tokens=8))[0]
-    cfg = ServeConfig(port=0, small="tiny-small", large="tiny-large", router=RouterConfig(threshold=threshold))
+    cfg = ServeConfig(port=0, small="tiny-small", large="tiny-large", router=RouterConfig(threshold=threshold),
+                      quantize=False)  # as `want`
     s = Server(cfg, lambda: seeded(0), name="router", load_large=lambda: seeded(1)).start(wait_loaded=True)
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0)
@@ -435,8 +460,9 @@ def test_engine_failure_is_a_500_and_the_server_stays_up(server, client):
 @pytest.mark.slow
 def test_smollm2_chat_and_json_through_the_openai_client(smollm):
     jsonschema = pytest.importorskip("jsonschema")
+    model = copy.deepcopy(smollm[0])  # served as int8, quantized in place: the session's float model stays
     cfg = ServeConfig(port=0, engine=EngineConfig(max_batch=4))
-    s = Server(cfg, lambda: smollm, name="smollm2").start(wait_loaded=True)
+    s = Server(cfg, lambda: (model, smollm[1]), name="smollm2").start(wait_loaded=True)
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0, timeout=120)
         r = c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Say hello."}],

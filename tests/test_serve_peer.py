@@ -262,9 +262,22 @@ def test_rows_and_their_server_flags(tmp_path):
         built.update({r.name: r for r in rows})
         cmds = {r.name: r.command(1234) for r in rows}
         # lilliput: explicit flags only, so a changed default of `lilliput serve` cannot change a row
-        assert cmds["lilliput bf16"][-2:] == ["--dtype", "bfloat16"] and "--model" not in cmds["lilliput bf16"]
+        assert cmds["lilliput bf16"][-3:] == ["--dtype", "bfloat16", "--no-quantize"]  # bf16 as loaded, not int8
+        assert "--model" not in cmds["lilliput bf16"]
         assert cmds["lilliput int8"][-2:] == ["--model", str(tmp_path / "int8")]
         assert all(c[c.index("--port") + 1] == "1234" for c in cmds.values())
+
+    from lilliput.cli import build_parser
+    from lilliput.core.options import config_from_args
+    from lilliput.jobs.serve import ServeJob
+
+    def serve_job(row: str) -> ServeJob:
+        cmd = built[row].command(1)
+        return config_from_args(ServeJob, build_parser().parse_args(cmd[cmd.index("serve"):]))
+
+    bf16, int8 = serve_job("lilliput bf16"), serve_job("lilliput int8")
+    assert (bf16.load.dtype, bf16.config.quantize) == ("bfloat16", False)
+    assert int8.load.model == str(tmp_path / "int8")  # an int8 checkpoint: served as it is
 
     def flag(row: str, name: str) -> str:
         cmd = built[row].command(1)

@@ -283,7 +283,8 @@ def _serve(s: Specimen) -> dict:
     from lilliput.infer.engine import EngineConfig
     from lilliput.serve.app import ServeConfig, Server
 
-    cfg = ServeConfig(port=0, engine=EngineConfig(max_batch=2))
+    # quantize=False: the specimen's model is shared by the other cells (the int8 cells test quantization)
+    cfg = ServeConfig(port=0, engine=EngineConfig(max_batch=2), quantize=False)
     server = Server(cfg, lambda: (s.model, s.tokenizer), name=s.name).start(wait_loaded=True, timeout=60)
     messages = [{"role": "user", "content": "hi"}]
     try:

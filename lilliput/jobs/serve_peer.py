@@ -1,7 +1,8 @@
 """`lilliput bench --peer vllm|llama.cpp`: `lilliput serve` beside a serving peer, same model, same workloads.
 
 Rows, each a server process of its own, started one at a time (they would share the cores):
-- lilliput bf16: `lilliput serve --dtype bfloat16` on the model;
+- lilliput bf16: `lilliput serve --dtype bfloat16 --no-quantize` on the model (served as loaded: without
+  --no-quantize a float model is served as int8, quantized on load);
 - lilliput int8: `lilliput serve --model FOLDER`, the model quantized to int8 (RTN per channel) and saved;
 - the peer's rows. vllm: vLLM's CPU build (its own venv, `lilliput.eval.peers.ensure_vllm`) serving
   lilliput's Hugging Face export in bfloat16 and float32 (without AVX-512 BF16, oneDNN has no bf16
@@ -157,13 +158,14 @@ class Artefacts:
 # --- the rows of each side --------------------------------------------------------------------------
 
 def lilliput_rows(cfg: PeerBenchConfig, art: Artefacts) -> list[Row]:
-    """Only explicit flags: the bf16 row asks for bfloat16 weights, the int8 row names an int8 checkpoint
-    (files are written when a row starts, so a row left out writes none)."""
+    """Only explicit flags: the bf16 row asks for bfloat16 weights served as loaded (--no-quantize), the int8
+    row names an int8 checkpoint (files are written when a row starts, so a row left out writes none)."""
     base = [sys.executable, "-m", "lilliput.cli", "serve", "--host", "127.0.0.1", "--served-name", sp.SERVED_NAME,
             "--max-batch", str(cfg.max_batch), "--device", "cpu"]
     model = ["--model", art.spec] if art.spec else []
     env = {"OMP_NUM_THREADS": str(threads_of(cfg))}
-    return [Row("lilliput", "bf16", lambda port: [*base, "--port", str(port), *model, "--dtype", "bfloat16"], env),
+    return [Row("lilliput", "bf16", lambda port: [*base, "--port", str(port), *model, "--dtype", "bfloat16",
+                                                   "--no-quantize"], env),
             Row("lilliput", "int8", lambda port: [*base, "--port", str(port), "--model", str(art.int8())], env)]
 
 

@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from lilliput.core.layers import layer_specs
 from lilliput.core.options import nested
 from lilliput.infer.engine import EngineConfig
 from lilliput.infer.grammar import JsonGrammar
@@ -51,6 +52,12 @@ class ServeConfig:
     engine: EngineConfig = dataclasses.field(
         default=EngineConfig(), metadata=nested(only=("max_batch", "prefill_chunk", "prefix_cache")))
     """The engine every request goes through: rows decoded together, prefill chunk, prefix cache."""
+    quantize: bool = True
+    """Serve a float model (--model, --small) as int8, quantized on load (RTN per output channel, the
+    output layer too: what `lilliput quantize` makes), for the C kernels' int8 path on CPU; --no-quantize
+    serves it as loaded (float32, or bfloat16 with --dtype bfloat16). A model already quantized is served
+    as it is, and so is one off CPU (int8 layers there dequantize their weights in every forward: no
+    faster) and --large (the reference whose answers a threshold was calibrated on)."""
     max_body_bytes: int = 1_000_000
     """Largest request body accepted (413 past it)."""
     served_name: str | None = None
@@ -84,6 +91,23 @@ class ServeConfig:
 
     def engine_config(self) -> EngineConfig:
         return self.engine
+
+
+def int8_on_load(load: Callable[[], tuple]) -> Callable[[], tuple]:
+    """`load`, then its model quantized to int8 (RTN, `ServeConfig.quantize`) when it is a float model on
+    CPU; a model with quantized layers already, or on a GPU, is returned as loaded."""
+    def load_int8() -> tuple:
+        model, tokenizer = load()
+        if layer_specs(model) or next(model.parameters()).device.type != "cpu":
+            return model, tokenizer
+        from lilliput.compress.quantize import RTNConfig, quantize_
+
+        try:
+            quantize_(model, RTNConfig(bits=8))
+        except ValueError as e:
+            raise ValueError(f"{e}; --no-quantize serves the model in float") from None
+        return model, tokenizer
+    return load_int8
 
 
 DISCONNECT_POLL_S = 0.1
@@ -402,6 +426,8 @@ class Server:
                  load_large: Callable[[], tuple] | None = None):
         import uvicorn
 
+        if cfg.quantize:  # in place: a model the caller keeps using is quantized too
+            load = int8_on_load(load)
         route = Route(load_large, cfg.router_config()) if load_large is not None else None
         self.worker = Worker(load, cfg.engine_config(), Metrics(), route)
         self.app = create_app(cfg, self.worker, cfg.served_name or name)
@@ -438,11 +464,13 @@ def run_server(cfg: ServeConfig, load_cfg) -> None:
         small, large = (dataclasses.replace(load_cfg, model=m) for m in (cfg.small, cfg.large))
         load_cfg, route = small, Route(large.load, cfg.router_config())
     name = cfg.served_name or ("router" if route else load_cfg.model or "smollm2-135m-instruct")
-    worker = Worker(load_cfg.load, cfg.engine_config(), Metrics(), route).start()
+    load = int8_on_load(load_cfg.load) if cfg.quantize else load_cfg.load
+    worker = Worker(load, cfg.engine_config(), Metrics(), route).start()
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", cfg.host)
-    print(f"lilliput: serving {name} on http://{cfg.host}:{cfg.port}/v1 (loading the model; /health says when ready)",
-          flush=True)
+    weights = "int8 on load, unless already quantized or off CPU" if cfg.quantize else "as loaded"
+    print(f"lilliput: serving {name} ({weights}) on http://{cfg.host}:{cfg.port}/v1 (loading the model; /health says "
+          "when ready)", flush=True)
     try:
         uvicorn.run(create_app(cfg, worker, name), host=cfg.host, port=cfg.port, log_level="info")
     finally:
