@@ -14,7 +14,9 @@ tokenize, check lengths and relay events.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
+import gc
 import json
 import logging
 import socket
@@ -106,8 +108,20 @@ def int8_on_load(load: Callable[[], tuple]) -> Callable[[], tuple]:
             quantize_(model, RTNConfig(bits=8))
         except ValueError as e:
             raise ValueError(f"{e}; --no-quantize serves the model in float") from None
+        release_freed_memory()
         return model, tokenizer
     return load_int8
+
+
+def release_freed_memory() -> None:
+    """Give memory freed inside the C heap back to the system. glibc keeps freed chunks for reuse, so
+    the float weights a model was quantized from stayed resident: SmolLM2 served as int8 from its
+    float load held 1,330 MiB, ~650 of them free."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator decides
+        pass
 
 
 DISCONNECT_POLL_S = 0.1
