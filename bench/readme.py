@@ -368,7 +368,20 @@ def _serve_load(results: Path) -> str | None:
             + md(["clients", "requests", "errors", "output tok/s", "TTFT p50 / p99", "TPOT p50", "ITL p50 / p99"], rows)
             + f"\n\n`throughput_16_vs_1` **{fmt(r['throughput_16_vs_1'])}**; prefix cache: time to first token "
               f"**{fmt(r['ttft_prefix_cache_speedup'])}x** faster; constrained JSON valid "
-              f"**{fmt(r['json_valid_constrained'])}** vs {fmt(r['json_valid_free'])} free.\n\n" + source(r, "serve_load"))
+              f"**{fmt(r['json_valid_constrained'])}** vs {fmt(r['json_valid_free'])} free.\n\n" + _soak(r)
+            + source(r, "serve_load"))
+
+
+def _soak(r: dict) -> str:
+    """serve_load's soak in one sentence (files written before the soak have none)."""
+    s = r.get("soak")
+    if not s:
+        return ""
+    return (f"Soak ({r.get('weights', 'as served')} weights): {s['requests']} requests from {s['clients']} clients "
+            f"({s['malformed']} malformed, {s['disconnects']} streams left mid-answer) after a warm-up of "
+            f"{s['warmup_requests']}: server RSS {fmt(s['rss_after_warmup_mib']['rss'])} -> "
+            f"{fmt(s['rss_at_end_mib']['rss'])} MiB, `soak_rss_growth` **{fmt(r['soak_rss_growth'])}**; "
+            f"{s['errors']} errors, {s['malformed_not_4xx']} malformed bodies not refused with a 4xx.\n\n")
 
 
 @table("router")

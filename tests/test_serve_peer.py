@@ -7,6 +7,7 @@ the one test that needs vLLM's venv skips when it is not installed, and nothing 
 import json
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -127,6 +128,28 @@ def test_server_process_that_exits_reports_its_log():
     with pytest.raises(RuntimeError, match="exited with status 3"):
         with sp.ServerProcess([sys.executable, "-c", "print('no model here'); raise SystemExit(3)"], sp.free_port()):
             pass
+
+
+FAILED_SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b'{"status": "failed: no such model"}'
+        self.send_response(503); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_server_process_that_cannot_load_its_model_fails_at_once_and_is_stopped():
+    port = sp.free_port()
+    srv = None
+    with pytest.raises(RuntimeError, match="could not load its model .failed: no such model"):
+        srv = sp.ServerProcess([sys.executable, "-c", FAILED_SERVER, str(port)], port, timeout=60)
+        with srv:
+            pass
+    assert srv.proc.poll() is not None and time.perf_counter() - srv.started < 30  # not the whole timeout
 
 
 # --- the job's config and `lilliput bench --peer` ---------------------------------------------------

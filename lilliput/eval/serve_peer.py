@@ -17,6 +17,7 @@ own process (`ServerProcess`, started from a command line, ready when a health p
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import socket
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Callable
@@ -199,8 +201,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _json_field(body: bytes, key: str) -> str:
+    """`key` of a JSON object body as text; "" when the body is not one (another server's error page)."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return ""
+    return str(value.get(key, "")) if isinstance(value, dict) else ""
+
+
 class ServerProcess:
-    """A server started from a command line, ready when GET `health` answers 200; stopped on exit.
+    """A server started from a command line, ready when GET `health` answers 200, failed at once when it
+    exits or says it could not load its model; stopped on exit.
 
         with ServerProcess(cmd, port) as srv:
             run_workload(srv.url, reqs)
@@ -230,6 +242,10 @@ class ServerProcess:
                     if r.status == 200:
                         self.ready_seconds = time.perf_counter() - self.started
                         return
+            except urllib.error.HTTPError as e:  # lilliput's 503: {"status": "loading"} or "failed: why"
+                status = _json_field(e.read(), "status")
+                if status.startswith("failed"):
+                    raise RuntimeError(f"the server could not load its model ({status}):\n{self.tail()}") from None
             except OSError:
                 pass
             time.sleep(0.5)
