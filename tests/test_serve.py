@@ -395,6 +395,8 @@ def test_routed_pair_says_which_model_answered(threshold, answered_by):
         assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want.text  # only the answer is streamed
         assert chunks[-1].choices[0].model_extra["routed_to"] == answered_by
         assert f'routed_total{{model="{answered_by}"}}' in get(s, "/metrics").text
+        with pytest.raises(openai.BadRequestError, match="routed pair"):  # which model would score the prompt?
+            c.completions.create(model="router", prompt="route me", max_tokens=0, echo=True, logprobs=0)
     finally:
         s.stop()
     with pytest.raises(ValueError, match="both"):
@@ -431,8 +433,8 @@ def test_non_streaming_client_that_leaves_is_aborted(server):
         del engine.step
 
 
-def test_echo_is_refused_not_ignored(server):
-    r = post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "echo": True})
+def test_echo_it_cannot_do_is_refused_not_ignored(server):  # echo itself: tests/test_endpoint.py
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "echo": True, "stream": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
 
 

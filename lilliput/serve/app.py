@@ -361,8 +361,10 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
         loaded()
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise P.ApiError(400, f"logprobs must be in [0, 20], got {req.logprobs}", "logprobs", "invalid_value")
-        if req.echo:
-            raise P.ApiError(400, "echo is not supported by this server", "echo", "unsupported_parameter")
+        if req.echo and (req.stream or req.best_of is not None or worker.route is not None):
+            what = ("streamed" if req.stream else "combined with best_of" if req.best_of is not None
+                    else "asked of a routed pair")
+            raise P.ApiError(400, f"echo cannot be {what} here: ask without it", "echo", "unsupported_parameter")
         tok, prompt = worker.tokenizer, req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -378,8 +380,7 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
         if not ids:
             raise P.ApiError(400, "the prompt is empty", "prompt", "invalid_value")
         best_of = P.best_of_count(req)  # candidates scored by their own log-probabilities
-        job = await build_job(req, ids, "max_tokens", 16 if req.max_tokens is None else req.max_tokens,
-                              req.logprobs if best_of is None else (req.logprobs or 0), best_of)
+        requested = 16 if req.max_tokens is None else req.max_tokens
         rid, created, fmt = P.new_id("cmpl"), P.now(), P.LogprobFormat(tok)
 
         def body(choices, usage=None, model=name):
@@ -387,6 +388,26 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
             if usage is not None or (req.stream and req.stream_options and req.stream_options.include_usage):
                 c["usage"] = usage
             return c
+
+        echoed = ("", [])  # with echo: the prompt's text and its tokens' records, before each answer
+        if req.echo:
+            if len(ids) > worker.max_len:
+                raise P.ApiError(400, f"the prompt is {len(ids)} tokens; this model's context is {worker.max_len} "
+                                 "tokens", "prompt", "context_length_exceeded")
+            try:
+                records = await worker.score(ids, req.logprobs) if req.logprobs is not None else []
+            except Exception as e:
+                raise P.ApiError(500, f"scoring the prompt failed: {type(e).__name__}: {e}", None, "engine_error",
+                                 "server_error") from None
+            echoed = (prompt if isinstance(prompt, str) else tok.decode(ids), records)
+        if req.echo and requested == 0:  # the prompt scored, nothing generated (lm-eval's local-completions)
+            lps = fmt.echoed(ids[0], echoed[1], []) if req.logprobs is not None else None
+            metrics.inc("requests_total", endpoint="completions")
+            metrics.inc("prompt_tokens_total", len(ids))
+            return body([{"index": i, "text": echoed[0], "finish_reason": "length", "logprobs": lps}
+                         for i in range(P.sample_count(req))], P.usage(len(ids), 0))
+        job = await build_job(req, ids, "max_tokens", requested,
+                              req.logprobs if best_of is None else (req.logprobs or 0), best_of)
 
         if req.stream:
             offsets = [0] * job.n
@@ -407,8 +428,14 @@ def create_app(cfg: ServeConfig, worker: Worker, name: str) -> FastAPI:
         picked = sorted(answers(job).items())
         if best_of is not None:  # the n candidates with the highest mean log-probability, best first
             picked = sorted(picked, key=lambda kv: -mean_logprob(kv[1]))[:P.sample_count(req)]
-        choices = [{"index": i, "text": s.text, "finish_reason": P.finish_reason(s),
-                    "logprobs": fmt.completion(s.logprobs[:len(s.output)]) if req.logprobs is not None else None,
+
+        def logprobs(s):
+            if req.logprobs is None:
+                return None
+            records = s.logprobs[:len(s.output)]
+            return fmt.echoed(ids[0], echoed[1], records) if req.echo else fmt.completion(records)
+
+        choices = [{"index": i, "text": echoed[0] + s.text, "finish_reason": P.finish_reason(s), "logprobs": logprobs(s),
                     **route_fields(job, k)} for i, (k, s) in enumerate(picked)]
         return body(choices, count(job, "completions"), model_of(job))
 

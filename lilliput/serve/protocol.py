@@ -86,6 +86,8 @@ class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str]
     logprobs: int | None = None
     echo: bool | None = None
+    """Return the prompt before each answer, with its tokens' log-probabilities when `logprobs` is set
+    (the first token has none); with max_tokens 0, only the prompt, scored."""
     best_of: int | None = None
     """Samples drawn server-side (sharing one prefill); the n with the highest mean token
     log-probability are returned (OpenAI's legacy `best_of`)."""
@@ -196,6 +198,14 @@ class LogprobFormat:
             return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
         return {"content": [{**one(r["token"], r["logprob"]), "top_logprobs": [one(t, lp) for t, lp in r["top"]]}
                             for r in records], "refusal": None}
+
+    def echoed(self, first: int, prompt: list[dict], records: list[dict]) -> dict:
+        """Completions with echo: the prompt's tokens (the first token, `first`, has no log-probability:
+        nothing comes before it), then the answer's."""
+        head = self.piece(first)
+        rest = self.completion([*prompt, *records], len(head))
+        return {"tokens": [head, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+                "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
 
     def completion(self, records: list[dict], offset: int = 0) -> dict:
         """Completions: {"tokens", "token_logprobs", "top_logprobs": [{token: lp}], "text_offset"}."""

@@ -10,6 +10,10 @@ With a router (`Route`), the engine is a `RoutedEngine` (infer/router.py), drive
 it holds a small answer's text back until its verdict and asks the large model again when
 needed; `job.routes` says which model answered each sample.
 
+A `Score` (a completions request with `echo` and `logprobs`) asks for the log-probabilities of the
+prompt's own tokens: the thread computes them between steps with one forward of the model
+(infer/prompt_logprobs.py) and settles the handler's future.
+
 `n` samples share one prefill (`Engine.add_n`: the first prefills, the others copy its state and
 draw their first token from the same logits), up to the engine's rows at a time; each sample gets
 its own processors (a grammar holds per-sample state).
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from lilliput.infer.engine import Engine, EngineConfig
+from lilliput.infer.prompt_logprobs import prompt_logprobs
 from lilliput.infer.router import RoutedEngine, RouterConfig
 from lilliput.infer.sequence import GenerationConfig, Sequence
 
@@ -62,6 +67,26 @@ class Job:
     def post(self, *event) -> None:
         if self.loop is not None and not self.aborted:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+@dataclass
+class Score:
+    """Log-probabilities of a prompt's tokens (with the `top` likeliest alternatives), for `future`."""
+
+    ids: list[int]
+    top: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+    def settle(self, records: list[dict] | None, error: Exception | None) -> None:
+        def put():
+            if self.future.done():  # cancelled: the client left
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(records)
+        self.loop.call_soon_threadsafe(put)
 
 
 @dataclass(frozen=True)
@@ -105,6 +130,13 @@ class Worker:
         job.aborted = True
         self.inbox.put(("abort", job))
 
+    async def score(self, ids: list[int], top: int) -> list[dict]:
+        """Records of ids[1:] under the model (`prompt_logprobs`), computed on the engine thread."""
+        loop = asyncio.get_running_loop()
+        job = Score(ids, top, loop, loop.create_future())
+        self.inbox.put(("score", job))
+        return await job.future
+
     # --- the engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -137,8 +169,13 @@ class Worker:
                 log.exception("engine loop failed")
                 self._fail_all(f"engine error: {type(e).__name__}: {e}")
 
-    def _handle(self, what: str, job: Job | None) -> None:
-        if what == "add":
+    def _handle(self, what: str, job: Job | Score | None) -> None:
+        if what == "score":
+            try:  # the plain engine's model: a routed pair refuses echo before it gets here
+                job.settle(prompt_logprobs(self.engine.model, job.ids, job.top), None)
+            except Exception as e:
+                job.settle(None, e)
+        elif what == "add":
             rows = self.engine_cfg.max_batch
             for first in range(0, job.n, rows):  # samples share a prefill, a row-pool at a time
                 self._add(job, first, min(rows, job.n - first))
