@@ -7,6 +7,7 @@ are `whole[len(ctx):]` (BOS only where `tokenizer.add_bos` says so; an empty con
 replaced by one BOS, or EOS, token). The model reads `(ctx + cont)[:-1]`, truncated on the
 left to its `max_seq_len`, and a request's score is the sum of log-probabilities of its
 continuation tokens; `is_greedy` says whether argmax decoding reproduces them all.
+`endpoint_loglikelihoods` scores the same token ids with a model behind an OpenAI-compatible server.
 
 Metrics: `acc` = argmax of the summed log-prob; `acc_norm` = argmax of summed log-prob divided
 by the length in characters of the choice text (harness `acc_norm`; for WinoGrande's partial
@@ -21,6 +22,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +31,8 @@ from tqdm import tqdm
 from lilliput.eval import task_sets
 from lilliput.eval.task_sets import Item, lambada_passages
 
-__all__ = ["TASKS", "Task", "TaskConfig", "evaluate_tasks", "lambada_passages", "loglikelihoods"]
+__all__ = ["TASKS", "Task", "TaskConfig", "endpoint_loglikelihoods", "evaluate_tasks", "lambada_passages",
+           "loglikelihoods"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,19 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
     return ctx, whole[len(ctx):]
 
 
+def _request_ids(tokenizer, requests: list[tuple[str, str]], max_len: int | None) -> list[tuple[list[int], list[int]]]:
+    """(input ids, continuation ids) of each (context, continuation): the model reads the input and
+    scores the continuation's tokens, the input's last len(continuation) positions predicting them."""
+    seqs = []
+    for context, continuation in requests:
+        ctx, cont = _encode_pair(tokenizer, context, continuation)
+        if not cont:
+            raise ValueError(f"continuation {continuation!r} encodes to no tokens after {context[-40:]!r}")
+        tokens = ctx + cont if max_len is None else (ctx + cont)[-(max_len + 1):]  # left-truncated to the context
+        seqs.append((tokens[:-1], cont[-(len(tokens) - 1):]))  # a cut continuation keeps its tail
+    return seqs
+
+
 def loglikelihoods(
     model: torch.nn.Module,
     tokenizer,
@@ -68,15 +84,8 @@ def loglikelihoods(
     batch's request count once it is scored."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    max_len = model.config.max_seq_len
     device = next(model.parameters()).device
-    seqs = []  # (input ids, continuation ids)
-    for context, continuation in requests:
-        ctx, cont = _encode_pair(tokenizer, context, continuation)
-        if not cont:
-            raise ValueError(f"continuation {continuation!r} encodes to no tokens after {context[-40:]!r}")
-        tokens = (ctx + cont)[-(max_len + 1):]  # left-truncate to the context length
-        seqs.append((tokens[:-1], cont[-(len(tokens) - 1):]))  # a cut continuation keeps its tail
+    seqs = _request_ids(tokenizer, requests, model.config.max_seq_len)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))  # longest first: less padding
     out: list[tuple[float, bool] | None] = [None] * len(seqs)
     if progress is not None:
@@ -104,6 +113,33 @@ def loglikelihoods(
             if progress is not None:
                 progress.update(len(chunk))
     return out  # type: ignore[return-value]
+
+
+def endpoint_loglikelihoods(endpoint, tokenizer, requests: list[tuple[str, str]], concurrency: int = 8,
+                            max_len: int | None = None, progress=None) -> list[tuple[float, bool]]:
+    """`loglikelihoods` of a model behind an OpenAI-compatible server (`lilliput.infer.endpoint.Endpoint`):
+    the same token ids, tokenized here with the served model's tokenizer, each request's whole
+    (context + continuation) scored by the server (completions with echo + logprobs), its continuation's
+    log-probabilities summed; greedy where each continuation token is the server's likeliest.
+    `concurrency` requests in flight; `max_len` left-truncates as a local model's context does."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    seqs = _request_ids(tokenizer, requests, max_len)
+
+    def one(seq: tuple[list[int], list[int]]) -> tuple[float, bool]:
+        inp, cont = seq
+        scored = endpoint.prompt_logprobs(inp + cont[-1:])[-len(cont):]  # (logprob, best logprob) per token
+        return sum(lp for lp, _ in scored), all(lp >= best for lp, best in scored)
+
+    if progress is not None:
+        progress.update(0)
+    out = []
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for r in pool.map(one, seqs):
+            out.append(r)
+            if progress is not None:
+                progress.update(1)
+    return out
 
 
 def multiple_choice_metrics(items: list[Item], results: list[tuple[float, bool]]) -> dict:

@@ -34,9 +34,10 @@ from lilliput.data.curate import CurateConfig, CurateResult, curate_documents, w
 from lilliput.data.ledger import Entry, Generator, Ledger, default_ledger_path, model_fingerprint, sha256_text
 from lilliput.data.textbook import TextbookPrompt, assemble, load_topics, textbook_prompts
 from lilliput.eval.efficiency import parameter_count
+from lilliput.infer.endpoint import is_endpoint
 from lilliput.infer.engine import Engine, EngineConfig
 from lilliput.infer.sequence import GenerationConfig, Sequence
-from lilliput.jobs.teacher_endpoint import TeacherEndpoint, is_endpoint
+from lilliput.jobs.teacher_endpoint import TeacherEndpoint
 
 DOCUMENTS_FILE = "documents.jsonl"
 

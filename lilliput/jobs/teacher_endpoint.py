@@ -14,55 +14,15 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from urllib.parse import urlparse
 
+from lilliput.infer.endpoint import Endpoint
 from lilliput.infer.sequence import GenerationConfig
 
 
-def is_endpoint(spec: str | None) -> bool:
-    """True for an http(s) URL (a teacher to call), False for a model to load."""
-    return spec is not None and urlparse(spec).scheme in ("http", "https")
-
-
-class TeacherEndpoint:
-    def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout: float = 600.0):
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ValueError(f"{url!r} is not an http(s) URL of an OpenAI-compatible server")
-        base = url.rstrip("/")
-        self.base = base if base.endswith("/v1") else base + "/v1"
-        self.api_key, self.timeout = api_key, timeout
-        self.model = model or self._first_model()
-
-    def _request(self, path: str, body: dict | None = None) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.base + path, data=None if body is None else json.dumps(body).encode(),
-                                     headers=headers, method="GET" if body is None else "POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")[:200]
-            raise RuntimeError(f"teacher {self.base}{path} answered {e.code}: {detail}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            raise RuntimeError(f"teacher {self.base} is not reachable ({getattr(e, 'reason', e)}); "
-                               "is the server running?") from None
-
-    def _first_model(self) -> str:
-        models = self._request("/models").get("data") or []
-        if not models:
-            raise RuntimeError(f"teacher {self.base} serves no model (/v1/models is empty)")
-        return models[0]["id"]
-
-    @property
-    def label(self) -> str:
-        return f"{self.model} @ {self.base}"
+class TeacherEndpoint(Endpoint):
+    role = "teacher"
 
     def sampling(self, cfg: GenerationConfig) -> dict:
         """The sampling fields a request carries (what the ledger records as the generator's settings)."""
