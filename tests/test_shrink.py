@@ -63,3 +63,41 @@ def test_shrink_runs_every_stage_and_writes_a_loadable_model(tiny_model, byte_to
     assert "| stage |" in (out / "README.md").read_text()
     model, _ = load_model(str(out))
     assert model_bytes(model) == run["stages"][-1]["bytes"]
+
+
+def test_every_shipped_recipe_loads_and_its_stages_build():
+    from pathlib import Path
+
+    from lilliput.compress.quantize import METHODS
+    from lilliput.jobs.prune import PruneJob
+
+    shipped = sorted((Path(__file__).resolve().parents[1] / "lilliput" / "recipes").glob("*.toml"))
+    assert "smollm2-gptq-int4" in {p.stem for p in shipped}
+    for path in shipped:
+        for table in load_recipe(path).stages:
+            table = dict(table)
+            kind = table.pop("kind")
+            cls = {"prune": PruneJob, "distill": DistillConfig}.get(kind) or METHODS[table.pop("method", "rtn")]
+            build_config(cls, table, f"{path.name} {kind}")
+
+
+def test_recipe_model_is_built_once_per_inputs_then_loaded(tiny_model, byte_tokenizer, tmp_path):
+    import torch
+
+    from lilliput.jobs.shrink import recipe_model
+
+    src = save_checkpoint(tiny_model, byte_tokenizer, tmp_path / "src")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(TINY_RECIPE)
+    cache, logs = tmp_path / "cache", []
+    first, _, made = recipe_model(str(recipe), str(src), cache, log=logs.append)
+    again, _, hit = recipe_model(str(recipe), str(src), cache, log=logs.append)
+    assert made["built_in_this_run"] and not hit["built_in_this_run"] and made["key"] == hit["key"]
+    assert len([m for m in logs if m.startswith("building")]) == 1 and len(list(cache.iterdir())) == 1
+    assert made["label"] == "tiny + magnitude 50% + int8 RTN" and made["stages"][1]["method"] == "rtn"
+    assert model_bytes(first) == model_bytes(again) < model_bytes(tiny_model)
+    x = torch.randint(0, 256, (1, 12))
+    torch.testing.assert_close(first(x), again(x))
+    recipe.write_text(TINY_RECIPE.replace("sparsity = 0.5", "sparsity = 0.25"))  # another input: another build
+    assert recipe_model(str(recipe), str(src), cache, log=logs.append)[2]["key"] != made["key"]
+    assert len(list(cache.iterdir())) == 2

@@ -17,6 +17,10 @@
     method = "rtn"          # rtn | gptq | awq
     bits = 8
 
+`recipe_model` gives a recipe's model for a script that needs one (bench/router.py's small model):
+built without measuring, saved under `$LILLIPUT_CACHE/recipes` keyed by the recipe's inputs, and
+loaded from there by the next run with the same inputs.
+
 Every stage's table (less `kind`) becomes the fields of that stage's config dataclass, named as its
 flags are (a distill stage's `lr` and `max_minutes` are its train config's); an unknown field is an
 error naming the known ones. After the input model and after every stage the job
@@ -30,17 +34,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
+import os
 import time
 import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import lilliput
 from lilliput.compress.quantize import METHODS, quantize_
 from lilliput.core.checkpoint import load_model, save_checkpoint
 from lilliput.core.options import config_from_flags, flag_names
-from lilliput.core.record import run_record
+from lilliput.core.record import read_json, run_record
+from lilliput.data.ledger import model_fingerprint, sha256_text
 from lilliput.core.registry import Registry
 from lilliput.eval.bench import model_label
 from lilliput.eval.efficiency import DECODE_ONLY, decode_speeds, model_bytes, parameter_count
@@ -50,6 +59,7 @@ from lilliput.eval.task_sets import lambada_passages
 from lilliput.eval.tasks import TaskConfig, evaluate_tasks
 from lilliput.jobs.prune import PruneJob, prune
 from lilliput.jobs.quantize import method_label
+from lilliput.train.data import default_documents
 from lilliput.train.distill import DistillConfig, distill
 
 STAGES: Registry[Callable] = Registry("recipe stage")
@@ -189,6 +199,18 @@ def resolve_recipe(name: str) -> Path:
     return shipped
 
 
+def run_stages(recipe: Recipe, model, tok, teacher) -> Iterator[tuple[str, dict, str, float, Any]]:
+    """Every stage of the recipe in order, nothing measured: yields (stage name, its settings, what it
+    did, seconds, the model after it)."""
+    for i, table in enumerate(recipe.stages):
+        table = dict(table)
+        kind = table.pop("kind")
+        stage = f"{i + 1}. {kind}" + (f" {table['method']}" if "method" in table else "")
+        t0 = time.perf_counter()
+        model, did = STAGES[kind](model, tok, teacher, table)
+        yield stage, table, did, time.perf_counter() - t0, model
+
+
 def run_shrink(job: ShrinkJob, log: Callable[[str], None] = print) -> Path:
     """Run every stage of the recipe on the model, measuring after each; time decoding of the input
     and the result side by side; save the result."""
@@ -199,13 +221,7 @@ def run_shrink(job: ShrinkJob, log: Callable[[str], None] = print) -> Path:
     teacher = copy.deepcopy(model).eval()  # the input, kept: distillation's teacher and the speed baseline
     rows = [{"stage": "input", "seconds": 0.0, **measure(model, tok, recipe.eval)}]
     log(_row_line(rows[-1]))
-    for i, table in enumerate(recipe.stages):
-        table = dict(table)
-        kind = table.pop("kind")
-        stage = f"{i + 1}. {kind}" + (f" {table['method']}" if "method" in table else "")
-        t0 = time.perf_counter()
-        model, did = STAGES[kind](model, tok, teacher, table)
-        seconds = time.perf_counter() - t0
+    for stage, table, did, seconds, model in run_stages(recipe, model, tok, teacher):
         labels.append(did)
         rows.append({"stage": stage, "seconds": round(seconds, 1), "settings": table, **measure(model, tok, recipe.eval)})
         log(_row_line(rows[-1]))
@@ -222,6 +238,60 @@ def run_shrink(job: ShrinkJob, log: Callable[[str], None] = print) -> Path:
     out = save_checkpoint(model, tok, job.out, record)
     (out / "README.md").write_text(model_card(recipe, rows, job))
     return out
+
+
+# --- a recipe's model, built once per inputs ------------------------------------------------------
+
+def recipe_cache_dir() -> Path:
+    """`$LILLIPUT_CACHE/recipes`, else `~/.cache/lilliput/recipes`."""
+    root = os.environ.get("LILLIPUT_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "lilliput") / "recipes"
+
+
+def recipe_inputs(recipe_path: Path, model, model_spec: str | None) -> dict[str, Any]:
+    """What a recipe's result depends on besides lilliput's code: the recipe file, the input model's
+    weights, the corpus that calibration and healing draw from (the fetched one when present), the
+    lilliput version. Seeds are in the recipe (a quantize stage's calibration.seed, ...)."""
+    corpus = hashlib.sha256()
+    for doc in default_documents(True):
+        corpus.update(f"{doc.id}:{sha256_text(doc.text)}\n".encode())
+    return {"recipe_sha256": hashlib.sha256(recipe_path.read_bytes()).hexdigest(),
+            "model": model_label(model_spec), "model_fingerprint": model_fingerprint(model),
+            "corpus_sha256": corpus.hexdigest(), "lilliput": lilliput.__version__}
+
+
+def recipe_model(recipe: str, model: str | None = None, cache: Path | None = None, rebuild: bool = False,
+                 log: Callable[[str], None] = print):
+    """(model, tokenizer, provenance) of `recipe` (a shipped name or a TOML file) run on `model` (the
+    embedded SmolLM2 when None): from `cache` (default `recipe_cache_dir()`) when a build from the same
+    inputs is there, else built (every stage, nothing measured), saved there and loaded back, so a fresh
+    build and a cached one are the same object. `provenance` says which, and what the key covers."""
+    path = resolve_recipe(recipe)
+    spec = load_recipe(path)
+    base, tok = load_model(model, device="cpu")
+    inputs = recipe_inputs(path, base, model)
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cache or recipe_cache_dir()) / f"{spec.name}-{key}"
+    built = rebuild or not (folder / "run.json").is_file()
+    if built:
+        log(f"building {spec.name} ({len(spec.stages)} stages) into {folder}")
+        teacher = copy.deepcopy(base).eval() if any(st["kind"] == "distill" for st in spec.stages) else None
+        t0, labels, out = time.perf_counter(), [model_label(model)], base
+        for stage, _table, did, seconds, out in run_stages(spec, base, tok, teacher):
+            labels.append(did)
+            log(f"  {stage}: {did} ({seconds:.0f} s)")
+        save_checkpoint(out, tok, folder, run_record(
+            "lilliput.jobs.shrink.recipe_model", label=" + ".join(labels), recipe=dataclasses.asdict(spec),
+            recipe_file=str(path), inputs=inputs, key=key, seconds=round(time.perf_counter() - t0, 1)))
+        del out, base, teacher
+    else:
+        del base
+    record = read_json(folder / "run.json", "a recipe build's record")
+    small, tok = load_model(folder, device="cpu")
+    return small, tok, {"recipe": spec.name, "recipe_file": str(path), "stages": [dict(st) for st in spec.stages],
+                        "label": record["label"], "inputs": inputs, "key": key, "path": str(folder),
+                        "built_in_this_run": built, "build_seconds": record["seconds"],
+                        "built_by": {k: record.get(k) for k in ("git_sha", "git_dirty", "created")}}
 
 
 def _spread_text(s: dict) -> str:
