@@ -265,7 +265,8 @@ def recipe_model(recipe: str, model: str | None = None, cache: Path | None = Non
     """(model, tokenizer, provenance) of `recipe` (a shipped name or a TOML file) run on `model` (the
     embedded SmolLM2 when None): from `cache` (default `recipe_cache_dir()`) when a build from the same
     inputs is there, else built (every stage, nothing measured), saved there and loaded back, so a fresh
-    build and a cached one are the same object. `provenance` says which, and what the key covers."""
+    build and a cached one are the same object. `provenance` says which, and what the key covers; the
+    key does not cover lilliput's code (`rebuild` after changing a method: `built_by` names the commit)."""
     path = resolve_recipe(recipe)
     spec = load_recipe(path)
     base, tok = load_model(model, device="cpu")
@@ -288,7 +289,9 @@ def recipe_model(recipe: str, model: str | None = None, cache: Path | None = Non
         del base
     record = read_json(folder / "run.json", "a recipe build's record")
     small, tok = load_model(folder, device="cpu")
-    return small, tok, {"recipe": spec.name, "recipe_file": str(path), "stages": [dict(st) for st in spec.stages],
+    root = Path(lilliput.__file__).resolve().parents[1]
+    shown = path.resolve().relative_to(root) if path.resolve().is_relative_to(root) else path
+    return small, tok, {"recipe": spec.name, "recipe_file": str(shown), "stages": [dict(st) for st in spec.stages],
                         "label": record["label"], "inputs": inputs, "key": key, "path": str(folder),
                         "built_in_this_run": built, "build_seconds": record["seconds"],
                         "built_by": {k: record.get(k) for k in ("git_sha", "git_dirty", "created")}}
