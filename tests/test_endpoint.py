@@ -95,3 +95,24 @@ def test_bad_urls_and_dead_servers_are_one_line():
         Endpoint("gpu-box:8000")
     with pytest.raises(RuntimeError, match="not reachable"):
         Endpoint("http://127.0.0.1:9", timeout=5)
+
+
+@pytest.mark.slow
+def test_smollm2_served_scores_equal_the_in_process_ones(smollm):
+    import copy
+
+    from lilliput.eval.tasks import TASKS
+
+    model, tok = smollm
+    served = copy.deepcopy(model)  # the server's engine routes few-row products to the C kernels
+    s = Server(ServeConfig(port=0, engine=EngineConfig(max_batch=2)), lambda: (served, tok), name="smollm2").start(
+        wait_loaded=True)
+    try:
+        items = TASKS["piqa"].load(3) + TASKS["arc_easy"].load(3)
+        reqs = [p for it in items for p in it.requests()] + [("Hi", " there")]  # a prompt under 8 tokens too
+        local, remote = loglikelihoods(model, tok, reqs, 8), endpoint_loglikelihoods(Endpoint(s.url), tok, reqs, 4)
+    finally:
+        s.stop()
+    assert [g for _, g in remote] == [g for _, g in local]
+    torch.testing.assert_close(torch.tensor([x for x, _ in remote]), torch.tensor([x for x, _ in local]),
+                               atol=1e-4, rtol=0)  # measured: 2.3e-5
