@@ -26,7 +26,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def server():
     torch.set_num_threads(1)
-    s = Server(ServeConfig(port=0, engine=EngineConfig(max_batch=2)), tiny, name="tiny-large").start(wait_loaded=True)
+    s = Server(ServeConfig(port=0, engine=EngineConfig(max_batch=2), quantize=False), tiny, name="tiny-large").start(wait_loaded=True)
     yield s
     s.stop()
 
@@ -105,7 +105,7 @@ def test_smollm2_served_scores_equal_the_in_process_ones(smollm):
 
     model, tok = smollm
     served = copy.deepcopy(model)  # the server's engine routes few-row products to the C kernels
-    s = Server(ServeConfig(port=0, engine=EngineConfig(max_batch=2)), lambda: (served, tok), name="smollm2").start(
+    s = Server(ServeConfig(port=0, engine=EngineConfig(max_batch=2), quantize=False), lambda: (served, tok), name="smollm2").start(
         wait_loaded=True)
     try:
         items = TASKS["piqa"].load(3) + TASKS["arc_easy"].load(3)

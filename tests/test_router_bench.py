@@ -45,7 +45,7 @@ def test_tiny_run_reports_means_over_seeds_and_a_served_large_model_gives_the_sa
     assert r["signals_chosen"] == [s["signal"] for s in r["per_seed"]] and r["does_not_show"]
 
     small = save_checkpoint(*seeded(0), tmp_path / "small")
-    s = Server(ServeConfig(port=0, engine=EngineConfig(max_batch=2)), lambda: seeded(1), name="tiny-large").start(
+    s = Server(ServeConfig(port=0, engine=EngineConfig(max_batch=2), quantize=False), lambda: seeded(1), name="tiny-large").start(
         wait_loaded=True)
     try:
         router.main(["--small", str(small), "--large", s.url + "/v1", "--concurrency", "2", *args,
