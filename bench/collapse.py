@@ -4,7 +4,7 @@ Generation 0 trains on human text; generation g+1 on text written by generation 
 a provenance ledger by policy: replace (the latest generation only), accumulate (all human and
 all synthetic so far), fraction (half human, half synthetic from every generation). Written by
 pure sampling (temperature 1) and by top-p 0.9; each (policy, sampling) over several seeds.
-Three scales (lilliput/jobs/collapse.py, collapse_toy.py): a Gaussian refitted to its samples,
+Three scales (lilliput/train/collapse_toys.py, collapse_gpt.py): a Gaussian refitted to its samples,
 a word bigram model, and byte-level GPTs of ~1M parameters trained from scratch on pieces of the
 default corpus, sampled through the engine. By default (`--budget epochs`, Gerstgrasser et al. 2024)
 every generation makes as many passes over its training set as generation 0 made over the human
@@ -44,7 +44,9 @@ from pathlib import Path
 
 from lilliput.core.options import add_config_args, config_from_args
 from lilliput.core.record import run_record, write_json
-from lilliput.jobs.collapse import QUICK, CollapseConfig, CollapseJob, plot_collapse, run_collapse
+from lilliput.jobs.collapse import CollapseJob, plot_collapse
+from lilliput.train.collapse_gpt import QUICK, CollapseConfig
+from lilliput.train.collapse_study import run_collapse
 
 OUT = Path(__file__).parent / "results" / "collapse.json"
 

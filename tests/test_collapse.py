@@ -3,13 +3,13 @@ import json
 
 import pytest
 
-import lilliput.jobs.collapse as collapse_job
+import lilliput.train.collapse_gpt as collapse_gpt
 from lilliput.cli import main
 from lilliput.data.corpus import sample_documents
 from lilliput.data.ledger import Ledger
-from lilliput.jobs.collapse import QUICK, CollapseConfig, GPTLearner, train_documents, work
-from lilliput.jobs.collapse_toy import (BigramLearner, chunks_of, curves, gaussian_chain, gaussian_study, growth,
-                                        run_lab, samplings, split_chunks, words)
+from lilliput.train.collapse import chunks_of, curves, growth, run_lab, samplings, split_chunks, words
+from lilliput.train.collapse_gpt import QUICK, CollapseConfig, GPTLearner, train_documents, work
+from lilliput.train.collapse_toys import BigramLearner, gaussian_chain, gaussian_study
 
 
 def test_gaussian_variance_shrinks_under_replace_not_under_accumulate():
@@ -101,7 +101,7 @@ def test_gpt_learner_trains_for_the_budget_of_its_training_set(monkeypatch):
         def fit(self):
             return {}
 
-    monkeypatch.setattr(collapse_job, "Trainer", Budget)
+    monkeypatch.setattr(collapse_gpt, "Trainer", Budget)
     piece = "x" * QUICK.doc_bytes
     for budget in ("epochs", "tokens"):
         learner = GPTLearner(dataclasses.replace(QUICK, budget=budget), ["held out"])
