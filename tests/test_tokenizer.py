@@ -430,3 +430,16 @@ def test_a_unigram_tokenizer_is_refused_for_gguf_in_one_line():
     backend = tokenizers.Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0), ("b", -2.0)], 0))
     with pytest.raises(ValueError, match="not Unigram: llama.cpp would tokenize"):
         gguf_vocab(Tokenizer(backend), 3)
+
+
+def test_train_bpe_is_deterministic_and_round_trips():
+    from lilliput.data.corpus import sample_documents
+
+    texts = [d.text for d in sample_documents()][:4]
+    a, b = Tokenizer.train_bpe(texts, 400), Tokenizer.train_bpe(texts, 400)
+    assert a.vocab_size == 400 and a.backend.to_str() == b.backend.to_str()
+    text = "To be, or not to be: that is the question. Ünïcödé too."
+    assert a.decode(a.encode(text)) == text
+    assert len(a.encode(texts[0])) < 0.6 * len(texts[0].encode("utf-8"))  # fewer tokens than bytes
+    with pytest.raises(ValueError, match="vocab_size"):
+        Tokenizer.train_bpe(texts, 256)

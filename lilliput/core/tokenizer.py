@@ -317,6 +317,20 @@ class Tokenizer:
         )
 
     @classmethod
+    def train_bpe(cls, texts: list[str], vocab_size: int) -> Tokenizer:
+        """A byte-level BPE (GPT-2's pre-tokenizer and byte alphabet) of `vocab_size` tokens learnt
+        from `texts`, with no special tokens: for models trained from scratch on those texts."""
+        if vocab_size <= 256:
+            raise ValueError(f"vocab_size must exceed the 256 bytes of the alphabet, got {vocab_size}")
+        backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+        backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = tokenizers.decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                 initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+        backend.train_from_iterator(texts, trainer)
+        return cls(backend)
+
+    @classmethod
     def from_gguf(cls, reader) -> Tokenizer:
         """Build the tokenizer a GGUF file describes (`reader` is a `gguf.GGUFReader` or the
         metadata dict of `lilliput.core.gguf_file.GGUFFile`).
