@@ -327,9 +327,31 @@ def _collapse(results: Path) -> str | None:
     r = load(results, "collapse")
     if r is None:
         return None
-    rows = [[s, *(fmt(v.get(p)) for p in ("replace", "accumulate", "fraction"))] for s, v in r["ppl_growth"].items()]
-    return ("Held-out perplexity after the last generation / after the first:\n\n"
-            + md(["sampling", "replace", "accumulate", "fixed human fraction"], rows) + "\n\n" + source(r, "collapse"))
+    if "equal_compute" not in r:  # a run from before the two budget rules
+        rows = [[s, *(fmt(v.get(p)) for p in ("replace", "accumulate", "fraction"))] for s, v in r["ppl_growth"].items()]
+        return ("Held-out perplexity after the last generation / after the first:\n\n"
+                + md(["sampling", "replace", "accumulate", "fixed human fraction"], rows) + "\n\n" + source(r, "collapse"))
+    rules = [r[k] for k in ("equal_compute", "equal_passes") if r.get(k)]
+    policies = list(rules[0]["ppl_growth"])
+    grows = "accumulate" if "accumulate" in policies else policies[-1]  # the policy whose training set grows
+
+    def cell(g: dict) -> str:
+        return f"{fmt(g.get('mean'))} ± {fmt(g.get('std'))}" if g.get("mean") is not None else "-"
+
+    label = {"tokens": "equal compute (same tokens per generation)", "epochs": "equal passes (same epochs per generation)"}
+    rows = [[label[x["budget"]], *(cell(x["ppl_growth"][p]) for p in policies),
+             *(cell(x["tail_coverage_ratio"][p]) for p in policies),
+             f"{x['train_tokens'][grows][-1]:,}"] for x in rules]
+    g0 = r["gpt"]["generation0"]
+    control = g0.get("control")
+    return (f"Small GPTs, {r['gpt']['human']['bytes'] / 1e6:.2f} MB of human text, {len(rules[0]['perplexity'][policies[0]])} "
+            f"generations, {rules[0]['seeds']} seeds ({r['headline_sampling']} sampling). Last generation / generation 0, "
+            "mean ± std over seeds:\n\n"
+            + md(["budget rule", *(f"perplexity, {p}" for p in policies), *(f"rare-word coverage, {p}" for p in policies),
+                  f"tokens, last {grows} model"], rows)
+            + f"\n\nGeneration 0 trains {g0['epochs']:.2f} epochs"
+            + (f"; trained {control['train_tokens'] / g0['train_tokens']:.0f}x as long, its held-out perplexity is "
+               f"{fmt(control['ratio'])}x" if control else "") + ".\n\n" + source(r, "collapse"))
 
 
 @table("textbook")

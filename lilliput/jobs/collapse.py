@@ -16,32 +16,48 @@ from lilliput.train.collapse_study import run_collapse
 # --- the figure ---------------------------------------------------------------------------------
 
 def plot_collapse(result: dict[str, Any], path: Path | str) -> Path:
-    """Perplexity and tail coverage vs generation, one line and min-max band per policy; a row per sampling."""
+    """A row per budget rule (GPT perplexity and tails vs generation, a line and min-max band per policy,
+    the headline sampling), and a row with generation 0's held-out curve and the bigram scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gpt, ngram = result["gpt"]["curves"], result["ngram"]["curves"]
-    rows = list(gpt)
-    panels = [("perplexity", gpt, "GPT: held-out perplexity"), ("tail_coverage", gpt, "GPT: tail coverage"),
-              ("perplexity", ngram, "bigram: held-out perplexity"), ("tail_coverage", ngram, "bigram: tail coverage")]
-    fig, axes = plt.subplots(len(rows), len(panels), figsize=(4.2 * len(panels), 3.4 * len(rows)), squeeze=False)
+    gpt, ngram, head = result["gpt"]["curves"], result["ngram"]["curves"], result["headline_sampling"]
     colors = {"replace": "tab:red", "accumulate": "tab:blue", "fraction": "tab:green"}
-    for r, s in enumerate(rows):
-        for c, (metric, data, title) in enumerate(panels):
+    rows = [[(f"GPT, {b} rule: held-out perplexity", gpt[b][head], "perplexity"),
+             (f"GPT, {b} rule: rare-word coverage", gpt[b][head], "tail_coverage"),
+             (f"GPT, {b} rule: rare word-pair coverage", gpt[b][head], "tail_coverage_2")] for b in gpt]
+    rows.append([("GPT generation 0: held-out perplexity", None, None),
+                 ("bigram: held-out perplexity", ngram[head], "perplexity"),
+                 ("bigram: rare-word coverage", ngram[head], "tail_coverage")])
+    fig, axes = plt.subplots(len(rows), 3, figsize=(13, 3.4 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, (title, data, metric) in enumerate(row):
             ax = axes[r][c]
-            for p, curve in data[s].items():
-                x, m = curve["generation"], curve[metric]
-                ax.plot(x, m["mean"], marker="o", color=colors.get(p), label=p)
-                ax.fill_between(x, m["min"], m["max"], color=colors.get(p), alpha=0.15)
-            ax.set_title(f"{title} ({s})", fontsize=9)
-            ax.set_xlabel("generation")
-            ax.set_xticks(x)
-            ax.grid(alpha=0.3)
-            if r == 0 and c == 0:
+            if data is None:  # the convergence panel
+                g0 = result["gpt"]["generation0"]
+                x, m = g0["curve"]["tokens"], g0["curve"]["perplexity"]
+                ax.plot(x, m["mean"], marker="o", color="black", label="mean over seeds")
+                ax.fill_between(x, m["min"], m["max"], color="black", alpha=0.15)
+                if "control" in g0:
+                    cx = [p["tokens"] for p in g0["control"]["curve"]]
+                    ax.plot(cx, [p["perplexity"] for p in g0["control"]["curve"]], ls="--", color="gray",
+                            label="seed 0, trained longer")
+                ax.set_xlabel("tokens trained")
                 ax.legend(fontsize=8)
-    fig.suptitle("Model collapse: replace vs accumulate (mean over seeds, band = min-max)")
+            else:
+                for p, curve in data.items():
+                    x, m = curve["generation"], curve[metric]
+                    ax.plot(x, m["mean"], marker="o", color=colors.get(p), label=p)
+                    ax.fill_between(x, m["min"], m["max"], color=colors.get(p), alpha=0.15)
+                ax.set_xlabel("generation")
+                ax.set_xticks(x)
+                if c == 0:
+                    ax.legend(fontsize=8)
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+    fig.suptitle(f"Model collapse: replace vs accumulate ({head} sampling; mean over seeds, band = min-max)")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

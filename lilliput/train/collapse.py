@@ -78,7 +78,7 @@ def text_metrics(generated: list[str], reference: list[list[str]]) -> dict[str, 
     gen_counts, ref_counts = Counter(w for g in gen for w in g), Counter(w for r in reference for w in r)
     return {"distinct_1": distinct_n(gen, 1), "distinct_2": distinct_n(gen, 2), "distinct_3": distinct_n(gen, 3),
             "unigram_entropy": unigram_entropy(gen_counts), "unigram_kl": unigram_kl(ref_counts, gen_counts),
-            "tail_coverage": tail_coverage(gen, reference, n=1)}
+            "tail_coverage": tail_coverage(gen, reference, n=1), "tail_coverage_2": tail_coverage(gen, reference, n=2)}
 
 
 def band(values: list[float]) -> dict[str, float]:
@@ -89,7 +89,7 @@ def band(values: list[float]) -> dict[str, float]:
 # --- the loop -----------------------------------------------------------------------------------
 
 class Learner(Protocol):
-    """What the loop needs of a scale (the bigram here, small GPTs in collapse.py)."""
+    """What the loop needs of a scale (the bigram in collapse_toys.py, small GPTs in collapse_gpt.py)."""
 
     def fit(self, texts: list[str], seed: int) -> Any: ...
     def perplexity(self, model: Any) -> float: ...
@@ -118,65 +118,94 @@ def write_generation(learner: Learner, model: Any, parents: list[tuple[str, str]
             for i, (t, (pid, _), s) in enumerate(zip(texts, picked, seeds))]
 
 
+def first_generation(learner: Learner, people: list[Entry], sampling: list[Sampling], seed: int,
+                     reference: list[list[str]], metric_documents: int | None = None, model: Any = None
+                     ) -> dict[str, Any]:
+    """Generation 0 of one seed, shared by every chain of the seed: trained on the human documents
+    (unless `model` is given: trained already), measured, and the documents it writes for generation 1
+    under each sampling (as many as the human set holds).
+    Returns {"model", "perplexity", "first": {sampling: entries}, "metrics": {sampling: {...}}}."""
+    if model is None:
+        model = learner.fit([e.text for e in people], seed=seed * 1_000)
+    ppl = learner.perplexity(model)
+    parents = [(e.id, e.text) for e in people]
+    first, metrics = {}, {}
+    for s in sampling:
+        first[s.name] = write_generation(learner, model, parents, len(people), s, seed, 1, f"generation 0, {s.name}")
+        metrics[s.name] = {"generation": 0, "perplexity": ppl, "train_documents": len(people), "human_share": 1.0,
+                           **text_metrics([e.text for e in first[s.name][:metric_documents]], reference)}
+    return {"model": model, "perplexity": ppl, "first": first, "metrics": metrics}
+
+
+def run_chain(learner: Learner, people: list[Entry], first: list[Entry], m0: dict[str, Any], ledger_path: Path | str,
+              *, policy: str, sampling: Sampling, seed: int, generations: int, reference: list[list[str]],
+              human_fraction: float = 0.5, metric_documents: int | None = None, label: str = "",
+              log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
+    """Generations 1 .. generations-1 of one chain, from generation 0's measurements `m0` and the
+    documents it wrote (`first`); returns the per-generation measurements, m0 first.
+
+    The chain's ledger (rewritten) holds the human documents and every generation's documents, with
+    their generators and parents. Every generation but the last writes as many documents as the
+    human set holds (the next one's data); the last writes only the `metric_documents` (default:
+    all) that the text measures of every generation read."""
+    policy_sel = selection(policy, human_fraction, seed)
+    label = label or f"{policy}, {sampling.name}"
+    path = Path(ledger_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    curve = [m0]
+    with Ledger.open(path) as ledger:
+        ledger.add_many(people)
+        ledger.add_many(first)
+        for g in range(1, generations):
+            t0 = time.perf_counter()
+            sel = ledger.select(policy_sel)
+            texts = list(ledger.texts(sel.ids))
+            model = learner.fit([t for _, t in texts], seed=seed * 1_000 + g)
+            ppl = learner.perplexity(model)
+            n = len(people) if g < generations - 1 else min(len(people), metric_documents or len(people))
+            made = write_generation(learner, model, texts, n, sampling, seed, g + 1, f"generation {g}, {label}")
+            ledger.add_many(made)
+            human_n = sum(i.startswith("human/") for i in sel.ids)
+            curve.append({"generation": g, "perplexity": ppl, "train_documents": len(sel.ids),
+                          "human_share": human_n / len(sel.ids), "selection": sel.digest[:16],
+                          **text_metrics([e.text for e in made[:metric_documents]], reference)})
+            log(f"seed {seed} {label} generation {g}: perplexity {ppl:.3f}, tail coverage "
+                f"{curve[-1]['tail_coverage']:.3f} ({time.perf_counter() - t0:.1f} s)")
+    return curve
+
+
 def run_lab(learner: Learner, human: list[tuple[str, str, str]], heldout: list[str], ledgers: Path | str, *,
             generations: int, policies: tuple[str, ...], sampling: list[Sampling], seeds: int,
-            human_fraction: float = 0.5, log: Callable[[str], None] = lambda s: None,
-            first_models: dict | None = None) -> dict[str, Any]:
-    """Every chain's measurements: {sampling: {policy: [per seed: [per generation: {...}]]}}.
+            human_fraction: float = 0.5, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Every chain's measurements, one process: {sampling: {policy: [per seed: [per generation: {...}]]}}.
 
-    `human` is the human training set as (id, source, text); every chain's ledger holds it, the
-    synthetic documents of its generations, their generators and parents. `first_models`, when
-    given, receives each seed's generation-0 model."""
+    `human` is the human training set as (id, source, text); every chain's ledger
+    (ledgers/<sampling>-<policy>-seed<k>.sqlite) holds it, the synthetic documents of its
+    generations, their generators and parents."""
     if generations < 2:
         raise ValueError(f"generations must be >= 2 (0 is the human one), got {generations}")
     if not human or not heldout:
         raise ValueError("the lab needs human training documents and held-out human text")
-    ledgers = Path(ledgers)
-    ledgers.mkdir(parents=True, exist_ok=True)
     ref = [words(t) for t in heldout]
     people = human_entries(human)
-    parents0 = [(e.id, e.text) for e in people]
     runs: dict[str, dict[str, list]] = {s.name: {p: [] for p in policies} for s in sampling}
     for seed in range(seeds):
         t0 = time.perf_counter()
-        model0 = learner.fit([t for _, _, t in human], seed=seed * 1_000)
-        ppl0 = learner.perplexity(model0)
-        if first_models is not None:
-            first_models[seed] = model0
-        log(f"seed {seed} generation 0: perplexity {ppl0:.3f} ({time.perf_counter() - t0:.1f} s)")
+        g0 = first_generation(learner, people, sampling, seed, ref)
+        log(f"seed {seed} generation 0: perplexity {g0['perplexity']:.3f} ({time.perf_counter() - t0:.1f} s)")
         for s in sampling:
-            first = write_generation(learner, model0, parents0, len(people), s, seed, 1, f"generation 0, {s.name}")
-            m0 = {"generation": 0, "perplexity": ppl0, "train_documents": len(people), "human_share": 1.0,
-                  **text_metrics([e.text for e in first], ref)}
             for policy in policies:
-                path = ledgers / f"{s.name}-{policy}-seed{seed}.sqlite"
-                for suffix in ("", "-wal", "-shm"):
-                    Path(str(path) + suffix).unlink(missing_ok=True)
-                curve = [m0]
-                with Ledger.open(path) as ledger:
-                    ledger.add_many(people)
-                    ledger.add_many(first)
-                    for g in range(1, generations):
-                        t0 = time.perf_counter()
-                        sel = ledger.select(selection(policy, human_fraction, seed))
-                        texts = list(ledger.texts(sel.ids))
-                        model = learner.fit([t for _, t in texts], seed=seed * 1_000 + g)
-                        ppl = learner.perplexity(model)
-                        made = write_generation(learner, model, texts, len(people), s, seed, g + 1,
-                                                f"generation {g}, {policy}, {s.name}")
-                        ledger.add_many(made)
-                        human_n = sum(i.startswith("human/") for i in sel.ids)
-                        curve.append({"generation": g, "perplexity": ppl, "train_documents": len(sel.ids),
-                                      "human_share": human_n / len(sel.ids), "selection": sel.digest[:16],
-                                      **text_metrics([e.text for e in made], ref)})
-                        log(f"seed {seed} {s.name} {policy} generation {g}: perplexity {ppl:.3f}, tail coverage "
-                            f"{curve[-1]['tail_coverage']:.3f} ({time.perf_counter() - t0:.1f} s)")
-                runs[s.name][policy].append(curve)
+                runs[s.name][policy].append(run_chain(
+                    learner, people, g0["first"][s.name], g0["metrics"][s.name],
+                    Path(ledgers) / f"{s.name}-{policy}-seed{seed}.sqlite", policy=policy, sampling=s, seed=seed,
+                    generations=generations, reference=ref, human_fraction=human_fraction, log=log))
     return runs
 
 
-METRICS = ("perplexity", "tail_coverage", "distinct_1", "distinct_2", "distinct_3", "unigram_entropy", "unigram_kl",
-           "human_share")
+METRICS = ("perplexity", "tail_coverage", "tail_coverage_2", "distinct_1", "distinct_2", "distinct_3",
+           "unigram_entropy", "unigram_kl", "human_share")
 
 
 def curves(runs: dict[str, Any]) -> dict[str, Any]:
@@ -199,6 +228,13 @@ def growth(curve: dict[str, Any], metric: str = "perplexity") -> float:
     """Mean (over seeds) of the last generation / mean of generation 0."""
     mean = curve[metric]["mean"]
     return mean[-1] / mean[0]
+
+
+def seed_growth(chains: list[list[dict[str, Any]]], metric: str = "perplexity") -> dict[str, Any]:
+    """Last generation / generation 0 of each seed's chain: mean, std, spread over seeds, and the runs."""
+    ratios = [c[-1][metric] / c[0][metric] if c[0][metric] else None for c in chains]
+    known = [r for r in ratios if r is not None]  # a figure that starts at 0 has no ratio
+    return {**(band(known) if known else {}), "runs": ratios}
 
 
 def chunks_of(docs, size: int, unit: str = "bytes") -> list[tuple[str, str, str]]:
