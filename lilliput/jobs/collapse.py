@@ -93,7 +93,8 @@ def run_collapse_lab(job: CollapseJob) -> None:
     result = run_collapse(job.lab, out, device=job.device)
     path = write_json(out / "collapse.json", run_record("lilliput collapse", **result))
     png = plot_collapse(result, out / "collapse.png")
-    growth_of = {k: v for k, v in result.items() if k.endswith("_ppl_growth")}
+    growth_of = {f"{rule}.{k}": v for rule in ("equal_compute", "equal_passes")
+                 for k, v in (result.get(rule) or {}).items() if k.endswith("_ppl_growth")}
     if job.json:
         print(json.dumps(growth_of))
     else:
