@@ -256,13 +256,19 @@ def _speculative(results: Path) -> str | None:
     r = load(results, "speculative")
     if r is None:
         return None
-    rows = [[k, *(f"{fmt(v[kind]['speedup'])}x" + (f" (acceptance {fmt(v[kind]['acceptance_rate'])})"
-                                                  if "acceptance_rate" in v[kind] else "") for kind in ("chat", "grounded"))]
-            for k, v in r["settings"].items()]
-    return (f"Decode-only speed-up over the target alone (batch 1, greedy, {r['new_tokens']} tokens; draft: "
-            f"{r['draft_model']}):\n\n" + md(["drafter", "chat prompts", "input-grounded prompts"], rows)
+    cell = lambda v, kind: f"{fmt(v[kind]['speedup'])}x" + (  # noqa: E731
+        f" (acceptance {fmt(v[kind]['acceptance_rate'])})" if "acceptance_rate" in v[kind] else "")
+    targets = r.get("by_target") or {"": {"settings": r["settings"]}}  # older files: one target
+    rows = [[f"{t} {k}".strip(), cell(v, "chat"), cell(v, "grounded")]
+            for t, by in targets.items() for k, v in by["settings"].items()]
+    worst = (f", `worst_prompt_adaptive` **{fmt(r['worst_prompt_adaptive'])}** ({r['worst_prompt_setting']})"
+             if "worst_prompt_adaptive" in r else "")
+    head = f" ({r['headline_target']} target)" if "headline_target" in r else ""
+    return (f"Decode-only speed-up over the target alone (batch 1, greedy, {r['new_tokens']} tokens, the mean over "
+            f"prompts of each prompt's median; draft: {r['draft_model']}):\n\n"
+            + md(["target, drafter", "chat prompts", "input-grounded prompts"], rows)
             + f"\n\n`best_speedup` **{fmt(r['best_speedup'])}** ({r['best_setting']}), `worst_slowdown` "
-              f"**{fmt(r['worst_slowdown'])}** ({r['worst_setting']}).\n\n" + source(r, "speculative"))
+              f"**{fmt(r['worst_slowdown'])}** ({r['worst_setting']}){head}{worst}.\n\n" + source(r, "speculative"))
 
 
 @table("test_time")
