@@ -39,6 +39,22 @@ def test_self_draft_accepts_everything(tiny_model, byte_tokenizer, one_thread):
     assert dec.stats.mean_accepted_length == 5.0
 
 
+def test_adaptive_counts_the_drafting_time(tiny_model, byte_tokenizer, one_thread):
+    """A drafter that is always right but slower than the target's own steps never pays: the adaptive
+    controller must see its cost (drafting + verifying) and decode plainly nearly all the time."""
+    import time
+
+    class Slow(DraftModel):
+        def propose(self, seq, k):
+            time.sleep(0.02 * k)  # a draft step far dearer than the tiny target's
+            return super().propose(seq, k)
+
+    engine = Engine(tiny_model, byte_tokenizer)
+    dec = SpeculativeDecoder(engine, Slow(tiny_model, engine), SpeculationConfig(k=2, retry_every=50))
+    dec.generate("hello", GenerationConfig(max_new_tokens=60, ignore_eos=True))
+    assert dec.stats.plain_steps > 4 * dec.stats.verifications
+
+
 def first_token_counts(model, tok, speculate: bool, n: int, prompt="ab") -> torch.Tensor:
     """Empirical distribution of the 2nd generated token (the first one that can be drafted)."""
     from lilliput.core.model import GPT

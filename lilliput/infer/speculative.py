@@ -236,14 +236,13 @@ class SpeculativeDecoder:
         while not seq.finished:
             k = min(self._choose(), cfg.max_new_tokens - len(seq.output),
                     engine.max_len - len(seq.tokens) - 1)
+            t = time.perf_counter()  # drafting is part of a speculative step's cost (a draft model's k steps)
             draft, q = self.drafter.propose(seq, k) if k > 0 else ([], None)
             if not draft:
-                t = time.perf_counter()
                 engine.step()
                 self.t_step = self._ema(self.t_step, time.perf_counter() - t)
                 self.stats.plain_steps += 1
                 continue
-            t = time.perf_counter()
             logits = engine.verify(seq, draft)  # (k+1, V)
             new = self._accept(seq, draft, q, logits)
             engine.commit(seq, new)
