@@ -15,7 +15,9 @@ every pair into itself, which fails once the pairs outgrow the state (the paper'
 
 `recall_batch` is a pure function of (config, seed, index): batch `index` of a training run is the
 same on every call. It returns {"idx": (B, seq_len + 1), "mask": (B, seq_len)}, the shape that
-`train.loop.LanguageModeling` trains on (cross-entropy only where mask is true).
+`train.loop.LanguageModeling` trains on (cross-entropy only where mask is true). `QueriedValues` is the
+same loss computing the output layer only at the queried positions (a few rows of a large vocabulary);
+`RecallMixture` cycles over several pair counts, as Zoology trains one model for all of them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -99,3 +103,57 @@ def recall_accuracy(model: torch.nn.Module, cfg: RecallConfig, batches: int = 4,
     finally:
         model.train(was_training)
     return right / total
+
+
+class RecallMixture:
+    """Batches of several MQAR configs (pair counts) for `Trainer`: batch `index` is `recall_batch` of
+    configs[index % len(configs)] (stream `seed`), except the first `warm_steps`, which all use configs[0]
+    (a curriculum: the lookup is found on the shortest sequences, then kept as the pairs grow)."""
+
+    def __init__(self, configs: tuple[RecallConfig, ...] | list[RecallConfig], seed: int = 0, warm_steps: int = 0):
+        if not configs:
+            raise ValueError("RecallMixture needs at least one RecallConfig")
+        if warm_steps < 0:
+            raise ValueError(f"warm_steps must be >= 0, got {warm_steps}")
+        self.configs, self.seed, self.warm_steps = tuple(configs), seed, warm_steps
+
+    def __call__(self, index: int) -> dict[str, torch.Tensor]:
+        cfg = self.configs[0] if index < self.warm_steps else self.configs[index % len(self.configs)]
+        return recall_batch(cfg, self.seed, index)
+
+
+class QueriedValues(nn.Module):
+    """Cross-entropy of `model` (a GPT: `features` then `logits`) at the queried positions of an MQAR
+    batch, the output layer computed only there: the loss of `LanguageModeling` with the mask, at a
+    fraction of its cost when the vocabulary is large."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        idx, mask = batch["idx"], batch["mask"]
+        h = self.model.features(idx[:, :-1])[mask]  # (Q, C): the queried positions only
+        loss = F.cross_entropy(self.model.logits(h), idx[:, 1:][mask])
+        return loss, {"ce": loss.detach()}
+
+
+@torch.no_grad()
+def recall_hits(model: nn.Module, cfg: RecallConfig, sequences: int, seed: int) -> list[float]:
+    """Per sequence, the share of its queried values `model` (a GPT) predicts exactly (greedy), over the
+    first `sequences` sequences of stream `seed` (batches of cfg.batch_size; pick a stream training never
+    uses). The output layer is computed at the queried positions only."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[float] = []
+    try:
+        for i in range((sequences + cfg.batch_size - 1) // cfg.batch_size):
+            b = {k: v.to(device) for k, v in recall_batch(cfg, seed, i).items()}
+            idx, mask = b["idx"], b["mask"]
+            hit = torch.zeros_like(mask)
+            hit[mask] = model.logits(model.features(idx[:, :-1])[mask]).argmax(-1) == idx[:, 1:][mask]
+            out += (hit.sum(1) / mask.sum(1)).tolist()
+    finally:
+        model.train(was_training)
+    return out[:sequences]
