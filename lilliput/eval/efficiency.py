@@ -117,6 +117,20 @@ def decode_state_bytes(model: nn.Module) -> dict[str, int]:
     return {"per_token": two - one, "per_sequence": 2 * one - two}
 
 
+def state_bytes_at(model: nn.Module, tokens: int) -> int:
+    """Bytes of one sequence's fp32 decode state after `tokens` tokens: `decode_state_bytes` at that
+    length, except that a sliding-window attention layer counts at most its window of keys and values
+    (lilliput's cache keeps them all; a decoder needs only the window)."""
+    s = decode_state_bytes(model)
+    total = s["per_sequence"] + s["per_token"] * tokens
+    for block in getattr(model, "layers", ()):
+        window = getattr(block.mixer, "window", None)
+        if window is not None and tokens > window:
+            one, two = (block.mixer.new_state(1, n, None, torch.float32).nbytes() for n in (1, 2))
+            total -= (two - one) * (tokens - window)
+    return total
+
+
 def linear_bytes(model: nn.Module) -> int:
     """Bytes of every matrix a decoded token reads: the tensors of each nn.Linear and registered layer
     kind (packed int8/int4 codes, scales, zeros); the embedding is read one row at a time, so it is left out
