@@ -238,6 +238,27 @@ def _arena(results: Path) -> str | None:
             f"`ssm_decode_growth` **{fmt(r['ssm_decode_growth'])}**.\n\n" + source(r, "arena"))
 
 
+@table("recall")
+def _recall(results: Path) -> str | None:
+    r = load(results, "recall")
+    if r is None:
+        return None
+    pairs = [str(p) for p in sorted(r["config"]["pairs"])]
+    rows = []
+    for arch, a in r["archs"].items():
+        for w, x in sorted(a["by_width"].items(), key=lambda kv: int(kv[0])):
+            rows.append([f"{arch} (lr {a['lr']:g})", w, *(fmt(x["state_bytes_at_seq_len"][n]) for n in pairs),
+                         *(f"{x['accuracy'][n]['mean']:.2f} [{x['accuracy'][n]['ci_low']:.2f}, "
+                           f"{x['accuracy'][n]['ci_high']:.2f}]" for n in pairs)])
+    c = r["config"]
+    return (f"MQAR, vocabulary {c['vocab_size']}, {c['steps']} steps, {c['seeds']} seeds; accuracy: seed mean "
+            f"[95% bootstrap interval over {c['eval_sequences']} test sequences per pair count]; state: fp32 bytes "
+            f"of one sequence's decode state at 4 x pairs tokens:\n\n"
+            + md(["architecture", "width", *(f"state, {n} pairs" for n in pairs), *(f"{n} pairs" for n in pairs)], rows)
+            + f"\n\n`attention_worst_accuracy` (width {r['widest']}) **{fmt(r['attention_worst_accuracy'])}**.\n\n"
+            + source(r, "recall"))
+
+
 @table("finetune")
 def _finetune(results: Path) -> str | None:
     r = load(results, "finetune")
@@ -499,6 +520,8 @@ NESTED: dict[str, Callable[[dict], dict]] = {
                             "distortion_free ppl_cost": r["distortion_free"]["ppl_cost"],
                             "robustness replace_0.3 tpr": r["robustness"]["replace_0.3"]["tpr"],
                             "distortion_free replace_0.3 tpr": r["distortion_free"]["robustness"]["replace_0.3"]["tpr"]},
+    "recall": lambda r: {"attention_worst_accuracy": r["attention_worst_accuracy"],
+                         **{f"{a} at {max(r['config']['pairs'])} pairs": v for a, v in r["accuracy_at_most_pairs"].items()}},
     "textbook": lambda r: {f"ppl_human at {x['synthetic_fraction']:g} synthetic": x["ppl_human"] for x in r["students"]},
 }
 """Headline figures of the results files whose figures are nested."""
