@@ -10,7 +10,8 @@ What it shows: at equal training, which architectures can still look a key's val
 outgrow their state (Zoology: attention recalls at every width, fixed-state models lose as pairs grow,
 a hybrid's attention layer recovers it). What it does not show: what more training, other widths or
 other layer counts would give (a model that needs 10x the steps reads here as one that cannot), nor
-quality on text (bench/arena.py).
+quality on text (bench/arena.py). In the probe that sized it, every model with a Mamba layer (the
+hybrid too) stayed at chance at every swept lr: such a line says "did not learn in this budget".
 
 Fields: `archs.<arch>.lr` (the swept lr kept) and `archs.<arch>.by_width.<width>`: `parameters`,
 `state_bytes_at_seq_len` (fp32 bytes of one sequence's decode state at 4 x pairs tokens, per pair
@@ -20,7 +21,7 @@ mean accuracy over the pair counts at the widest width (the training budget was 
 is >= 0.9); `accuracy_at_most_pairs`: each architecture at the widest width and the most pairs;
 `lr_sweep`, `runs`: every run; `estimate` (printed first), `seconds`; `what_was_run`, `what_it_shows`.
 
-    .venv/bin/python bench/recall.py            # the full run (~25 min on 2 quiet cores, 2 workers)
+    .venv/bin/python bench/recall.py            # the full run (~30 min on 2 cores, 2 workers; printed first)
     .venv/bin/python bench/recall.py --quick    # smoke (seconds)
 """
 

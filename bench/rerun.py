@@ -59,7 +59,7 @@ SCRIPTS: tuple[Step, ...] = (
     Step("finetune", ("--threads", "2", "--no-qlora", "--steps", "120", "--min-lr-ratio", "0.1", "--minutes", "60"),
          minutes=10),
     Step("arena", minutes=14),
-    Step("recall", minutes=25),  # 2 worker processes of 1 thread; the script prints its own estimate first
+    Step("recall", minutes=32),  # 2 worker processes of 1 thread; the script prints its own estimate first
     Step("watermark", minutes=25),
     Step("curate", minutes=4),
     Step("textbook", ("--tokens", "150000"), minutes=25),

@@ -9,6 +9,14 @@ alike: in the probe, 2-layer RoPE attention without it had not found the previou
 3,200 steps (0.30 at 8 pairs, answering by elimination), and with it reached 0.93 after 375 steps.
 Its state is two tokens' keys and values, so a fixed-state model stays fixed-state.
 
+What the probe (width 64, the default mixture) found before this lab was sized: attention reaches
+1.00 at every pair count after 800 steps at lr 3e-3 (the criterion: >= 0.9 at the widest width);
+xLSTM 0.92, 0.79, 0.54, 0.25 at 8, 16, 32, 64 pairs; every model with a Mamba layer stayed at
+chance after 800-1000 steps at lr 3e-4, 1e-3, 3e-3 and 1e-2, the hybrid too (with its attention
+layer last, or first: 0.10 at 8 pairs), and so did Mamba with PyTorch's default init of its
+projections. A Mamba line at chance here says that lilliput's Mamba layer did not learn the task in
+this budget, not that its state is too small.
+
 One model per (architecture, width, seed) learns every pair count at once (Zoology's mixture): pairs
 n in `pairs` at seq_len 4 n (the pairs, then every key queried once), `batch_tokens` tokens per step
 whatever n (64 sequences of 8 pairs, 8 of 64), the first `warm_steps` on the smallest n only, then
@@ -300,7 +308,9 @@ WHAT_IT_SHOWS = (
     "it saw earlier in the sequence, as the number of pairs grows against its decode-state size. It does not "
     "show what longer training, other widths, vocabularies or layer counts would give (a model that "
     "would learn the task in 10x the steps reads here as one that cannot), nor quality on text (the "
-    "arena measures that). The shift layer (attention over 2 tokens) is given to every model alike; "
+    "arena measures that): in the probe every model with a Mamba layer, the hybrid included, stayed at "
+    "chance at every swept lr, so a Mamba or hybrid line at chance reads as 'did not learn in this budget', not "
+    "as 'its state is too small'. The shift layer (attention over 2 tokens) is given to every model alike; "
     "xLSTM's own mLSTM has no short convolution here, and the last query of a sequence (every key is "
     "queried once, at seq_len 4 n) could be answered by elimination.")
 
