@@ -221,10 +221,15 @@ class Ledger:
 
     @staticmethod
     def _check_or_create(conn: sqlite3.Connection, path: Path) -> None:
-        try:
-            app, version = conn.execute("PRAGMA application_id").fetchone()[0], conn.execute(
-                "PRAGMA user_version").fetchone()[0]
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        try:  # one read transaction: a writer creating the ledger meanwhile is seen whole or not at all
+            conn.execute("BEGIN")  # (read apart, its tables could appear between the id and the count)
+            try:
+                app, version = conn.execute("PRAGMA application_id").fetchone()[0], conn.execute(
+                    "PRAGMA user_version").fetchone()[0]
+                tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            finally:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
         except sqlite3.DatabaseError:
             raise ValueError(f"{path} is not a lilliput ledger (not an SQLite database); "
                              "pass a ledger file or a new path to create one") from None
