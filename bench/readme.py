@@ -31,50 +31,8 @@ BENCH_README = "bench/README.md"
 MATRIX_BEGIN, MATRIX_END = "<!-- matrix:begin (bench/matrix.py --readme) -->", "<!-- matrix:end -->"
 BLOCK = re.compile(r"<!-- bench:(?P<name>[\w-]+) begin \(bench/readme\.py\) -->\n.*?<!-- bench:(?P=name) end -->", re.S)
 
-TABLES: dict[str, Callable[[Path], str | None]] = {}
-"""Block name -> fn(results folder) -> markdown (None when its results file is absent)."""
-
-
-def table(name: str):
-    def register(fn):
-        TABLES[name] = fn
-        return fn
-    return register
-
-
-def load(results: Path, name: str) -> dict | None:
-    path = results / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def fmt(v, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.{digits}g}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
-def md(head: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def source(rec: dict, name: str) -> str:
-    """The line under every table: which file, which command, when, where."""
-    m = rec.get("machine") or {}
-    return (f"From `bench/results/{name}.json`: `{rec.get('command', '?')}`, {str(rec.get('created', '?'))[:10]}, "
-            f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, git {str(rec.get('git_sha') or '?')[:10]}"
-            + (" (dirty)" if rec.get("git_dirty") else "") + ".")
-
-
-def mb(b) -> str:
-    return "-" if b is None else f"{b / 1e6:,.0f} MB"
+from readme_format import TABLES, fmt, load, mb, md, source, table  # noqa: F401  (TABLES: the registry)
+import readme_data  # noqa: F401,E402  (registers the data pillar's tables)
 
 
 # --- one function per table ---------------------------------------------------------------------
@@ -312,83 +270,6 @@ def _test_time(results: Path) -> str | None:
                   "oracle"], rows)
             + f"\n\n{equal} (95% bootstrap over questions); `equal_time_gain_ci_low` "
             f"**{fmt(r['equal_time_gain_ci_low'])}**.\n\n" + source(r, "test_time"))
-
-
-@table("watermark")
-def _watermark(results: Path) -> str | None:
-    r = load(results, "watermark")
-    if r is None:
-        return None
-    df = r.get("distortion_free") or {}
-    gl = df.get("by_length", {})
-    rows = [[n, v["tpr"], v["threshold_z"], v["median_z"],
-             *((gl[n]["tpr"], gl[n]["median_log10_p"]) if n in gl else ("-", "-"))] for n, v in r["by_length"].items()]
-    out = ("True-positive rate at a 0.1% false-positive rate on human text, by length (green list: the z that at "
-           "most 0.1% of human passages exceed; Gumbel-max: exact p <= 1e-3):\n\n"
-           + md(["tokens", "green-list TPR", "threshold z", "median z", "Gumbel TPR", "median log10 p"], rows))
-
-    def ci(v) -> str:
-        return f"[{fmt(v[0])}, {fmt(v[1])}]" if v else "-"
-
-    def scheme(name: str, x: dict) -> list:
-        rob = x.get("robustness", {})
-        return [name, x["tpr_at_fpr_1e-3"], ci(x.get("tpr_at_fpr_1e-3_ci95")), x["tpr_at_fpr_1e-3_retokenized"],
-                x["ppl_cost"], ci(x.get("ppl_cost_ci95")),
-                *(fmt(rob.get(f"replace_{k}", {}).get("tpr")) for k in ("0.1", "0.2", "0.3"))]
-
-    rows = [scheme("green list (Kirchenbauer)", r)] + ([scheme("Gumbel-max (distortion-free)", df)] if df else [])
-    out += (f"\n\nAt {r.get('settings', {}).get('length', 200)} tokens (intervals: 95%, Clopper-Pearson for TPR, bootstrap over prompts for the perplexity "
-            "cost; the last three columns: TPR after replacing that share of tokens by random ones):\n\n"
-            + md(["scheme", "`tpr_at_fpr_1e-3`", "95% CI", "re-tokenized", "`ppl_cost`", "95% CI", "10%", "20%", "30%"],
-                 rows))
-    if df:
-        h = df["human"]
-        out += (f"\n\nGumbel p-values on {h['n']} human passages: {fmt(h['fpr_at_1e-3'])} at or below 1e-3, "
-                f"{fmt(h['share_below_0.01'])} below 0.01, {fmt(h['share_below_0.05'])} below 0.05 (KS distance from "
-                f"uniform {fmt(h['ks_distance'])}, 1% critical value {fmt(h['ks_critical_1pct'])}).")
-    return out + "\n\n" + source(r, "watermark")
-
-
-@table("collapse")
-def _collapse(results: Path) -> str | None:
-    r = load(results, "collapse")
-    if r is None:
-        return None
-    if "equal_compute" not in r:  # a run from before the two budget rules
-        rows = [[s, *(fmt(v.get(p)) for p in ("replace", "accumulate", "fraction"))] for s, v in r["ppl_growth"].items()]
-        return ("Held-out perplexity after the last generation / after the first:\n\n"
-                + md(["sampling", "replace", "accumulate", "fixed human fraction"], rows) + "\n\n" + source(r, "collapse"))
-    rules = [r[k] for k in ("equal_compute", "equal_passes") if r.get(k)]
-    policies = list(rules[0]["ppl_growth"])
-    grows = "accumulate" if "accumulate" in policies else policies[-1]  # the policy whose training set grows
-
-    def cell(g: dict) -> str:
-        return f"{fmt(g.get('mean'))} ± {fmt(g.get('std'))}" if g.get("mean") is not None else "-"
-
-    label = {"tokens": "equal compute (same tokens per generation)", "epochs": "equal passes (same epochs per generation)"}
-    rows = [[label[x["budget"]], *(cell(x["ppl_growth"][p]) for p in policies),
-             *(cell(x["tail_coverage_ratio"][p]) for p in policies),
-             f"{x['train_tokens'][grows][-1]:,}"] for x in rules]
-    g0 = r["gpt"]["generation0"]
-    control = g0.get("control")
-    return (f"Small GPTs, {r['gpt']['human']['bytes'] / 1e6:.2f} MB of human text, {len(rules[0]['perplexity'][policies[0]])} "
-            f"generations, {rules[0]['seeds']} seeds ({r['headline_sampling']} sampling). Last generation / generation 0, "
-            "mean ± std over seeds:\n\n"
-            + md(["budget rule", *(f"perplexity, {p}" for p in policies), *(f"rare-word coverage, {p}" for p in policies),
-                  f"tokens, last {grows} model"], rows)
-            + f"\n\nGeneration 0 trains {g0['epochs']:.2f} epochs"
-            + (f"; trained {control['train_tokens'] / g0['train_tokens']:.0f}x as long, its held-out perplexity is "
-               f"{fmt(control['ratio'])}x" if control else "") + ".\n\n" + source(r, "collapse"))
-
-
-@table("textbook")
-def _textbook(results: Path) -> str | None:
-    r = load(results, "textbook")
-    if r is None:
-        return None
-    rows = [[x["synthetic_fraction"], x["ppl_human"], x.get("ppl_textbook"), x["train_tokens"]] for x in r["students"]]
-    return (md(["synthetic fraction", "perplexity, human text", "perplexity, textbook text", "train tokens"], rows)
-            + "\n\n" + source(r, "textbook"))
 
 
 @table("export")
