@@ -403,7 +403,9 @@ NESTED: dict[str, Callable[[dict], dict]] = {
                             "distortion_free replace_0.3 tpr": r["distortion_free"]["robustness"]["replace_0.3"]["tpr"]},
     "recall": lambda r: {"attention_worst_accuracy": r["attention_worst_accuracy"],
                          **{f"{a} at {max(r['config']['pairs'])} pairs": v for a, v in r["accuracy_at_most_pairs"].items()}},
-    "textbook": lambda r: {f"ppl_human at {x['synthetic_fraction']:g} synthetic": x["ppl_human"] for x in r["students"]},
+    "textbook": lambda r: ({f"ppl_human at {x['synthetic_fraction']:g} synthetic": x["ppl_human"]["mean"]
+                            for x in r["mixes"]} if "mixes" in r else
+                           {f"ppl_human at {x['synthetic_fraction']:g} synthetic": x["ppl_human"] for x in r["students"]}),
 }
 """Headline figures of the results files whose figures are nested."""
 

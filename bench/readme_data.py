@@ -79,6 +79,32 @@ def _textbook(results: Path) -> str | None:
     r = load(results, "textbook")
     if r is None:
         return None
-    rows = [[x["synthetic_fraction"], x["ppl_human"], x.get("ppl_textbook"), x["train_tokens"]] for x in r["students"]]
-    return (md(["synthetic fraction", "perplexity, human text", "perplexity, textbook text", "train tokens"], rows)
-            + "\n\n" + source(r, "textbook"))
+    if "mixes" not in r:  # a run from before the seeds
+        rows = [[x["synthetic_fraction"], x["ppl_human"], x.get("ppl_textbook"), x["train_tokens"]] for x in r["students"]]
+        return (md(["synthetic fraction", "perplexity, human text", "perplexity, textbook text", "train tokens"], rows)
+                + "\n\n" + source(r, "textbook"))
+
+    def pm(v: dict) -> str:
+        return f"{fmt(v['mean'])} ± {fmt(v['std'])}"
+
+    tasks = r["student"]["tasks"]
+    rows = [[m["synthetic_fraction"], pm(m["ppl_human"]), pm(m["ppl_textbook"]), *(pm(m["tasks"][t]) for t in tasks)]
+            for m in r["mixes"]]
+    out = (f"Students of {r['student']['parameters'] / 1e6:.2f}M parameters, {r['student']['train']['max_tokens']:,} "
+           f"bytes each, {r['seeds']} seeds (mean ± std):\n\n"
+           + md(["synthetic fraction", "perplexity, human text", "perplexity, textbook text",
+                 *(f"{t} acc_norm" for t in tasks)], rows))
+    vs = r.get("vs_human") or {}
+    if vs:
+        rows = [[f, pm(v["ppl_human_ratio"]), pm(v["ppl_textbook_ratio"]),
+                 *(f"{fmt(d['mean'])} [{fmt(d['ci_low'])}, {fmt(d['ci_high'])}]"
+                   for d in (v["task_acc_norm_difference"][t] for t in tasks))] for f, v in vs.items()]
+        out += ("\n\nAgainst the human-only students (perplexity ratios seed by seed; acc_norm differences with a 95% "
+                "bootstrap interval over questions):\n\n"
+                + md(["synthetic fraction", "human perplexity ratio", "textbook perplexity ratio",
+                      *(f"{t} difference" for t in tasks)], rows))
+    wm = (r.get("synth") or {}).get("watermark")
+    if wm:
+        out += (f"\n\nWatermark ({wm['scheme']}): {fmt(wm['detected'])} of {wm['documents']} held-out documents detected "
+                f"at a false-positive rate of {wm['fpr']:g}; {fmt(wm['human_flagged'])} of human text flagged.")
+    return out + "\n\n" + source(r, "textbook")

@@ -6,7 +6,7 @@ import torch
 from lilliput.core.config import preset
 from lilliput.core.model import GPT
 from lilliput.eval.efficiency import ContextDecode, active_parameter_count, decode_ms_by_context, parameter_count
-from lilliput.jobs.arena import ARCHS, ArenaJob, growth, quick_job, recall_model, summary
+from lilliput.jobs.arena import ARCHS, ArenaJob, growth, quick_job, recall_model
 from lilliput.train.recall import RecallConfig, recall_accuracy, recall_batch
 
 
@@ -81,12 +81,6 @@ def test_context_decode_starts_every_run_at_its_context(one_thread):
     got = decode_ms_by_context({"a": model}, [8, 16], batch=1, new_tokens=2, repeats=2, warmup=0)
     assert set(got["a"]) == {8, 16} and got["a"][16]["n"] == 2
     assert growth({256: {"median": 2.0}, 8192: {"median": 3.0}}) == 1.5
-
-
-def test_summary_spread():
-    s = summary([1.0, 2.0, 3.0])
-    assert (s["mean"], s["std"], s["min"], s["max"]) == (2.0, 1.0, 1.0, 3.0)
-    assert summary([4.0])["std"] == 0.0
 
 
 def test_quick_arena_through_the_cli(tmp_path, one_thread):

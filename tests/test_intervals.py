@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from lilliput.eval.intervals import bootstrap_mean, paired_difference
+from lilliput.eval.intervals import bootstrap_mean, paired_difference, seed_summary
 
 
 def test_bootstrap_interval_holds_the_mean_and_shrinks_with_items():
@@ -24,3 +24,11 @@ def test_paired_difference_cancels_the_items_spread():
     assert 0.45 < d["ci_low"] < 0.5 < d["ci_high"] < 0.55  # unpaired, the spread of 10 would swamp 0.5
     with pytest.raises(ValueError, match="differ in length"):
         paired_difference([1.0], [1.0, 2.0])
+
+
+def test_seed_summary_spread():
+    s = seed_summary([1.0, 2.0, 3.0])
+    assert (s["mean"], s["std"], s["min"], s["max"], s["values"]) == (2.0, 1.0, 1.0, 3.0, [1.0, 2.0, 3.0])
+    assert seed_summary([4.0])["std"] == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        seed_summary([])

@@ -146,3 +146,29 @@ def test_synth_command_on_a_saved_tiny_teacher(tmp_path, byte_teacher, one_threa
     assert run["metrics"]["answers"] == 1 and run["metrics"]["teacher_tokens"] == 16
     assert run["teacher"]["label"] == model_label(str(teacher))
     assert main(["synth", "--tokens", "0", "--out", str(out)]) == 2  # a user error: one line, exit 2
+
+
+def test_synth_with_the_gumbel_watermark_records_its_scheme_and_is_detected(tmp_path, byte_teacher, one_thread):
+    from lilliput.data.gumbel_watermark import GumbelDetector
+    from lilliput.jobs.synth import SynthJob, run_synth
+
+    job = SynthJob(tokens=120, max_new_tokens=60, max_batch=2, quality=False, watermark="secret",
+                   watermark_scheme="gumbel", temperature=1.0, top_k=None, repetition_penalty=None,
+                   out=str(tmp_path / "o"), ledger=str(tmp_path / "l.sqlite"))
+    out = run_synth(job, *byte_teacher, log=None)
+    kept = [json.loads(line) for line in (out / "documents.jsonl").read_text().splitlines()]
+    with Ledger.open(tmp_path / "l.sqlite", create=False) as led:
+        gen = led.get(kept[0]["id"])["generator"]
+    assert gen["watermark_key_id"] == key_id("secret") and gen["sampling"]["watermark_scheme"] == "gumbel"
+    tok = byte_teacher[1]
+    assert all(GumbelDetector("secret").detect_text(d["text"], tok).p_value < 1e-3 for d in kept)
+    assert all(GumbelDetector("other").detect_text(d["text"], tok).p_value > 1e-3 for d in kept)
+
+
+def test_synth_job_refuses_a_gumbel_watermark_without_sampling():
+    from lilliput.jobs.synth import SynthJob
+
+    with pytest.raises(ValueError, match="temperature > 0"):
+        SynthJob(watermark="k", watermark_scheme="gumbel", temperature=0.0)
+    with pytest.raises(ValueError, match="watermark_scheme must be one of"):
+        SynthJob(watermark="k", watermark_scheme="purple")

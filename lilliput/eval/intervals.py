@@ -9,6 +9,7 @@ the spread of the items themselves cancels out.
 from __future__ import annotations
 
 import random
+import statistics
 from collections.abc import Sequence
 
 
@@ -32,3 +33,12 @@ def paired_difference(a: Sequence[float], b: Sequence[float], resamples: int = 1
     if len(a) != len(b):
         raise ValueError(f"paired values differ in length: {len(a)} and {len(b)}")
     return bootstrap_mean([x - y for x, y in zip(a, b)], resamples, level, seed)
+
+
+def seed_summary(values: Sequence[float]) -> dict:
+    """One figure over seeds: mean, std (sample; 0 for one value), min, max and the values."""
+    if not values:
+        raise ValueError("seed_summary needs at least one value")
+    values = list(values)
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "values": values}

@@ -142,10 +142,10 @@ def endpoint_loglikelihoods(endpoint, tokenizer, requests: list[tuple[str, str]]
     return out
 
 
-def multiple_choice_metrics(items: list[Item], results: list[tuple[float, bool]]) -> dict:
-    """acc and acc_norm from per-request results laid out item by item, choice by choice."""
-    correct = correct_norm = 0
-    k = 0
+def choice_correct(items: list[Item], results: list[tuple[float, bool]]) -> list[tuple[bool, bool]]:
+    """(acc, acc_norm) of each item, from per-request results laid out item by item, choice by choice:
+    whether the highest log-probability, and the highest per character of the answer, is the gold one."""
+    out, k = [], 0
     for item in items:
         scores = [score for score, _ in results[k : k + len(item.choices)]]
         k += len(item.choices)
@@ -154,10 +154,16 @@ def multiple_choice_metrics(items: list[Item], results: list[tuple[float, bool]]
         else:
             lengths = [len(item.continuation)] * len(item.choices)
         normed = [s / max(n, 1) for s, n in zip(scores, lengths)]
-        correct += max(range(len(scores)), key=scores.__getitem__) == item.gold
-        correct_norm += max(range(len(normed)), key=normed.__getitem__) == item.gold
+        out.append((max(range(len(scores)), key=scores.__getitem__) == item.gold,
+                    max(range(len(normed)), key=normed.__getitem__) == item.gold))
+    return out
+
+
+def multiple_choice_metrics(items: list[Item], results: list[tuple[float, bool]]) -> dict:
+    """acc and acc_norm from per-request results laid out item by item, choice by choice."""
+    correct = choice_correct(items, results)
     n = len(items)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n}
+    return {"acc": sum(a for a, _ in correct) / n, "acc_norm": sum(b for _, b in correct) / n, "n": n}
 
 
 def last_word_metrics(items: list[Item], results: list[tuple[float, bool]]) -> dict:

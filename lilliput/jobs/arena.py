@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from lilliput.core.record import run_record, write_json
 from lilliput.core.tokenizer import ByteTokenizer
 from lilliput.eval.efficiency import (active_parameter_count, decode_ms_by_context, decode_state_bytes,
                                       parameter_count)
+from lilliput.eval.intervals import seed_summary
 from lilliput.eval.perplexity import HELDOUT, heldout
 from lilliput.train.data import default_documents, token_stream
 from lilliput.train.loop import LanguageModeling, TrainConfig, Trainer, WindowBatches
@@ -137,12 +137,6 @@ def recall_model(arch: str, width: int, job: ArenaJob, seed: int = 0) -> GPT:
                            layer_mixers=pattern, max_seq_len=job.recall_seq_len,
                            ssm_chunk=min(cfg.ssm_chunk, job.recall_seq_len),
                            mlstm_chunk=min(cfg.mlstm_chunk, job.recall_seq_len), name=f"{cfg.name}-w{width}"))
-
-
-def summary(values: list[float]) -> dict:
-    """mean, std (sample; 0 for one value), min, max and the values."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "values": values}
 
 
 def train_config(job: ArenaJob, seed: int) -> TrainConfig:
@@ -281,10 +275,10 @@ def arena(job: ArenaJob) -> dict:
         archs[arch] = {
             "preset": name, "config": model.config.to_dict(),
             "parameters": parameter_count(model), "active_parameters": active_parameter_count(model),
-            "heldout_perplexity": summary([r["perplexity"] for r in rs]),
-            "heldout_bits_per_byte": summary([r["bits_per_byte"] for r in rs]),
-            "train_tokens_per_s": summary([r["tokens_per_s"] for r in rs]),
-            "final_train_ce": summary([r["final_train_ce"] for r in rs]),
+            "heldout_perplexity": seed_summary([r["perplexity"] for r in rs]),
+            "heldout_bits_per_byte": seed_summary([r["bits_per_byte"] for r in rs]),
+            "train_tokens_per_s": seed_summary([r["tokens_per_s"] for r in rs]),
+            "final_train_ce": seed_summary([r["final_train_ce"] for r in rs]),
             "runs": rs,
             "decode_state_bytes": {**state, "by_context": {str(c): state["per_sequence"] + state["per_token"] * c
                                                            for c in job.contexts}},

@@ -11,8 +11,9 @@ dedup, C4 and Gopher rules), and every one of them enters the provenance ledger 
 with its generator (model fingerprint, or the served model's name and URL; sampling settings,
 seed, prompt, watermark key id), together with curation's verdicts.
 
-The watermark is a logits processor, so it needs the logits: a served teacher cannot be
-watermarked from here (`--watermark` with an http teacher is refused).
+The watermark (the green list, or the distortion-free Gumbel-max sampling with `--watermark-scheme
+gumbel`, which leaves the teacher's distribution as it is) works on the logits, so a served teacher
+cannot be watermarked from here (`--watermark` with an http teacher is refused).
 
     out/documents.jsonl   the documents curation kept: {"id", "text", "topic", "kind", ...}
     out/run.json          the job, the teacher, token counts and speed, curation's summary
@@ -26,9 +27,10 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from lilliput.core.options import flag
 from lilliput.core.record import run_record, write_json
 from lilliput.data.curate import CurateConfig, CurateResult, curate_documents, write_documents
 from lilliput.data.ledger import Entry, Generator, Ledger, default_ledger_path, model_fingerprint, sha256_text
@@ -38,6 +40,7 @@ from lilliput.infer.endpoint import is_endpoint
 from lilliput.infer.engine import Engine, EngineConfig
 from lilliput.infer.sequence import GenerationConfig, Sequence
 from lilliput.jobs.teacher_endpoint import TeacherEndpoint
+from lilliput.jobs.watermark import SCHEMES, watermark_processor
 
 DOCUMENTS_FILE = "documents.jsonl"
 
@@ -62,6 +65,9 @@ class SynthJob:
     """Output folder: documents.jsonl and run.json."""
     watermark: str | None = None
     """Watermark every document with this secret key (its id goes to the ledger, never the key)."""
+    watermark_scheme: str = field(default=SCHEMES[0], metadata=flag(choices=SCHEMES))
+    """green-list: Kirchenbauer et al. 2023 (biases the logits, so the documents drift from the teacher's);
+    gumbel: distortion-free Gumbel-max sampling (Aaronson; the documents are distributed as the teacher's)."""
     ledger: str | None = None
     """The provenance ledger file; $LILLIPUT_CACHE/ledger.sqlite or ~/.cache/lilliput/ledger.sqlite when omitted."""
     seed: int = 0
@@ -94,6 +100,10 @@ class SynthJob:
         if self.watermark and is_endpoint(self.teacher):
             raise ValueError("a served (http) teacher cannot be watermarked from here: the watermark is a logits "
                              "processor and needs the logits; use a local teacher or drop --watermark")
+        if self.watermark_scheme not in SCHEMES:
+            raise ValueError(f"watermark_scheme must be one of {', '.join(SCHEMES)}, got {self.watermark_scheme!r}")
+        if self.watermark and self.watermark_scheme == "gumbel" and self.temperature <= 0:
+            raise ValueError("the gumbel watermark samples: it needs --temperature > 0")
 
     def sampling(self) -> GenerationConfig:
         """The teacher's settings (each document samples with its own seed)."""
@@ -209,14 +219,13 @@ def run_synth(job: SynthJob, model=None, tokenizer=None, label: str | None = Non
             label = label or model_label(job.teacher)
         processors = list
         if job.watermark:
-            from lilliput.data.watermark import Watermark
-
-            wm = Watermark(job.watermark)
+            wm = watermark_processor(job.watermark_scheme, job.watermark)
             watermark_id = wm.key_id
             processors = lambda: [wm]  # noqa: E731  (stateless: one processor serves every document)
         engine = Engine(model, tokenizer, EngineConfig(max_batch=job.max_batch))
         written, seconds = write_textbook(engine, prompts, cfg, job.tokens, processors, log)
-        fingerprint, sampling, tok_name, parameters = model_fingerprint(model), dataclasses.asdict(cfg), \
+        scheme = {"watermark_scheme": job.watermark_scheme} if job.watermark else {}
+        fingerprint, sampling, tok_name, parameters = model_fingerprint(model), dataclasses.asdict(cfg) | scheme, \
             repr(tokenizer), parameter_count(model)
     label = label or job.teacher or "teacher"
     docs = documents(written)

@@ -29,6 +29,17 @@ def watermark_processor(scheme: str, key: str):
     return Watermark(key)
 
 
+def watermark_detector(scheme: str, key: str):
+    """The detector of a scheme with its default settings (`detect(ids)` / `detect_text(text, tokenizer)`)."""
+    if scheme == "gumbel":
+        from lilliput.data.gumbel_watermark import GumbelDetector
+
+        return GumbelDetector(key)
+    from lilliput.data.watermark import Detector
+
+    return Detector(key)
+
+
 @dataclass(frozen=True)
 class DetectJob:
     file: str = field(metadata=flag(positional=True))

@@ -45,7 +45,7 @@ import torch
 from lilliput.core.config import preset
 from lilliput.core.model import GPT
 from lilliput.eval.efficiency import parameter_count, state_bytes_at
-from lilliput.eval.intervals import bootstrap_mean
+from lilliput.eval.intervals import bootstrap_mean, seed_summary
 from lilliput.train.loop import TrainConfig, Trainer
 from lilliput.train.recall import QueriedValues, RecallConfig, RecallMixture, recall_hits
 
@@ -234,12 +234,6 @@ def plan(cfg: RecallLabConfig, best: dict[str, float]) -> list[tuple]:
     return [(a, w, s, best[a]) for w in sorted(cfg.widths, reverse=True) for s in range(cfg.seeds) for a in cfg.archs]
 
 
-def summary(values: list[float]) -> dict:
-    """mean, std (sample; 0 for one value), min, max and the values."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "values": values}
-
-
 def recall_lab(cfg: RecallLabConfig, log=print) -> dict:
     """Sweep, train, score; the fields of recall.json (without the run record)."""
     t0 = time.perf_counter()
@@ -268,9 +262,9 @@ def recall_lab(cfg: RecallLabConfig, log=print) -> dict:
             results[a]["by_width"][str(w)] = {
                 "parameters": rs[0]["parameters"],
                 "state_bytes_at_seq_len": {str(n): state_bytes_at(model, 4 * n) for n in sorted(cfg.pairs)},
-                "accuracy": {n: {**summary([r["accuracy"][n] for r in rs]), **interval([r["hits"][n] for r in rs])}
+                "accuracy": {n: {**seed_summary([r["accuracy"][n] for r in rs]), **interval([r["hits"][n] for r in rs])}
                              for n in rs[0]["accuracy"]},
-                "final_ce": summary([r["final_ce"] for r in rs]),
+                "final_ce": seed_summary([r["final_ce"] for r in rs]),
             }
     for r in [*sweep, *chosen]:
         r.pop("hits", None)
