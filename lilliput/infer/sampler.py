@@ -27,10 +27,13 @@ from lilliput.infer.sequence import GenerationConfig, Sequence
 def process(seq: Sequence, ids: list[int], logits: torch.Tensor) -> torch.Tensor:
     """seq's logits processors applied in order to next-token logits (V,) after `ids` (a copy when
     there are any: the caller's tensor is left as it was)."""
-    if seq.processors:
-        logits = logits.clone()
-        for p in seq.processors:
-            logits = p(ids, len(seq.prompt), logits)
+    return _processed(seq, ids, logits.clone()) if seq.processors else logits
+
+
+def _processed(seq: Sequence, ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+    """seq's logits processors applied in order to logits (V,) the caller owns (changed in place or not)."""
+    for p in seq.processors:
+        logits = p(ids, len(seq.prompt), logits)
     return logits
 
 
@@ -107,7 +110,7 @@ def sample_batch(seqs: list[Sequence], logits: torch.Tensor) -> list[int | None]
     if chained:
         logits = logits.clone()  # the caller's (perhaps an expanded view) stays as it was
         for i in chained:
-            logits[i] = process(seqs[i], seqs[i].tokens, logits[i])
+            logits[i] = _processed(seqs[i], seqs[i].tokens, logits[i])  # a row of the copy: no second one
         allowed = torch.isfinite(logits[chained]).any(-1).tolist()
         dead = {i for i, ok in zip(chained, allowed) if not ok}
     else:
