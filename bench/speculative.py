@@ -6,7 +6,9 @@ lookup (no model) and a draft model (the target quantized to int4, RTN g64: same
 of the bytes). For each drafter, k in --ks with k fixed, and the adaptive controller. Greedy
 decoding, so every setting must give the target's own tokens (checked and recorded). Each prompt
 runs every setting back to back (interleaved); tokens/s is new tokens over the time after the
-prefill; each prompt runs --repeats rounds and keeps its median. Both targets (fp32 and int8)
+prefill (a draft model reads the prompt in the prefill, before the first token: `ttft_ratio` is each
+setting's time to first token over the target's alone); each prompt runs --repeats rounds and keeps
+its median. Both targets (fp32 and int8)
 are measured whole in one run. Writes bench/results/speculative.json with `best_speedup` (target
 >= 1.5), `worst_slowdown` (the adaptive controller's worst kind; target >= 0.95) and
 `worst_prompt_adaptive` (its slowest single prompt over both targets; target >= 0.95).
@@ -75,17 +77,19 @@ def measure(model, draft_model, tok, kinds: dict, ks: list[int], new: int, repea
 
     rows = {s: {k: [] for k in kinds} for s in settings}  # tok/s per prompt (median of the rounds)
     per_prompt = {s: {k: [] for k in kinds} for s in settings}  # speedup per prompt (median of the rounds)
+    ttft = {s: {k: [] for k in kinds} for s in settings}  # time to first token / plain's, per prompt (median)
     stats = {s: {k: [] for k in kinds} for s in settings}
     identical = {s: True for s in settings}
     for kind, prompts in kinds.items():
         for i, text in enumerate(prompts):
             prompt = tok.apply_chat_template([{"role": "user", "content": text}])
             run_one("plain", prompt)  # warm-up (and the prefix cache is off the table: max_batch 1 keeps it)
-            tps, ref = {s: [] for s in settings}, None
+            tps, first, ref = {s: [] for s in settings}, {s: [] for s in settings}, None
             for _ in range(repeats):
                 for s in settings:
                     seq, st = run_one(s, prompt)
                     tps[s].append((len(seq.output) - 1) / (seq.finished_at - seq.first_token_at))
+                    first[s].append(seq.first_token_at - seq.arrival)
                     if st:
                         stats[s][kind].append(st.as_dict())
                     ref = ref if ref is not None else seq.output
@@ -93,6 +97,7 @@ def measure(model, draft_model, tok, kinds: dict, ks: list[int], new: int, repea
             for s in settings:
                 rows[s][kind].append(statistics.median(tps[s]))
                 per_prompt[s][kind].append(statistics.median(a / b for a, b in zip(tps[s], tps["plain"])))
+                ttft[s][kind].append(statistics.median(a / b for a, b in zip(first[s], first["plain"])))
             print(f"{kind} {i + 1}/{len(prompts)}: " + ", ".join(
                 f"{s} {per_prompt[s][kind][-1]:.2f}x" for s in settings[1:]), file=sys.stderr)
 
@@ -107,6 +112,7 @@ def measure(model, draft_model, tok, kinds: dict, ks: list[int], new: int, repea
             table[s][kind] = {"tok_s": round(mean(rows[s][kind]), 2), "speedup": round(mean(speed), 3),
                               "speedup_range": [round(min(speed), 3), round(max(speed), 3)],
                               "speedup_per_prompt": [round(x, 3) for x in speed],
+                              "ttft_ratio": round(mean(ttft[s][kind]), 3),
                               **({"acceptance_rate": round(mean([x["acceptance_rate"] for x in st]), 3),
                                   "mean_accepted_length": round(mean([x["mean_accepted_length"] for x in st]), 3),
                                   "plain_steps": sum(x["plain_steps"] for x in st)} if st else {})}
@@ -164,7 +170,9 @@ def main(argv=None) -> int:
                 "in the same round, the median of the rounds per prompt, averaged over prompts per kind; "
                 "worst_prompt_adaptive: the slowest single prompt under either adaptive controller, over every "
                 "target (target >= 0.95). adaptive = k chosen from the running acceptance rate and measured "
-                "costs, plain decoding when no k pays. best_/worst_slowdown fields are the headline target's.",
+                "costs, plain decoding when no k pays. best_/worst_slowdown fields are the headline target's. A draft "
+                "model reads the prompt before the first token (the prefill of both models): its cost is in "
+                "ttft_ratio (time to first token / the target's alone), not in the speedups.",
     }
     write_json(args.out, run_record("bench/speculative.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                                     **result))

@@ -55,6 +55,63 @@ def test_adaptive_counts_the_drafting_time(tiny_model, byte_tokenizer, one_threa
     assert dec.stats.plain_steps > 4 * dec.stats.verifications
 
 
+def test_a_draft_model_reads_the_prompt_before_the_first_token_and_frees_its_row(tiny_model, byte_tokenizer,
+                                                                                   one_thread):
+    seen = []
+
+    class Watched(DraftModel):
+        def sync(self, seq):
+            seen.append((seq.first_token_at, len(seq.tokens), self.behind(seq)))
+            super().sync(seq)
+
+        def propose(self, seq, k):
+            if len(seq.output) > 6:
+                raise RuntimeError("drafter broke")
+            return super().propose(seq, k)
+
+    engine = Engine(tiny_model, byte_tokenizer)
+    drafter = Watched(tiny_model, engine)
+    dec = SpeculativeDecoder(engine, drafter, SpeculationConfig(k=2, adaptive=False))
+    prompt = byte_tokenizer.encode("hello there")
+    seq = dec.generate(prompt, GenerationConfig(max_new_tokens=4, ignore_eos=True))
+    assert seen[0] == (None, len(prompt), len(prompt) - 1)  # the whole prompt (but its last token), up front
+    assert len(seq.output) == 4 and drafter.rows == {} and drafter.known == {}
+    with pytest.raises(RuntimeError, match="drafter broke"):
+        dec.generate("hello", GenerationConfig(max_new_tokens=20, ignore_eos=True))
+    assert drafter.rows == {} and drafter.runner.state.lengths == [0] * len(drafter.runner.state.lengths)
+
+
+def controller(**kw) -> SpeculativeDecoder:
+    """A decoder whose measured costs are set by hand: t_step 10 ms a plain token; drafting and verifying
+    k tokens 10 ms + 2 ms a drafted token."""
+    dec = SpeculativeDecoder.__new__(SpeculativeDecoder)
+    SpeculativeDecoder.__init__(dec, None, PromptLookup(), SpeculationConfig(k=2, retry_every=10, **kw))
+    dec.t_step, dec.t_verify, dec.alpha = 0.010, {1: 0.012, 8: 0.026}, 0.6
+    return dec
+
+
+def test_a_retry_must_pay_for_catching_the_drafter_up():
+    dec = controller()
+    dec.t_catch_up = 0.001  # 1 ms a token left behind
+    assert dec._choose(behind=0) > 0  # k=2: ~1.4x plain at alpha 0.6
+    assert dec._choose(behind=20) > 0  # 20 ms of catching up: the next 10 tokens still gain more
+    dec.t_catch_up = 0.005
+    assert dec._choose(behind=20) == 0  # 100 ms of catching up outweighs the ~30 ms gained over the next 10 tokens
+
+
+def test_retries_that_do_not_pay_back_off():
+    dec = controller()
+    dec.alpha, dec.t_verify = 0.0, {1: 0.05}  # nothing accepted, and drafting is dear: plain decoding pays
+    stretches = []
+    for _ in range(5):
+        assert dec._choose() == 0
+        stretches.append(dec._off_for)
+        while dec._off_for:
+            assert dec._choose() == 0
+        dec.alpha = 0.0  # the retry failed again
+    assert stretches == [10, 20, 40, 80, 80]
+
+
 def first_token_counts(model, tok, speculate: bool, n: int, prompt="ab") -> torch.Tensor:
     """Empirical distribution of the 2nd generated token (the first one that can be drafted)."""
     from lilliput.core.model import GPT

@@ -18,7 +18,10 @@ model with the same tokenizer (a quantized or structurally pruned copy of the ta
 
 `k` adapts: the decoder keeps the running acceptance rate and the measured cost of drafting and
 verifying, picks the k with the best expected tokens per second, and decodes plainly when no k
-beats it (re-trying speculation now and then), so a bad drafter costs little.
+beats it, so a bad drafter costs little. A draft model reads the prompt with the target (before the
+first token: prefill, as the target's own), and while decoding is plain it is left behind; a retry
+first catches it up in one chunk, so the decoder retries only when the tokens it expects to gain over
+the next stretch pay for that catch-up, and waits twice as long after each retry that did not pay.
 
 Speculation runs one sequence at a time (batch 1): in a batch, the engine's plain batched
 decode is what gains, and `SpeculativeDecoder` refuses an engine with other work in flight.
@@ -46,6 +49,13 @@ class Drafter:
 
     def propose(self, seq: Sequence, k: int) -> tuple[list[int], torch.Tensor | None]:
         raise NotImplementedError
+
+    def behind(self, seq: Sequence) -> int:
+        """Tokens of seq the drafter has yet to read before it can propose (`sync` reads them)."""
+        return 0
+
+    def sync(self, seq: Sequence) -> None:
+        """Read what `behind` counts, now (a draft model's prefill chunk)."""
 
     def commit(self, seq: Sequence) -> None:
         """The sequence's tokens changed (accepted drafts, a correction): resynchronise."""
@@ -79,8 +89,8 @@ class PromptLookup(Drafter):
 
 
 class DraftModel(Drafter):
-    """A smaller model with the same tokenizer drafts k tokens, one step each, on its own state
-    whose rows mirror the target engine's rows."""
+    """A smaller model with the same tokenizer drafts k tokens, one step each, on a row of its own
+    state per sequence (taken when the sequence is first seen: before the target has placed it)."""
 
     name = "draft"
 
@@ -89,18 +99,33 @@ class DraftModel(Drafter):
             raise ValueError(f"the draft model's vocabulary ({model.config.vocab_size}) differs from the "
                              f"target's ({engine.model.config.vocab_size}): it must share the tokenizer")
         self.runner = ModelRunner(model, engine.cfg.max_batch, min(engine.max_len, 256))
+        self.rows: dict[int, int] = {}  # id(seq) -> its row in the draft state
         self.known: dict[int, list[int]] = {}  # row -> tokens in the draft state
 
-    def _sync(self, seq: Sequence) -> None:
-        """Rewind the draft row to the longest prefix it shares with seq, then feed the rest but the last."""
-        state, row = self.runner.state, seq.row
-        have = self.known.get(row, [])
-        want = seq.tokens[:-1]
-        n = 0
+    def _row(self, seq: Sequence) -> int:
+        if id(seq) not in self.rows:
+            free = sorted(set(range(self.runner.state.rows)) - set(self.rows.values()))
+            if not free:
+                raise RuntimeError("the draft model has no free row: release finished sequences")
+            self.rows[id(seq)] = free[0]
+        return self.rows[id(seq)]
+
+    def _shared(self, seq: Sequence) -> int:
+        """Length of the prefix the draft row shares with seq's tokens but the last."""
+        have, want, n = self.known.get(self._row(seq), []), seq.tokens[:-1], 0
         for a, b in zip(have, want):
             if a != b:
                 break
             n += 1
+        return n
+
+    def behind(self, seq: Sequence) -> int:
+        return len(seq.tokens) - 1 - self._shared(seq)
+
+    def sync(self, seq: Sequence) -> None:
+        """Rewind the draft row to the longest prefix it shares with seq, then feed the rest but the last."""
+        state, row, n = self.runner.state, self._row(seq), self._shared(seq)
+        want = seq.tokens[:-1]
         if n < state.lengths[row]:
             state.truncate(row, n) if n else state.free(row)
         if len(want) > n:
@@ -108,8 +133,8 @@ class DraftModel(Drafter):
         self.known[row] = list(want)
 
     def propose(self, seq: Sequence, k: int) -> tuple[list[int], torch.Tensor | None]:
-        self._sync(seq)
-        cfg, row = seq.cfg, seq.row
+        self.sync(seq)
+        cfg, row = seq.cfg, self._row(seq)
         tok, out, probs = seq.tokens[-1], [], []
         for _ in range(k):
             logits = self.runner.decode([tok], [row])[0]
@@ -124,7 +149,11 @@ class DraftModel(Drafter):
         return out, (torch.stack(probs) if probs else None)
 
     def release(self, seq: Sequence) -> None:
-        self.known.pop(seq.row, None)
+        row = self.rows.pop(id(seq), None)
+        if row is not None:
+            self.known.pop(row, None)
+            if self.runner.state.lengths[row]:
+                self.runner.state.free(row)
 
 
 def make_drafter(spec: str, engine: Engine) -> Drafter:
@@ -148,7 +177,8 @@ class SpeculationConfig:
     adaptive: bool = True
     """Choose k from the running acceptance rate and measured costs; decode plainly when no k pays."""
     retry_every: int = 32
-    """While speculation is off, try it again after this many plain tokens."""
+    """While speculation is off, consider it again after this many plain tokens (twice as many after each
+    retry that did not pay, up to 8 times as many)."""
 
     def __post_init__(self):
         if not 1 <= self.k <= self.k_max <= 15:
@@ -185,8 +215,10 @@ class SpeculativeDecoder:
         self.alpha = 0.7  # running acceptance rate (EMA), optimistic start
         self.t_step: float | None = None  # seconds of a plain decode step (EMA)
         self.t_verify: dict[int, float] = {}  # k -> seconds of drafting + verifying k (EMA)
+        self.t_catch_up: float | None = None  # seconds per token a drafter left behind takes to catch up (EMA)
         self.k = cfg.k
         self._off_for = 0
+        self._backoff = 1  # the next plain stretch is retry_every x this
 
     # --- choosing k -----------------------------------------------------------------------------------
 
@@ -201,8 +233,9 @@ class SpeculativeDecoder:
         a = min(self.alpha, 0.999)
         return (1 - a ** (k + 1)) / (1 - a) / t
 
-    def _choose(self) -> int:
-        """k for the next verification; 0 means decode plainly."""
+    def _choose(self, behind: int = 0) -> int:
+        """k for the next verification; 0 means decode plainly. `behind`: tokens the drafter must read
+        first (after a plain stretch), a cost the gain over the next stretch must pay for."""
         if not self.cfg.adaptive:
             return self.cfg.k
         if self._off_for > 0:
@@ -212,8 +245,11 @@ class SpeculativeDecoder:
             return self.k if self.t_step is not None else 0  # first measure a plain step
         rates = {k: r for k in range(1, self.cfg.k_max + 1) if (r := self._expected_rate(k)) is not None}
         best = max(rates, key=rates.get)
-        if rates[best] < 1.0 / self.t_step:  # speculation does not pay now: plain decode for a while
-            self._off_for = self.cfg.retry_every
+        stretch = self.cfg.retry_every
+        catch_up = behind * (self.t_catch_up if self.t_catch_up is not None else self.t_step)
+        if catch_up + stretch / rates[best] >= stretch * self.t_step:  # does not pay now: plain for a while
+            self._off_for = stretch * self._backoff
+            self._backoff = min(2 * self._backoff, 8)
             self.alpha = max(self.alpha, 0.5)  # the retry gets a fair chance
             return 0
         # explore one step beyond what was measured, so larger k gets a measured cost
@@ -231,29 +267,52 @@ class SpeculativeDecoder:
         if engine.has_work():
             raise ValueError("speculative decoding runs one sequence at a time: the engine has other work")
         seq = engine.add(prompt, cfg, bos=bos)
-        while not seq.finished and seq.status is not Status.RUNNING:
-            engine.step()  # prefill (and the first token)
-        while not seq.finished:
-            k = min(self._choose(), cfg.max_new_tokens - len(seq.output),
-                    engine.max_len - len(seq.tokens) - 1)
-            t = time.perf_counter()  # drafting is part of a speculative step's cost (a draft model's k steps)
-            draft, q = self.drafter.propose(seq, k) if k > 0 else ([], None)
-            if not draft:
-                engine.step()
-                self.t_step = self._ema(self.t_step, time.perf_counter() - t)
-                self.stats.plain_steps += 1
-                continue
-            logits = engine.verify(seq, draft)  # (k+1, V)
-            new = self._accept(seq, draft, q, logits)
-            engine.commit(seq, new)
-            self.drafter.commit(seq)
-            k = len(draft)
-            self.t_verify[k] = self._ema(self.t_verify.get(k), time.perf_counter() - t)
-            self.stats.verifications += 1
-            self.stats.drafted += k
-            self.stats.accepted += len(new) - 1
-            self.alpha = self._ema(self.alpha, (len(new) - 1) / k, 0.1)
-        self.drafter.release(seq)
+        t = time.perf_counter()
+        self.drafter.sync(seq)  # a draft model reads the prompt with the target: prefill, before the first token
+        if len(seq.tokens) > 1:
+            self.t_catch_up = self._ema(self.t_catch_up, (time.perf_counter() - t) / (len(seq.tokens) - 1))
+        try:
+            while not seq.finished and seq.status is not Status.RUNNING:
+                engine.step()  # prefill (and the first token)
+            plain_run = 0  # plain steps since the last verification: what a draft model has not read
+            while not seq.finished:
+                behind = self.drafter.behind(seq) if plain_run and self._off_for == 0 else 0
+                k = min(self._choose(behind), cfg.max_new_tokens - len(seq.output),
+                        engine.max_len - len(seq.tokens) - 1)
+                if k <= 0:
+                    t = time.perf_counter()
+                    engine.step()
+                    self.t_step = self._ema(self.t_step, time.perf_counter() - t)
+                    self.stats.plain_steps += 1
+                    plain_run += 1
+                    continue
+                if behind > 1:  # caught up in one chunk, timed apart from the steady cost of drafting
+                    t = time.perf_counter()
+                    self.drafter.sync(seq)
+                    self.t_catch_up = self._ema(self.t_catch_up, (time.perf_counter() - t) / behind)
+                plain_run = 0
+                t = time.perf_counter()  # drafting is part of a speculative step's cost (a draft model's k steps)
+                draft, q = self.drafter.propose(seq, k)
+                if not draft:
+                    engine.step()
+                    self.t_step = self._ema(self.t_step, time.perf_counter() - t)
+                    self.stats.plain_steps += 1
+                    plain_run += 1
+                    continue
+                logits = engine.verify(seq, draft)  # (k+1, V)
+                new = self._accept(seq, draft, q, logits)
+                engine.commit(seq, new)
+                self.drafter.commit(seq)
+                k, seconds = len(draft), time.perf_counter() - t
+                self.t_verify[k] = self._ema(self.t_verify.get(k), seconds)
+                if self.t_step is not None and len(new) / seconds >= 1.0 / self.t_step:
+                    self._backoff = 1  # this one paid
+                self.stats.verifications += 1
+                self.stats.drafted += k
+                self.stats.accepted += len(new) - 1
+                self.alpha = self._ema(self.alpha, (len(new) - 1) / k, 0.1)
+        finally:
+            self.drafter.release(seq)  # its draft row is free again, whatever happened
         engine.step()  # retire it
         self.stats.tokens += len(seq.output)
         return seq
