@@ -99,6 +99,22 @@ def test_a_retry_must_pay_for_catching_the_drafter_up():
     assert dec._choose(behind=20) == 0  # 100 ms of catching up outweighs the ~30 ms gained over the next 10 tokens
 
 
+def test_the_acceptance_rate_is_learnt_in_a_few_verifications(tiny_model, byte_tokenizer, one_thread):
+    """A drafter that is always wrong: the optimistic prior (0.7) weighs as one verification, so three
+    rejections bring the running rate below 0.2 (an EMA of weight 0.1 alone would still be near 0.5)."""
+
+    class Wrong(PromptLookup):
+        def propose(self, seq, k):
+            return [(seq.tokens[-1] + 1) % 256] * k, None  # not what the tiny model says (accepted == 0 below)
+
+    engine = Engine(tiny_model, byte_tokenizer)
+    dec = SpeculativeDecoder(engine, Wrong(), SpeculationConfig(k=2, retry_every=1000))
+    dec.t_step, dec.t_verify = 1.0, {1: 0.1, 2: 0.1}  # speculation looks cheap: it keeps trying while alpha is high
+    dec.generate("hello", GenerationConfig(max_new_tokens=4, ignore_eos=True))
+    assert dec.stats.accepted == 0 and dec.stats.verifications == 3
+    assert dec.alpha < 0.2
+
+
 def test_retries_that_do_not_pay_back_off():
     dec = controller()
     dec.alpha, dec.t_verify = 0.0, {1: 0.05}  # nothing accepted, and drafting is dear: plain decoding pays

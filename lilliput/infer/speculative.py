@@ -212,7 +212,8 @@ class SpeculativeDecoder:
     def __init__(self, engine: Engine, drafter: Drafter, cfg: SpeculationConfig = SpeculationConfig()):
         self.engine, self.drafter, self.cfg = engine, drafter, cfg
         self.stats = SpeculationStats()
-        self.alpha = 0.7  # running acceptance rate (EMA), optimistic start
+        self.alpha = 0.7  # running acceptance rate, optimistic start (a prior worth one verification)
+        self._seen = 0  # verifications since the prior was set: the first ones weigh 1/2, 1/3, ..., then 0.1 (EMA)
         self.t_step: float | None = None  # seconds of a plain decode step (EMA)
         self.t_verify: dict[int, float] = {}  # k -> seconds of drafting + verifying k (EMA)
         self.t_catch_up: float | None = None  # seconds per token a drafter left behind takes to catch up (EMA)
@@ -250,7 +251,7 @@ class SpeculativeDecoder:
         if catch_up + stretch / rates[best] >= stretch * self.t_step:  # does not pay now: plain for a while
             self._off_for = stretch * self._backoff
             self._backoff = min(2 * self._backoff, 8)
-            self.alpha = max(self.alpha, 0.5)  # the retry gets a fair chance
+            self.alpha, self._seen = max(self.alpha, 0.5), 0  # the retry gets a fair chance, and a quick verdict
             return 0
         # explore one step beyond what was measured, so larger k gets a measured cost
         return min(best + 1, self.cfg.k_max) if best == max(self.t_verify) and best < self.cfg.k_max else best
@@ -310,7 +311,8 @@ class SpeculativeDecoder:
                 self.stats.verifications += 1
                 self.stats.drafted += k
                 self.stats.accepted += len(new) - 1
-                self.alpha = self._ema(self.alpha, (len(new) - 1) / k, 0.1)
+                self.alpha = self._ema(self.alpha, (len(new) - 1) / k, max(0.1, 1 / (self._seen + 2)))
+                self._seen += 1
         finally:
             self.drafter.release(seq)  # its draft row is free again, whatever happened
         engine.step()  # retire it
