@@ -236,7 +236,8 @@ def _speculative(results: Path) -> str | None:
     if r is None:
         return None
     cell = lambda v, kind: f"{fmt(v[kind]['speedup'])}x" + (  # noqa: E731
-        f" (acceptance {fmt(v[kind]['acceptance_rate'])})" if "acceptance_rate" in v[kind] else "")
+        f" (acceptance {fmt(v[kind]['acceptance_rate'])})" if "acceptance_rate" in v[kind] else "") + (
+        f", TTFT {fmt(v[kind]['ttft_ratio'])}x" if "ttft_ratio" in v[kind] else "")
     targets = r.get("by_target") or {"": {"settings": r["settings"]}}  # older files: one target
     rows = [[f"{t} {k}".strip(), cell(v, "chat"), cell(v, "grounded")]
             for t, by in targets.items() for k, v in by["settings"].items()]
@@ -244,7 +245,10 @@ def _speculative(results: Path) -> str | None:
              if "worst_prompt_adaptive" in r else "")
     head = f" ({r['headline_target']} target)" if "headline_target" in r else ""
     return (f"Decode-only speed-up over the target alone (batch 1, greedy, {r['new_tokens']} tokens, the mean over "
-            f"prompts of each prompt's median; draft: {r['draft_model']}):\n\n"
+            f"prompts of each prompt's median; draft: {r['draft_model']}"
+            + ("; TTFT: time to first token over the target's alone, a draft model reading the prompt in the prefill"
+               if "ttft_ratio" in r["by_target"][r["headline_target"]]["settings"]["plain"]["chat"] else "")
+            + "):\n\n"
             + md(["target, drafter", "chat prompts", "input-grounded prompts"], rows)
             + f"\n\n`best_speedup` **{fmt(r['best_speedup'])}** ({r['best_setting']}), `worst_slowdown` "
               f"**{fmt(r['worst_slowdown'])}** ({r['worst_setting']}){head}{worst}.\n\n" + source(r, "speculative"))

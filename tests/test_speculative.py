@@ -55,8 +55,8 @@ def test_adaptive_counts_the_drafting_time(tiny_model, byte_tokenizer, one_threa
     assert dec.stats.plain_steps > 4 * dec.stats.verifications
 
 
-def test_a_draft_model_reads_the_prompt_before_the_first_token_and_frees_its_row(tiny_model, byte_tokenizer,
-                                                                                   one_thread):
+def test_a_draft_model_reads_the_prompt_before_the_first_token_and_keeps_it_as_a_prefix(tiny_model, byte_tokenizer,
+                                                                                         one_thread):
     seen = []
 
     class Watched(DraftModel):
@@ -75,10 +75,15 @@ def test_a_draft_model_reads_the_prompt_before_the_first_token_and_frees_its_row
     prompt = byte_tokenizer.encode("hello there")
     seq = dec.generate(prompt, GenerationConfig(max_new_tokens=4, ignore_eos=True))
     assert seen[0] == (None, len(prompt), len(prompt) - 1)  # the whole prompt (but its last token), up front
-    assert len(seq.output) == 4 and drafter.rows == {} and drafter.known == {}
+    assert len(seq.output) == 4 and drafter.rows == {}
+    seen.clear()
+    again = dec.generate(prompt + byte_tokenizer.encode("!"), GenerationConfig(max_new_tokens=4, ignore_eos=True))
+    assert seen[0] == (None, len(prompt) + 1, 0) and again.output  # the row kept the prompt: nothing more to read
     with pytest.raises(RuntimeError, match="drafter broke"):
         dec.generate("hello", GenerationConfig(max_new_tokens=20, ignore_eos=True))
-    assert drafter.rows == {} and drafter.runner.state.lengths == [0] * len(drafter.runner.state.lengths)
+    assert drafter.rows == {}  # its row is free again
+    for row, known in drafter.known.items():  # and what the draft says it holds is what its state holds
+        assert drafter.runner.state.lengths[row] == len(known)
 
 
 def controller(**kw) -> SpeculativeDecoder:

@@ -90,7 +90,9 @@ class PromptLookup(Drafter):
 
 class DraftModel(Drafter):
     """A smaller model with the same tokenizer drafts k tokens, one step each, on a row of its own
-    state per sequence (taken when the sequence is first seen: before the target has placed it)."""
+    state per sequence (taken when the sequence is first seen: before the target has placed it). A
+    released row keeps what it read, and a new sequence takes the free row sharing the longest prefix
+    with it: the draft's prefix cache, as the target engine keeps its own."""
 
     name = "draft"
 
@@ -99,25 +101,21 @@ class DraftModel(Drafter):
             raise ValueError(f"the draft model's vocabulary ({model.config.vocab_size}) differs from the "
                              f"target's ({engine.model.config.vocab_size}): it must share the tokenizer")
         self.runner = ModelRunner(model, engine.cfg.max_batch, min(engine.max_len, 256))
-        self.rows: dict[int, int] = {}  # id(seq) -> its row in the draft state
-        self.known: dict[int, list[int]] = {}  # row -> tokens in the draft state
+        self.rows: dict[int, int] = {}  # id(seq) -> its row in the draft state, while the sequence runs
+        self.known: dict[int, list[int]] = {}  # row -> tokens in the draft state (kept after release)
 
     def _row(self, seq: Sequence) -> int:
         if id(seq) not in self.rows:
-            free = sorted(set(range(self.runner.state.rows)) - set(self.rows.values()))
+            taken = set(self.rows.values())
+            free = [r for r in range(self.runner.state.rows) if r not in taken]
             if not free:
                 raise RuntimeError("the draft model has no free row: release finished sequences")
-            self.rows[id(seq)] = free[0]
+            self.rows[id(seq)] = max(free, key=lambda r: _common(self.known.get(r, []), seq.tokens[:-1]))
         return self.rows[id(seq)]
 
     def _shared(self, seq: Sequence) -> int:
         """Length of the prefix the draft row shares with seq's tokens but the last."""
-        have, want, n = self.known.get(self._row(seq), []), seq.tokens[:-1], 0
-        for a, b in zip(have, want):
-            if a != b:
-                break
-            n += 1
-        return n
+        return _common(self.known.get(self._row(seq), []), seq.tokens[:-1])
 
     def behind(self, seq: Sequence) -> int:
         return len(seq.tokens) - 1 - self._shared(seq)
@@ -128,6 +126,7 @@ class DraftModel(Drafter):
         want = seq.tokens[:-1]
         if n < state.lengths[row]:
             state.truncate(row, n) if n else state.free(row)
+        self.known[row] = want[:n]  # what the state holds, should the extend fail
         if len(want) > n:
             self.runner.extend(row, want[n:], "none")
         self.known[row] = list(want)
@@ -149,11 +148,17 @@ class DraftModel(Drafter):
         return out, (torch.stack(probs) if probs else None)
 
     def release(self, seq: Sequence) -> None:
-        row = self.rows.pop(id(seq), None)
-        if row is not None:
-            self.known.pop(row, None)
-            if self.runner.state.lengths[row]:
-                self.runner.state.free(row)
+        self.rows.pop(id(seq), None)  # the row keeps what it read, for the next sequence with that prefix
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def make_drafter(spec: str, engine: Engine) -> Drafter:
