@@ -14,6 +14,31 @@ def test_prompt_lookup_proposes_what_followed_the_last_ngram(tiny_model, byte_to
     assert PromptLookup().propose(engine.add("abcdef", GenerationConfig(max_new_tokens=1)), 4) == ([], None)
 
 
+def test_prompt_lookup_index_proposes_what_a_scan_finds():
+    """The n-gram index against the plain definition: the latest earlier occurrence of the longest tail."""
+    import random
+
+    def scan(ids, k, max_n=3):
+        for n in range(min(max_n, len(ids) - 1), 0, -1):
+            for start in range(len(ids) - n - 1, -1, -1):
+                if ids[start:start + n] == ids[len(ids) - n:]:
+                    return ids[start + n:start + n + k]
+        return []
+
+    class Seq:
+        tokens: list
+
+    rng = random.Random(0)
+    for vocab in (3, 40, 5000):
+        seq, lookup = Seq(), PromptLookup()
+        seq.tokens = []
+        for _ in range(300):
+            seq.tokens.append(rng.randrange(vocab))
+            assert lookup.propose(seq, 4) == (scan(seq.tokens, 4), None)
+        seq.tokens = seq.tokens[:50] + [1, 2, 3]  # tokens that differ from those indexed: indexed again
+        assert lookup.propose(seq, 2) == (scan(seq.tokens, 2), None)
+
+
 @pytest.mark.parametrize("drafter", ["lookup", "draft"])
 @pytest.mark.parametrize("adaptive", [True, False])
 def test_greedy_speculation_is_token_identical(tiny_model, byte_tokenizer, one_thread, drafter, adaptive):
