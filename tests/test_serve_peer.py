@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lilliput.cli import main
+from lilliput.infer.sequence import common_prefix
 from lilliput.core.config import preset
 from lilliput.core.model import GPT
 from lilliput.core.tokenizer import ByteTokenizer
@@ -73,7 +74,7 @@ def test_text_equality_over_requests_both_answered():
     assert sp.text_equality([None], ["a"])["fraction"] is None
     with pytest.raises(ValueError, match="different request lists"):
         sp.text_equality(["a"], ["a", "b"])
-    assert sp.common_prefix_chars("hello world", "hello there") == 6
+    assert common_prefix("hello world", "hello there") == 6
 
 
 # --- a real server in this process -----------------------------------------------------------------

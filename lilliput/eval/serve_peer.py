@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lilliput.eval.efficiency import percentile
+from lilliput.infer.sequence import common_prefix
 
 SERVED_NAME = "m"
 """The model id every server under test is started with (`--served-name`, `--served-model-name`)."""
@@ -99,19 +100,9 @@ def text_equality(a: list[str | None], b: list[str | None]) -> dict:
         raise ValueError(f"the runs answered different request lists ({len(a)} vs {len(b)})")
     pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
     same = sum(x == y for x, y in pairs)
-    differ = [common_prefix_chars(x, y) / max(len(x), len(y)) for x, y in pairs if x != y]
+    differ = [common_prefix(x, y) / max(len(x), len(y)) for x, y in pairs if x != y]
     return {"compared": len(pairs), "identical": same, "fraction": round(same / len(pairs), 3) if pairs else None,
             "differing_shared_prefix": round(statistics.fmean(differ), 3) if differ else None}
-
-
-def common_prefix_chars(a: str, b: str) -> int:
-    """Characters two completions share from their start."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def token_body(r: Request) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from lilliput.core.model import DecodeState
-from lilliput.infer.sequence import Sequence
+from lilliput.infer.sequence import Sequence, common_prefix
 
 
 class RowPool:
@@ -39,12 +39,7 @@ class RowPool:
         limit = len(seq.prompt) - 1  # at least one prompt token runs, to give the first logits
 
         def shared(tokens: list[int]) -> int:
-            n = 0
-            for a, b in zip(tokens, seq.prompt[:limit]):
-                if a != b:
-                    break
-                n += 1
-            return n
+            return common_prefix(tokens, seq.prompt[:limit])
 
         best, best_n = min(free, key=lambda r: len(self.held[r])), 0  # default: the emptiest row
         if self.prefix_cache:

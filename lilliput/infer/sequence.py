@@ -20,6 +20,16 @@ from lilliput.core.tokenizer import StreamDecoder
 from lilliput.infer.sampling import LogitsProcessor, RepetitionPenalty, drawer_of
 
 
+def common_prefix(a: Seq, b: Seq) -> int:
+    """Length of the longest common prefix of two sequences (token ids, or the characters of two texts)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 128

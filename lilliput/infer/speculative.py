@@ -38,7 +38,7 @@ from lilliput.core.model import GPT
 from lilliput.infer.engine import Engine
 from lilliput.infer.runner import ModelRunner
 from lilliput.infer.sampler import draw, probabilities, process, record
-from lilliput.infer.sequence import GenerationConfig, Sequence, Status
+from lilliput.infer.sequence import GenerationConfig, Sequence, Status, common_prefix
 
 
 class Drafter:
@@ -131,12 +131,12 @@ class DraftModel(Drafter):
             free = [r for r in range(self.runner.state.rows) if r not in taken]
             if not free:
                 raise RuntimeError("the draft model has no free row: release finished sequences")
-            self.rows[id(seq)] = max(free, key=lambda r: _common(self.known.get(r, []), seq.tokens[:-1]))
+            self.rows[id(seq)] = max(free, key=lambda r: common_prefix(self.known.get(r, []), seq.tokens[:-1]))
         return self.rows[id(seq)]
 
     def _shared(self, seq: Sequence) -> int:
         """Length of the prefix the draft row shares with seq's tokens but the last."""
-        return _common(self.known.get(self._row(seq), []), seq.tokens[:-1])
+        return common_prefix(self.known.get(self._row(seq), []), seq.tokens[:-1])
 
     def behind(self, seq: Sequence) -> int:
         return len(seq.tokens) - 1 - self._shared(seq)
@@ -170,16 +170,6 @@ class DraftModel(Drafter):
 
     def release(self, seq: Sequence) -> None:
         self.rows.pop(id(seq), None)  # the row keeps what it read, for the next sequence with that prefix
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def make_drafter(spec: str, engine: Engine) -> Drafter:
