@@ -101,6 +101,30 @@ def test_repeated_contexts_are_drawn_plainly_and_not_scored():
     assert det.detect(ids, prompt_len=2).tokens == 300
 
 
+def test_draw_over_the_support_is_the_full_vocabulary_race():
+    # the draw scores only tokens of probability > 0; the race over all V keys picks the same token
+    wm, chance = GumbelWatermark("k"), torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(3)
+    for step in range(200):
+        logits = 2.0 * torch.randn(500, generator=rng)
+        if step % 2:
+            logits[logits < torch.topk(logits, 7).values[-1]] = float("-inf")
+        probs, ids = logits.softmax(-1), [step % 11, 400 + step]
+        p = probs.double().numpy()
+        with np.errstate(divide="ignore"):
+            race = np.where(p > 0, wm.exponentials(ids, 500) / np.where(p > 0, p, 1.0), np.inf)
+        assert wm.draw(ids, 1, probs, chance) == int(np.argmin(race))
+
+
+@pytest.mark.parametrize("h", [1, 2, 3])
+def test_repeated_context_matches_its_definition(h):
+    rng = np.random.default_rng(h)
+    for _ in range(300):
+        ids, prompt_len = rng.integers(0, 4, size=int(rng.integers(h, 30))).tolist(), int(rng.integers(0, 6))
+        naive = any(ids[t - h:t] == ids[-h:] for t in range(max(prompt_len, h), len(ids)))
+        assert repeated_context(ids, prompt_len, h) == naive
+
+
 def test_watermarked_text_is_detected_and_survives_substitution():
     wm, det = GumbelWatermark("secret"), GumbelDetector("secret")
     rng = np.random.default_rng(0)

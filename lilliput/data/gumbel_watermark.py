@@ -88,8 +88,9 @@ def gamma_sf(n: int, s: float) -> float:
 def repeated_context(ids: Sequence[int], prompt_len: int, h: int) -> bool:
     """Whether the context of the next position (the last h of ids) was already the context of a
     scored position (from max(prompt_len, h) on): such a step is neither watermarked nor scored."""
-    ctx = list(ids[-h:])
-    return any(list(ids[t - h:t]) == ctx for t in range(max(prompt_len, h), len(ids)))
+    ctx, last, n = list(ids[-h:]), ids[-1], len(ids)
+    # scored position t had context ids[t-h:t], whose last token is ids[t-1]: compare only where that matches
+    return any(ids[t - 1] == last and list(ids[t - h:t]) == ctx for t in range(max(prompt_len, h), n))
 
 
 class GumbelWatermark:
@@ -107,8 +108,12 @@ class GumbelWatermark:
         """(V,) float64 -log r_i after `context` (its last context_width tokens): i.i.d. Exp(1) over keys."""
         if self._vocab is None or self._vocab.shape[0] != vocab_size:
             self._vocab = np.arange(vocab_size, dtype=np.uint64)
+        return self.exponentials_at(context, self._vocab)
+
+    def exponentials_at(self, context: Sequence[int], tokens: np.ndarray) -> np.ndarray:
+        """-log r_i after `context` for the given token ids only (each the same as in `exponentials`)."""
         seed = context_seeds(self._seed, np.asarray([list(context[-self.cfg.context_width:])], dtype=np.int64))
-        return -np.log((_uniform_bits(seed, self._vocab) + 0.5) / _TWO52)
+        return -np.log((_uniform_bits(seed, tokens.astype(np.uint64)) + 0.5) / _TWO52)
 
     def __call__(self, ids: list[int], prompt_len: int, logits: torch.Tensor) -> torch.Tensor:
         return logits  # the watermark is in the draw, not in the logits
@@ -119,11 +124,10 @@ class GumbelWatermark:
         h = self.cfg.context_width
         if len(ids) < h or repeated_context(ids, prompt_len, h):
             return int(torch.multinomial(probs, 1, generator=generator))
-        e = self.exponentials(ids, probs.shape[-1])
         p = probs.detach().to("cpu", torch.float64).numpy()
-        with np.errstate(divide="ignore"):
-            race = np.where(p > 0, e / np.where(p > 0, p, 1.0), np.inf)  # -log(r_i) / p_i: the smallest wins
-        return int(np.argmin(race))
+        support = np.flatnonzero(p > 0)  # a token of probability 0 never wins: under top-k, k keys, not V
+        race = self.exponentials_at(ids, support) / p[support]  # -log(r_i) / p_i: the smallest wins
+        return int(support[np.argmin(race)])
 
 
 @dataclass(frozen=True)
