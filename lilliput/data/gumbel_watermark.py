@@ -124,9 +124,10 @@ class GumbelWatermark:
         h = self.cfg.context_width
         if len(ids) < h or repeated_context(ids, prompt_len, h):
             return int(torch.multinomial(probs, 1, generator=generator))
-        p = probs.detach().to("cpu", torch.float64).numpy()
-        support = np.flatnonzero(p > 0)  # a token of probability 0 never wins: under top-k, k keys, not V
-        race = self.exponentials_at(ids, support) / p[support]  # -log(r_i) / p_i: the smallest wins
+        probs = probs.detach().to("cpu")
+        support = torch.nonzero(probs > 0).flatten()  # probability 0 never wins: under top-k, k keys, not V
+        p, support = probs[support].double().numpy(), support.numpy()
+        race = self.exponentials_at(ids, support) / p  # -log(r_i) / p_i: the smallest wins
         return int(support[np.argmin(race)])
 
 
