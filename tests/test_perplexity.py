@@ -4,6 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lilliput.core.tokenizer import ByteTokenizer
 from lilliput.eval.perplexity import HELDOUT, HeldoutConfig, PerplexityConfig, _windows, heldout, heldout_perplexity, perplexity
 
 TEXT = (
@@ -11,20 +12,6 @@ TEXT = (
     "fortune, must be in want of a wife. However little known the feelings or views of such "
     "a man may be on his first entering a neighbourhood, this truth is so well fixed."
 )  # 236 bytes
-
-
-class ByteTokenizer:
-    """ids = UTF-8 bytes, vocab 256, no BOS."""
-
-    bos_id = None
-    eos_id = None
-    add_bos = False
-
-    def encode(self, text: str, bos: bool | None = None) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
 
 
 class Bigram(torch.nn.Module):

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lilliput.core.tokenizer import ByteTokenizer as CoreByteTokenizer
 from lilliput.eval import task_sets
 from lilliput.eval.task_sets import Item, lambada_passages
 from lilliput.eval.tasks import TASKS, Task, TaskConfig, _encode_pair, evaluate_tasks, loglikelihoods
@@ -12,18 +13,10 @@ from lilliput.eval.tasks import TASKS, Task, TaskConfig, _encode_pair, evaluate_
 LN256 = math.log(256)
 
 
-class ByteTokenizer:
-    """ids = UTF-8 bytes, vocab 256, no BOS."""
+class ByteTokenizer(CoreByteTokenizer):
+    """Byte ids with 0 as EOS (what an empty context is scored after)."""
 
-    bos_id = None
     eos_id = 0
-    add_bos = False
-
-    def encode(self, text: str, bos: bool | None = None) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
 
 
 class Bigram(torch.nn.Module):
