@@ -129,6 +129,38 @@ def test_a_retry_must_pay_for_catching_the_drafter_up():
     assert dec._choose(behind=20) == 0  # 100 ms of catching up outweighs the ~30 ms gained over the next 10 tokens
 
 
+def test_the_first_verification_drafts_one_token_with_a_model_and_k_with_a_free_drafter(tiny_model, byte_tokenizer,
+                                                                                         one_thread):
+    asked = []
+
+    class Watched(DraftModel):
+        def propose(self, seq, k):
+            asked.append(k)
+            return super().propose(seq, k)
+
+    class WatchedLookup(PromptLookup):
+        def propose(self, seq, k):
+            asked.append(k)
+            return super().propose(seq, k)
+
+    engine = Engine(tiny_model, byte_tokenizer)
+    cfg = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    SpeculativeDecoder(engine, Watched(tiny_model, engine), SpeculationConfig(k=4)).generate("hello", cfg)
+    assert asked[0] == 1  # a model's cost is measured on one drafted token
+    asked.clear()
+    SpeculativeDecoder(engine, WatchedLookup(), SpeculationConfig(k=4)).generate("ab ab ab ab ab", cfg)
+    assert asked[0] == 4
+
+
+def test_one_measured_k_extrapolates_from_a_plain_step():
+    dec = controller()
+    dec.t_verify = {1: 0.014}  # a plain step (10 ms) and 4 ms per drafted token beyond it
+    for k, seconds in [(2, 0.018), (4, 0.026), (8, 0.042)]:
+        assert dec._expected_rate(k) == pytest.approx((1 - 0.6 ** (k + 1)) / 0.4 / seconds)
+    dec.t_verify = {3: 0.008}  # measured below a plain step: that cost for every k
+    assert dec._expected_rate(6) == pytest.approx((1 - 0.6 ** 7) / 0.4 / 0.008)
+
+
 def test_the_acceptance_rate_is_learnt_in_a_few_verifications(tiny_model, byte_tokenizer, one_thread):
     """A drafter that is always wrong: the optimistic prior (0.7) weighs as one verification, so three
     rejections bring the running rate below 0.2 (an EMA of weight 0.1 alone would still be near 0.5)."""

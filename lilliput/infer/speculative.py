@@ -46,6 +46,10 @@ class Drafter:
     tokens were drawn from, or None when the drafter is deterministic (one-hot)."""
 
     name = "drafter"
+    free = False
+    """Whether proposing costs next to nothing beside a target step (no model). An adaptive decoder's
+    first verification drafts its configured k with a free drafter, and one token otherwise: a model's
+    cost is unknown until measured, and one drafted token is the cheapest measure of it."""
 
     def propose(self, seq: Sequence, k: int) -> tuple[list[int], torch.Tensor | None]:
         raise NotImplementedError
@@ -73,6 +77,7 @@ class PromptLookup(Drafter):
     int8 step)."""
 
     name = "lookup"
+    free = True
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
         if not 1 <= min_ngram <= max_ngram:
@@ -242,9 +247,11 @@ class SpeculativeDecoder:
     def _expected_rate(self, k: int) -> float | None:
         """Expected tokens/s with k drafts: (1 - a^(k+1)) / (1 - a) tokens per draft + verify."""
         t = self.t_verify.get(k)
-        if t is None and self.t_verify and self.t_step:  # unmeasured k: interpolate linearly
+        if t is None and self.t_verify and self.t_step:  # unmeasured k: linear in k
             (k0, t0), (k1, t1) = min(self.t_verify.items()), max(self.t_verify.items())
-            t = t0 + (t1 - t0) * (k - k0) / (k1 - k0) if k1 != k0 else t0 * (1 + k) / (1 + k0)
+            if k1 == k0:  # one measure: a plain step's cost, plus what it cost beyond that per drafted token
+                k1, t1 = 0, min(self.t_step, t0)
+            t = t0 + (t1 - t0) * (k - k0) / (k1 - k0)
         if t is None:
             return None
         a = min(self.alpha, 0.999)
@@ -258,8 +265,10 @@ class SpeculativeDecoder:
         if self._off_for > 0:
             self._off_for -= 1
             return 0
-        if self.t_step is None or not self.t_verify:
-            return self.k if self.t_step is not None else 0  # first measure a plain step
+        if self.t_step is None:
+            return 0  # first measure a plain step
+        if not self.t_verify:  # then one verification: cfg.k drafts where drafting is free, one otherwise
+            return self.k if self.drafter.free else 1
         rates = {k: r for k in range(1, self.cfg.k_max + 1) if (r := self._expected_rate(k)) is not None}
         best = max(rates, key=rates.get)
         stretch = self.cfg.retry_every
