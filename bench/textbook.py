@@ -20,7 +20,7 @@ Written to bench/results/textbook.json (+ textbook.png): `synth` (how the set wa
 `vs_human` (per share: perplexity ratios seed by seed, task differences with a bootstrap interval over
 questions), `reference_diversity`, `seeds`, `shows` / `does_not_show`.
 
-    .venv/bin/python bench/textbook.py            # full: 2M teacher tokens (~85 min) + 9 students (~30 min)
+    .venv/bin/python bench/textbook.py            # full: 2M teacher tokens (~140 min on Zen 3) + 9 students (~36 min)
     .venv/bin/python bench/textbook.py --quick    # smoke: a few teacher documents, tiny students
 """
 
@@ -52,7 +52,7 @@ from lilliput.train.textbook_lab import (OPENING, TextbookLabConfig, Texts, byte
                                          word_diversity)
 
 OUT = Path(__file__).parent / "results" / "textbook.json"
-TEACHER_TOK_S = 400.0  # SmolLM2 int8, batch 16, watermarked, 2 quiet cores (float32: about a third of it)
+TEACHER_TOK_S = 235.0  # SmolLM2 int8, batch 16, watermarked, documents up to 384 tokens: 2 quiet AMD Zen 3 cores (AVX2)
 KEY = "lilliput-textbook-key"
 
 
