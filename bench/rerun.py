@@ -62,8 +62,8 @@ SCRIPTS: tuple[Step, ...] = (
     Step("recall", minutes=32),  # 2 worker processes of 1 thread; the script prints its own estimate first
     Step("watermark", minutes=25),
     Step("curate", minutes=4),
-    # 2M watermarked teacher tokens (~85 min at ~400 tok/s) + 9 students on 2 workers (~35 min)
-    Step("textbook", minutes=180),  # the teacher ~140 of them (2M tokens on 2 Zen 3 cores), then cached
+    # 2M watermarked teacher tokens (~140 min at ~235 tok/s on 2 Zen 3 cores; cached after) + 9 students (~36 min)
+    Step("textbook", minutes=180),
     Step("collapse", ("--ledgers", "runs/collapse-ledgers"), minutes=45,  # 2 worker processes
          before=(("data", "fetch"),)),  # its 2 MB human set is the fetched corpus
 )
