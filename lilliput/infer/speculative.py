@@ -18,7 +18,8 @@ model with the same tokenizer (a quantized or structurally pruned copy of the ta
 
 `k` adapts: the decoder keeps the running acceptance rate and the measured cost of drafting and
 verifying, picks the k with the best expected tokens per second, and decodes plainly when no k
-beats it, so a bad drafter costs little. A draft model reads the prompt with the target (before the
+beats it, so a bad drafter costs little (a draft model's cost is first measured on one drafted token,
+prompt lookup's on k). A draft model reads the prompt with the target (before the
 first token: prefill, as the target's own), and while decoding is plain it is left behind; a retry
 first catches it up in one chunk, so the decoder retries only when the tokens it expects to gain over
 the next stretch pay for that catch-up, and waits twice as long after each retry that did not pay.
